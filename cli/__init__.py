@@ -1,0 +1,1 @@
+"""The `trakwomp` command line: a thin Typer shell over the library."""

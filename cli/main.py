@@ -1,0 +1,121 @@
+"""`trakwomp` subcommands. Each parses its options, makes one library call and shows progress."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from trakwomp import __version__
+from trakwomp.cli.progress import RichProgress, console
+from trakwomp.data import SPEC_HELP, load_dataset
+from trakwomp.errors import UserError
+from trakwomp.models import ModelSpec
+from trakwomp.runtime import NoProgress, Shard
+from trakwomp.store import StoreError
+from trakwomp.training import Recipe, train as train_models
+
+app = typer.Typer(
+    name="trakwomp",
+    help="Data attribution with TRAK and TRAK-WOMP: which training examples made a model behave as it does.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def reports_errors(command):
+    """Print a user's mistake as one line on stderr and exit 2, instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (UserError, StoreError) as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("interrupted: finished units are kept; run the same command again to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def progress_for(quiet: bool):
+    return contextlib.nullcontext(NoProgress()) if quiet else RichProgress()
+
+
+class Role(str, Enum):
+    reference = "reference"
+    lds = "lds"
+
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"trakwomp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True, help="Print the version and exit."),
+):
+    """Data attribution with TRAK and TRAK-WOMP: which training examples made a model behave as it does."""
+
+
+StoreArg = typer.Argument(..., help="The store folder (created if missing).")
+DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
+ShardOpt = typer.Option("0/1", "--shard", help="Run only shard K of N (K from 0), e.g. 0/2 and 1/2.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress display.")
+IndicesOpt = typer.Option(None, "--indices", help="An .npy of ints selecting a subset of --data, in that order.")
+TransformOpt = typer.Option(None, "--transform", help="package.module:callable applied to every input tensor.")
+
+
+@app.command()
+@reports_errors
+def train(
+    store: str = StoreArg,
+    data: str = typer.Option(..., "--data", help=f"Train set: {SPEC_HELP}."),
+    model: str = typer.Option("resnet9", "--model", help="resnet9, or package.module:factory (factory(num_classes) -> nn.Module)."),
+    width: Optional[float] = typer.Option(None, "--width", help="Width multiplier of the built-in resnet9 (default 1)."),
+    role: Role = typer.Option(Role.reference, "--role", help="reference: models to attribute; lds: evaluation models."),
+    num_models: int = typer.Option(1, "--num-models", help="Number of models of this role (ids 0..M-1)."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="With --role lds: the examples to record margins on."),
+    alpha: float = typer.Option(Recipe.alpha, "--alpha", help="Fraction of --data in each model's random subset."),
+    epochs: int = typer.Option(Recipe.epochs, "--epochs"),
+    batch_size: int = typer.Option(Recipe.batch_size, "--batch-size"),
+    lr: float = typer.Option(Recipe.lr, "--lr", help="Peak learning rate of the one-cycle schedule."),
+    seed: int = typer.Option(Recipe.seed, "--seed"),
+    device: str = DeviceOpt,
+    shard: str = ShardOpt,
+    quiet: bool = QuietOpt,
+    indices: Optional[Path] = IndicesOpt,
+    target_indices: Optional[Path] = typer.Option(None, "--target-indices", help="An .npy of ints selecting a subset of --targets."),
+    transform: Optional[str] = TransformOpt,
+    download: bool = typer.Option(False, "--download", help="Let cifar10:ROOT specs download CIFAR-10 into ROOT."),
+):
+    """Train reference models (or LDS evaluation models) on random alpha-subsets of --data."""
+    shard_spec = Shard.parse(shard)
+    spec = ModelSpec.parse(model, width)
+    recipe = Recipe(alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    train_set = load_dataset(data, indices, transform, download)
+    target_set = load_dataset(targets, target_indices, transform, download) if targets else None
+    if target_indices is not None and targets is None:
+        raise UserError("--target-indices needs --targets")
+    with progress_for(quiet) as progress:
+        report = train_models(store, train_set, spec, role=role.value, num_models=num_models, targets=target_set,
+                              recipe=recipe, device=device, shard=shard_spec, progress=progress)
+    if not quiet:
+        console.print(f"{len(report.trained)} {role.value} model(s) trained, {len(report.skipped)} already done, in {store}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

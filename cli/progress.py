@@ -1,0 +1,52 @@
+"""A rich progress display for the library's Progress protocol, drawn on stderr."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, TaskProgressColumn,
+                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
+
+console = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.0f} ex/s", style="progress.data.speed")
+
+
+class RichProgress:
+    """An overall bar over units (models, chunks) and a bar over the current unit's examples."""
+
+    def __init__(self):
+        self._bars = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TaskProgressColumn(), RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, transient=False,
+        )
+        self._units = None
+        self._current = None
+
+    def __enter__(self) -> "RichProgress":
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bars.stop()
+
+    def plan(self, total_units: int, skipped: int, description: str) -> None:
+        if skipped:
+            console.print(f"{description}: {skipped} of {total_units} already done, skipping them")
+        self._units = self._bars.add_task(description, total=total_units, completed=skipped)
+
+    def unit_started(self, name: str, total_steps: int) -> None:
+        self._current = self._bars.add_task(f"  {name}", total=total_steps)
+
+    def advance(self, steps: int) -> None:
+        self._bars.advance(self._current, steps)
+
+    def unit_finished(self, name: str, summary: str) -> None:
+        self._bars.remove_task(self._current)
+        self._bars.advance(self._units, 1)
+        self._bars.console.print(f"{name}: done ({summary})")

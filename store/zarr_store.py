@@ -1,0 +1,142 @@
+"""A trakwomp store is one Zarr v3 group (see docs/store.md).
+
+- The manifest lives in the root group's attributes under "trakwomp": the format version and
+  what the store is bound to (dataset fingerprint, model spec, training recipes, ...). A
+  section is written once; a later command with other values is refused, never mixed in.
+- Data are Zarr arrays, readable by any Zarr v3 reader.
+- A unit of work is published by a done marker: the group `done/<stage>/<unit>`, whose
+  metadata (one `zarr.json` holding the unit's summary as attributes) is written last, in a
+  single write. A marker that is absent or unreadable (a torn write) means "not done": the
+  unit's arrays may be partial and the next run rewrites them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+FORMAT_VERSION = 1
+MANIFEST_KEY = "trakwomp"
+COMPRESSOR = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+class StoreError(Exception):
+    """A store that is missing, not a trakwomp store, or bound to other inputs."""
+
+
+def _describe_difference(name: str, stored: Any, given: Any) -> str:
+    if isinstance(stored, dict) and isinstance(given, dict):
+        for key in sorted(set(stored) | set(given)):
+            if stored.get(key) != given.get(key):
+                return _describe_difference(f"{name}.{key}", stored.get(key), given.get(key))
+    return f"{name} is {_short(stored)} in the store but {_short(given)} here"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class Store:
+    """A trakwomp store at a local path."""
+
+    def __init__(self, group: zarr.Group, location: str):
+        self._group = group
+        self.location = location
+
+    @classmethod
+    def open(cls, location: str | Path, create: bool = False) -> "Store":
+        """Open the store at `location`; with `create`, make it if it does not exist yet."""
+        path = Path(location)
+        location = str(location)
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"{location!r} is a file, not a store folder")
+        exists = (path / "zarr.json").is_file()
+        if not exists:
+            if not create:
+                raise StoreError(f"no trakwomp store at {location!r}")
+            if path.is_dir() and any(path.iterdir()):
+                raise StoreError(f"{location!r} is a non-empty folder that is not a trakwomp store; choose a new path")
+        try:
+            group = zarr.open_group(location, mode="a" if create else "r+", zarr_format=3)
+        except (OSError, ValueError, zarr.errors.BaseZarrError) as e:
+            raise StoreError(f"cannot open store {location!r}: {e}") from None
+        store = cls(group, location)
+        manifest = store.manifest
+        if exists and not manifest:
+            raise StoreError(f"{location!r} is a Zarr group but not a trakwomp store")
+        if manifest.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise StoreError(
+                f"store {location!r} has format version {manifest['format_version']}, newer than this "
+                f"trakwomp reads ({FORMAT_VERSION}); upgrade trakwomp"
+            )
+        if not manifest:
+            store._write_manifest({"format_version": FORMAT_VERSION})
+        return store
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads(json.dumps(self._group.attrs.get(MANIFEST_KEY, {})))
+
+    def _write_manifest(self, manifest: dict) -> None:
+        self._group.attrs[MANIFEST_KEY] = manifest
+
+    def bind(self, section: str, value: Any, hint: str = "") -> None:
+        """Record `value` as the store's `section`, or check it equals what is recorded.
+
+        The value must be JSON data; `hint` says what to do about a mismatch."""
+        value = json.loads(json.dumps(value))
+        manifest = self.manifest
+        if section in manifest:
+            if manifest[section] != value:
+                message = f"store {self.location!r} does not match: " + _describe_difference(section, manifest[section], value)
+                raise StoreError(message + (f"; {hint}" if hint else ""))
+            return
+        manifest[section] = value
+        self._write_manifest(manifest)
+
+    def mark_done(self, stage: str, unit: str, info: dict | None = None) -> None:
+        """Publish `unit` of `stage` as finished: call only after all its data are written."""
+        attributes = json.loads(json.dumps({"unit": unit, **(info or {})}))
+        self._group.create_group(f"done/{stage}/{unit}", attributes=attributes, overwrite=True)
+
+    def done_info(self, stage: str, unit: str) -> dict | None:
+        """The info a finished unit was published with, or None if the unit is not finished."""
+        try:
+            marker = self._group[f"done/{stage}/{unit}"]
+            attributes = marker.attrs.asdict()
+        except (KeyError, ValueError, zarr.errors.BaseZarrError):
+            return None
+        return attributes if attributes.get("unit") == unit else None
+
+    def write_array(self, path: str, values: np.ndarray, chunks: tuple[int, ...] | None = None) -> None:
+        """Write `values` as the array at `path`, replacing whatever an unfinished run left there."""
+        values = np.asarray(values)
+        array = self._group.create_array(
+            path, shape=values.shape, dtype=values.dtype, chunks=chunks or (values.shape or "auto"),
+            compressors=COMPRESSOR if values.ndim else None, overwrite=True,
+        )
+        array[...] = values
+
+    def read_array(self, path: str) -> np.ndarray:
+        try:
+            array = self._group[path]
+        except KeyError:
+            raise StoreError(f"store {self.location!r} has no array {path!r}") from None
+        return np.asarray(array[...])
+
+    def write_arrays(self, path: str, arrays: dict[str, np.ndarray]) -> None:
+        for name, values in arrays.items():
+            self.write_array(f"{path}/{name}", values)
+
+    def read_arrays(self, path: str) -> dict[str, np.ndarray]:
+        try:
+            group = self._group[path]
+        except KeyError:
+            raise StoreError(f"store {self.location!r} has no group {path!r}") from None
+        return {name: np.asarray(array[...]) for name, array in group.arrays()}

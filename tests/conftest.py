@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny datasets written by the tests, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from trakwomp.cli.main import app
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_tiny_images(path: Path, n: int = 48, classes: int = 4, size: int = 16, seed: int = 0) -> Path:
+    """An npz image dataset: x float32 (n, 3, size, size) in [0, 1], balanced labels."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    x = rng.random((n, 3, size, size), dtype=np.float32) * 0.5
+    x[np.arange(n), y % 3] += 0.5 * (y[:, None, None] / classes)
+    np.savez(path, x=x, y=y)
+    return path
+
+
+@pytest.fixture
+def tiny_npz(tmp_path) -> Path:
+    return write_tiny_images(tmp_path / "tiny.npz")
+
+
+@pytest.fixture
+def cli():
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def plain(text: str) -> str:
+    """Text without ANSI colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)

@@ -1,0 +1,142 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from trakwomp.data import load_dataset
+from trakwomp.errors import UserError
+from trakwomp.models import ModelSpec
+from trakwomp.runtime import Shard
+from trakwomp.store import StoreError
+from trakwomp.training import Recipe, train
+
+from conftest import REPO
+
+TINY = ModelSpec.parse("resnet9", 1 / 16)
+RECIPE = Recipe(epochs=2, batch_size=16, lr=0.05)
+
+
+def read_store(path: Path) -> dict[str, bytes]:
+    """Every array of a store as bytes, keyed by its path, and every done marker's content."""
+    out = {}
+    group = zarr.open_group(str(path), mode="r")
+    for name, array in group.arrays():
+        out[name] = np.asarray(array[...]).tobytes()
+
+    def walk(g, prefix):
+        for name, array in g.arrays():
+            out[prefix + name] = np.asarray(array[...]).tobytes()
+        for name, sub in g.groups():
+            walk(sub, f"{prefix}{name}/")
+
+    walk(group, "")
+    for marker in sorted((path / "done").rglob("zarr.json")):
+        out[str(marker.relative_to(path))] = marker.read_bytes()
+    return out
+
+
+def test_same_seed_same_masks_and_bitwise_weights(tmp_path, tiny_npz):
+    data = load_dataset(f"npz:{tiny_npz}")
+    for name in ("a", "b"):
+        train(tmp_path / name, data, TINY, num_models=2, recipe=RECIPE)
+    a, b = read_store(tmp_path / "a"), read_store(tmp_path / "b")
+    assert any("weights" in k for k in a)
+    assert a == b
+    masks = [zarr.open_array(str(tmp_path / "a" / f"models/reference/00000{j}/mask"))[:] for j in (0, 1)]
+    for mask in masks:
+        assert mask.dtype == bool and mask.sum() == round(0.5 * len(data))
+    assert not np.array_equal(masks[0], masks[1])
+
+
+def test_alpha_and_roles_give_distinct_subsets(tmp_path, tiny_npz):
+    data = load_dataset(f"npz:{tiny_npz}")
+    recipe = Recipe(alpha=0.25, epochs=1, batch_size=16, lr=0.05)
+    train(tmp_path / "s", data, TINY, num_models=1, recipe=recipe)
+    report = train(tmp_path / "s", data, TINY, role="lds", num_models=1, targets=data, recipe=recipe)
+    reference = zarr.open_array(str(tmp_path / "s/models/reference/000000/mask"))[:]
+    lds = zarr.open_array(str(tmp_path / "s/models/lds/000000/mask"))[:]
+    assert reference.sum() == lds.sum() == 12
+    assert not np.array_equal(reference, lds)
+    margins = zarr.open_array(str(tmp_path / "s/models/lds/000000/margins"))[:]
+    assert margins.shape == (len(data),) and margins.dtype == np.float32 and np.isfinite(margins).all()
+    assert report.target_accuracy[0] == pytest.approx(float((margins > 0).mean()))
+
+
+def test_rerun_skips_finished_and_redoes_unfinished(tmp_path, tiny_npz):
+    data = load_dataset(f"npz:{tiny_npz}")
+    first = train(tmp_path / "s", data, TINY, num_models=2, recipe=RECIPE)
+    assert first.trained == [0, 1]
+    before = read_store(tmp_path / "s")
+    assert train(tmp_path / "s", data, TINY, num_models=2, recipe=RECIPE).skipped == [0, 1]
+    assert read_store(tmp_path / "s") == before
+    # A unit whose marker never got written (a kill before publishing) is trained again, identically.
+    (tmp_path / "s/done/train/reference/000001/zarr.json").unlink()
+    weights = tmp_path / "s/models/reference/000001/weights"
+    next(p for p in weights.rglob("c/*") if p.is_file()).write_bytes(b"garbage")
+    again = train(tmp_path / "s", data, TINY, num_models=3, recipe=RECIPE)
+    assert again.skipped == [0] and again.trained == [1, 2]
+    after = read_store(tmp_path / "s")
+    assert {k: v for k, v in after.items() if k in before} == before
+
+
+def test_torn_marker_counts_as_unfinished(tmp_path, tiny_npz):
+    data = load_dataset(f"npz:{tiny_npz}")
+    train(tmp_path / "s", data, TINY, num_models=1, recipe=RECIPE)
+    marker = tmp_path / "s/done/train/reference/000000/zarr.json"
+    marker.write_bytes(marker.read_bytes()[:7])
+    assert train(tmp_path / "s", data, TINY, num_models=1, recipe=RECIPE).trained == [0]
+
+
+def test_store_refuses_other_recipe_data_or_model(tmp_path, tiny_npz):
+    data = load_dataset(f"npz:{tiny_npz}")
+    train(tmp_path / "s", data, TINY, num_models=1, recipe=RECIPE)
+    with pytest.raises(StoreError, match="train_reference.epochs is 2 in the store but 3 here"):
+        train(tmp_path / "s", data, TINY, num_models=1, recipe=Recipe(epochs=3, batch_size=16, lr=0.05))
+    with pytest.raises(StoreError, match="model.width"):
+        train(tmp_path / "s", data, ModelSpec.parse("resnet9", 0.125), num_models=1, recipe=RECIPE)
+    other = load_dataset(f"npz:{tiny_npz}", indices=_indices(tmp_path, range(10)))
+    with pytest.raises(StoreError, match="dataset.num_examples"):
+        train(tmp_path / "s", other, TINY, num_models=1, recipe=RECIPE)
+
+
+def _indices(tmp_path, values):
+    np.save(tmp_path / "idx.npy", np.array(list(values)))
+    return tmp_path / "idx.npy"
+
+
+def test_shards_split_the_units(tmp_path, tiny_npz):
+    data = load_dataset(f"npz:{tiny_npz}")
+    assert train(tmp_path / "s", data, TINY, num_models=5, recipe=RECIPE, shard=Shard(1, 2)).trained == [1, 3]
+    assert train(tmp_path / "s", data, TINY, num_models=5, recipe=RECIPE, shard=Shard(0, 2)).trained == [0, 2, 4]
+
+
+def test_two_shard_processes_equal_one_process(tmp_path, tiny_npz):
+    def command(store, shard):
+        return [sys.executable, "-m", "trakwomp.cli.main", "train", str(store), "--data", f"npz:{tiny_npz}",
+                "--width", "0.0625", "--num-models", "3", "--epochs", "2", "--batch-size", "16", "--lr", "0.05",
+                "--shard", shard, "--quiet"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    shards = [subprocess.Popen(command(tmp_path / "sharded", f"{k}/2"), env=env, cwd=REPO) for k in (0, 1)]
+    single = subprocess.run(command(tmp_path / "single", "0/1"), env=env, cwd=REPO)
+    assert single.returncode == 0 and [p.wait() for p in shards] == [0, 0]
+    assert read_store(tmp_path / "sharded") == read_store(tmp_path / "single")
+
+
+def test_bad_training_arguments(tmp_path, tiny_npz):
+    data = load_dataset(f"npz:{tiny_npz}")
+    with pytest.raises(UserError, match="--role lds needs --targets"):
+        train(tmp_path / "s", data, TINY, role="lds", recipe=RECIPE)
+    with pytest.raises(UserError, match="alpha"):
+        Recipe(alpha=1.5)
+    with pytest.raises(UserError, match="CUDA is not available|unknown --device"):
+        train(tmp_path / "s", data, TINY, recipe=RECIPE, device="cuda:7" if not _has_cuda() else "tpu")
+
+
+def _has_cuda():
+    import torch
+    return torch.cuda.is_available()

@@ -1,0 +1,14 @@
+"""trakwomp: data attribution with TRAK and TRAK-WOMP (block-wise inverse TRAK)."""
+
+from trakwomp.data import Dataset, Fingerprint, load_dataset
+from trakwomp.errors import UserError
+from trakwomp.models import ModelSpec, load_checkpoint, margins, resnet9
+from trakwomp.runtime import Shard
+from trakwomp.training import Recipe, TrainReport, evaluate_margins, load_reference_model, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Dataset", "Fingerprint", "ModelSpec", "Recipe", "Shard", "TrainReport", "UserError",
+    "evaluate_margins", "load_checkpoint", "load_dataset", "load_reference_model", "margins", "resnet9", "train",
+]

@@ -1,0 +1,247 @@
+"""`train`: reference models and LDS evaluation models, each on its own random alpha-subset.
+
+Model j of role r is a pure function of (seed, r, j): its subset mask, its initialisation,
+its data order and its augmentation all come from generators seeded by
+SeedSequence([seed, role code, j]), so reference and LDS models never coincide and any
+unit can be (re)trained by any process of any shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trakwomp.data import Dataset
+from trakwomp.errors import UserError
+from trakwomp.models import ModelSpec, margins
+from trakwomp.runtime import NoProgress, Progress, Shard, resolve_device
+from trakwomp.store import Store
+
+ROLES = {"reference": 0, "lds": 1}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """SGD with Nesterov momentum and a one-cycle (linear up, linear down) learning rate.
+
+    Images are augmented with random flips and 4-pixel reflect-padded crops."""
+
+    alpha: float = 0.5
+    epochs: int = 24
+    batch_size: int = 256
+    lr: float = 0.4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.25
+    seed: int = 0
+    augment: bool = True
+
+    def __post_init__(self):
+        if not 0 < self.alpha <= 1:
+            raise UserError(f"--alpha must lie in (0, 1], got {self.alpha}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UserError("--epochs and --batch-size must be at least 1")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainReport:
+    trained: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    target_accuracy: dict[int, float] = field(default_factory=dict)
+
+
+def unit_generators(seed: int, role: str, index: int) -> tuple[np.random.Generator, int]:
+    """The numpy generator for model (role, index)'s subset and the seed of its torch generator."""
+    sequence = np.random.SeedSequence([seed, ROLES[role], index])
+    mask_sequence, torch_sequence = sequence.spawn(2)
+    torch_seed = int(torch_sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return np.random.default_rng(mask_sequence), torch_seed
+
+
+def subset_mask(num_examples: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """A boolean mask selecting exactly round(alpha * n) examples uniformly at random."""
+    mask = np.zeros(num_examples, dtype=bool)
+    mask[rng.permutation(num_examples)[: max(1, round(alpha * num_examples))]] = True
+    return mask
+
+
+def load_batch(dataset: Dataset, positions) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [dataset[int(i)] for i in positions]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random horizontal flips and random crops of the reflect-padded images, per example."""
+    n, c, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+    x = padded.gather(2, rows)
+    cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, c, h, w)
+    return x.gather(3, cols)
+
+
+@torch.no_grad()
+def check_model_fits_data(model: nn.Module, dataset: Dataset, device: torch.device, spec: ModelSpec) -> None:
+    """Refuse, with one clear message, a model that cannot take the data or has the wrong output."""
+    x, _ = load_batch(dataset, range(min(2, len(dataset))))
+    model.to(device).eval()
+    try:
+        out = model(x.to(device))
+    except RuntimeError as e:
+        raise UserError(f"model {spec} fails on inputs of shape {tuple(x.shape[1:])} from {dataset.spec}: "
+                        f"{str(e).splitlines()[0]}") from None
+    if out.shape != (len(x), dataset.num_classes):
+        raise UserError(f"model {spec} returns outputs of shape {tuple(out.shape[1:])}, "
+                        f"expected ({dataset.num_classes},) logits for the {dataset.num_classes} classes of {dataset.spec}")
+
+
+def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recipe, generator: torch.Generator,
+        device: torch.device, progress: Progress) -> nn.Module:
+    """Train `model` on the examples `positions` of `dataset` with `recipe`."""
+    model.to(device).train()
+    n = len(positions)
+    drop_last = n > recipe.batch_size
+    steps_per_epoch = n // recipe.batch_size if drop_last else 1
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                nesterov=True, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch,
+        pct_start=recipe.warmup_fraction, anneal_strategy="linear", cycle_momentum=False,
+    )
+    positions = torch.as_tensor(positions)
+    for _ in range(recipe.epochs):
+        order = positions[torch.randperm(n, generator=generator)]
+        for step in range(steps_per_epoch):
+            x, y = load_batch(dataset, order[step * recipe.batch_size:(step + 1) * recipe.batch_size])
+            if recipe.augment and x.ndim == 4:
+                x = augment(x, generator)
+            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            progress.advance(len(y))
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate_margins(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512) -> np.ndarray:
+    """The margins f(z) of `model` in eval mode on every example of `dataset`, as float32."""
+    model.to(device).eval()
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        x, y = load_batch(dataset, range(start, min(start + batch_size, len(dataset))))
+        out.append(margins(model(x.to(device)).float(), y.to(device)).cpu())
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def bind_training_inputs(store: Store, data: Dataset, model: ModelSpec) -> None:
+    """Record (or check) the train set and model spec that a store is made for."""
+    hint = "use a new store for other data or another model"
+    store.bind("dataset", data.fingerprint().as_dict(), hint)
+    store.bind("model", {**model.as_dict(), "transform": data.transform_spec}, hint)
+    store.bind("dataset_source", {"spec": data.spec, "has_indices": data.has_explicit_indices})
+    if data.has_explicit_indices and store.done_info("data", "train_indices") is None:
+        store.write_array("data/train_indices", data.indices)
+        store.mark_done("data", "train_indices")
+
+
+def train(
+    store: str | Path,
+    data: Dataset,
+    model: ModelSpec,
+    *,
+    role: str = "reference",
+    num_models: int = 1,
+    targets: Dataset | None = None,
+    recipe: Recipe = Recipe(),
+    device: str = "cpu",
+    shard: Shard = Shard(),
+    progress: Progress | None = None,
+) -> TrainReport:
+    """Train models 0..num_models-1 of `role` into `store`, skipping finished ones.
+
+    role "reference": store each model's subset mask and weights.
+    role "lds": store each model's subset mask and its margins on `targets` (the LDS ground truth).
+    """
+    progress = progress or NoProgress()
+    if role not in ROLES:
+        raise UserError(f"unknown --role {role!r}: expected one of {', '.join(ROLES)}")
+    if num_models < 1:
+        raise UserError("--num-models must be at least 1")
+    if role == "lds" and targets is None:
+        raise UserError("--role lds needs --targets: the examples whose margins the LDS models are scored on")
+    if role == "reference" and targets is not None:
+        raise UserError("--targets is only for --role lds")
+    torch_device = resolve_device(device)
+    handle = Store.open(store, create=True)
+    bind_training_inputs(handle, data, model)
+    handle.bind(f"train_{role}", asdict(recipe), "pass the same recipe flags as before, or use a new store")
+    if targets is not None:
+        handle.bind("lds_targets", {"spec": targets.spec, **targets.fingerprint().as_dict()},
+                    "LDS models of one store share their targets; use a new store for other targets")
+
+    report = TrainReport()
+    units = shard.select(range(num_models))
+    todo = []
+    for j in units:
+        (report.skipped if handle.done_info("train", f"{role}/{j:06d}") else todo).append(j)
+    progress.plan(len(units), len(report.skipped), f"train {role} models")
+    for j in todo:
+        rng, torch_seed = unit_generators(recipe.seed, role, j)
+        mask = subset_mask(len(data), recipe.alpha, rng)
+        generator = torch.Generator().manual_seed(torch_seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(torch_seed)
+            net = model.build(data.num_classes)
+        check_model_fits_data(net, data, torch_device, model)
+        progress.unit_started(f"{role} model {j}", recipe.epochs * _examples_per_epoch(int(mask.sum()), recipe))
+        fit(net, data, np.flatnonzero(mask), recipe, generator, torch_device, progress)
+        path = f"models/{role}/{j:06d}"
+        handle.write_array(f"{path}/mask", mask)
+        info: dict = {"num_examples": int(mask.sum())}
+        if role == "reference":
+            handle.write_arrays(f"{path}/weights", {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
+        else:
+            target_margins = evaluate_margins(net, targets, torch_device)
+            handle.write_array(f"{path}/margins", target_margins)
+            info["target_accuracy"] = float((target_margins > 0).mean())
+            report.target_accuracy[j] = info["target_accuracy"]
+        handle.mark_done("train", f"{role}/{j:06d}", info)
+        report.trained.append(j)
+        progress.unit_finished(f"{role} model {j}", _summary(info))
+    return report
+
+
+def _examples_per_epoch(n: int, recipe: Recipe) -> int:
+    return (n // recipe.batch_size) * recipe.batch_size if n > recipe.batch_size else n
+
+
+def _summary(info: dict) -> str:
+    text = f"{info['num_examples']} examples"
+    if "target_accuracy" in info:
+        text += f", target accuracy {info['target_accuracy']:.1%}"
+    return text
+
+
+def load_reference_model(store: str | Path, index: int, num_classes: int) -> nn.Module:
+    """Reference model `index` of a store, rebuilt from its spec and stored weights."""
+    handle = Store.open(store)
+    if handle.done_info("train", f"reference/{index:06d}") is None:
+        raise UserError(f"store {str(store)!r} has no finished reference model {index}")
+    spec = ModelSpec.from_dict(handle.manifest["model"])
+    state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(f"models/reference/{index:06d}/weights").items()}
+    net = spec.build(num_classes)
+    net.load_state_dict(state)
+    return net.eval()
