@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import sys
 from enum import Enum
 from pathlib import Path
@@ -15,7 +16,9 @@ from trakwomp import __version__
 from trakwomp.cli.progress import RichProgress, console
 from trakwomp.data import SPEC_HELP, load_dataset
 from trakwomp.errors import UserError
+from trakwomp.featurize import featurize as featurize_models
 from trakwomp.models import ModelSpec
+from trakwomp.projectors import ProjectorSpec
 from trakwomp.runtime import NoProgress, Shard
 from trakwomp.store import StoreError
 from trakwomp.training import Recipe, train as train_models
@@ -111,6 +114,58 @@ def train(
                               recipe=recipe, device=device, shard=shard_spec, progress=progress)
     if not quiet:
         console.print(f"{len(report.trained)} {role.value} model(s) trained, {len(report.skipped)} already done, in {store}")
+
+
+def expand_checkpoints(patterns: list[str]) -> list[str]:
+    """Each --checkpoint value as given, or the sorted files matching it if it is a glob."""
+    paths = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise UserError(f"--checkpoint {pattern!r} matches no file")
+            paths.extend(matches)
+        else:
+            paths.append(pattern)
+    return paths
+
+
+@app.command()
+@reports_errors
+def featurize(
+    store: str = StoreArg,
+    data: Optional[str] = typer.Option(None, "--data", help=f"Train set ({SPEC_HELP}); default: the store's."),
+    model: Optional[str] = typer.Option(None, "--model", help="resnet9 or package.module:factory; default: the store's."),
+    width: Optional[float] = typer.Option(None, "--width", help="Width multiplier of the built-in resnet9."),
+    checkpoint: list[str] = typer.Option([], "--checkpoint", help="A state_dict file or a glob; repeatable. Default: the store's trained reference models."),
+    blocks: int = typer.Option(ProjectorSpec.blocks, "--blocks", help="Number of projection blocks B."),
+    block_dim: int = typer.Option(ProjectorSpec.block_dim, "--block-dim", help="Dimensions per block; d = B x block dim."),
+    projector: str = typer.Option(ProjectorSpec.kind, "--projector", help="gaussian or rademacher."),
+    projector_seed: int = typer.Option(ProjectorSpec.seed, "--projector-seed"),
+    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of the features: float32 or float16."),
+    parameters: list[str] = typer.Option([], "--params", help="Glob of parameter names to take gradients for; repeatable. Default: all."),
+    chunk_rows: int = typer.Option(1024, "--chunk-rows", help="Train examples per stored chunk and per unit of work."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Examples per per-example-gradient batch."),
+    device: str = DeviceOpt,
+    shard: str = ShardOpt,
+    quiet: bool = QuietOpt,
+    indices: Optional[Path] = IndicesOpt,
+    transform: Optional[str] = TransformOpt,
+):
+    """Project per-example gradients of each model to d = B x block-dim dims and store them."""
+    shard_spec = Shard.parse(shard)
+    spec = ModelSpec.parse(model, width) if model else None
+    projector_spec = ProjectorSpec(kind=projector, seed=projector_seed, blocks=blocks, block_dim=block_dim)
+    train_set = load_dataset(data, indices, transform) if data else None
+    if not data and (indices or transform):
+        raise UserError("--indices and --transform go with --data")
+    with progress_for(quiet) as progress:
+        report = featurize_models(store, train_set, spec, expand_checkpoints(checkpoint), projector=projector_spec,
+                                  dtype=dtype, parameters=parameters or None, chunk_rows=chunk_rows,
+                                  batch_size=batch_size, device=device, shard=shard_spec, progress=progress)
+    if not quiet:
+        console.print(f"featurized {report.units_done} unit(s) of models {report.model_ids} "
+                      f"({report.examples_per_second:,.1f} examples/s), {report.units_skipped} already done")
 
 
 def main() -> None:

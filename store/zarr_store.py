@@ -100,6 +100,12 @@ class Store:
         manifest[section] = value
         self._write_manifest(manifest)
 
+    def set_section(self, section: str, value: Any) -> None:
+        """Replace the manifest section `section` (for sections that grow, such as the model registry)."""
+        manifest = self.manifest
+        manifest[section] = json.loads(json.dumps(value))
+        self._write_manifest(manifest)
+
     def mark_done(self, stage: str, unit: str, info: dict | None = None) -> None:
         """Publish `unit` of `stage` as finished: call only after all its data are written."""
         attributes = json.loads(json.dumps({"unit": unit, **(info or {})}))
@@ -122,6 +128,30 @@ class Store:
             compressors=COMPRESSOR if values.ndim else None, overwrite=True,
         )
         array[...] = values
+
+    def require_array(self, path: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...]) -> zarr.Array:
+        """The array at `path`, created if absent; several processes may call this at once."""
+        try:
+            array = self._group.create_array(path, shape=shape, dtype=dtype, chunks=chunks,
+                                             compressors=COMPRESSOR, overwrite=False)
+        except zarr.errors.ContainsArrayError:
+            array = self._group[path]
+        if array.shape != tuple(shape) or array.dtype != np.dtype(dtype) or array.chunks != tuple(chunks):
+            raise StoreError(
+                f"store {self.location!r}: array {path!r} is {array.dtype} {array.shape} in chunks {array.chunks}, "
+                f"expected {np.dtype(dtype)} {tuple(shape)} in chunks {tuple(chunks)}"
+            )
+        return array
+
+    def done_units(self, stage: str, prefix: str = "") -> list[str]:
+        """Names of the finished units under `done/<stage>/<prefix>`, sorted."""
+        path = f"done/{stage}" + (f"/{prefix}" if prefix else "")
+        try:
+            group = self._group[path]
+        except KeyError:
+            return []
+        names = sorted(group.group_keys())
+        return [n for n in names if self.done_info(stage, f"{prefix}/{n}" if prefix else n) is not None]
 
     def read_array(self, path: str) -> np.ndarray:
         try:

@@ -33,8 +33,8 @@ class Recipe:
 
     alpha: float = 0.5
     epochs: int = 24
-    batch_size: int = 256
-    lr: float = 0.4
+    batch_size: int = 64
+    lr: float = 0.2
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_fraction: float = 0.25

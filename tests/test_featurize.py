@@ -1,0 +1,185 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from trakwomp.data import load_dataset
+from trakwomp.errors import UserError
+from trakwomp.featurize import featurize
+from trakwomp.models import ModelSpec, margins
+from trakwomp.projectors import ProjectorSpec, projection_block
+from trakwomp.runtime import Shard
+from trakwomp.store import StoreError
+from trakwomp.training import Recipe, train
+
+from conftest import REPO, plain
+from test_train import read_store
+
+TINY = ModelSpec.parse("resnet9", 1 / 16)
+PROJECTOR = ProjectorSpec("gaussian", seed=3, blocks=4, block_dim=16)
+
+
+@pytest.fixture
+def trained(tmp_path, tiny_npz):
+    """A store with two trained tiny reference models."""
+    data = load_dataset(f"npz:{tiny_npz}")
+    train(tmp_path / "trained", data, TINY, num_models=2, recipe=Recipe(epochs=1, batch_size=16, lr=0.05))
+    return tmp_path / "trained"
+
+
+def copy_store(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def featurize_command(store, *extra):
+    return [sys.executable, "-m", "trakwomp.cli.main", "featurize", str(store), "--blocks", "4", "--block-dim", "16",
+            "--projector-seed", "3", "--chunk-rows", "4", "--batch-size", "4", "--quiet", *extra]
+
+
+def test_features_match_an_independent_computation(trained, tiny_npz):
+    featurize(trained, projector=PROJECTOR, chunk_rows=10, batch_size=7)
+    data = load_dataset(f"npz:{tiny_npz}")
+    group = zarr.open_group(str(trained), mode="r")
+    assert group["features/000001/phi"].chunks == (10, 16)
+    for model_id in (0, 1):
+        net = TINY.build(data.num_classes)
+        net.load_state_dict({k: torch.from_numpy(np.asarray(a[...])) for k, a in
+                             group[f"models/reference/{model_id:06d}/weights"].arrays()})
+        net.eval()
+        rows = []
+        for i in (0, 13, 47):
+            x, y = data[i]
+            net.zero_grad()
+            margins(net(x[None]), torch.tensor([y])).sum().backward()
+            rows.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+        grads = torch.stack(rows).double()
+        p = grads.shape[1]
+        P = torch.cat([projection_block(PROJECTOR, model_id, b, p) for b in range(4)], dim=1).double()
+        phi = group[f"features/{model_id:06d}/phi"][[0, 13, 47]]
+        np.testing.assert_allclose(phi, (grads @ P).numpy(), rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            logits = net(torch.stack([data[i][0] for i in (0, 13, 47)]))
+        p_correct = torch.softmax(logits, 1)[torch.arange(3), torch.tensor([data[i][1] for i in (0, 13, 47)])]
+        np.testing.assert_allclose(group[f"features/{model_id:06d}/q"][[0, 13, 47]], (1 - p_correct).numpy(), rtol=1e-5)
+
+
+def test_prefix_property_through_the_store(trained):
+    four = copy_store(trained, trained.parent / "four")
+    featurize(four, projector=PROJECTOR, chunk_rows=16)
+    featurize(trained, projector=ProjectorSpec("gaussian", seed=3, blocks=2, block_dim=16), chunk_rows=16)
+    a = zarr.open_array(str(four / "features/000000/phi"))[...]
+    b = zarr.open_array(str(trained / "features/000000/phi"))[...]
+    np.testing.assert_array_equal(a[:, :32], b)
+
+
+def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(trained):
+    reference = copy_store(trained, trained.parent / "reference")
+    featurize(reference, projector=PROJECTOR, chunk_rows=4, batch_size=4)
+    victim = subprocess.Popen(featurize_command(trained), cwd=REPO)
+    markers = trained / "done" / "featurize"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(markers.glob("*/*/zarr.json"))) < 3:
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    finished = len(list(markers.glob("*/*/zarr.json")))
+    assert 3 <= finished < 24, finished
+    report = featurize(trained, projector=PROJECTOR, chunk_rows=4, batch_size=4)
+    assert report.units_skipped == finished and report.units_done == 24 - finished
+    assert read_store(trained) == read_store(reference)
+
+
+def test_two_concurrent_shard_processes_equal_one_process(trained):
+    single = copy_store(trained, trained.parent / "single")
+    featurize(single, projector=PROJECTOR, chunk_rows=4, batch_size=4)
+    shards = [subprocess.Popen(featurize_command(trained, "--shard", f"{k}/2"), cwd=REPO) for k in (0, 1)]
+    assert [p.wait() for p in shards] == [0, 0]
+    assert read_store(trained) == read_store(single)
+
+
+def test_store_refuses_other_projector_or_dataset(trained, tmp_path, tiny_npz):
+    featurize(trained, projector=PROJECTOR, chunk_rows=16)
+    for other in (ProjectorSpec("rademacher", 3, 4, 16), ProjectorSpec("gaussian", 4, 4, 16),
+                  ProjectorSpec("gaussian", 3, 4, 32)):
+        with pytest.raises(StoreError, match="featurize.projector"):
+            featurize(trained, projector=other, chunk_rows=16)
+    with pytest.raises(StoreError, match="featurize.dtype"):
+        featurize(trained, projector=PROJECTOR, chunk_rows=16, dtype="float16")
+    np.save(tmp_path / "half.npy", np.arange(24))
+    with pytest.raises(StoreError, match="dataset.num_examples"):
+        featurize(trained, load_dataset(f"npz:{tiny_npz}", indices=tmp_path / "half.npy"), projector=PROJECTOR)
+
+
+def test_user_model_and_checkpoints_from_outside_the_package(cli, tmp_path, tiny_npz, monkeypatch):
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "models.py").write_text(
+        "import torch\n"
+        "def build(num_classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),\n"
+        "                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, num_classes))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    from mypkg.models import build
+
+    nets = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        nets.append(build(4).eval())
+        torch.save(nets[-1].state_dict(), tmp_path / f"model{seed}.pt")
+    result = cli("featurize", tmp_path / "store", "--data", f"npz:{tiny_npz}", "--model", "mypkg.models:build",
+                 "--checkpoint", tmp_path / "model*.pt", "--blocks", "2", "--block-dim", "8", "--dtype", "float16",
+                 "--quiet")
+    assert result.exit_code == 0, result.output
+    group = zarr.open_group(str(tmp_path / "store"), mode="r")
+    registry = group.attrs["trakwomp"]["models"]
+    assert [e["source"] for e in registry] == [str(tmp_path / "model1.pt"), str(tmp_path / "model2.pt")]
+    data = load_dataset(f"npz:{tiny_npz}")
+    x, y = data[5]
+    for model_id, net in enumerate(nets):
+        net.zero_grad()
+        margins(net(x[None]), torch.tensor([y])).sum().backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in net.parameters()]).double()
+        P = torch.cat([projection_block(ProjectorSpec("gaussian", 0, 2, 8), model_id, b, len(grad))
+                       for b in range(2)], dim=1).double()
+        phi = group[f"features/{model_id:06d}/phi"]
+        assert phi.dtype == np.float16
+        np.testing.assert_allclose(phi[5].astype(np.float64), (grad @ P).numpy(), rtol=2e-3, atol=2e-3)
+    again = cli("featurize", tmp_path / "store", "--data", f"npz:{tiny_npz}", "--model", "mypkg.models:build",
+                "--checkpoint", tmp_path / "model2.pt", "--blocks", "2", "--block-dim", "8", "--dtype", "float16")
+    assert again.exit_code == 0 and "models [1]" in plain(again.stderr)
+
+
+def test_featurize_bad_inputs(cli, tmp_path, tiny_npz, trained):
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "linear.pt")
+    cases = [
+        (["featurize", tmp_path / "empty"], "records no dataset"),
+        (["featurize", tmp_path / "x", "--data", f"npz:{tiny_npz}", "--model", "resnet9", "--width", "0.0625",
+          "--checkpoint", tmp_path / "linear.pt"], "does not fit model resnet9"),
+        (["featurize", tmp_path / "x", "--data", f"npz:{tiny_npz}", "--model", "resnet9",
+          "--checkpoint", tmp_path / "none*.pt"], "matches no file"),
+        (["featurize", trained, "--projector", "sjlt"], "unknown --projector"),
+        (["featurize", trained, "--dtype", "int8"], "unknown --dtype"),
+        (["featurize", trained, "--params", "nothing.*"], "no parameter matches"),
+    ]
+    for args, fragment in cases:
+        result = cli(*args, "--quiet")
+        assert result.exit_code == 2, (args, result.output)
+        assert fragment in plain(result.stderr) and "Traceback" not in result.output
+
+
+def test_shard_selection_of_units(trained):
+    report = featurize(trained, projector=PROJECTOR, chunk_rows=16, shard=Shard(1, 4))
+    assert report.units_done == 2  # 2 models x 3 chunks = 6 units; positions 1 and 5
+    done = sorted(p.parent.relative_to(trained / "done/featurize").as_posix()
+                  for p in (trained / "done/featurize").glob("*/*/zarr.json"))
+    assert done == ["000000/000001", "000001/000002"]

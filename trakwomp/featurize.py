@@ -1,0 +1,207 @@
+"""`featurize`: projected per-example gradients phi_m(x_i) = P_m^T grad f(x_i) and q_m,i = 1 - p_i
+for every registered model m and train example i, written to the store in row chunks.
+
+A unit of work is (model id, row chunk); see docs/store.md for the layout.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from trakwomp.data import Dataset, load_dataset
+from trakwomp.errors import UserError
+from trakwomp.gradients import PerExampleGradients, select_parameters
+from trakwomp.models import ModelSpec, load_checkpoint, load_weights, state_hash
+from trakwomp.projectors import DenseProjector, ProjectorSpec
+from trakwomp.runtime import NoProgress, Progress, Shard, resolve_device
+from trakwomp.store import Store
+from trakwomp.training import bind_training_inputs, check_model_fits_data, load_batch
+
+DTYPES = ("float32", "float16")
+GRADIENT_BUFFER_BYTES = 1 << 30
+
+
+@dataclass
+class FeaturizeReport:
+    model_ids: list[int] = field(default_factory=list)
+    units_done: int = 0
+    units_skipped: int = 0
+    examples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples / self.seconds if self.seconds else 0.0
+
+
+def stored_dataset(handle: Store) -> Dataset:
+    """The train set a store was made with, reloaded from its recorded spec and checked by fingerprint."""
+    manifest = handle.manifest
+    if "dataset_source" not in manifest:
+        raise UserError(f"store {handle.location!r} records no dataset yet; pass --data (and --model, --checkpoint)")
+    source = manifest["dataset_source"]
+    data = load_dataset(source["spec"], transform=manifest["model"].get("transform"))
+    if source["has_indices"]:
+        data = data.select(handle.read_array("data/train_indices"))
+    if data.fingerprint().as_dict() != manifest["dataset"]:
+        raise UserError(f"the data at {source['spec']!r} changed since the store was made (fingerprint differs); "
+                        "pass --data with the original data")
+    return data
+
+
+def register_models(handle: Store, spec: ModelSpec, num_classes: int, checkpoints: list[str] | None) -> list[int]:
+    """Register the models to featurize and return their ids, in registration order.
+
+    Without checkpoints: every finished reference model that `train` put in the store.
+    With checkpoints: each file, checked against the model spec, copied into the store."""
+    registry = handle.manifest.get("models", [])
+    by_hash = {entry["sha256"]: entry["id"] for entry in registry}
+    ids = []
+    if checkpoints:
+        for path in checkpoints:
+            state = load_weights(spec.build(num_classes), load_checkpoint(path), repr(str(path)), spec).state_dict()
+            digest = state_hash(state)
+            if digest not in by_hash:
+                weights = f"models/checkpoints/{digest[:16]}/weights"
+                handle.write_arrays(weights, {k: v.numpy() for k, v in state.items()})
+                by_hash[digest] = len(registry)
+                registry.append({"id": len(registry), "source": str(path), "weights": weights, "sha256": digest})
+            ids.append(by_hash[digest])
+    else:
+        trained = handle.done_units("train", "reference")
+        if not trained:
+            raise UserError(f"store {handle.location!r} has no trained reference models; run `trakwomp train` "
+                            "first or pass --checkpoint")
+        for name in trained:
+            weights = f"models/reference/{name}/weights"
+            digest = state_hash({k: torch.from_numpy(v) for k, v in handle.read_arrays(weights).items()})
+            if digest not in by_hash:
+                by_hash[digest] = len(registry)
+                registry.append({"id": len(registry), "source": f"train:reference/{name}", "weights": weights,
+                                 "sha256": digest})
+            ids.append(by_hash[digest])
+    handle.set_section("models", registry)
+    return ids
+
+
+def load_registered_model(handle: Store, model_id: int, spec: ModelSpec, num_classes: int) -> nn.Module:
+    entry = handle.manifest["models"][model_id]
+    state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(entry["weights"]).items()}
+    if state_hash(state) != entry["sha256"]:
+        raise UserError(f"store {handle.location!r}: the weights of model {model_id} do not match their recorded hash")
+    net = spec.build(num_classes)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def featurize(
+    store: str | Path,
+    data: Dataset | None = None,
+    model: ModelSpec | None = None,
+    checkpoints: list[str] | None = None,
+    *,
+    projector: ProjectorSpec = ProjectorSpec(),
+    dtype: str = "float32",
+    parameters: list[str] | None = None,
+    chunk_rows: int = 1024,
+    batch_size: int = 64,
+    device: str = "cpu",
+    shard: Shard = Shard(),
+    progress: Progress | None = None,
+) -> FeaturizeReport:
+    """Featurize the store's trained reference models, or the given checkpoints, on the train set.
+
+    `parameters`: glob patterns of parameter names to take gradients for (all by default)."""
+    progress = progress or NoProgress()
+    if dtype not in DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if chunk_rows < 1 or batch_size < 1:
+        raise UserError("--chunk-rows and --batch-size must be at least 1")
+    if checkpoints and (data is None or model is None):
+        raise UserError("--checkpoint needs --data and --model (the train set and the architecture)")
+    torch_device = resolve_device(device)
+    handle = Store.open(store, create=True)
+    if data is None:
+        data = stored_dataset(handle)
+    if model is None:
+        if "model" not in handle.manifest:
+            raise UserError(f"store {handle.location!r} records no model; pass --model")
+        model = ModelSpec.from_dict(handle.manifest["model"])
+    bind_training_inputs(handle, data, model)
+
+    net = model.build(data.num_classes)
+    check_model_fits_data(net, data, torch_device, model)
+    parameter_names = select_parameters(net, parameters)
+    num_params = sum(p.numel() for n, p in net.named_parameters() if n in set(parameter_names))
+    handle.bind("featurize", {"projector": projector.as_dict(), "dtype": dtype, "parameters": parameters,
+                              "num_params": num_params, "chunk_rows": chunk_rows},
+                "featurize with the store's projector settings, or use a new store")
+    model_ids = register_models(handle, model, data.num_classes, checkpoints)
+
+    n = len(data)
+    num_chunks = math.ceil(n / chunk_rows)
+    units = shard.select([(m, c) for m in model_ids for c in range(num_chunks)])
+    todo = [(m, c) for m, c in units if handle.done_info("featurize", f"{m:06d}/{c:06d}") is None]
+    report = FeaturizeReport(model_ids=model_ids, units_skipped=len(units) - len(todo))
+    progress.plan(len(units), report.units_skipped, "featurize (model, row chunk) units")
+    start = time.perf_counter()
+    for model_id in sorted({m for m, _ in todo}):
+        net = load_registered_model(handle, model_id, model, data.num_classes)
+        engine = PerExampleGradients(net, parameter_names, torch_device)
+        projection = DenseProjector(projector, model_id, num_params, torch_device)
+        phi = handle.require_array(f"features/{model_id:06d}/phi", (n, projector.dim), dtype,
+                                   (chunk_rows, projector.block_dim))
+        q = handle.require_array(f"features/{model_id:06d}/q", (n,), "float32", (chunk_rows,))
+        f = handle.require_array(f"features/{model_id:06d}/margins", (n,), "float32", (chunk_rows,))
+        for _, chunk in [u for u in todo if u[0] == model_id]:
+            rows = range(chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows))
+            name = f"model {model_id} rows {rows.start}-{rows.stop - 1}"
+            progress.unit_started(name, len(rows))
+            features, q_rows, f_rows = featurize_rows(data, rows, engine, projection, batch_size, progress)
+            stored = features.numpy().astype(dtype)
+            if not np.isfinite(stored).all():
+                raise UserError(f"{name}: projected features overflow {dtype}; featurize with --dtype float32")
+            phi[rows.start:rows.stop] = stored
+            q[rows.start:rows.stop] = q_rows.numpy()
+            f[rows.start:rows.stop] = f_rows.numpy()
+            handle.mark_done("featurize", f"{model_id:06d}/{chunk:06d}", {"rows": [rows.start, rows.stop]})
+            report.units_done += 1
+            report.examples += len(rows)
+            progress.unit_finished(name, f"{len(rows)} examples")
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def featurize_rows(data: Dataset, rows: range, engine: PerExampleGradients, projection: DenseProjector,
+                   batch_size: int, progress: Progress) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projected gradients, q and margins of the examples `rows`, as CPU tensors.
+
+    Gradient rows are gathered up to GRADIENT_BUFFER_BYTES before each projection, so that a
+    projection that regenerates its matrix does so as rarely as memory allows."""
+    buffer_rows = max(batch_size, GRADIENT_BUFFER_BYTES // (4 * engine.num_params))
+    features, qs, fs, pending = [], [], [], []
+    pending_rows = 0
+    for start in range(rows.start, rows.stop, batch_size):
+        positions = range(start, min(start + batch_size, rows.stop))
+        x, y = load_batch(data, positions)
+        out = engine(x, y)
+        bad = (~torch.isfinite(out.grads).all(dim=1) | ~torch.isfinite(out.margins)).nonzero().flatten()
+        if len(bad):
+            examples = ", ".join(str(positions[int(i)]) for i in bad[:10])
+            raise UserError(f"non-finite gradients for train example(s) {examples}; nothing of this chunk was published")
+        pending.append(out.grads)
+        pending_rows += len(positions)
+        qs.append(out.q.cpu())
+        fs.append(out.margins.cpu())
+        if pending_rows >= buffer_rows or positions.stop == rows.stop:
+            features.append(projection.project(torch.cat(pending)).cpu())
+            pending, pending_rows = [], 0
+        progress.advance(len(positions))
+    return torch.cat(features), torch.cat(qs), torch.cat(fs)

@@ -1,0 +1,63 @@
+"""Per-example gradients of the TRAK output f (the correct-class margin) with torch.func.
+
+For a model in eval mode and examples (x_i, y_i), returns the matrix whose row i is
+grad_theta f(x_i) flattened over the selected parameters (in `named_parameters` order),
+together with f(x_i) and q_i = 1 - p_i, where p_i = softmax(logits_i)[y_i] = sigmoid(f(x_i)).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from trakwomp.errors import UserError
+from trakwomp.models import margins
+
+
+def select_parameters(model: nn.Module, patterns: list[str] | None) -> list[str]:
+    """Names of the parameters matching any of the glob `patterns` (all parameters if None)."""
+    names = [name for name, _ in model.named_parameters()]
+    if not patterns:
+        return names
+    chosen = [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if not chosen:
+        raise UserError(f"no parameter matches {', '.join(patterns)}; parameters are named like {names[0]!r}")
+    return chosen
+
+
+@dataclass
+class Gradients:
+    grads: torch.Tensor  # (batch, p) float32
+    margins: torch.Tensor  # (batch,)
+    q: torch.Tensor  # (batch,)
+
+
+class PerExampleGradients:
+    """Computes per-example gradients of the margin for batches, w.r.t. the chosen parameters only."""
+
+    def __init__(self, model: nn.Module, parameter_names: list[str], device: torch.device):
+        self.model = model.to(device).eval()
+        chosen = set(parameter_names)
+        self.parameter_names = [n for n, _ in model.named_parameters() if n in chosen]
+        self.params = {n: p.detach() for n, p in model.named_parameters() if n in chosen}
+        self.constants = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
+        self.constants.update({n: b.detach() for n, b in model.named_buffers()})
+        self.num_params = sum(p.numel() for p in self.params.values())
+        self.device = device
+
+        def margin(params, x, y):
+            logits = functional_call(self.model, {**params, **self.constants}, (x.unsqueeze(0),))
+            f = margins(logits, y.unsqueeze(0)).squeeze(0)
+            return f, f
+
+        self._grad = vmap(grad(margin, has_aux=True), in_dims=(None, 0, 0))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Gradients:
+        x, y = x.to(self.device), y.to(self.device)
+        grads, f = self._grad(self.params, x, y)
+        flat = torch.cat([grads[n].reshape(len(x), -1) for n in self.parameter_names], dim=1)
+        return Gradients(flat.float(), f.detach().float(), torch.sigmoid(-f.detach().float()))

@@ -1,0 +1,101 @@
+"""Seeded, block-structured random projections of per-example gradients (Johnson-Lindenstrauss).
+
+The projection P (p x d) has d = B * d_block columns in B blocks. Block b of model m is a
+function of (projector seed, m, b) alone: its rows are generated in tiles of TILE_ROWS
+parameters, tile t from a torch CPU generator seeded by SeedSequence([seed, m, b, t]). So
+
+- any block of any model can be regenerated on any machine, process or shard;
+- the first b blocks of a B-block projection are exactly a b-block projection (prefix property);
+- each block is scaled by 1/sqrt(d_block), so one block alone preserves inner products in
+  expectation: E[<P_b^T u, P_b^T v>] = <u, v>.
+
+Kinds: `gaussian` (entries N(0, 1/d_block)) and `rademacher` (entries +-1/sqrt(d_block)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from trakwomp.errors import UserError
+
+KINDS = ("gaussian", "rademacher")
+TILE_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    kind: str = "gaussian"
+    seed: int = 0
+    blocks: int = 16
+    block_dim: int = 1024
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise UserError(f"unknown --projector {self.kind!r}: expected one of {', '.join(KINDS)}")
+        if self.blocks < 1 or self.block_dim < 1:
+            raise UserError("--blocks and --block-dim must be at least 1")
+
+    @property
+    def dim(self) -> int:
+        return self.blocks * self.block_dim
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "tile_rows": TILE_ROWS}
+
+
+def _tile_generator(seed: int, model_id: int, block: int, tile: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, model_id, block, tile]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state >> np.uint64(1)))
+
+
+def projection_tile(spec: ProjectorSpec, model_id: int, block: int, tile: int, num_params: int) -> torch.Tensor:
+    """Rows [tile * TILE_ROWS, ...) of block `block` of model `model_id`'s projection, float32 on CPU."""
+    rows = min(TILE_ROWS, num_params - tile * TILE_ROWS)
+    generator = _tile_generator(spec.seed, model_id, block, tile)
+    scale = 1.0 / math.sqrt(spec.block_dim)
+    if spec.kind == "gaussian":
+        return torch.randn(rows, spec.block_dim, generator=generator).mul_(scale)
+    signs = torch.randint(0, 2, (rows, spec.block_dim), generator=generator, dtype=torch.int8)
+    return signs.float().mul_(2 * scale).sub_(scale)
+
+
+def projection_block(spec: ProjectorSpec, model_id: int, block: int, num_params: int) -> torch.Tensor:
+    """The whole (num_params, d_block) block; for tests and small models."""
+    tiles = math.ceil(num_params / TILE_ROWS)
+    return torch.cat([projection_tile(spec, model_id, block, t, num_params) for t in range(tiles)])
+
+
+class DenseProjector:
+    """Projects gradient rows G (n x p) to G P (n x B*d_block), generating P tile by tile.
+
+    Tiles are kept for reuse across calls while they fit in `cache_bytes`; beyond that they are
+    regenerated per call, which costs about as much as the matmul divided by the rows per call."""
+
+    def __init__(self, spec: ProjectorSpec, model_id: int, num_params: int, device: torch.device,
+                 cache_bytes: int = 2 << 30):
+        self.spec, self.model_id, self.num_params, self.device = spec, model_id, num_params, device
+        self.num_tiles = math.ceil(num_params / TILE_ROWS)
+        self._cache: dict[int, torch.Tensor] = {}
+        self._cacheable = num_params * spec.dim * 4 <= cache_bytes
+
+    def _tile(self, tile: int) -> torch.Tensor:
+        """Rows of tile `tile` for all B blocks side by side: (rows, B * d_block) on the device."""
+        if tile in self._cache:
+            return self._cache[tile]
+        blocks = [projection_tile(self.spec, self.model_id, b, tile, self.num_params) for b in range(self.spec.blocks)]
+        value = torch.cat(blocks, dim=1).to(self.device)
+        if self._cacheable:
+            self._cache[tile] = value
+        return value
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        if grads.shape[1] != self.num_params:
+            raise ValueError(f"expected {self.num_params} gradient columns, got {grads.shape[1]}")
+        out = torch.zeros(grads.shape[0], self.spec.dim, device=grads.device, dtype=torch.float32)
+        for t in range(self.num_tiles):
+            out.addmm_(grads[:, t * TILE_ROWS:(t + 1) * TILE_ROWS], self._tile(t))
+        return out
