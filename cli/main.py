@@ -5,18 +5,24 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
+import json
 import sys
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from trakwomp import __version__
 from trakwomp.cli.progress import RichProgress, console
-from trakwomp.data import SPEC_HELP, load_dataset
+from trakwomp.data import SPEC_HELP, load_dataset, load_indices
 from trakwomp.errors import UserError
 from trakwomp.featurize import featurize as featurize_models
+from trakwomp.finalize import finalize as finalize_view, parse_model_ids
+from trakwomp.lds import lds as lds_report
+from trakwomp.scoring import export_scores, predict as predict_margins, score as score_targets, top_k_rows, write_table
 from trakwomp.models import ModelSpec
 from trakwomp.projectors import ProjectorSpec
 from trakwomp.runtime import NoProgress, Shard
@@ -166,6 +172,134 @@ def featurize(
     if not quiet:
         console.print(f"featurized {report.units_done} unit(s) of models {report.model_ids} "
                       f"({report.examples_per_second:,.1f} examples/s), {report.units_skipped} already done")
+
+
+DimsOpt = typer.Option(None, "--dims", help="Use the first D featurized dims (default: all).")
+BlocksOpt = typer.Option(None, "--blocks", help="Split the D dims into B blocks (default: the stored blocks; 1 is plain TRAK).")
+RidgeOpt = typer.Option(0.0, "--ridge", help="Ridge added to each block Gram matrix, relative to the mean of its diagonal.")
+ModelsOpt = typer.Option(None, "--models", help="Model ids to use, e.g. 0,2,5-7 (default: all featurized).")
+
+
+@app.command()
+@reports_errors
+def finalize(
+    store: str = typer.Argument(..., help="A store with features."),
+    dims: Optional[int] = DimsOpt,
+    blocks: Optional[int] = BlocksOpt,
+    ridge: float = RidgeOpt,
+    models: Optional[str] = ModelsOpt,
+    device: str = DeviceOpt,
+    shard: str = ShardOpt,
+    quiet: bool = QuietOpt,
+):
+    """Invert each block's Gram matrix Phi_b^T Phi_b (+ ridge) for a view (D dims, B blocks)."""
+    shard_spec = Shard.parse(shard)
+    with progress_for(quiet) as progress:
+        report = finalize_view(store, dims, blocks, ridge, parse_model_ids(models), device=device, shard=shard_spec,
+                               progress=progress)
+    if not quiet:
+        console.print(f"finalized view {report.view.key} for models {report.model_ids}: {report.units_done} block(s) "
+                      f"inverted in {report.seconds:.1f}s, {report.units_skipped} already done")
+
+
+@app.command()
+@reports_errors
+def score(
+    store: str = typer.Argument(..., help="A finalized store."),
+    targets: str = typer.Option(..., "--targets", help=f"The examples to attribute ({SPEC_HELP})."),
+    dims: Optional[int] = DimsOpt,
+    blocks: Optional[int] = BlocksOpt,
+    ridge: float = RidgeOpt,
+    models: Optional[str] = ModelsOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the (n_targets, n_train) scores to this .npy file."),
+    threshold: float = typer.Option(0.0, "--threshold", help="Soft threshold for --out and --top-k, in units of each target's RMS score."),
+    top_k: int = typer.Option(0, "--top-k", help="Write the K most supporting and opposing train examples per target."),
+    top_k_out: Path = typer.Option(Path("top-k.csv"), "--top-k-out", help="Where --top-k goes (.csv or .json)."),
+    chunk_rows: int = typer.Option(256, "--chunk-rows", help="Targets per unit of work."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    device: str = DeviceOpt,
+    shard: str = ShardOpt,
+    quiet: bool = QuietOpt,
+    target_indices: Optional[Path] = typer.Option(None, "--target-indices", help="An .npy of ints selecting a subset of --targets."),
+    transform: Optional[str] = TransformOpt,
+):
+    """Attribution scores tau(z) of every train example for every target (TRAK-WOMP eq. 3)."""
+    shard_spec = Shard.parse(shard)
+    target_set = load_dataset(targets, target_indices, transform)
+    with progress_for(quiet) as progress:
+        report = score_targets(store, target_set, dims, blocks, ridge, parse_model_ids(models),
+                               target_chunk_rows=chunk_rows, batch_size=batch_size, device=device, shard=shard_spec,
+                               progress=progress)
+    if not quiet:
+        console.print(f"scored {report.num_targets} targets x {report.num_train} train examples at view "
+                      f"{report.view.key} with models {report.model_ids} ({report.chunks_done} chunk(s) in "
+                      f"{report.seconds:.1f}s, {report.chunks_skipped} already done); stored as scores/{report.key}")
+    if (out or top_k) and shard_spec.count > 1:
+        raise UserError("--out and --top-k need all shards' scores: run them without --shard once every shard is done")
+    if out:
+        shape = export_scores(store, report.key, out, threshold)
+        console.print(f"wrote {shape[0]} x {shape[1]} scores to {out}")
+    if top_k:
+        write_table(top_k_rows(store, report.key, target_set, top_k, threshold), top_k_out)
+        console.print(f"wrote the top {top_k} supporting and opposing train examples per target to {top_k_out}")
+
+
+@app.command()
+@reports_errors
+def predict(
+    store: str = typer.Argument(..., help="A store with scores."),
+    subset: Path = typer.Option(..., "--subset", help="An .npy boolean mask over the train set, or train indices."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="Which scored targets (needed if several are scored)."),
+    target_indices: Optional[Path] = typer.Option(None, "--target-indices"),
+    dims: Optional[int] = DimsOpt,
+    blocks: Optional[int] = BlocksOpt,
+    ridge: float = RidgeOpt,
+    models: Optional[str] = ModelsOpt,
+    threshold: float = typer.Option(0.0, "--threshold"),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+):
+    """Predicted margin of a model trained on --subset, per target: sum of the subset's scores."""
+    target_set = load_dataset(targets, target_indices) if targets else None
+    key, predictions = predict_margins(store, load_indices(subset, what="--subset"), target_set, dims, blocks, ridge,
+                                       parse_model_ids(models), threshold)
+    if json_out:
+        typer.echo(json.dumps({"scores": key, "predicted_margin": predictions.tolist()}))
+        return
+    table = Table("target", "predicted margin (up to a constant)", title=f"datamodel predictions from scores/{key}")
+    for t, value in enumerate(predictions):
+        table.add_row(str(t), f"{value:+.4f}")
+    Console().print(table)
+
+
+@app.command()
+@reports_errors
+def lds(
+    store: str = typer.Argument(..., help="A store with LDS models and scores on their targets."),
+    dims: Optional[int] = DimsOpt,
+    blocks: list[int] = typer.Option([], "--blocks", help="View blocks; repeat to compare views (e.g. --blocks 1 --blocks 16)."),
+    ridge: float = RidgeOpt,
+    models: Optional[str] = ModelsOpt,
+    scores: list[Path] = typer.Option([], "--scores", help="An .npy (n_targets, n_train) score matrix to evaluate; repeatable."),
+    threshold: float = typer.Option(0.0, "--threshold", help="Soft threshold, in units of each target's RMS score."),
+    tune_threshold: bool = typer.Option(False, "--tune-threshold", help="Pick the threshold on half of the LDS models, report on the other half."),
+    resamples: int = typer.Option(2000, "--bootstrap", help="Bootstrap resamples of the targets for the 95% intervals."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+):
+    """Linear datamodeling score of the scores against the store's LDS models, with 95% intervals."""
+    report = lds_report(store, dims, blocks or None, ridge, parse_model_ids(models), scores, threshold=threshold,
+                        tune_threshold=tune_threshold, resamples=resamples)
+    if json_out:
+        typer.echo(json.dumps(report.as_dict(), indent=1))
+        return
+    table = Table("scores", "LDS", "95% interval", "targets", "LDS models", "threshold",
+                  title="Linear datamodeling score (mean Spearman correlation over targets)")
+    for r in report.results:
+        chosen = " (chosen on the other half)" if r.selected_on_half else ""
+        table.add_row(r.name, f"{r.mean:.4f}", f"[{r.low:.4f}, {r.high:.4f}]", str(r.num_targets), str(r.num_models),
+                      f"{r.threshold:g}{chosen}")
+    for d in report.differences:
+        table.add_row(f"{d.name} minus {d.baseline}", f"{d.mean:+.4f}", f"[{d.low:+.4f}, {d.high:+.4f}]", "paired", "", "")
+    Console().print(table)
 
 
 def main() -> None:

@@ -13,7 +13,9 @@ console = Console(stderr=True)
 class RateColumn(ProgressColumn):
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:,.0f} ex/s", style="progress.data.speed")
+        if speed is None or not task.fields.get("examples"):
+            return Text("")
+        return Text(f"{speed:,.1f} ex/s", style="progress.data.speed")
 
 
 class RichProgress:
@@ -41,7 +43,7 @@ class RichProgress:
         self._units = self._bars.add_task(description, total=total_units, completed=skipped)
 
     def unit_started(self, name: str, total_steps: int) -> None:
-        self._current = self._bars.add_task(f"  {name}", total=total_steps)
+        self._current = self._bars.add_task(f"  {name}", total=total_steps, examples=total_steps > 1)
 
     def advance(self, steps: int) -> None:
         self._bars.advance(self._current, steps)

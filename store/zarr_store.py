@@ -153,12 +153,18 @@ class Store:
         names = sorted(group.group_keys())
         return [n for n in names if self.done_info(stage, f"{prefix}/{n}" if prefix else n) is not None]
 
-    def read_array(self, path: str) -> np.ndarray:
+    def array(self, path: str) -> zarr.Array:
+        """The array at `path`, for reading slices of it."""
         try:
-            array = self._group[path]
+            node = self._group[path]
         except KeyError:
             raise StoreError(f"store {self.location!r} has no array {path!r}") from None
-        return np.asarray(array[...])
+        if not isinstance(node, zarr.Array):
+            raise StoreError(f"store {self.location!r}: {path!r} is not an array")
+        return node
+
+    def read_array(self, path: str) -> np.ndarray:
+        return np.asarray(self.array(path)[...])
 
     def write_arrays(self, path: str, arrays: dict[str, np.ndarray]) -> None:
         for name, values in arrays.items():

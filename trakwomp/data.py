@@ -232,12 +232,12 @@ def load_dataset(
     return ds
 
 
-def load_indices(path: str | Path) -> np.ndarray:
-    """A 1-d integer array from an .npy file."""
+def load_indices(path: str | Path, what: str = "indices file") -> np.ndarray:
+    """A 1-d integer (or, for masks, boolean) array from an .npy file."""
     try:
         values = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read indices file {str(path)!r}: {e}") from None
-    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
-        raise UserError(f"indices file {str(path)!r} must hold a 1-d integer array, got {values.dtype} {values.shape}")
+        raise UserError(f"cannot read {what} {str(path)!r}: {e}") from None
+    if values.ndim != 1 or not (np.issubdtype(values.dtype, np.integer) or values.dtype == bool):
+        raise UserError(f"{what} {str(path)!r} must hold a 1-d integer array, got {values.dtype} {values.shape}")
     return values

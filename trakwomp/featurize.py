@@ -41,8 +41,9 @@ class FeaturizeReport:
         return self.examples / self.seconds if self.seconds else 0.0
 
 
-def stored_dataset(handle: Store) -> Dataset:
-    """The train set a store was made with, reloaded from its recorded spec and checked by fingerprint."""
+def stored_dataset(handle: Store, verify: bool = True) -> Dataset:
+    """The train set a store was made with, reloaded from its recorded spec and, if `verify`,
+    checked by fingerprint (which reads every example)."""
     manifest = handle.manifest
     if "dataset_source" not in manifest:
         raise UserError(f"store {handle.location!r} records no dataset yet; pass --data (and --model, --checkpoint)")
@@ -50,7 +51,7 @@ def stored_dataset(handle: Store) -> Dataset:
     data = load_dataset(source["spec"], transform=manifest["model"].get("transform"))
     if source["has_indices"]:
         data = data.select(handle.read_array("data/train_indices"))
-    if data.fingerprint().as_dict() != manifest["dataset"]:
+    if len(data) != manifest["dataset"]["num_examples"] or (verify and data.fingerprint().as_dict() != manifest["dataset"]):
         raise UserError(f"the data at {source['spec']!r} changed since the store was made (fingerprint differs); "
                         "pass --data with the original data")
     return data
@@ -140,38 +141,74 @@ def featurize(
     check_model_fits_data(net, data, torch_device, model)
     parameter_names = select_parameters(net, parameters)
     num_params = sum(p.numel() for n, p in net.named_parameters() if n in set(parameter_names))
+    if projector.kind == "identity" and projector.dim != num_params:
+        raise UserError(f"the identity projector keeps all {num_params} gradient coordinates: pass --blocks B and "
+                        f"--block-dim D with B x D = {num_params}")
     handle.bind("featurize", {"projector": projector.as_dict(), "dtype": dtype, "parameters": parameters,
                               "num_params": num_params, "chunk_rows": chunk_rows},
                 "featurize with the store's projector settings, or use a new store")
     model_ids = register_models(handle, model, data.num_classes, checkpoints)
 
-    n = len(data)
-    num_chunks = math.ceil(n / chunk_rows)
+    settings = FeatureSettings(projector, dtype, parameter_names, num_params)
+    num_chunks = math.ceil(len(data) / chunk_rows)
     units = shard.select([(m, c) for m in model_ids for c in range(num_chunks)])
     todo = [(m, c) for m, c in units if handle.done_info("featurize", f"{m:06d}/{c:06d}") is None]
-    report = FeaturizeReport(model_ids=model_ids, units_skipped=len(units) - len(todo))
-    progress.plan(len(units), report.units_skipped, "featurize (model, row chunk) units")
+    progress.plan(len(units), len(units) - len(todo), "featurize (model, row chunk) units")
+    report = write_features(handle, data, model, settings, todo, chunk_rows, batch_size, torch_device, progress,
+                            prefix="", stage="featurize")
+    report.model_ids, report.units_skipped = model_ids, len(units) - len(todo)
+    return report
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How features are made: the projector, the storage dtype and the parameters differentiated."""
+
+    projector: ProjectorSpec
+    dtype: str
+    parameter_names: list[str]
+    num_params: int
+
+    @classmethod
+    def of_store(cls, handle: Store, net: nn.Module) -> "FeatureSettings":
+        """The settings the store's train features were made with, for featurizing targets alike."""
+        recorded = handle.manifest.get("featurize")
+        if recorded is None:
+            raise UserError(f"store {handle.location!r} has no features yet; run `trakwomp featurize` first")
+        projector = {k: v for k, v in recorded["projector"].items() if k != "tile_rows"}
+        names = select_parameters(net, recorded["parameters"])
+        return cls(ProjectorSpec(**projector), recorded["dtype"], names, recorded["num_params"])
+
+
+def write_features(handle: Store, data: Dataset, model: ModelSpec, settings: FeatureSettings,
+                   todo: list[tuple[int, int]], chunk_rows: int, batch_size: int, device: torch.device,
+                   progress: Progress, prefix: str, stage: str) -> FeaturizeReport:
+    """Featurize the (model, row chunk) units `todo` of `data` into
+    `<prefix>features/<model>/{phi,q,margins}`, each unit published by a done marker of `stage`."""
+    n = len(data)
+    projector = settings.projector
+    report = FeaturizeReport()
     start = time.perf_counter()
     for model_id in sorted({m for m, _ in todo}):
         net = load_registered_model(handle, model_id, model, data.num_classes)
-        engine = PerExampleGradients(net, parameter_names, torch_device)
-        projection = DenseProjector(projector, model_id, num_params, torch_device)
-        phi = handle.require_array(f"features/{model_id:06d}/phi", (n, projector.dim), dtype,
-                                   (chunk_rows, projector.block_dim))
-        q = handle.require_array(f"features/{model_id:06d}/q", (n,), "float32", (chunk_rows,))
-        f = handle.require_array(f"features/{model_id:06d}/margins", (n,), "float32", (chunk_rows,))
+        engine = PerExampleGradients(net, settings.parameter_names, device)
+        projection = DenseProjector(projector, model_id, settings.num_params, device)
+        base = f"{prefix}features/{model_id:06d}"
+        phi = handle.require_array(f"{base}/phi", (n, projector.dim), settings.dtype, (chunk_rows, projector.block_dim))
+        q = handle.require_array(f"{base}/q", (n,), "float32", (chunk_rows,))
+        f = handle.require_array(f"{base}/margins", (n,), "float32", (chunk_rows,))
         for _, chunk in [u for u in todo if u[0] == model_id]:
             rows = range(chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows))
             name = f"model {model_id} rows {rows.start}-{rows.stop - 1}"
             progress.unit_started(name, len(rows))
             features, q_rows, f_rows = featurize_rows(data, rows, engine, projection, batch_size, progress)
-            stored = features.numpy().astype(dtype)
+            stored = features.numpy().astype(settings.dtype)
             if not np.isfinite(stored).all():
-                raise UserError(f"{name}: projected features overflow {dtype}; featurize with --dtype float32")
+                raise UserError(f"{name}: projected features overflow {settings.dtype}; featurize with --dtype float32")
             phi[rows.start:rows.stop] = stored
             q[rows.start:rows.stop] = q_rows.numpy()
             f[rows.start:rows.stop] = f_rows.numpy()
-            handle.mark_done("featurize", f"{model_id:06d}/{chunk:06d}", {"rows": [rows.start, rows.stop]})
+            handle.mark_done(stage, f"{model_id:06d}/{chunk:06d}", {"rows": [rows.start, rows.stop]})
             report.units_done += 1
             report.examples += len(rows)
             progress.unit_finished(name, f"{len(rows)} examples")

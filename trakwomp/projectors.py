@@ -9,7 +9,9 @@ parameters, tile t from a torch CPU generator seeded by SeedSequence([seed, m, b
 - each block is scaled by 1/sqrt(d_block), so one block alone preserves inner products in
   expectation: E[<P_b^T u, P_b^T v>] = <u, v>.
 
-Kinds: `gaussian` (entries N(0, 1/d_block)) and `rademacher` (entries +-1/sqrt(d_block)).
+Kinds: `gaussian` (entries N(0, 1/d_block)), `rademacher` (entries +-1/sqrt(d_block)), and
+`identity` (no projection: block b is coordinates [b * d_block, (b + 1) * d_block) of the
+gradient, so B * d_block must equal the number of parameters; exact TRAK for small models).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from trakwomp.errors import UserError
 
-KINDS = ("gaussian", "rademacher")
+KINDS = ("gaussian", "rademacher", "identity")
 TILE_ROWS = 4096
 
 
@@ -55,6 +57,12 @@ def _tile_generator(seed: int, model_id: int, block: int, tile: int) -> torch.Ge
 def projection_tile(spec: ProjectorSpec, model_id: int, block: int, tile: int, num_params: int) -> torch.Tensor:
     """Rows [tile * TILE_ROWS, ...) of block `block` of model `model_id`'s projection, float32 on CPU."""
     rows = min(TILE_ROWS, num_params - tile * TILE_ROWS)
+    if spec.kind == "identity":
+        columns = torch.arange(rows) + tile * TILE_ROWS - block * spec.block_dim
+        inside = (columns >= 0) & (columns < spec.block_dim)
+        out = torch.zeros(rows, spec.block_dim)
+        out[torch.arange(rows)[inside], columns[inside]] = 1.0
+        return out
     generator = _tile_generator(spec.seed, model_id, block, tile)
     scale = 1.0 / math.sqrt(spec.block_dim)
     if spec.kind == "gaussian":

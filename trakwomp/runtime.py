@@ -77,3 +77,22 @@ class NoProgress:
 
     def unit_finished(self, name: str, summary: str) -> None:
         pass
+
+
+class StepsOnly:
+    """Forwards only `advance` to another Progress: for work nested inside one of its units."""
+
+    def __init__(self, outer: Progress):
+        self.outer = outer
+
+    def plan(self, total_units: int, skipped: int, description: str) -> None:
+        pass
+
+    def unit_started(self, name: str, total_steps: int) -> None:
+        pass
+
+    def advance(self, steps: int) -> None:
+        self.outer.advance(steps)
+
+    def unit_finished(self, name: str, summary: str) -> None:
+        pass

@@ -1,0 +1,207 @@
+"""The estimator against independent computations: dense numpy eq. 2 / eq. 3 / eq. 5, the
+reference TRAK library (`traker`), and the definitions of the soft threshold and ridge."""
+
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import zarr
+
+from trakwomp.data import load_dataset
+from trakwomp.errors import UserError
+from trakwomp.estimator import View, regularized_inverse, relative_soft_threshold, soft_threshold
+from trakwomp.featurize import featurize
+from trakwomp.finalize import finalize
+from trakwomp.models import ModelSpec
+from trakwomp.projectors import ProjectorSpec
+from trakwomp.scoring import score
+from trakwomp.training import Recipe, train
+
+from conftest import write_tiny_images
+
+
+def test_soft_threshold_matches_its_definition():
+    v = torch.tensor([-3.0, -0.5, 0.0, 0.2, 1.0, 4.0])
+    expected = [np.sign(x) * max(abs(x) - 0.7, 0) for x in v.tolist()]
+    assert soft_threshold(v, 0.7).tolist() == pytest.approx(expected)
+    rows = torch.tensor([[1.0, -2.0, 3.0], [10.0, 0.0, -10.0]])
+    rms = rows.pow(2).mean(1, keepdim=True).sqrt()
+    torch.testing.assert_close(relative_soft_threshold(rows, 0.5), soft_threshold(rows, 0.5 * rms))
+    assert relative_soft_threshold(rows, 0.0) is rows
+
+
+def test_regularized_inverse_with_relative_ridge():
+    g = torch.randn(30, 6, dtype=torch.float64)
+    gram = g.T @ g
+    expected = np.linalg.inv(gram.numpy() + 0.1 * np.mean(np.diag(gram.numpy())) * np.eye(6))
+    np.testing.assert_allclose(regularized_inverse(gram, 0.1).numpy(), expected, rtol=1e-10)
+    np.testing.assert_allclose(regularized_inverse(gram, 0.0).numpy(), np.linalg.inv(gram.numpy()), rtol=1e-9)
+    singular = g[:3].T @ g[:3]
+    with pytest.raises(UserError, match="--ridge"):
+        regularized_inverse(singular, 0.0)
+
+
+@pytest.mark.parametrize("dims, blocks, ridge, n, message", [
+    (8192, None, 0, 5000, "not available"),
+    (1000, None, 0, 5000, "multiple of the stored block dim"),
+    (4096, 3, 0, 5000, "whole stored blocks"),
+    (2048, 4, 0, 5000, "whole stored blocks"),
+    (4096, 1, 0, 3000, "singular"),
+    (4096, 1, -1, 5000, "--ridge"),
+])
+def test_view_refuses_what_the_features_cannot_give(dims, blocks, ridge, n, message):
+    with pytest.raises(UserError, match=message):
+        View.resolve(4096, 1024, dims, blocks, ridge, n)
+
+
+def test_view_defaults_and_groupings():
+    assert View.resolve(16384, 1024, None, None, 0, 50000) == View(16384, 16, 0.0)
+    assert View.resolve(16384, 1024, 4096, 1, 0, 50000).block_width == 4096
+    assert View.resolve(16384, 1024, None, 4, 0, 50000).columns(2) == slice(8192, 12288)
+    assert View.resolve(4096, 1024, None, 1, 1e-3, 2000).ridge == 1e-3
+
+
+@pytest.fixture(scope="module")
+def two_model_store(tmp_path_factory):
+    """Two tiny trained ResNet-9s, featurized at d = 4 x 8 on 48 train images, finalized at B = 1 and B = 4."""
+    root = tmp_path_factory.mktemp("est")
+    train_npz = write_tiny_images(root / "train.npz")
+    target_npz = write_tiny_images(root / "targets.npz", n=9, seed=5)
+    data = load_dataset(f"npz:{train_npz}")
+    store = root / "store"
+    train(store, data, ModelSpec.parse("resnet9", 1 / 16), num_models=2, recipe=Recipe(epochs=2, batch_size=16, lr=0.05))
+    featurize(store, projector=ProjectorSpec("gaussian", 1, 4, 8), chunk_rows=20)
+    targets = load_dataset(f"npz:{target_npz}")
+    keys = {}
+    for blocks, ridge in ((1, 0.0), (4, 0.0), (4, 0.5)):
+        finalize(store, blocks=blocks, ridge=ridge)
+        keys[blocks, ridge] = score(store, targets, blocks=blocks, ridge=ridge, target_chunk_rows=4).key
+    return store, keys
+
+
+def stored(store, path):
+    return np.asarray(zarr.open_array(str(store / path), mode="r")[...], dtype=np.float64)
+
+
+def dense_scores(store, blocks, ridge, target_key):
+    """eq. 3 in numpy from the stored features: per model and block, phi_b(z) (Phi_b^T Phi_b + r I)^-1 Phi_b^T."""
+    total, q_sum = 0.0, 0.0
+    for m in (0, 1):
+        phi = stored(store, f"features/00000{m}/phi")
+        target = stored(store, f"targets/{target_key}/features/00000{m}/phi")
+        w = phi.shape[1] // blocks
+        for b in range(blocks):
+            cols = slice(b * w, (b + 1) * w)
+            gram = phi[:, cols].T @ phi[:, cols]
+            gram += ridge * np.mean(np.diag(gram)) * np.eye(w)
+            total = total + target[:, cols] @ np.linalg.inv(gram) @ phi[:, cols].T
+        q_sum = q_sum + stored(store, f"features/00000{m}/q")
+    return q_sum / 4 * total
+
+
+def block_diagonal_scores(store, blocks, ridge, target_key):
+    """eq. 5: the same with one explicit block-diagonal inverse per model."""
+    total, q_sum = 0.0, 0.0
+    for m in (0, 1):
+        phi = stored(store, f"features/00000{m}/phi")
+        target = stored(store, f"targets/{target_key}/features/00000{m}/phi")
+        w = phi.shape[1] // blocks
+        inverses = []
+        for b in range(blocks):
+            gram = phi[:, b * w:(b + 1) * w].T @ phi[:, b * w:(b + 1) * w]
+            inverses.append(np.linalg.inv(gram + ridge * np.mean(np.diag(gram)) * np.eye(w)))
+        total = total + target @ scipy.linalg.block_diag(*inverses) @ phi.T
+        q_sum = q_sum + stored(store, f"features/00000{m}/q")
+    return q_sum / 4 * total
+
+
+@pytest.mark.parametrize("blocks, ridge", [(1, 0.0), (4, 0.0), (4, 0.5)])
+def test_scores_equal_dense_eq3_and_eq5(two_model_store, blocks, ridge):
+    store, keys = two_model_store
+    key = keys[blocks, ridge]
+    target_key = key.rsplit("_t", 1)[1]
+    tau = stored(store, f"scores/{key}/tau")
+    assert tau.shape == (9, 48)
+    expected = dense_scores(store, blocks, ridge, target_key)
+    np.testing.assert_allclose(tau, expected, rtol=2e-4, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(block_diagonal_scores(store, blocks, ridge, target_key), expected, rtol=1e-8)
+
+
+def test_blocks_change_the_scores(two_model_store):
+    store, keys = two_model_store
+    one, four = (stored(store, f"scores/{keys[b, 0.0]}/tau") for b in (1, 4))
+    assert not np.allclose(one, four, rtol=1e-2)
+
+
+# Multinomial logistic regression with the last class as baseline (its logit fixed at 0): with a
+# free logit per class the margin's gradient would be orthogonal to "shift every class alike",
+# leaving the unprojected Gram matrix singular.
+LINEAR_MODULE = """
+import torch
+class Baseline(torch.nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, num_classes - 1)
+    def forward(self, x):
+        z = self.linear(x)
+        return torch.cat([z, torch.zeros_like(z[:, :1])], dim=1)
+def build(num_classes):
+    return Baseline(num_classes)
+"""
+
+
+def test_agrees_with_traker_without_projection(tmp_path, monkeypatch):
+    trak = pytest.importorskip("trak")
+    from trak.projectors import NoOpProjector
+
+    (tmp_path / "linear_trak_model.py").write_text(LINEAR_MODULE)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    from linear_trak_model import build
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 6)).astype(np.float32), rng.integers(0, 3, 60)
+    xt, yt = rng.normal(size=(10, 6)).astype(np.float32), rng.integers(0, 3, 10)
+    y[:3], yt[:3] = [0, 1, 2], [0, 1, 2]
+    np.savez(tmp_path / "train.npz", x=x, y=y)
+    np.savez(tmp_path / "targets.npz", x=xt, y=yt)
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(build(3).eval())
+        torch.save(nets[-1].state_dict(), tmp_path / f"m{seed}.pt")
+
+    def traker_scores(model_ids):
+        """traker's scores, (n_targets, n_train); it loads each checkpoint into the model it is given."""
+        tr = trak.TRAKer(model=build(3).eval(), task="image_classification", train_set_size=60,
+                         projector=NoOpProjector(device="cpu"), device="cpu",
+                         save_dir=str(tmp_path / f"trak{''.join(map(str, model_ids))}"), use_half_precision=False)
+        for m in model_ids:
+            tr.load_checkpoint(nets[m].state_dict(), model_id=m)
+            tr.featurize(batch=(torch.from_numpy(x), torch.from_numpy(y)), num_samples=60)
+        tr.finalize_features()
+        for m in model_ids:
+            tr.start_scoring_checkpoint(exp_name="t", checkpoint=nets[m].state_dict(), model_id=m, num_targets=10)
+            tr.score(batch=(torch.from_numpy(xt), torch.from_numpy(yt)), num_samples=10)
+        return np.asarray(tr.finalize_scores(exp_name="t"), dtype=np.float64).T
+
+    data = load_dataset(f"npz:{tmp_path / 'train.npz'}")
+    targets = load_dataset(f"npz:{tmp_path / 'targets.npz'}")
+    store = tmp_path / "store"
+    featurize(store, data, ModelSpec.parse("linear_trak_model:build"), [tmp_path / "m0.pt", tmp_path / "m1.pt"],
+              projector=ProjectorSpec("identity", 0, 1, 14))
+    finalize(store, blocks=1)
+    ours = {}
+    for models in ([0], [1], [0, 1]):
+        ours[tuple(models)] = stored(store, f"scores/{score(store, targets, blocks=1, models=models).key}/tau")
+    p = 14
+    q = [stored(store, f"features/00000{m}/q") for m in (0, 1)]
+    mean_abs_inverse = [np.abs(stored(store, f"finalize/d14-b1-ridge0/00000{m}/inverse")).mean() for m in (0, 1)]
+    # traker divides gradients by sqrt(p) and each model's inverse by its own mean absolute value.
+    for m in (0, 1):
+        np.testing.assert_allclose(ours[m,], traker_scores([m]) * p * mean_abs_inverse[m], rtol=2e-3, atol=1e-6)
+    x_m = [ours[m,] / q[m] for m in (0, 1)]  # phi(z) (Phi^T Phi)^-1 phi(x_i) per model
+    expected_traker = (q[0] + q[1]) / 4 * (x_m[0] / (p * mean_abs_inverse[0]) + x_m[1] / (p * mean_abs_inverse[1]))
+    np.testing.assert_allclose(traker_scores([0, 1]), expected_traker, rtol=2e-3, atol=1e-6)
+    np.testing.assert_allclose(ours[0, 1], (q[0] + q[1]) / 4 * (x_m[0] + x_m[1]), rtol=1e-5, atol=1e-9)

@@ -1,0 +1,127 @@
+"""`finalize`: per model and view block, the inverse of the block's regularized Gram matrix
+(Phi_m,b^T Phi_m,b + r I)^-1, streamed over row chunks of the stored features.
+
+A unit of work is (view, model, block): it reads only that block's column chunks, holds one
+chunk and one Gram matrix in memory, and writes inverse[b] of the (B, w, w) float64 array
+`finalize/<view>/<model>/inverse`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trakwomp.errors import UserError
+from trakwomp.estimator import View, regularized_inverse
+from trakwomp.runtime import NoProgress, Progress, Shard, resolve_device
+from trakwomp.store import Store
+
+
+def parse_model_ids(text: str | None) -> list[int] | None:
+    """'0,2,5-7' -> [0, 2, 5, 6, 7]; None -> None (all models)."""
+    if text is None:
+        return None
+    ids = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise UserError(f"malformed --models {text!r}: expected ids like 0,2,5-7")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        ids.extend(range(first, last + 1))
+    if len(set(ids)) != len(ids) or not ids:
+        raise UserError(f"--models {text!r} is empty or names a model twice")
+    return ids
+
+
+def featurized_models(handle: Store, requested: list[int] | None) -> list[int]:
+    """Ids of the requested (default: all) registered models whose train features are complete."""
+    manifest = handle.manifest
+    if "featurize" not in manifest:
+        raise UserError(f"store {handle.location!r} has no features yet; run `trakwomp featurize` first")
+    registered = [entry["id"] for entry in manifest.get("models", [])]
+    num_chunks = math.ceil(manifest["dataset"]["num_examples"] / manifest["featurize"]["chunk_rows"])
+    ids = registered if requested is None else requested
+    for model_id in ids:
+        if model_id not in registered:
+            raise UserError(f"model {model_id} is not in store {handle.location!r} (models: {registered})")
+        done = len(handle.done_units("featurize", f"{model_id:06d}"))
+        if done < num_chunks:
+            raise UserError(f"model {model_id} is featurized in {done} of {num_chunks} row chunks; "
+                            "finish `trakwomp featurize` first")
+    return ids
+
+
+def store_view(handle: Store, dims: int | None, blocks: int | None, ridge: float) -> View:
+    manifest = handle.manifest
+    if "featurize" not in manifest:
+        raise UserError(f"store {handle.location!r} has no features yet; run `trakwomp featurize` first")
+    projector = manifest["featurize"]["projector"]
+    return View.resolve(projector["blocks"] * projector["block_dim"], projector["block_dim"], dims, blocks, ridge,
+                        manifest["dataset"]["num_examples"])
+
+
+def block_gram(phi, columns: slice, chunk_rows: int, device: torch.device) -> torch.Tensor:
+    """Phi_b^T Phi_b in float64, accumulated over row chunks of the stored array `phi`."""
+    width = columns.stop - columns.start
+    gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+    for start in range(0, phi.shape[0], chunk_rows):
+        rows = torch.from_numpy(phi[start:start + chunk_rows, columns]).to(device, torch.float64)
+        gram.addmm_(rows.T, rows)
+    return gram
+
+
+@dataclass
+class FinalizeReport:
+    view: View
+    model_ids: list[int] = field(default_factory=list)
+    units_done: int = 0
+    units_skipped: int = 0
+    seconds: float = 0.0
+
+
+def finalize(
+    store: str | Path,
+    dims: int | None = None,
+    blocks: int | None = None,
+    ridge: float = 0.0,
+    models: list[int] | None = None,
+    *,
+    device: str = "cpu",
+    shard: Shard = Shard(),
+    progress: Progress | None = None,
+) -> FinalizeReport:
+    """Invert every block Gram matrix of the view (dims, blocks, ridge) for the chosen models."""
+    progress = progress or NoProgress()
+    torch_device = resolve_device(device)
+    handle = Store.open(store)
+    view = store_view(handle, dims, blocks, ridge)
+    model_ids = featurized_models(handle, models)
+    chunk_rows = handle.manifest["featurize"]["chunk_rows"]
+    units = shard.select([(m, b) for m in model_ids for b in range(view.blocks)])
+    todo = [(m, b) for m, b in units if handle.done_info("finalize", f"{view.key}/{m:06d}/{b:06d}") is None]
+    report = FinalizeReport(view, model_ids, units_skipped=len(units) - len(todo))
+    progress.plan(len(units), report.units_skipped, f"finalize {view.key} (model, block) units")
+    start = time.perf_counter()
+    w = view.block_width
+    for model_id, block in todo:
+        name = f"model {model_id} block {block}"
+        progress.unit_started(name, 1)
+        phi = handle.array(f"features/{model_id:06d}/phi")
+        try:
+            inverse = regularized_inverse(block_gram(phi, view.columns(block), chunk_rows, torch_device), view.ridge)
+        except UserError as e:
+            raise UserError(f"{name} of view {view.key}: {e}") from None
+        out = handle.require_array(f"finalize/{view.key}/{model_id:06d}/inverse", (view.blocks, w, w), "float64",
+                                   (1, w, w))
+        out[block] = inverse.cpu().numpy()
+        handle.mark_done("finalize", f"{view.key}/{model_id:06d}/{block:06d}")
+        report.units_done += 1
+        progress.advance(1)
+        progress.unit_finished(name, f"{w} x {w} inverse")
+    report.seconds = time.perf_counter() - start
+    return report

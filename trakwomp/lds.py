@@ -1,0 +1,215 @@
+"""The linear datamodeling score (LDS).
+
+For LDS models j = 1..J trained on random subsets D_j (masks, J x n) with actual margins
+y_j(z) on the targets, and a score matrix tau (n_targets x n_train), the prediction for model j
+is sum_{i in D_j} tau_i(z). LDS(z) is the Spearman correlation over j of actual and predicted
+margins; the reported LDS is its mean over targets, with a bootstrap interval over targets.
+A target whose predictions are all equal (e.g. all scores thresholded to 0) counts as 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from trakwomp.errors import UserError
+from trakwomp.estimator import relative_soft_threshold
+from trakwomp.finalize import featurized_models, store_view
+from trakwomp.scoring import find_scores, iterate_scores
+from trakwomp.store import Store
+
+THRESHOLD_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+
+
+def spearman_columns(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each column of `actual` with the same column of `predicted`
+    (average ranks for ties); 0 where either column is constant."""
+    ra = rankdata(actual, axis=0)
+    rp = rankdata(predicted, axis=0)
+    ra -= ra.mean(axis=0)
+    rp -= rp.mean(axis=0)
+    denominator = np.sqrt((ra ** 2).sum(axis=0) * (rp ** 2).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (ra * rp).sum(axis=0) / denominator
+    return np.where(denominator > 0, rho, 0.0)
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95):
+    """Percentile bootstrap interval of the mean of `values` (resampling its entries)."""
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 100):
+        idx = rng.integers(0, len(values), (min(100, resamples - start), len(values)))
+        means[start:start + len(idx)] = values[idx].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+@dataclass
+class GroundTruth:
+    """LDS models' subset masks (J x n) and actual margins (J x n_targets)."""
+
+    masks: np.ndarray
+    margins: np.ndarray
+    targets_sha: str
+
+    @classmethod
+    def from_store(cls, handle: Store) -> "GroundTruth":
+        names = handle.done_units("train", "lds")
+        if not names or "lds_targets" not in handle.manifest:
+            raise UserError(f"store {handle.location!r} has no LDS models; run `trakwomp train --role lds "
+                            "--targets SPEC --num-models 100` first")
+        masks = np.stack([handle.read_array(f"models/lds/{name}/mask") for name in names])
+        margins = np.stack([handle.read_array(f"models/lds/{name}/margins") for name in names])
+        return cls(masks, margins.astype(np.float64), handle.manifest["lds_targets"]["sha256"])
+
+    def split(self, part: int) -> "GroundTruth":
+        """Half `part` (0 or 1) of the LDS models: those at even or odd positions."""
+        return GroundTruth(self.masks[part::2], self.margins[part::2], self.targets_sha)
+
+
+def lds_per_target(chunks: Iterable[tuple[range, np.ndarray]], truth: GroundTruth) -> np.ndarray:
+    """LDS of each target from score chunks (rows, scores of those targets x n_train)."""
+    masks = torch.from_numpy(truth.masks.astype(np.float64))
+    out = np.empty(truth.margins.shape[1])
+    for rows, block in chunks:
+        predicted = (masks @ torch.from_numpy(np.asarray(block, dtype=np.float64)).T).numpy()
+        out[rows.start:rows.stop] = spearman_columns(truth.margins[:, rows.start:rows.stop], predicted)
+    return out
+
+
+@dataclass
+class LdsResult:
+    name: str
+    mean: float
+    low: float
+    high: float
+    num_targets: int
+    num_models: int
+    threshold: float
+    per_target: np.ndarray = field(repr=False)
+    selected_on_half: bool = False
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "lds": self.mean, "ci95": [self.low, self.high], "targets": self.num_targets,
+                "models": self.num_models, "threshold": self.threshold, "threshold_selected_on_half": self.selected_on_half}
+
+
+@dataclass
+class PairedDifference:
+    name: str
+    baseline: str
+    mean: float
+    low: float
+    high: float
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "baseline": self.baseline, "difference": self.mean, "ci95": [self.low, self.high]}
+
+
+class ScoreSource:
+    """A score matrix to evaluate: stored scores or an .npy file, read in target chunks."""
+
+    def __init__(self, name: str, chunks_fn, num_targets: int, num_train: int):
+        self.name, self._chunks_fn, self.num_targets, self.num_train = name, chunks_fn, num_targets, num_train
+
+    def chunks(self, threshold: float):
+        for rows, block in self._chunks_fn():
+            yield rows, relative_soft_threshold(torch.from_numpy(np.asarray(block)), threshold).numpy()
+
+    @classmethod
+    def from_file(cls, path: str | Path, chunk_rows: int = 256) -> "ScoreSource":
+        try:
+            matrix = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read scores file {str(path)!r}: {e}") from None
+        if matrix.ndim != 2:
+            raise UserError(f"scores file {str(path)!r} must hold a 2-d (n_targets, n_train) array, got {matrix.shape}")
+
+        def chunks():
+            for start in range(0, matrix.shape[0], chunk_rows):
+                block = np.array(matrix[start:start + chunk_rows], dtype=np.float32)
+                if not np.isfinite(block).all():
+                    raise UserError(f"scores file {str(path)!r} holds NaN or infinite values")
+                yield range(start, start + len(block)), block
+
+        return cls(Path(path).name, chunks, matrix.shape[0], matrix.shape[1])
+
+
+def evaluate(source: ScoreSource, truth: GroundTruth, threshold: float = 0.0, tune_threshold: bool = False,
+             resamples: int = 2000, seed: int = 0) -> LdsResult:
+    """LDS of one score source; with `tune_threshold`, the soft threshold is chosen on half of the
+    LDS models and the LDS is reported on the other half."""
+    n_models, n_train = truth.masks.shape
+    if (source.num_targets, source.num_train) != (truth.margins.shape[1], n_train):
+        raise UserError(f"scores {source.name} are {source.num_targets} x {source.num_train}, but the LDS ground "
+                        f"truth has {truth.margins.shape[1]} targets x {n_train} train examples")
+    if tune_threshold:
+        if n_models < 4:
+            raise UserError("--tune-threshold needs at least 4 LDS models")
+        selection = truth.split(0)
+        threshold = max(THRESHOLD_GRID, key=lambda t: lds_per_target(source.chunks(t), selection).mean())
+        truth = truth.split(1)
+    per_target = lds_per_target(source.chunks(threshold), truth)
+    low, high = bootstrap_interval(per_target, resamples, seed)
+    return LdsResult(source.name, float(per_target.mean()), low, high, len(per_target), len(truth.masks), threshold,
+                     per_target, tune_threshold)
+
+
+def paired_difference(result: LdsResult, baseline: LdsResult, resamples: int = 2000, seed: int = 0) -> PairedDifference:
+    """Mean per-target LDS difference with a bootstrap interval that resamples the same targets."""
+    if len(result.per_target) != len(baseline.per_target) or result.num_models != baseline.num_models:
+        raise UserError("paired differences need the same targets and LDS models")
+    diff = result.per_target - baseline.per_target
+    low, high = bootstrap_interval(diff, resamples, seed)
+    return PairedDifference(result.name, baseline.name, float(diff.mean()), low, high)
+
+
+@dataclass
+class LdsReport:
+    results: list[LdsResult]
+    differences: list[PairedDifference]
+
+    def as_dict(self) -> dict:
+        return {"results": [r.as_dict() for r in self.results], "paired_differences": [d.as_dict() for d in self.differences]}
+
+
+def view_name(view, num_models: int) -> str:
+    method = "TRAK" if view.blocks == 1 else "TRAK-WOMP"
+    ridge = f" ridge={view.ridge:g}" if view.ridge else ""
+    return f"{method} d={view.dims} B={view.blocks}{ridge} M={num_models}"
+
+
+def lds(
+    store: str | Path,
+    dims: int | None = None,
+    blocks: list[int] | None = None,
+    ridge: float = 0.0,
+    models: list[int] | None = None,
+    score_files: list[str | Path] = (),
+    *,
+    threshold: float = 0.0,
+    tune_threshold: bool = False,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> LdsReport:
+    """LDS of the store's scores at each view (dims, B) for B in `blocks`, and of each score file,
+    against the store's LDS models; paired differences are taken against the first."""
+    handle = Store.open(store)
+    truth = GroundTruth.from_store(handle)
+    sources = []
+    if blocks or dims is not None or not score_files:
+        model_ids = featurized_models(handle, models)
+        for b in blocks or [None]:
+            view = store_view(handle, dims, b, ridge)
+            key = find_scores(handle, view, model_ids, truth.targets_sha)
+            shape = handle.array(f"scores/{key}/tau").shape
+            sources.append(ScoreSource(view_name(view, len(model_ids)), lambda key=key: iterate_scores(handle, key), *shape))
+    sources.extend(ScoreSource.from_file(path) for path in score_files)
+    results = [evaluate(s, truth, threshold, tune_threshold, resamples, seed) for s in sources]
+    return LdsReport(results, [paired_difference(r, results[0], resamples, seed) for r in results[1:]])
