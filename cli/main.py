@@ -291,10 +291,12 @@ def lds(
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=1))
         return
+    tuned = any(r.selected_on_half for r in report.results)
     table = Table("scores", "LDS", "95% interval", "targets", "LDS models", "threshold",
-                  title="Linear datamodeling score (mean Spearman correlation over targets)")
+                  title="Linear datamodeling score (mean Spearman correlation over targets)",
+                  caption="tuned: threshold chosen on the other half of the LDS models" if tuned else None)
     for r in report.results:
-        chosen = " (chosen on the other half)" if r.selected_on_half else ""
+        chosen = " tuned" if r.selected_on_half else ""
         table.add_row(r.name, f"{r.mean:.4f}", f"[{r.low:.4f}, {r.high:.4f}]", str(r.num_targets), str(r.num_models),
                       f"{r.threshold:g}{chosen}")
     for d in report.differences:

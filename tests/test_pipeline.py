@@ -1,0 +1,67 @@
+"""The whole command-line pipeline on tiny data, as a user runs it."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from conftest import plain, write_tiny_images
+
+COMMON = ["--width", "0.0625", "--epochs", "2", "--batch-size", "16", "--lr", "0.05", "--quiet"]
+
+
+def test_train_featurize_finalize_score_lds_predict(cli, tmp_path):
+    train_npz = write_tiny_images(tmp_path / "train.npz")
+    target_npz = write_tiny_images(tmp_path / "targets.npz", n=10, seed=9)
+    store = tmp_path / "store"
+    data, targets = f"npz:{train_npz}", f"npz:{target_npz}"
+
+    def ok(*args):
+        result = cli(*args)
+        assert result.exit_code == 0, result.output
+        return result
+
+    def fails(fragment, *args):
+        result = cli(*args)
+        assert result.exit_code == 2 and fragment in plain(result.stderr), result.output
+
+    ok("train", store, "--data", data, "--num-models", "1", *COMMON)
+    fails("no LDS models", "lds", store)
+    ok("train", store, "--data", data, "--role", "lds", "--num-models", "8", "--targets", targets, *COMMON)
+    fails("run `trakwomp featurize` first", "finalize", store)
+    ok("featurize", store, "--blocks", "4", "--block-dim", "8", "--chunk-rows", "16", "--quiet")
+    fails("whole stored blocks", "finalize", store, "--blocks", "3")
+    fails("not available", "finalize", store, "--dims", "64")
+    fails("run `trakwomp finalize", "score", store, "--targets", targets, "--blocks", "1", "--quiet")
+    for blocks in ("1", "4"):
+        ok("finalize", store, "--blocks", blocks, "--quiet")
+    fails("run `trakwomp score` first", "lds", store, "--blocks", "1")
+    for blocks in ("1", "4"):
+        ok("score", store, "--targets", targets, "--blocks", blocks, "--quiet", "--chunk-rows", "4",
+           "--out", tmp_path / f"scores{blocks}.npy", "--top-k", "2", "--top-k-out", tmp_path / f"top{blocks}.csv")
+    scores = np.load(tmp_path / "scores4.npy")
+    assert scores.shape == (10, 48) and np.isfinite(scores).all()
+    rows = list(csv.DictReader(open(tmp_path / "top4.csv")))
+    assert len(rows) == 10 * 2 * 2
+    first = [r for r in rows if r["target"] == "0" and r["direction"] == "supports"]
+    assert float(first[0]["score"]) == scores[0].max() and int(first[0]["train_index"]) == scores[0].argmax()
+
+    report = json.loads(ok("lds", store, "--blocks", "1", "--blocks", "4", "--scores", tmp_path / "scores4.npy",
+                           "--json").stdout)
+    names = [r["name"] for r in report["results"]]
+    assert names == ["TRAK d=32 B=1 M=1", "TRAK-WOMP d=32 B=4 M=1", "scores4.npy"]
+    assert report["results"][1]["lds"] == report["results"][2]["lds"]
+    difference = report["results"][1]["lds"] - report["results"][0]["lds"]
+    assert report["paired_differences"][0]["difference"] == pytest.approx(difference)
+    assert all(r["targets"] == 10 and r["models"] == 8 for r in report["results"])
+    table = plain(ok("lds", store, "--blocks", "4", "--tune-threshold").stdout)
+    assert "TRAK-WOMP" in table and "tuned" in table
+
+    subset = np.zeros(48, dtype=bool)
+    subset[::3] = True
+    np.save(tmp_path / "subset.npy", subset)
+    predicted = json.loads(ok("predict", store, "--subset", tmp_path / "subset.npy", "--blocks", "4", "--json").stdout)
+    np.testing.assert_allclose(predicted["predicted_margin"], scores[:, subset].sum(axis=1), rtol=1e-4, atol=1e-6)
+    np.save(tmp_path / "bad.npy", np.zeros(5, dtype=bool))
+    fails("expected (48,)", "predict", store, "--subset", tmp_path / "bad.npy", "--blocks", "4")
