@@ -275,7 +275,7 @@ def predict(
 @reports_errors
 def lds(
     store: str = typer.Argument(..., help="A store with LDS models and scores on their targets."),
-    dims: Optional[int] = DimsOpt,
+    dims: list[int] = typer.Option([], "--dims", help="View dims; repeat with --blocks to compare views (paired by position)."),
     blocks: list[int] = typer.Option([], "--blocks", help="View blocks; repeat to compare views (e.g. --blocks 1 --blocks 16)."),
     ridge: float = RidgeOpt,
     models: Optional[str] = ModelsOpt,
@@ -286,7 +286,7 @@ def lds(
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
     """Linear datamodeling score of the scores against the store's LDS models, with 95% intervals."""
-    report = lds_report(store, dims, blocks or None, ridge, parse_model_ids(models), scores, threshold=threshold,
+    report = lds_report(store, dims, blocks, ridge, parse_model_ids(models), scores, threshold=threshold,
                         tune_threshold=tune_threshold, resamples=resamples)
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=1))

@@ -167,7 +167,7 @@ def test_featurize_bad_inputs(cli, tmp_path, tiny_npz, trained):
           "--checkpoint", tmp_path / "linear.pt"], "does not fit model resnet9"),
         (["featurize", tmp_path / "x", "--data", f"npz:{tiny_npz}", "--model", "resnet9",
           "--checkpoint", tmp_path / "none*.pt"], "matches no file"),
-        (["featurize", trained, "--projector", "sjlt"], "unknown --projector"),
+        (["featurize", trained, "--projector", "fastjl"], "unknown --projector"),
         (["featurize", trained, "--dtype", "int8"], "unknown --dtype"),
         (["featurize", trained, "--params", "nothing.*"], "no parameter matches"),
     ]

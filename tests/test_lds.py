@@ -8,8 +8,9 @@ from scipy.stats import spearmanr
 from trakwomp.data import load_dataset
 from trakwomp.featurize import featurize
 from trakwomp.finalize import finalize
+from trakwomp.errors import UserError
 from trakwomp.lds import (THRESHOLD_GRID, GroundTruth, ScoreSource, bootstrap_interval, evaluate, lds_per_target,
-                          paired_difference)
+                          pair_views, paired_difference)
 from trakwomp.models import ModelSpec
 from trakwomp.projectors import ProjectorSpec
 from trakwomp.scoring import export_scores, score
@@ -68,6 +69,15 @@ def test_threshold_chosen_on_one_half_reported_on_the_other(hand_made, tmp_path)
     assert result.threshold == chosen and result.num_models == 12 and result.selected_on_half
     expected = scipy_lds(masks[1::2], margins[1::2], soft(scores, chosen * rms)).mean()
     assert result.mean == pytest.approx(expected, abs=1e-6)
+
+
+def test_views_pair_by_position_or_broadcast():
+    assert pair_views([], []) == [(None, None)]
+    assert pair_views([], [1, 16]) == [(None, 1), (None, 16)]
+    assert pair_views([1024, 16384], [1, 16]) == [(1024, 1), (16384, 16)]
+    assert pair_views([4096], [1, 4]) == [(4096, 1), (4096, 4)]
+    with pytest.raises(UserError, match="one of each per view"):
+        pair_views([1, 2, 3], [1, 2])
 
 
 def test_bootstrap_and_paired_difference(hand_made, tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from trakwomp.projectors import TILE_ROWS, DenseProjector, ProjectorSpec, projection_block
+from trakwomp.projectors import TILE_ROWS, ProjectorSpec, make_projector, projection_block
 
 
 def test_blocks_regenerate_identically_in_another_process(tmp_path):
@@ -16,18 +16,23 @@ def test_blocks_regenerate_identically_in_another_process(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), projection_block(spec, 3, 2, 5000).numpy())
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sjlt"])
 def test_prefix_property_and_block_independence(kind):
     p = TILE_ROWS + 100  # two tiles
     grads = torch.randn(6, p)
-    four = DenseProjector(ProjectorSpec(kind, 5, 4, 16), model_id=2, num_params=p, device=torch.device("cpu"))
-    two = DenseProjector(ProjectorSpec(kind, 5, 2, 16), model_id=2, num_params=p, device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    four = make_projector(ProjectorSpec(kind, 5, 4, 16), 2, p, cpu)
+    two = make_projector(ProjectorSpec(kind, 5, 2, 16), 2, p, cpu)
     wide, narrow = four.project(grads), two.project(grads)
     assert torch.equal(wide[:, :32], narrow)
-    other_model = DenseProjector(ProjectorSpec(kind, 5, 2, 16), model_id=3, num_params=p, device=torch.device("cpu"))
+    other_model = make_projector(ProjectorSpec(kind, 5, 2, 16), 3, p, cpu)
     assert not torch.allclose(other_model.project(grads), narrow)
     dense = torch.cat([projection_block(ProjectorSpec(kind, 5, 4, 16), 2, b, p) for b in range(4)], dim=1)
     torch.testing.assert_close(wide, grads @ dense, rtol=1e-4, atol=1e-4)
+    if kind == "sjlt":  # one nonzero of +-1 per parameter and block
+        assert set(dense.unique().tolist()) == {-1.0, 0.0, 1.0}
+        for b in range(4):
+            assert torch.equal((dense[:, b * 16:(b + 1) * 16] != 0).sum(1), torch.ones(p, dtype=torch.long))
 
 
 def projected_inner_products(kind: str, u: torch.Tensor, v: torch.Tensor, samples: int, scale: float = 1.0):
@@ -46,7 +51,7 @@ def theoretical_variance(kind: str, u, v, k: int) -> float:
     """Var <P^T u, P^T v> for P with k columns of i.i.d. entries of variance 1/k."""
     uv, uu, vv = float(u @ v), float(u @ u), float(v @ v)
     var = (uv ** 2 + uu * vv) / k
-    if kind == "rademacher":  # entries with fourth moment 1/k^2 instead of 3/k^2
+    if kind in ("rademacher", "sjlt"):  # no fourth-moment excess (sjlt: hashing, the same variance)
         var -= 2 * float((u ** 2) @ (v ** 2)) / k
     return var
 
@@ -65,7 +70,7 @@ def check_unbiased_with_theoretical_variance(kind, scale=1.0) -> bool:
     return abs(mean - float(u @ v)) < 4 * se_mean and abs(var - expected_var) < 4 * se_var
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sjlt"])
 def test_inner_products_unbiased_with_the_theoretical_variance(kind):
     assert check_unbiased_with_theoretical_variance(kind)
     # The same check catches a projection scaled wrongly by 10%.

@@ -19,7 +19,7 @@ from trakwomp.data import Dataset, load_dataset
 from trakwomp.errors import UserError
 from trakwomp.gradients import PerExampleGradients, select_parameters
 from trakwomp.models import ModelSpec, load_checkpoint, load_weights, state_hash
-from trakwomp.projectors import DenseProjector, ProjectorSpec
+from trakwomp.projectors import DenseProjector, ProjectorSpec, SparseProjector, make_projector
 from trakwomp.runtime import NoProgress, Progress, Shard, resolve_device
 from trakwomp.store import Store
 from trakwomp.training import bind_training_inputs, check_model_fits_data, load_batch
@@ -192,7 +192,7 @@ def write_features(handle: Store, data: Dataset, model: ModelSpec, settings: Fea
     for model_id in sorted({m for m, _ in todo}):
         net = load_registered_model(handle, model_id, model, data.num_classes)
         engine = PerExampleGradients(net, settings.parameter_names, device)
-        projection = DenseProjector(projector, model_id, settings.num_params, device)
+        projection = make_projector(projector, model_id, settings.num_params, device)
         base = f"{prefix}features/{model_id:06d}"
         phi = handle.require_array(f"{base}/phi", (n, projector.dim), settings.dtype, (chunk_rows, projector.block_dim))
         q = handle.require_array(f"{base}/q", (n,), "float32", (chunk_rows,))
@@ -216,7 +216,7 @@ def write_features(handle: Store, data: Dataset, model: ModelSpec, settings: Fea
     return report
 
 
-def featurize_rows(data: Dataset, rows: range, engine: PerExampleGradients, projection: DenseProjector,
+def featurize_rows(data: Dataset, rows: range, engine: PerExampleGradients, projection: DenseProjector | SparseProjector,
                    batch_size: int, progress: Progress) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Projected gradients, q and margins of the examples `rows`, as CPU tensors.
 

@@ -185,10 +185,21 @@ def view_name(view, num_models: int) -> str:
     return f"{method} d={view.dims} B={view.blocks}{ridge} M={num_models}"
 
 
+def pair_views(dims: list[int], blocks: list[int]) -> list[tuple[int | None, int | None]]:
+    """(dims, blocks) views from repeated --dims and --blocks: paired by position, a single value
+    (or none) applying to every view."""
+    if len(dims) > 1 and len(blocks) > 1 and len(dims) != len(blocks):
+        raise UserError(f"{len(dims)} --dims and {len(blocks)} --blocks: give one of each per view, or one value for all")
+    def pick(values: list[int], i: int) -> int | None:
+        return values[i] if len(values) > 1 else (values[0] if values else None)
+
+    return [(pick(dims, i), pick(blocks, i)) for i in range(max(len(dims), len(blocks), 1))]
+
+
 def lds(
     store: str | Path,
-    dims: int | None = None,
-    blocks: list[int] | None = None,
+    dims: list[int] = (),
+    blocks: list[int] = (),
     ridge: float = 0.0,
     models: list[int] | None = None,
     score_files: list[str | Path] = (),
@@ -198,15 +209,15 @@ def lds(
     resamples: int = 2000,
     seed: int = 0,
 ) -> LdsReport:
-    """LDS of the store's scores at each view (dims, B) for B in `blocks`, and of each score file,
-    against the store's LDS models; paired differences are taken against the first."""
+    """LDS of the store's scores at each view (see `pair_views`), and of each score file, against
+    the store's LDS models; paired differences are taken against the first."""
     handle = Store.open(store)
     truth = GroundTruth.from_store(handle)
     sources = []
-    if blocks or dims is not None or not score_files:
+    if blocks or dims or not score_files:
         model_ids = featurized_models(handle, models)
-        for b in blocks or [None]:
-            view = store_view(handle, dims, b, ridge)
+        for d, b in pair_views(list(dims), list(blocks)):
+            view = store_view(handle, d, b, ridge)
             key = find_scores(handle, view, model_ids, truth.targets_sha)
             shape = handle.array(f"scores/{key}/tau").shape
             sources.append(ScoreSource(view_name(view, len(model_ids)), lambda key=key: iterate_scores(handle, key), *shape))

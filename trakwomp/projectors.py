@@ -9,7 +9,10 @@ parameters, tile t from a torch CPU generator seeded by SeedSequence([seed, m, b
 - each block is scaled by 1/sqrt(d_block), so one block alone preserves inner products in
   expectation: E[<P_b^T u, P_b^T v>] = <u, v>.
 
-Kinds: `gaussian` (entries N(0, 1/d_block)), `rademacher` (entries +-1/sqrt(d_block)), and
+Kinds: `gaussian` (entries N(0, 1/d_block)), `rademacher` (entries +-1/sqrt(d_block)),
+`sjlt` (a sparse Johnson-Lindenstrauss transform, Kane and Nelson: in each block every gradient
+coordinate goes to one output coordinate, drawn uniformly, with a random sign; unscaled, since
+E <P_b^T u, P_b^T v> = <u, v> already; it costs O(p) per example and block instead of O(p d)), and
 `identity` (no projection: block b is coordinates [b * d_block, (b + 1) * d_block) of the
 gradient, so B * d_block must equal the number of parameters; exact TRAK for small models).
 """
@@ -17,6 +20,7 @@ gradient, so B * d_block must equal the number of parameters; exact TRAK for sma
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,7 +28,7 @@ import torch
 
 from trakwomp.errors import UserError
 
-KINDS = ("gaussian", "rademacher", "identity")
+KINDS = ("gaussian", "rademacher", "sjlt", "identity")
 TILE_ROWS = 4096
 
 
@@ -54,9 +58,23 @@ def _tile_generator(seed: int, model_id: int, block: int, tile: int) -> torch.Ge
     return torch.Generator().manual_seed(int(state >> np.uint64(1)))
 
 
+def sjlt_tile(spec: ProjectorSpec, model_id: int, block: int, tile: int, num_params: int):
+    """For the parameters of tile `tile`: their output coordinate in the block, and their sign."""
+    rows = min(TILE_ROWS, num_params - tile * TILE_ROWS)
+    generator = _tile_generator(spec.seed, model_id, block, tile)
+    positions = torch.randint(0, spec.block_dim, (rows,), generator=generator)
+    signs = torch.randint(0, 2, (rows,), generator=generator, dtype=torch.int8).float().mul_(2).sub_(1)
+    return positions, signs
+
+
 def projection_tile(spec: ProjectorSpec, model_id: int, block: int, tile: int, num_params: int) -> torch.Tensor:
     """Rows [tile * TILE_ROWS, ...) of block `block` of model `model_id`'s projection, float32 on CPU."""
     rows = min(TILE_ROWS, num_params - tile * TILE_ROWS)
+    if spec.kind == "sjlt":
+        positions, signs = sjlt_tile(spec, model_id, block, tile, num_params)
+        out = torch.zeros(rows, spec.block_dim)
+        out[torch.arange(rows), positions] = signs
+        return out
     if spec.kind == "identity":
         columns = torch.arange(rows) + tile * TILE_ROWS - block * spec.block_dim
         inside = (columns >= 0) & (columns < spec.block_dim)
@@ -107,3 +125,35 @@ class DenseProjector:
         for t in range(self.num_tiles):
             out.addmm_(grads[:, t * TILE_ROWS:(t + 1) * TILE_ROWS], self._tile(t))
         return out
+
+
+class SparseProjector:
+    """Projects G (n x p) to G P for the `sjlt` kind with one sparse (D x p) CSR matrix per model,
+    built once: about 2 * p * B flops per example, whatever d_block is."""
+
+    def __init__(self, spec: ProjectorSpec, model_id: int, num_params: int, device: torch.device):
+        self.spec, self.num_params = spec, num_params
+        rows, columns, values = [], [], []
+        for block in range(spec.blocks):
+            for tile in range(math.ceil(num_params / TILE_ROWS)):
+                positions, signs = sjlt_tile(spec, model_id, block, tile, num_params)
+                rows.append(positions + block * spec.block_dim)
+                columns.append(torch.arange(tile * TILE_ROWS, tile * TILE_ROWS + len(positions)))
+                values.append(signs)
+        indices = torch.stack([torch.cat(rows), torch.cat(columns)])
+        matrix = torch.sparse_coo_tensor(indices, torch.cat(values), (spec.dim, num_params), check_invariants=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+            self.matrix_t = matrix.coalesce().to_sparse_csr().to(device)
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        if grads.shape[1] != self.num_params:
+            raise ValueError(f"expected {self.num_params} gradient columns, got {grads.shape[1]}")
+        return (self.matrix_t @ grads.T).T
+
+
+def make_projector(spec: ProjectorSpec, model_id: int, num_params: int, device: torch.device):
+    """The projector of `spec` for one model: sparse for `sjlt`, dense tiles otherwise."""
+    if spec.kind == "sjlt":
+        return SparseProjector(spec, model_id, num_params, device)
+    return DenseProjector(spec, model_id, num_params, device)
