@@ -240,8 +240,26 @@ def score(
         shape = export_scores(store, report.key, out, threshold)
         console.print(f"wrote {shape[0]} x {shape[1]} scores to {out}")
     if top_k:
-        write_table(top_k_rows(store, report.key, target_set, top_k, threshold), top_k_out)
+        rows = top_k_rows(store, report.key, target_set, top_k, threshold)
+        write_table(rows, top_k_out)
         console.print(f"wrote the top {top_k} supporting and opposing train examples per target to {top_k_out}")
+        if not quiet:
+            show_top_k(rows, targets=3)
+
+
+def show_top_k(rows: list[dict], targets: int) -> None:
+    """A table of the supporting and opposing train examples of the first few targets."""
+    table = Table("target", "label", "", "train example", "label", "score",
+                  title=f"Train examples that most support and oppose the first {targets} targets")
+    for row in rows:
+        if row["target"] >= targets:
+            break
+        first = row["rank"] == 1
+        table.add_row(str(row["target"]) if first and row["direction"] == "supports" else "",
+                      row["target_label"] if first and row["direction"] == "supports" else "",
+                      row["direction"] if first else "", row["train_path"] or str(row["train_index"]),
+                      row["train_label"], f"{row['score']:+.4g}")
+    Console().print(table)
 
 
 @app.command()

@@ -4,11 +4,17 @@ from trakwomp.data import Dataset, Fingerprint, load_dataset
 from trakwomp.errors import UserError
 from trakwomp.models import ModelSpec, load_checkpoint, margins, resnet9
 from trakwomp.runtime import Shard
+from trakwomp.featurize import featurize
+from trakwomp.finalize import finalize
+from trakwomp.lds import lds
+from trakwomp.projectors import ProjectorSpec
+from trakwomp.scoring import predict, score
 from trakwomp.training import Recipe, TrainReport, evaluate_margins, load_reference_model, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Dataset", "Fingerprint", "ModelSpec", "Recipe", "Shard", "TrainReport", "UserError",
-    "evaluate_margins", "load_checkpoint", "load_dataset", "load_reference_model", "margins", "resnet9", "train",
+    "Dataset", "Fingerprint", "ModelSpec", "ProjectorSpec", "Recipe", "Shard", "TrainReport", "UserError",
+    "evaluate_margins", "featurize", "finalize", "lds", "load_checkpoint", "load_dataset", "load_reference_model",
+    "margins", "predict", "resnet9", "score", "train",
 ]
