@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,25 @@ def write_tiny_images(path: Path, n: int = 48, classes: int = 4, size: int = 16,
 @pytest.fixture
 def tiny_npz(tmp_path) -> Path:
     return write_tiny_images(tmp_path / "tiny.npz")
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """Write a user module `package.module` (packages created as needed) under tmp_path, make it
+    importable as a user's working directory is, and return nothing but the writer."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+
+    def write(name: str, source: str) -> None:
+        *packages, module = name.split(".")
+        folder = tmp_path
+        for package in packages:
+            folder = folder / package
+            folder.mkdir(exist_ok=True)
+            (folder / "__init__.py").touch()
+        (folder / f"{module}.py").write_text(source)
+
+    return write
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """The estimator against independent computations: dense numpy eq. 2 / eq. 3 / eq. 5, the
 reference TRAK library (`traker`), and the definitions of the soft threshold and ridge."""
 
-import sys
 
 import numpy as np
 import pytest
@@ -85,35 +84,37 @@ def stored(store, path):
     return np.asarray(zarr.open_array(str(store / path), mode="r")[...], dtype=np.float64)
 
 
+def model_features(store, target_key):
+    """(train features, target features, q) of models 0 and 1, read straight from the Zarr arrays."""
+    return [(stored(store, f"features/00000{m}/phi"), stored(store, f"targets/{target_key}/features/00000{m}/phi"),
+             stored(store, f"features/00000{m}/q")) for m in (0, 1)]
+
+
 def dense_scores(store, blocks, ridge, target_key):
     """eq. 3 in numpy from the stored features: per model and block, phi_b(z) (Phi_b^T Phi_b + r I)^-1 Phi_b^T."""
     total, q_sum = 0.0, 0.0
-    for m in (0, 1):
-        phi = stored(store, f"features/00000{m}/phi")
-        target = stored(store, f"targets/{target_key}/features/00000{m}/phi")
+    for phi, target, q in model_features(store, target_key):
         w = phi.shape[1] // blocks
         for b in range(blocks):
             cols = slice(b * w, (b + 1) * w)
             gram = phi[:, cols].T @ phi[:, cols]
             gram += ridge * np.mean(np.diag(gram)) * np.eye(w)
             total = total + target[:, cols] @ np.linalg.inv(gram) @ phi[:, cols].T
-        q_sum = q_sum + stored(store, f"features/00000{m}/q")
+        q_sum = q_sum + q
     return q_sum / 4 * total
 
 
 def block_diagonal_scores(store, blocks, ridge, target_key):
     """eq. 5: the same with one explicit block-diagonal inverse per model."""
     total, q_sum = 0.0, 0.0
-    for m in (0, 1):
-        phi = stored(store, f"features/00000{m}/phi")
-        target = stored(store, f"targets/{target_key}/features/00000{m}/phi")
+    for phi, target, q in model_features(store, target_key):
         w = phi.shape[1] // blocks
         inverses = []
         for b in range(blocks):
             gram = phi[:, b * w:(b + 1) * w].T @ phi[:, b * w:(b + 1) * w]
             inverses.append(np.linalg.inv(gram + ridge * np.mean(np.diag(gram)) * np.eye(w)))
         total = total + target @ scipy.linalg.block_diag(*inverses) @ phi.T
-        q_sum = q_sum + stored(store, f"features/00000{m}/q")
+        q_sum = q_sum + q
     return q_sum / 4 * total
 
 
@@ -152,12 +153,11 @@ def build(num_classes):
 """
 
 
-def test_agrees_with_traker_without_projection(tmp_path, monkeypatch):
+def test_agrees_with_traker_without_projection(tmp_path, user_module):
     trak = pytest.importorskip("trak")
     from trak.projectors import NoOpProjector
 
-    (tmp_path / "linear_trak_model.py").write_text(LINEAR_MODULE)
-    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    user_module("linear_trak_model", LINEAR_MODULE)
     from linear_trak_model import build
 
     rng = np.random.default_rng(0)

@@ -118,17 +118,11 @@ def test_store_refuses_other_projector_or_dataset(trained, tmp_path, tiny_npz):
         featurize(trained, load_dataset(f"npz:{tiny_npz}", indices=tmp_path / "half.npy"), projector=PROJECTOR)
 
 
-def test_user_model_and_checkpoints_from_outside_the_package(cli, tmp_path, tiny_npz, monkeypatch):
-    (tmp_path / "mypkg").mkdir()
-    (tmp_path / "mypkg" / "__init__.py").write_text("")
-    (tmp_path / "mypkg" / "models.py").write_text(
-        "import torch\n"
-        "def build(num_classes):\n"
-        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),\n"
-        "                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, num_classes))\n"
-    )
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+def test_user_model_and_checkpoints_from_outside_the_package(cli, tmp_path, tiny_npz, user_module):
+    user_module("mypkg.models", "import torch\n"
+                "def build(num_classes):\n"
+                "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),\n"
+                "        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, num_classes))\n")
     from mypkg.models import build
 
     nets = []

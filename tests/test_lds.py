@@ -1,4 +1,3 @@
-import sys
 
 import numpy as np
 import pytest
@@ -128,9 +127,8 @@ def fit_logistic(build, x, y, l2=1e-2):
     return model.eval()
 
 
-def test_unprojected_trak_is_accurate_for_logistic_regression(tmp_path, monkeypatch):
-    (tmp_path / "logistic_lds_model.py").write_text(LOGISTIC_MODULE)
-    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+def test_unprojected_trak_is_accurate_for_logistic_regression(tmp_path, user_module):
+    user_module("logistic_lds_model", LOGISTIC_MODULE)
     from logistic_lds_model import build
 
     rng = np.random.default_rng(1)

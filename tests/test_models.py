@@ -1,4 +1,3 @@
-import sys
 
 import numpy as np
 import pytest
@@ -31,17 +30,11 @@ def test_margins_match_definition():
         assert got[i] == pytest.approx(expected, rel=1e-12)
 
 
-def test_user_model_by_module_factory(tmp_path, monkeypatch):
-    (tmp_path / "usermodels_a").mkdir()
-    (tmp_path / "usermodels_a" / "__init__.py").write_text("")
-    (tmp_path / "usermodels_a" / "nets.py").write_text(
-        "import torch\n"
-        "def build(num_classes):\n"
-        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, num_classes))\n"
-        "NOT_CALLABLE = 3\n"
-    )
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", list(sys.path))
+def test_user_model_by_module_factory(user_module):
+    user_module("usermodels_a.nets", "import torch\n"
+                "def build(num_classes):\n"
+                "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, num_classes))\n"
+                "NOT_CALLABLE = 3\n")
     model = ModelSpec.parse("usermodels_a.nets:build").build(4)
     assert model(torch.rand(2, 3, 2, 2)).shape == (2, 4)
     with pytest.raises(UserError, match="no attribute"):

@@ -9,12 +9,12 @@ from trakwomp.finalize import finalize
 from trakwomp.lds import lds
 from trakwomp.projectors import ProjectorSpec
 from trakwomp.scoring import predict, score
-from trakwomp.training import Recipe, TrainReport, evaluate_margins, load_reference_model, train
+from trakwomp.training import Recipe, TrainReport, evaluate, load_reference_model, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Dataset", "Fingerprint", "ModelSpec", "ProjectorSpec", "Recipe", "Shard", "TrainReport", "UserError",
-    "evaluate_margins", "featurize", "finalize", "lds", "load_checkpoint", "load_dataset", "load_reference_model",
+    "evaluate", "featurize", "finalize", "lds", "load_checkpoint", "load_dataset", "load_reference_model",
     "margins", "predict", "resnet9", "score", "train",
 ]

@@ -136,14 +136,18 @@ def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recip
 
 
 @torch.no_grad()
-def evaluate_margins(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 512) -> np.ndarray:
-    """The margins f(z) of `model` in eval mode on every example of `dataset`, as float32."""
+def evaluate(model: nn.Module, dataset: Dataset, device: torch.device,
+             batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """The margins f(z) (float32) of `model` in eval mode on every example of `dataset`, and
+    whether its top logit is the label (a positive margin means p_y > 1/2, a stricter test)."""
     model.to(device).eval()
-    out = []
+    out, correct = [], []
     for start in range(0, len(dataset), batch_size):
         x, y = load_batch(dataset, range(start, min(start + batch_size, len(dataset))))
-        out.append(margins(model(x.to(device)).float(), y.to(device)).cpu())
-    return torch.cat(out).numpy().astype(np.float32)
+        logits = model(x.to(device)).float()
+        out.append(margins(logits, y.to(device)).cpu())
+        correct.append((logits.argmax(dim=1).cpu() == y))
+    return torch.cat(out).numpy().astype(np.float32), torch.cat(correct).numpy()
 
 
 def bind_training_inputs(store: Store, data: Dataset, model: ModelSpec) -> None:
@@ -214,9 +218,9 @@ def train(
         if role == "reference":
             handle.write_arrays(f"{path}/weights", {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
         else:
-            target_margins = evaluate_margins(net, targets, torch_device)
+            target_margins, correct = evaluate(net, targets, torch_device)
             handle.write_array(f"{path}/margins", target_margins)
-            info["target_accuracy"] = float((target_margins > 0).mean())
+            info["target_accuracy"] = float(correct.mean())
             report.target_accuracy[j] = info["target_accuracy"]
         handle.mark_done("train", f"{role}/{j:06d}", info)
         report.trained.append(j)
