@@ -155,7 +155,8 @@ def bind_training_inputs(store: Store, data: Dataset, model: ModelSpec) -> None:
     hint = "use a new store for other data or another model"
     store.bind("dataset", data.fingerprint().as_dict(), hint)
     store.bind("model", {**model.as_dict(), "transform": data.transform_spec}, hint)
-    store.bind("dataset_source", {"spec": data.spec, "has_indices": data.has_explicit_indices})
+    if "dataset_source" not in store.manifest:  # where the data was first found; a moved copy is the same data
+        store.set_section("dataset_source", {"spec": data.spec, "has_indices": data.has_explicit_indices})
     if data.has_explicit_indices and store.done_info("data", "train_indices") is None:
         store.write_array("data/train_indices", data.indices)
         store.mark_done("data", "train_indices")
