@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from trakwomp import __version__
@@ -45,7 +46,7 @@ def reports_errors(command):
         try:
             return command(*args, **kwargs)
         except (UserError, StoreError) as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("interrupted: finished units are kept; run the same command again to resume")
@@ -225,6 +226,8 @@ def score(
 ):
     """Attribution scores tau(z) of every train example for every target (TRAK-WOMP eq. 3)."""
     shard_spec = Shard.parse(shard)
+    if (out or top_k) and shard_spec.count > 1:
+        raise UserError("--out and --top-k need all shards' scores: run them without --shard once every shard is done")
     target_set = load_dataset(targets, target_indices, transform)
     with progress_for(quiet) as progress:
         report = score_targets(store, target_set, dims, blocks, ridge, parse_model_ids(models),
@@ -234,8 +237,6 @@ def score(
         console.print(f"scored {report.num_targets} targets x {report.num_train} train examples at view "
                       f"{report.view.key} with models {report.model_ids} ({report.chunks_done} chunk(s) in "
                       f"{report.seconds:.1f}s, {report.chunks_skipped} already done); stored as scores/{report.key}")
-    if (out or top_k) and shard_spec.count > 1:
-        raise UserError("--out and --top-k need all shards' scores: run them without --shard once every shard is done")
     if out:
         shape = export_scores(store, report.key, out, threshold)
         console.print(f"wrote {shape[0]} x {shape[1]} scores to {out}")

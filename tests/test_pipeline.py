@@ -37,6 +37,7 @@ def test_train_featurize_finalize_score_lds_predict(cli, tmp_path):
     for blocks in ("1", "4"):
         ok("finalize", store, "--blocks", blocks, "--quiet")
     fails("run `trakwomp score` first", "lds", store, "--blocks", "1")
+    fails("need all shards", "score", store, "--targets", targets, "--shard", "0/2", "--out", tmp_path / "x.npy")
     for blocks in ("1", "4"):
         ok("score", store, "--targets", targets, "--blocks", blocks, "--quiet", "--chunk-rows", "4",
            "--out", tmp_path / f"scores{blocks}.npy", "--top-k", "2", "--top-k-out", tmp_path / f"top{blocks}.csv")
