@@ -69,12 +69,18 @@ def check_finalized(handle: Store, view: View, model_ids: list[int]) -> None:
                             f"{f' --ridge {view.ridge:g}' if view.ridge else ''}` first")
 
 
-def score_chunk(handle: Store, view: View, model_ids: list[int], target_prefix: str, rows: range,
-                chunk_rows: int, device: torch.device) -> torch.Tensor:
-    """tau for the targets `rows` against every train example, as a float32 CPU tensor."""
-    n = handle.manifest["dataset"]["num_examples"]
+def mean_q(handle: Store, model_ids: list[int]) -> torch.Tensor:
+    """The train examples' weights (1/M^2) sum_m q_m,i, float32."""
+    q_sum = sum(torch.from_numpy(handle.array(f"features/{m:06d}/q")[...]).double() for m in model_ids)
+    return (q_sum / len(model_ids) ** 2).float()
+
+
+def score_chunk(handle: Store, view: View, model_ids: list[int], q_bar: torch.Tensor, target_prefix: str,
+                rows: range, chunk_rows: int, device: torch.device) -> torch.Tensor:
+    """tau for the targets `rows` against every train example, as a float32 CPU tensor;
+    `q_bar` is `mean_q` of the models."""
+    n = len(q_bar)
     scores = torch.zeros(len(rows), n, dtype=torch.float32, device=device)
-    q_sum = torch.zeros(n, dtype=torch.float64)
     for model_id in model_ids:
         base = f"features/{model_id:06d}"
         target_phi = torch.from_numpy(
@@ -86,9 +92,7 @@ def score_chunk(handle: Store, view: View, model_ids: list[int], target_prefix: 
         for start in range(0, n, chunk_rows):
             block = torch.from_numpy(train_phi[start:start + chunk_rows, :view.dims]).to(device, torch.float32)
             scores[:, start:start + len(block)].addmm_(weighted, block.T)
-        q_sum += torch.from_numpy(handle.array(f"{base}/q")[...]).double()
-    q_bar = (q_sum / len(model_ids) ** 2).float().to(device)
-    return (scores * q_bar).cpu()
+    return (scores * q_bar.to(device)).cpu()
 
 
 def score(
@@ -140,6 +144,7 @@ def score(
     progress.plan(len(chunks), report.chunks_skipped, f"score {key} target chunks")
     train_chunk_rows = manifest["featurize"]["chunk_rows"]
     start = time.perf_counter()
+    q_bar = mean_q(handle, model_ids)
     out = handle.require_array(f"scores/{key}/tau", (n_targets, n), "float32", (target_chunk_rows, min(n, 8192)))
     for chunk in todo:
         rows = range(chunk * target_chunk_rows, min(n_targets, (chunk + 1) * target_chunk_rows))
@@ -149,8 +154,8 @@ def score(
                          if handle.done_info(f"featurize_targets/{fingerprint.sha256[:16]}", f"{m:06d}/{chunk:06d}") is None]
         write_features(handle, targets, spec, settings, features_todo, target_chunk_rows, batch_size, torch_device,
                        StepsOnly(progress), prefix=target_prefix, stage=f"featurize_targets/{fingerprint.sha256[:16]}")
-        out[rows.start:rows.stop] = score_chunk(handle, view, model_ids, target_prefix, rows, train_chunk_rows,
-                                                torch_device).numpy()
+        out[rows.start:rows.stop] = score_chunk(handle, view, model_ids, q_bar, target_prefix, rows,
+                                                train_chunk_rows, torch_device).numpy()
         handle.mark_done("score", f"{key}/{chunk:06d}", {"rows": [rows.start, rows.stop]})
         report.chunks_done += 1
         progress.unit_finished(name, f"{len(rows)} targets scored")
@@ -175,8 +180,8 @@ def find_scores_by_key(handle: Store, key: str) -> str:
     """`key`, checked to name finished scores."""
     if key not in handle.manifest.get("scores", {}):
         raise UserError(f"store {handle.location!r} has no scores {key!r}")
-    n_targets = handle.array(f"scores/{key}/tau").shape[0]
-    chunk_rows = handle.array(f"scores/{key}/tau").chunks[0]
+    tau = handle.array(f"scores/{key}/tau")
+    n_targets, chunk_rows = tau.shape[0], tau.chunks[0]
     missing = [c for c in range(math.ceil(n_targets / chunk_rows)) if handle.done_info("score", f"{key}/{c:06d}") is None]
     if missing:
         raise UserError(f"scores {key} are unfinished ({len(missing)} target chunks left); run `trakwomp score` again")
