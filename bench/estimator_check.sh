@@ -25,5 +25,5 @@ targets="imagefolder:$work/cifar5k/test"
 "$python" -c "import sys, torch; from trakwomp import load_reference_model; \
 torch.save(load_reference_model(sys.argv[1], 0, 10).state_dict(), sys.argv[2])" "$store" "$work/reference.pt"
 [ -f "$work/traker.npy" ] || "$python" "$repo/bench/traker_scores.py" "imagefolder:$work/cifar5k/train" "$targets" \
-    "$work/reference.pt" "$work/traker.npy"
+    "$work/traker.npy" "$work/reference.pt"
 "$trakwomp" lds "$store" --scores "$work/traker.npy" --scores "$work/trakwomp.npy"

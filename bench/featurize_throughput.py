@@ -56,7 +56,8 @@ def main() -> None:
     configs = [("trakwomp gaussian, d = 2048 (B = 1)", ProjectorSpec("gaussian", 0, 1, 2048), "float32"),
                ("trakwomp gaussian, d = 16 x 1024", ProjectorSpec("gaussian", 0, 16, 1024), "float32"),
                ("trakwomp sjlt, d = 16 x 1024", ProjectorSpec("sjlt", 0, 16, 1024), "float32"),
-               ("trakwomp sjlt, d = 16 x 1024, float16", ProjectorSpec("sjlt", 0, 16, 1024), "float16")]
+               ("trakwomp sjlt, d = 16 x 1024, float16", ProjectorSpec("sjlt", 0, 16, 1024), "float16"),
+               ("trakwomp sjlt, d = 256 x 64", ProjectorSpec("sjlt", 0, 256, 64), "float32")]
     for name, projector, dtype in configs:
         store = work / name.replace(" ", "_").replace(",", "")
         report = featurize(store, data, spec, [args.checkpoint], projector=projector, dtype=dtype, chunk_rows=512)

@@ -296,17 +296,19 @@ def lds(
     store: str = typer.Argument(..., help="A store with LDS models and scores on their targets."),
     dims: list[int] = typer.Option([], "--dims", help="View dims; repeat with --blocks to compare views (paired by position)."),
     blocks: list[int] = typer.Option([], "--blocks", help="View blocks; repeat to compare views (e.g. --blocks 1 --blocks 16)."),
-    ridge: float = RidgeOpt,
+    ridge: list[float] = typer.Option([], "--ridge", help="View ridge (relative, as in finalize); repeat to pair with --dims/--blocks."),
     models: Optional[str] = ModelsOpt,
     scores: list[Path] = typer.Option([], "--scores", help="An .npy (n_targets, n_train) score matrix to evaluate; repeatable."),
     threshold: float = typer.Option(0.0, "--threshold", help="Soft threshold, in units of each target's RMS score."),
     tune_threshold: bool = typer.Option(False, "--tune-threshold", help="Pick the threshold on half of the LDS models, report on the other half."),
+    half: Optional[int] = typer.Option(None, "--half", help="Use only half of the LDS models: 0 = those at even positions (0, 2, ...), 1 = odd "
+                                       "(choose views on one half, report on the other)."),
     resamples: int = typer.Option(2000, "--bootstrap", help="Bootstrap resamples of the targets for the 95% intervals."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
     """Linear datamodeling score of the scores against the store's LDS models, with 95% intervals."""
     report = lds_report(store, dims, blocks, ridge, parse_model_ids(models), scores, threshold=threshold,
-                        tune_threshold=tune_threshold, resamples=resamples)
+                        tune_threshold=tune_threshold, half=half, resamples=resamples)
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=1))
         return

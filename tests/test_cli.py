@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 
@@ -51,6 +52,16 @@ def test_train_then_lds_through_the_cli(cli, tmp_path, tiny_npz):
     assert group.attrs["trakwomp"]["lds_targets"]["num_examples"] == 3
     result = cli("train", tmp_path / "s", *common, "--num-models", "2")
     assert "2 already done" in plain(result.stderr)
+    moved = tmp_path / "moved.npz"
+    shutil.copy(tiny_npz, moved)
+    result = cli("train", tmp_path / "s", *common, "--role", "lds", "--num-models", "3", "--targets",
+                 f"npz:{moved}", "--target-indices", tmp_path / "t.npy", "--quiet")
+    assert result.exit_code == 0, result.output  # the same targets at another path
+    assert zarr.open_group(str(tmp_path / "s"), mode="r")["models/lds/000002/margins"].shape == (3,)
+    np.save(tmp_path / "other.npy", np.array([3, 1, 5]))
+    result = cli("train", tmp_path / "s", *common, "--role", "lds", "--num-models", "3", "--targets",
+                 f"npz:{moved}", "--target-indices", tmp_path / "other.npy")
+    assert result.exit_code == 2 and "lds_targets.sha256" in plain(result.stderr)
 
 
 def test_console_script_reports_errors_without_traceback(tmp_path):

@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 import pytest
+import zarr
+from scipy.stats import spearmanr
 
 from conftest import plain, write_tiny_images
 
@@ -56,6 +58,13 @@ def test_train_featurize_finalize_score_lds_predict(cli, tmp_path):
     difference = report["results"][1]["lds"] - report["results"][0]["lds"]
     assert report["paired_differences"][0]["difference"] == pytest.approx(difference)
     assert all(r["targets"] == 10 and r["models"] == 8 for r in report["results"])
+    half = json.loads(ok("lds", store, "--blocks", "4", "--ridge", "0", "--half", "1", "--json").stdout)["results"][0]
+    lds_models = zarr.open_group(str(store), mode="r")["models/lds"]
+    masks = np.stack([lds_models[f"{j:06d}/mask"][...] for j in range(1, 8, 2)]).astype(float)
+    margins = np.stack([lds_models[f"{j:06d}/margins"][...] for j in range(1, 8, 2)])
+    expected = np.mean([spearmanr(margins[:, t], masks @ scores[t]).statistic for t in range(10)])
+    assert half["models"] == 4 and half["lds"] == pytest.approx(expected, abs=1e-6)
+    fails("cannot go with --tune-threshold", "lds", store, "--half", "0", "--tune-threshold")
     table = plain(ok("lds", store, "--blocks", "4", "--tune-threshold").stdout)
     assert "TRAK-WOMP" in table and "tuned" in table
 

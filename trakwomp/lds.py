@@ -185,39 +185,51 @@ def view_name(view, num_models: int) -> str:
     return f"{method} d={view.dims} B={view.blocks}{ridge} M={num_models}"
 
 
-def pair_views(dims: list[int], blocks: list[int]) -> list[tuple[int | None, int | None]]:
-    """(dims, blocks) views from repeated --dims and --blocks: paired by position, a single value
-    (or none) applying to every view."""
-    if len(dims) > 1 and len(blocks) > 1 and len(dims) != len(blocks):
-        raise UserError(f"{len(dims)} --dims and {len(blocks)} --blocks: give one of each per view, or one value for all")
-    def pick(values: list[int], i: int) -> int | None:
-        return values[i] if len(values) > 1 else (values[0] if values else None)
+def pair_views(dims: list[int], blocks: list[int], ridges: list[float] = ()) -> list[tuple[int | None, int | None, float]]:
+    """(dims, blocks, ridge) views from repeated --dims, --blocks and --ridge: paired by position,
+    a single value (or none) applying to every view."""
+    lists = {"--dims": list(dims), "--blocks": list(blocks), "--ridge": list(ridges)}
+    count = max(len(v) for v in lists.values())
+    repeated = {name: len(v) for name, v in lists.items() if len(v) > 1}
+    if any(n != count for n in repeated.values()):
+        given = " and ".join(f"{n} {name}" for name, n in repeated.items())
+        raise UserError(f"{given}: give one of each per view, or one value for all")
 
-    return [(pick(dims, i), pick(blocks, i)) for i in range(max(len(dims), len(blocks), 1))]
+    def pick(values: list, i: int, default):
+        return values[i] if len(values) > 1 else (values[0] if values else default)
+
+    return [(pick(lists["--dims"], i, None), pick(lists["--blocks"], i, None), pick(lists["--ridge"], i, 0.0))
+            for i in range(max(count, 1))]
 
 
 def lds(
     store: str | Path,
     dims: list[int] = (),
     blocks: list[int] = (),
-    ridge: float = 0.0,
+    ridges: list[float] = (),
     models: list[int] | None = None,
     score_files: list[str | Path] = (),
     *,
     threshold: float = 0.0,
     tune_threshold: bool = False,
+    half: int | None = None,
     resamples: int = 2000,
     seed: int = 0,
 ) -> LdsReport:
     """LDS of the store's scores at each view (see `pair_views`), and of each score file, against
-    the store's LDS models; paired differences are taken against the first."""
+    the store's LDS models (or `half` 0 or 1 of them, see `GroundTruth.split`); paired differences
+    are taken against the first."""
+    if half is not None and (half not in (0, 1) or tune_threshold):
+        raise UserError("--half must be 0 or 1, and cannot go with --tune-threshold (which uses both halves)")
     handle = Store.open(store)
     truth = GroundTruth.from_store(handle)
+    if half is not None:
+        truth = truth.split(half)
     sources = []
-    if blocks or dims or not score_files:
+    if blocks or dims or ridges or not score_files:
         model_ids = featurized_models(handle, models)
-        for d, b in pair_views(list(dims), list(blocks)):
-            view = store_view(handle, d, b, ridge)
+        for d, b, r in pair_views(dims, blocks, ridges):
+            view = store_view(handle, d, b, r)
             key = find_scores(handle, view, model_ids, truth.targets_sha)
             shape = handle.array(f"scores/{key}/tau").shape
             sources.append(ScoreSource(view_name(view, len(model_ids)), lambda key=key: iterate_scores(handle, key), *shape))

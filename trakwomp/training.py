@@ -194,8 +194,10 @@ def train(
     bind_training_inputs(handle, data, model)
     handle.bind(f"train_{role}", asdict(recipe), "pass the same recipe flags as before, or use a new store")
     if targets is not None:
-        handle.bind("lds_targets", {"spec": targets.spec, **targets.fingerprint().as_dict()},
+        handle.bind("lds_targets", targets.fingerprint().as_dict(),
                     "LDS models of one store share their targets; use a new store for other targets")
+        if "lds_targets_source" not in handle.manifest:  # a moved copy of the targets is the same targets
+            handle.set_section("lds_targets_source", {"spec": targets.spec})
 
     report = TrainReport()
     units = shard.select(range(num_models))
