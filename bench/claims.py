@@ -53,9 +53,8 @@ class Setting:
     block_counts: tuple = (1, 4, 16)
     fixed_dims: tuple = (4096, 16384)
     fixed_dims_blocks: tuple = (1, 2, 4, 8, 16, 32, 64)
-    ridges: tuple = (1e-3, 1e-2, 1e-1)
-    womp_candidates: tuple = ((4096, 4), (4096, 16), (4096, 64), (8192, 4), (8192, 16), (8192, 64),
-                              (16384, 4), (16384, 16), (16384, 64))
+    ridges: tuple = (1e-2, 1e-1)
+    womp_candidates: tuple = ((4096, 4), (4096, 16), (4096, 64), (8192, 16), (8192, 64), (16384, 16), (16384, 64))
     feature_dtype: str = "float32"
     featurize_batch: int = 64
 
@@ -132,7 +131,7 @@ def prepare(run: Run) -> None:
                              "--block-dim", str(s.stored_block_dim), "--dtype", s.feature_dtype, "--batch-size",
                              str(s.featurize_batch), *device, "--quiet"]])
     views = views_at_m(s)
-    for view in sorted(set().union(*views.values())):
+    for view in sorted(set().union(*views.values()), key=lambda v: (v[0] * v[0] // v[1], v)):  # cheapest first
         d, b, r = view
         flags = ["--dims", str(d), "--blocks", str(b), "--ridge", f"{r:g}", *device, "--quiet"]
         largest = max(m for m, wanted in views.items() if view in wanted)

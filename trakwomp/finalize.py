@@ -3,7 +3,7 @@
 
 A unit of work is (view, model, block): it reads only that block's column chunks, holds one
 chunk and one Gram matrix in memory, and writes inverse[b] of the (B, w, w) float64 array
-`finalize/<view>/<model>/inverse`.
+`finalize/<view>/<model>/inverse` (one chunk per block, split by rows beyond 512 MiB).
 """
 
 from __future__ import annotations
@@ -75,6 +75,14 @@ def block_gram(phi, columns: slice, chunk_rows: int, device: torch.device) -> to
     return gram
 
 
+INVERSE_CHUNK_BYTES = 512 << 20  # under the 2 GiB that a compressor takes in one buffer
+
+
+def inverse_chunks(width: int) -> tuple[int, int, int]:
+    """Chunks of the (B, w, w) float64 inverse: one block per chunk, split by rows if it is too big."""
+    return 1, max(1, min(width, INVERSE_CHUNK_BYTES // (8 * width))), width
+
+
 @dataclass
 class FinalizeReport:
     view: View
@@ -117,7 +125,7 @@ def finalize(
         except UserError as e:
             raise UserError(f"{name} of view {view.key}: {e}") from None
         out = handle.require_array(f"finalize/{view.key}/{model_id:06d}/inverse", (view.blocks, w, w), "float64",
-                                   (1, w, w))
+                                   inverse_chunks(w))
         out[block] = inverse.cpu().numpy()
         handle.mark_done("finalize", f"{view.key}/{model_id:06d}/{block:06d}")
         report.units_done += 1
