@@ -1,21 +1,45 @@
 """bench/full_cifar10 --smoke: the full-scale experiment's code path on the CPU with tiny settings."""
 
+import io
 import json
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
 import zarr
 from scipy.stats import spearmanr
 
+from PIL import Image
+
 from conftest import REPO
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_jpeg_archive(path, train_per_class=12, test_per_class=3):
+    """A CIFAR-10-like archive (./train/<class>/*.jpg, ./test/<class>/*.jpg) of 32 x 32 images
+    whose mean colour depends on the class, so models can learn something."""
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tar:
+        for split, count in (("train", train_per_class), ("test", test_per_class)):
+            for c, name in enumerate(CLASSES):
+                for i in range(count):
+                    pixels = rng.normal(25 * c, 40, (32, 32, 3)).clip(0, 255).astype(np.uint8)
+                    buffer = io.BytesIO()
+                    Image.fromarray(pixels).save(buffer, format="JPEG")
+                    info = tarfile.TarInfo(f"./{split}/{name}/{i:04d}.jpg")
+                    info.size = buffer.tell()
+                    buffer.seek(0)
+                    tar.addfile(info, buffer)
 
 
 def test_full_cifar10_smoke_runs_every_stage_and_reports_the_odd_half(tmp_path):
     work = tmp_path / "work"
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "full_cifar10"), str(work), "--smoke"],
-                            cwd=REPO, capture_output=True, text=True)
+    write_jpeg_archive(tmp_path / "cifar.tar.gz")
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "full_cifar10"), str(work), "--smoke",
+                             "--archive", str(tmp_path / "cifar.tar.gz")], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     results = json.loads((work / "results.json").read_text())
     assert [e["M"] for e in results["claim1"]] == [1, 2]
