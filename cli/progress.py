@@ -48,7 +48,7 @@ class RichProgress:
     def advance(self, steps: int) -> None:
         self._bars.advance(self._current, steps)
 
-    def unit_finished(self, name: str, summary: str) -> None:
+    def unit_finished(self, name: str, summary: str, units: int = 1) -> None:
         self._bars.remove_task(self._current)
-        self._bars.advance(self._units, 1)
+        self._bars.advance(self._units, units)
         self._bars.console.print(f"{name}: done ({summary})")

@@ -16,6 +16,7 @@ from trakwomp.featurize import featurize
 from trakwomp.finalize import finalize
 from trakwomp.models import ModelSpec
 from trakwomp.projectors import ProjectorSpec
+from trakwomp import scoring
 from trakwomp.scoring import score
 from trakwomp.training import Recipe, train
 
@@ -75,12 +76,16 @@ def two_model_store(tmp_path_factory):
     featurize(store, projector=ProjectorSpec("gaussian", 1, 4, 8), chunk_rows=20)
     targets = load_dataset(f"npz:{target_npz}")
     keys = {}
-    for blocks, ridge in ((1, 0.0), (4, 0.0), (4, 0.5)):
+    # Target chunks of 4 rows (3 chunks) scored one per pass over the train features, two per
+    # pass, and all in one pass (the default budget).
+    for (blocks, ridge), pass_bytes in zip(((1, 0.0), (4, 0.5), (4, 0.0)), (1, 4 * 48 * 4 * 2, None)):
         with pytest.MonkeyPatch.context() as patch:
             if blocks == 1:  # a block too big for one chunk is stored in row chunks (here 5 rows of 32)
                 patch.setattr(importlib.import_module("trakwomp.finalize"), "INVERSE_CHUNK_BYTES", 8 * 32 * 5)
             finalize(store, blocks=blocks, ridge=ridge)
-        keys[blocks, ridge] = score(store, targets, blocks=blocks, ridge=ridge, target_chunk_rows=4).key
+            if pass_bytes:
+                patch.setattr(scoring, "SCORE_PASS_BYTES", pass_bytes)
+            keys[blocks, ridge] = score(store, targets, blocks=blocks, ridge=ridge, target_chunk_rows=4).key
     return store, keys
 
 
@@ -211,3 +216,10 @@ def test_agrees_with_traker_without_projection(tmp_path, user_module):
     expected_traker = (q[0] + q[1]) / 4 * (x_m[0] / (p * mean_abs_inverse[0]) + x_m[1] / (p * mean_abs_inverse[1]))
     np.testing.assert_allclose(traker_scores([0, 1]), expected_traker, rtol=2e-3, atol=1e-6)
     np.testing.assert_allclose(ours[0, 1], (q[0] + q[1]) / 4 * (x_m[0] + x_m[1]), rtol=1e-5, atol=1e-9)
+
+
+def test_score_passes_group_consecutive_chunks_within_the_byte_budget(monkeypatch):
+    monkeypatch.setattr(scoring, "SCORE_PASS_BYTES", 4 * 48 * 4 * 2)  # two chunks of 4 targets x 48 train
+    assert scoring.score_passes([0, 1, 2, 4, 5, 6, 7], 4, 48) == [[0, 1], [2], [4, 5], [6, 7]]
+    monkeypatch.setattr(scoring, "SCORE_PASS_BYTES", 1)
+    assert scoring.score_passes([0, 1, 3], 4, 48) == [[0], [1], [3]]

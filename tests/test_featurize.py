@@ -177,3 +177,19 @@ def test_shard_selection_of_units(trained):
     done = sorted(p.parent.relative_to(trained / "done/featurize").as_posix()
                   for p in (trained / "done/featurize").glob("*/*/zarr.json"))
     assert done == ["000000/000001", "000001/000002"]
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "sjlt"])
+def test_non_finite_gradients_are_refused_and_their_chunk_is_not_published(tmp_path, tiny_npz, kind):
+    with np.load(tiny_npz) as z:
+        x, y = z["x"].copy(), z["y"]
+    x[6, 0, 3, 3] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=y)
+    torch.manual_seed(0)
+    torch.save(TINY.build(4).state_dict(), tmp_path / "init.pt")
+    store = tmp_path / "store"
+    with pytest.raises(UserError, match=r"train example\(s\) 6;"):
+        featurize(store, load_dataset(f"npz:{tmp_path / 'nan.npz'}"), TINY, [str(tmp_path / "init.pt")],
+                  projector=ProjectorSpec(kind, 0, 2, 8), chunk_rows=4, batch_size=2)
+    done = sorted(p.parent.name for p in (store / "done/featurize/000000").glob("*/zarr.json"))
+    assert done == ["000000"]

@@ -220,25 +220,29 @@ def featurize_rows(data: Dataset, rows: range, engine: PerExampleGradients, proj
                    batch_size: int, progress: Progress) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Projected gradients, q and margins of the examples `rows`, as CPU tensors.
 
-    Gradient rows are gathered up to GRADIENT_BUFFER_BYTES before each projection, so that a
-    projection that regenerates its matrix does so as rarely as memory allows."""
-    buffer_rows = max(batch_size, GRADIENT_BUFFER_BYTES // (4 * engine.num_params))
+    Each batch is projected as soon as it is computed, unless the projection regenerates its
+    matrix per call: then gradient rows are gathered up to GRADIENT_BUFFER_BYTES first, so that
+    it does so as rarely as memory allows."""
+    buffer_rows = batch_size
+    if projection.regenerates:
+        buffer_rows = max(batch_size, GRADIENT_BUFFER_BYTES // (4 * engine.num_params))
     features, qs, fs, pending = [], [], [], []
-    pending_rows = 0
+    pending_start = rows.start
     for start in range(rows.start, rows.stop, batch_size):
         positions = range(start, min(start + batch_size, rows.stop))
         x, y = load_batch(data, positions)
         out = engine(x, y)
-        bad = (~torch.isfinite(out.grads).all(dim=1) | ~torch.isfinite(out.margins)).nonzero().flatten()
-        if len(bad):
-            examples = ", ".join(str(positions[int(i)]) for i in bad[:10])
-            raise UserError(f"non-finite gradients for train example(s) {examples}; nothing of this chunk was published")
         pending.append(out.grads)
-        pending_rows += len(positions)
         qs.append(out.q.cpu())
         fs.append(out.margins.cpu())
-        if pending_rows >= buffer_rows or positions.stop == rows.stop:
-            features.append(projection.project(torch.cat(pending)).cpu())
-            pending, pending_rows = [], 0
+        if positions.stop - pending_start >= buffer_rows or positions.stop == rows.stop:
+            projected = projection.project(pending[0] if len(pending) == 1 else torch.cat(pending)).cpu()
+            finite = torch.isfinite(projected).all(dim=1) & torch.isfinite(torch.cat(fs[-len(pending):]))
+            bad = (~finite).nonzero().flatten() + pending_start
+            if len(bad):
+                examples = ", ".join(str(int(i)) for i in bad[:10])
+                raise UserError(f"non-finite gradients for train example(s) {examples}; nothing of this chunk was published")
+            features.append(projected)
+            pending, pending_start = [], positions.stop
         progress.advance(len(positions))
     return torch.cat(features), torch.cat(qs), torch.cat(fs)

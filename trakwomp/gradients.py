@@ -31,7 +31,7 @@ def select_parameters(model: nn.Module, patterns: list[str] | None) -> list[str]
 
 @dataclass
 class Gradients:
-    grads: torch.Tensor  # (batch, p) float32
+    grads: torch.Tensor  # (batch, p) float32, a transposed view of a contiguous (p, batch) tensor
     margins: torch.Tensor  # (batch,)
     q: torch.Tensor  # (batch,)
 
@@ -56,8 +56,13 @@ class PerExampleGradients:
 
         self._grad = vmap(grad(margin, has_aux=True), in_dims=(None, 0, 0))
 
+    def per_parameter(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """({name: (batch, *shape) gradients}, margins) for a batch on the engine's device."""
+        return self._grad(self.params, x.to(self.device), y.to(self.device))
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Gradients:
-        x, y = x.to(self.device), y.to(self.device)
-        grads, f = self._grad(self.params, x, y)
-        flat = torch.cat([grads[n].reshape(len(x), -1) for n in self.parameter_names], dim=1)
-        return Gradients(flat.float(), f.detach().float(), torch.sigmoid(-f.detach().float()))
+        grads, f = self.per_parameter(x, y)
+        # Stored parameter-major (p x batch): a sparse projection reads it as it is, a dense one
+        # as a transposed operand, so no projection copies it again.
+        columns = torch.cat([grads[n].reshape(len(x), -1).T for n in self.parameter_names], dim=0)
+        return Gradients(columns.float().T, f.detach().float(), torch.sigmoid(-f.detach().float()))

@@ -99,7 +99,8 @@ class DenseProjector:
     """Projects gradient rows G (n x p) to G P (n x B*d_block), generating P tile by tile.
 
     Tiles are kept for reuse across calls while they fit in `cache_bytes`; beyond that they are
-    regenerated per call, which costs about as much as the matmul divided by the rows per call."""
+    regenerated per call (`regenerates`), which costs about as much as the matmul divided by the
+    rows per call."""
 
     def __init__(self, spec: ProjectorSpec, model_id: int, num_params: int, device: torch.device,
                  cache_bytes: int = 2 << 30):
@@ -107,6 +108,7 @@ class DenseProjector:
         self.num_tiles = math.ceil(num_params / TILE_ROWS)
         self._cache: dict[int, torch.Tensor] = {}
         self._cacheable = num_params * spec.dim * 4 <= cache_bytes
+        self.regenerates = not self._cacheable
 
     def _tile(self, tile: int) -> torch.Tensor:
         """Rows of tile `tile` for all B blocks side by side: (rows, B * d_block) on the device."""
@@ -131,6 +133,8 @@ class SparseProjector:
     """Projects G (n x p) to G P for the `sjlt` kind: P^T (D x p) is kept as one CSR matrix per tile
     of TILE_ROWS parameters, so each sparse product reads a slice of G^T that stays in cache.
     About 2 * p * B flops per example, whatever d_block is."""
+
+    regenerates = False
 
     def __init__(self, spec: ProjectorSpec, model_id: int, num_params: int, device: torch.device):
         self.spec, self.num_params = spec, num_params

@@ -62,7 +62,7 @@ class Progress(Protocol):
 
     def advance(self, steps: int) -> None: ...
 
-    def unit_finished(self, name: str, summary: str) -> None: ...
+    def unit_finished(self, name: str, summary: str, units: int = 1) -> None: ...
 
 
 class NoProgress:
@@ -75,7 +75,7 @@ class NoProgress:
     def advance(self, steps: int) -> None:
         pass
 
-    def unit_finished(self, name: str, summary: str) -> None:
+    def unit_finished(self, name: str, summary: str, units: int = 1) -> None:
         pass
 
 
@@ -94,5 +94,5 @@ class StepsOnly:
     def advance(self, steps: int) -> None:
         self.outer.advance(steps)
 
-    def unit_finished(self, name: str, summary: str) -> None:
+    def unit_finished(self, name: str, summary: str, units: int = 1) -> None:
         pass

@@ -6,7 +6,8 @@ gradients for every model (same projector and checkpoints as the train features)
     tau(z) = [(1/M^2) sum_m q_m] * sum_m phi_m(z)[:D] K_m^-1 Phi_m[:, :D]^T
 
 with K_m^-1 the block-diagonal inverse from `finalize`, streaming the train features by row
-chunk, so memory is one (target chunk x n_train) score block plus one feature chunk.
+chunk; consecutive target chunks share one pass over the train features while their scores fit
+in SCORE_PASS_BYTES, so memory is that score block plus one feature chunk.
 Raw scores are stored as float32 `scores/<key>/tau` of shape (n_targets, n_train).
 """
 
@@ -30,6 +31,8 @@ from trakwomp.finalize import featurized_models, store_view
 from trakwomp.models import ModelSpec
 from trakwomp.runtime import NoProgress, Progress, Shard, StepsOnly, resolve_device
 from trakwomp.store import Store
+
+SCORE_PASS_BYTES = 256 << 20
 
 
 def compact_ids(ids: list[int]) -> str:
@@ -75,6 +78,24 @@ def mean_q(handle: Store, model_ids: list[int]) -> torch.Tensor:
     return (q_sum / len(model_ids) ** 2).float()
 
 
+def weighted_targets(handle: Store, view: View, model_id: int, target_prefix: str, rows: range,
+                     device: torch.device) -> torch.Tensor:
+    """phi_m(z)[:D] K_m^-1 for the targets `rows`, float32 (rows x D), computed in float64 block by
+    block, reading each block's inverse in its stored row chunks."""
+    target_phi = handle.array(f"{target_prefix}features/{model_id:06d}/phi")
+    inverse = handle.array(f"finalize/{view.key}/{model_id:06d}/inverse")
+    step = inverse.chunks[1]
+    weighted = torch.empty(len(rows), view.dims, dtype=torch.float32, device=device)
+    for b in range(view.blocks):
+        columns = view.columns(b)
+        phi_b = torch.from_numpy(target_phi[rows.start:rows.stop, columns]).to(device, torch.float64)
+        product = torch.zeros(len(rows), view.block_width, dtype=torch.float64, device=device)
+        for r in range(0, view.block_width, step):
+            product.addmm_(phi_b[:, r:r + step], torch.from_numpy(inverse[b, r:r + step]).to(device))
+        weighted[:, columns] = product.float()
+    return weighted
+
+
 def score_chunk(handle: Store, view: View, model_ids: list[int], q_bar: torch.Tensor, target_prefix: str,
                 rows: range, chunk_rows: int, device: torch.device) -> torch.Tensor:
     """tau for the targets `rows` against every train example, as a float32 CPU tensor;
@@ -82,17 +103,25 @@ def score_chunk(handle: Store, view: View, model_ids: list[int], q_bar: torch.Te
     n = len(q_bar)
     scores = torch.zeros(len(rows), n, dtype=torch.float32, device=device)
     for model_id in model_ids:
-        base = f"features/{model_id:06d}"
-        target_phi = torch.from_numpy(
-            handle.array(f"{target_prefix}{base}/phi")[rows.start:rows.stop, :view.dims]).to(device, torch.float64)
-        inverse = torch.from_numpy(handle.array(f"finalize/{view.key}/{model_id:06d}/inverse")[...]).to(device)
-        weighted = torch.cat([target_phi[:, view.columns(b)] @ inverse[b] for b in range(view.blocks)], dim=1)
-        weighted = weighted.float()
-        train_phi = handle.array(f"{base}/phi")
+        weighted = weighted_targets(handle, view, model_id, target_prefix, rows, device)
+        train_phi = handle.array(f"features/{model_id:06d}/phi")
         for start in range(0, n, chunk_rows):
             block = torch.from_numpy(train_phi[start:start + chunk_rows, :view.dims]).to(device, torch.float32)
             scores[:, start:start + len(block)].addmm_(weighted, block.T)
-    return (scores * q_bar.to(device)).cpu()
+    return scores.mul_(q_bar.to(device)).cpu()
+
+
+def score_passes(chunks: list[int], chunk_rows: int, num_train: int) -> list[list[int]]:
+    """`chunks` (sorted target chunk numbers) in runs of consecutive chunks scored in one pass over
+    the train features: as many as keep the pass's scores within SCORE_PASS_BYTES."""
+    per_pass = max(1, SCORE_PASS_BYTES // (4 * num_train * chunk_rows))
+    passes: list[list[int]] = []
+    for chunk in chunks:
+        if passes and chunk == passes[-1][-1] + 1 and len(passes[-1]) < per_pass:
+            passes[-1].append(chunk)
+        else:
+            passes.append([chunk])
+    return passes
 
 
 def score(
@@ -146,19 +175,21 @@ def score(
     start = time.perf_counter()
     q_bar = mean_q(handle, model_ids)
     out = handle.require_array(f"scores/{key}/tau", (n_targets, n), "float32", (target_chunk_rows, min(n, 8192)))
-    for chunk in todo:
-        rows = range(chunk * target_chunk_rows, min(n_targets, (chunk + 1) * target_chunk_rows))
+    for group in score_passes(todo, target_chunk_rows, n):
+        rows = range(group[0] * target_chunk_rows, min(n_targets, (group[-1] + 1) * target_chunk_rows))
         name = f"targets {rows.start}-{rows.stop - 1}"
         progress.unit_started(name, len(rows) * len(model_ids))
-        features_todo = [(m, chunk) for m in model_ids
+        features_todo = [(m, chunk) for m in model_ids for chunk in group
                          if handle.done_info(f"featurize_targets/{fingerprint.sha256[:16]}", f"{m:06d}/{chunk:06d}") is None]
         write_features(handle, targets, spec, settings, features_todo, target_chunk_rows, batch_size, torch_device,
                        StepsOnly(progress), prefix=target_prefix, stage=f"featurize_targets/{fingerprint.sha256[:16]}")
-        out[rows.start:rows.stop] = score_chunk(handle, view, model_ids, q_bar, target_prefix, rows,
-                                                train_chunk_rows, torch_device).numpy()
-        handle.mark_done("score", f"{key}/{chunk:06d}", {"rows": [rows.start, rows.stop]})
-        report.chunks_done += 1
-        progress.unit_finished(name, f"{len(rows)} targets scored")
+        tau = score_chunk(handle, view, model_ids, q_bar, target_prefix, rows, train_chunk_rows, torch_device).numpy()
+        for chunk in group:
+            chunk_rows = range(chunk * target_chunk_rows, min(n_targets, (chunk + 1) * target_chunk_rows))
+            out[chunk_rows.start:chunk_rows.stop] = tau[chunk_rows.start - rows.start:chunk_rows.stop - rows.start]
+            handle.mark_done("score", f"{key}/{chunk:06d}", {"rows": [chunk_rows.start, chunk_rows.stop]})
+            report.chunks_done += 1
+        progress.unit_finished(name, f"{len(rows)} targets scored", len(group))
     report.seconds = time.perf_counter() - start
     return report
 
