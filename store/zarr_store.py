@@ -12,16 +12,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.storage import LocalStore
+
+from trakwomp.store.durable import DurableStore
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "trakwomp"
+T = TypeVar("T")
 # Projected gradients are random-like floats: bit-shuffled lz4 saves about as much space as zstd
 # (12% of float32) and encodes 6x and decodes 2.5x faster (bench/throughput, docs/performance.md).
 COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
@@ -47,9 +54,10 @@ def _short(value: Any) -> str:
 class Store:
     """A trakwomp store at a local path."""
 
-    def __init__(self, group: zarr.Group, location: str):
+    def __init__(self, group: zarr.Group, location: str, durable: DurableStore):
         self._group = group
         self.location = location
+        self._durable = durable
 
     @classmethod
     def open(cls, location: str | Path, create: bool = False) -> "Store":
@@ -65,10 +73,11 @@ class Store:
             if path.is_dir() and any(path.iterdir()):
                 raise StoreError(f"{location!r} is a non-empty folder that is not a trakwomp store; choose a new path")
         try:
-            group = zarr.open_group(location, mode="a" if create else "r+", zarr_format=3)
+            durable = DurableStore(LocalStore(path))
+            group = zarr.open_group(store=durable, mode="a" if create else "r+", zarr_format=3)
         except (OSError, ValueError, zarr.errors.BaseZarrError) as e:
             raise StoreError(f"cannot open store {location!r}: {e}") from None
-        store = cls(group, location)
+        store = cls(group, location, durable)
         manifest = store.manifest
         if exists and not manifest:
             raise StoreError(f"{location!r} is a Zarr group but not a trakwomp store")
@@ -78,40 +87,70 @@ class Store:
                 f"trakwomp reads ({FORMAT_VERSION}); upgrade trakwomp"
             )
         if not manifest:
-            store._write_manifest({"format_version": FORMAT_VERSION})
+            store.update(lambda m: m.setdefault("format_version", FORMAT_VERSION))
         return store
 
     @property
     def manifest(self) -> dict:
         return json.loads(json.dumps(self._group.attrs.get(MANIFEST_KEY, {})))
 
-    def _write_manifest(self, manifest: dict) -> None:
-        self._group.attrs[MANIFEST_KEY] = manifest
+    @contextlib.contextmanager
+    def _manifest_lock(self):
+        """An exclusive lock on the manifest, across processes: flock on the store's folder, whose
+        inode, unlike that of zarr.json (replaced on every write), stays the same."""
+        folder = os.open(self.location, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(folder)
+
+    def update(self, change: Callable[[dict], T]) -> T:
+        """Apply `change` to the manifest as it is on disk now, under the manifest lock, and write
+        it back if it changed; returns what `change` returns. Concurrent processes each see the
+        others' updates: none is lost."""
+        with self._manifest_lock():
+            self._group = zarr.open_group(store=self._durable, mode="r+", zarr_format=3)
+            before = self.manifest
+            manifest = json.loads(json.dumps(before))
+            result = change(manifest)
+            if manifest != before:
+                self._group.attrs[MANIFEST_KEY] = json.loads(json.dumps(manifest))
+                self._durable.sync()
+            return result
 
     def bind(self, section: str, value: Any, hint: str = "") -> None:
         """Record `value` as the store's `section`, or check it equals what is recorded.
 
         The value must be JSON data; `hint` says what to do about a mismatch."""
         value = json.loads(json.dumps(value))
-        manifest = self.manifest
-        if section in manifest:
-            if manifest[section] != value:
+
+        def check_or_record(manifest: dict) -> None:
+            if section not in manifest:
+                manifest[section] = value
+            elif manifest[section] != value:
                 message = f"store {self.location!r} does not match: " + _describe_difference(section, manifest[section], value)
                 raise StoreError(message + (f"; {hint}" if hint else ""))
-            return
-        manifest[section] = value
-        self._write_manifest(manifest)
+
+        self.update(check_or_record)
 
     def set_section(self, section: str, value: Any) -> None:
-        """Replace the manifest section `section` (for sections that grow, such as the model registry)."""
-        manifest = self.manifest
-        manifest[section] = json.loads(json.dumps(value))
-        self._write_manifest(manifest)
+        """Replace the manifest section `section` (for a record of the latest inputs, such as a path)."""
+        value = json.loads(json.dumps(value))
+        self.update(lambda manifest: manifest.__setitem__(section, value))
+
+    def set_entry(self, section: str, key: str, value: Any) -> None:
+        """Set `key` of the dict section `section` (created if absent) to `value`."""
+        value = json.loads(json.dumps(value))
+        self.update(lambda manifest: manifest.setdefault(section, {}).__setitem__(key, value))
 
     def mark_done(self, stage: str, unit: str, info: dict | None = None) -> None:
-        """Publish `unit` of `stage` as finished: call only after all its data are written."""
+        """Publish `unit` of `stage` as finished: call only after all its data are written.
+        The data are made durable first, then the marker."""
         attributes = json.loads(json.dumps({"unit": unit, **(info or {})}))
+        self._durable.sync()
         self._group.create_group(f"done/{stage}/{unit}", attributes=attributes, overwrite=True)
+        self._durable.sync()
 
     def done_info(self, stage: str, unit: str) -> dict | None:
         """The info a finished unit was published with, or None if the unit is not finished."""
@@ -123,25 +162,29 @@ class Store:
         return attributes if attributes.get("unit") == unit else None
 
     def write_array(self, path: str, values: np.ndarray, chunks: tuple[int, ...] | None = None) -> None:
-        """Write `values` as the array at `path`, replacing whatever an unfinished run left there."""
+        """Write `values` as the array at `path`, over whatever an unfinished run left there.
+
+        The array is created only if absent, so processes writing the same values at once (two
+        runs of one shard) never delete each other's chunks."""
         values = np.asarray(values)
-        array = self._group.create_array(
-            path, shape=values.shape, dtype=values.dtype, chunks=chunks or (values.shape or "auto"),
-            compressors=COMPRESSOR if values.ndim else None, overwrite=True,
-        )
+        array = self._require(path, values.shape, values.dtype, chunks or (values.shape or "auto"),
+                              COMPRESSOR if values.ndim else None)
         array[...] = values
 
     def require_array(self, path: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...]) -> zarr.Array:
         """The array at `path`, created if absent; several processes may call this at once."""
+        return self._require(path, tuple(shape), np.dtype(dtype), tuple(chunks), COMPRESSOR)
+
+    def _require(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunks, compressors) -> zarr.Array:
         try:
             array = self._group.create_array(path, shape=shape, dtype=dtype, chunks=chunks,
-                                             compressors=COMPRESSOR, overwrite=False)
+                                             compressors=compressors, overwrite=False)
         except zarr.errors.ContainsArrayError:
             array = self._group[path]
-        if array.shape != tuple(shape) or array.dtype != np.dtype(dtype) or array.chunks != tuple(chunks):
+        if array.shape != shape or array.dtype != dtype or (chunks != "auto" and array.chunks != chunks):
             raise StoreError(
                 f"store {self.location!r}: array {path!r} is {array.dtype} {array.shape} in chunks {array.chunks}, "
-                f"expected {np.dtype(dtype)} {tuple(shape)} in chunks {tuple(chunks)}"
+                f"expected {dtype} {shape}" + (f" in chunks {chunks}" if chunks != "auto" else "")
             )
         return array
 

@@ -62,19 +62,16 @@ def register_models(handle: Store, spec: ModelSpec, num_classes: int, checkpoint
 
     Without checkpoints: every finished reference model that `train` put in the store.
     With checkpoints: each file, checked against the model spec, copied into the store."""
-    registry = handle.manifest.get("models", [])
-    by_hash = {entry["sha256"]: entry["id"] for entry in registry}
-    ids = []
+    candidates = []  # (sha256, source, weights path), in order
     if checkpoints:
         for path in checkpoints:
             state = load_weights(spec.build(num_classes), load_checkpoint(path), repr(str(path)), spec).state_dict()
             digest = state_hash(state)
-            if digest not in by_hash:
-                weights = f"models/checkpoints/{digest[:16]}/weights"
+            weights = f"models/checkpoints/{digest[:16]}/weights"
+            if handle.done_info("checkpoints", digest[:16]) is None:
                 handle.write_arrays(weights, {k: v.numpy() for k, v in state.items()})
-                by_hash[digest] = len(registry)
-                registry.append({"id": len(registry), "source": str(path), "weights": weights, "sha256": digest})
-            ids.append(by_hash[digest])
+                handle.mark_done("checkpoints", digest[:16])
+            candidates.append((digest, str(path), weights))
     else:
         trained = handle.done_units("train", "reference")
         if not trained:
@@ -83,13 +80,18 @@ def register_models(handle: Store, spec: ModelSpec, num_classes: int, checkpoint
         for name in trained:
             weights = f"models/reference/{name}/weights"
             digest = state_hash({k: torch.from_numpy(v) for k, v in handle.read_arrays(weights).items()})
+            candidates.append((digest, f"train:reference/{name}", weights))
+
+    def assign_ids(manifest: dict) -> list[int]:
+        registry = manifest.setdefault("models", [])
+        by_hash = {entry["sha256"]: entry["id"] for entry in registry}
+        for digest, source, weights in candidates:
             if digest not in by_hash:
                 by_hash[digest] = len(registry)
-                registry.append({"id": len(registry), "source": f"train:reference/{name}", "weights": weights,
-                                 "sha256": digest})
-            ids.append(by_hash[digest])
-    handle.set_section("models", registry)
-    return ids
+                registry.append({"id": len(registry), "source": source, "weights": weights, "sha256": digest})
+        return [by_hash[digest] for digest, _, _ in candidates]
+
+    return handle.update(assign_ids)
 
 
 def load_registered_model(handle: Store, model_id: int, spec: ModelSpec, num_classes: int) -> nn.Module:

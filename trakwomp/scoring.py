@@ -158,13 +158,9 @@ def score(
     settings = FeatureSettings.of_store(handle, spec.build(len(fingerprint.classes)))
     key = scores_key(view, model_ids, fingerprint.sha256)
     target_prefix = f"targets/{fingerprint.sha256[:16]}/"
-    known = handle.manifest.get("targets", {})
-    known[fingerprint.sha256[:16]] = {"spec": targets.spec, **fingerprint.as_dict()}
-    handle.set_section("targets", known)
-    scored = handle.manifest.get("scores", {})
-    scored[key] = {"view": [view.dims, view.blocks, view.ridge], "models": model_ids,
-                   "targets": fingerprint.sha256[:16]}
-    handle.set_section("scores", scored)
+    handle.set_entry("targets", fingerprint.sha256[:16], {"spec": targets.spec, **fingerprint.as_dict()})
+    handle.set_entry("scores", key, {"view": [view.dims, view.blocks, view.ridge], "models": model_ids,
+                                     "targets": fingerprint.sha256[:16]})
 
     n, n_targets = manifest["dataset"]["num_examples"], len(targets)
     chunks = shard.select(range(math.ceil(n_targets / target_chunk_rows)))
