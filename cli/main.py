@@ -147,7 +147,7 @@ def featurize(
     checkpoint: list[str] = typer.Option([], "--checkpoint", help="A state_dict file or a glob; repeatable. Default: the store's trained reference models."),
     blocks: int = typer.Option(ProjectorSpec.blocks, "--blocks", help="Number of projection blocks B."),
     block_dim: int = typer.Option(ProjectorSpec.block_dim, "--block-dim", help="Dimensions per block; d = B x block dim."),
-    projector: str = typer.Option(ProjectorSpec.kind, "--projector", help="gaussian or rademacher."),
+    projector: str = typer.Option(ProjectorSpec.kind, "--projector", help="sjlt (sparse, O(p) per block), gaussian, rademacher or identity (no projection)."),
     projector_seed: int = typer.Option(ProjectorSpec.seed, "--projector-seed"),
     dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of the features: float32 or float16."),
     parameters: list[str] = typer.Option([], "--params", help="Glob of parameter names to take gradients for; repeatable. Default: all."),

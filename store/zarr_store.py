@@ -22,6 +22,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.core.sync import collect_aiterator
 from zarr.storage import LocalStore
 
 from trakwomp.store.durable import DurableStore
@@ -70,11 +71,14 @@ class Store:
         if not exists:
             if not create:
                 raise StoreError(f"no trakwomp store at {location!r}")
-            if path.is_dir() and any(path.iterdir()):
+            # (temporary files of a write that a kill interrupted do not count)
+            if path.is_dir() and any(not p.name.endswith(".partial") for p in path.iterdir()):
                 raise StoreError(f"{location!r} is a non-empty folder that is not a trakwomp store; choose a new path")
         try:
             durable = DurableStore(LocalStore(path))
-            group = zarr.open_group(store=durable, mode="a" if create else "r+", zarr_format=3)
+            # A new store's group and manifest are one write: a kill leaves a store or no store.
+            group = zarr.open_group(store=durable, mode="a" if create else "r+", zarr_format=3,
+                                    attributes={MANIFEST_KEY: {"format_version": FORMAT_VERSION}})
         except (OSError, ValueError, zarr.errors.BaseZarrError) as e:
             raise StoreError(f"cannot open store {location!r}: {e}") from None
         store = cls(group, location, durable)
@@ -86,8 +90,6 @@ class Store:
                 f"store {location!r} has format version {manifest['format_version']}, newer than this "
                 f"trakwomp reads ({FORMAT_VERSION}); upgrade trakwomp"
             )
-        if not manifest:
-            store.update(lambda m: m.setdefault("format_version", FORMAT_VERSION))
         return store
 
     @property
@@ -181,6 +183,11 @@ class Store:
                                              compressors=compressors, overwrite=False)
         except zarr.errors.ContainsArrayError:
             array = self._group[path]
+            # zarr writes an array's metadata and its parents' at once: a run killed then may
+            # have left the array without a parent group, which hides it from readers that walk.
+            parents = path.split("/")[:-1]
+            for depth in range(1, len(parents) + 1):
+                self._group.require_group("/".join(parents[:depth]))
         if array.shape != shape or array.dtype != dtype or (chunks != "auto" and array.chunks != chunks):
             raise StoreError(
                 f"store {self.location!r}: array {path!r} is {array.dtype} {array.shape} in chunks {array.chunks}, "
@@ -191,11 +198,9 @@ class Store:
     def done_units(self, stage: str, prefix: str = "") -> list[str]:
         """Names of the finished units under `done/<stage>/<prefix>`, sorted."""
         path = f"done/{stage}" + (f"/{prefix}" if prefix else "")
-        try:
-            group = self._group[path]
-        except KeyError:
-            return []
-        names = sorted(group.group_keys())
+        # Listed from the store, not from the group's metadata: a kill can leave a parent group
+        # without its zarr.json while markers below it are whole.
+        names = sorted(set(collect_aiterator(self._durable.list_dir(path))) - {"zarr.json"})
         return [n for n in names if self.done_info(stage, f"{prefix}/{n}" if prefix else n) is not None]
 
     def array(self, path: str) -> zarr.Array:

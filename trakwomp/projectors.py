@@ -34,7 +34,7 @@ TILE_ROWS = 4096
 
 @dataclass(frozen=True)
 class ProjectorSpec:
-    kind: str = "gaussian"
+    kind: str = "sjlt"
     seed: int = 0
     blocks: int = 16
     block_dim: int = 1024

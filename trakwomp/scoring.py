@@ -78,37 +78,43 @@ def mean_q(handle: Store, model_ids: list[int]) -> torch.Tensor:
     return (q_sum / len(model_ids) ** 2).float()
 
 
-def weighted_targets(handle: Store, view: View, model_id: int, target_prefix: str, rows: range,
-                     device: torch.device) -> torch.Tensor:
-    """phi_m(z)[:D] K_m^-1 for the targets `rows`, float32 (rows x D), computed in float64 block by
-    block, reading each block's inverse in its stored row chunks."""
+def weighted_targets(handle: Store, view: View, model_id: int, target_prefix: str, chunks: list[range],
+                     device: torch.device) -> list[torch.Tensor]:
+    """phi_m(z)[:D] K_m^-1 for the targets of each range in `chunks`, float32 (rows x D), computed
+    in float64 block by block, reading each block's inverse once, in its stored row chunks."""
     target_phi = handle.array(f"{target_prefix}features/{model_id:06d}/phi")
     inverse = handle.array(f"finalize/{view.key}/{model_id:06d}/inverse")
     step = inverse.chunks[1]
-    weighted = torch.empty(len(rows), view.dims, dtype=torch.float32, device=device)
+    weighted = [torch.empty(len(rows), view.dims, dtype=torch.float32, device=device) for rows in chunks]
     for b in range(view.blocks):
         columns = view.columns(b)
-        phi_b = torch.from_numpy(target_phi[rows.start:rows.stop, columns]).to(device, torch.float64)
-        product = torch.zeros(len(rows), view.block_width, dtype=torch.float64, device=device)
+        phi_b = [torch.from_numpy(target_phi[rows.start:rows.stop, columns]).to(device, torch.float64)
+                 for rows in chunks]
+        products = [torch.zeros(len(rows), view.block_width, dtype=torch.float64, device=device) for rows in chunks]
         for r in range(0, view.block_width, step):
-            product.addmm_(phi_b[:, r:r + step], torch.from_numpy(inverse[b, r:r + step]).to(device))
-        weighted[:, columns] = product.float()
+            piece = torch.from_numpy(inverse[b, r:r + step]).to(device)
+            for phi, product in zip(phi_b, products):
+                product.addmm_(phi[:, r:r + step], piece)
+        for out, product in zip(weighted, products):
+            out[:, columns] = product.float()
     return weighted
 
 
-def score_chunk(handle: Store, view: View, model_ids: list[int], q_bar: torch.Tensor, target_prefix: str,
-                rows: range, chunk_rows: int, device: torch.device) -> torch.Tensor:
-    """tau for the targets `rows` against every train example, as a float32 CPU tensor;
-    `q_bar` is `mean_q` of the models."""
+def score_chunks(handle: Store, view: View, model_ids: list[int], q_bar: torch.Tensor, target_prefix: str,
+                 chunks: list[range], chunk_rows: int, device: torch.device) -> list[torch.Tensor]:
+    """tau for the targets of each range in `chunks` against every train example, as float32 CPU
+    tensors, in one pass over the train features; `q_bar` is `mean_q` of the models. Each chunk
+    gets its own products, so its scores do not depend on which chunks share its pass."""
     n = len(q_bar)
-    scores = torch.zeros(len(rows), n, dtype=torch.float32, device=device)
+    scores = [torch.zeros(len(rows), n, dtype=torch.float32, device=device) for rows in chunks]
     for model_id in model_ids:
-        weighted = weighted_targets(handle, view, model_id, target_prefix, rows, device)
+        weighted = weighted_targets(handle, view, model_id, target_prefix, chunks, device)
         train_phi = handle.array(f"features/{model_id:06d}/phi")
         for start in range(0, n, chunk_rows):
             block = torch.from_numpy(train_phi[start:start + chunk_rows, :view.dims]).to(device, torch.float32)
-            scores[:, start:start + len(block)].addmm_(weighted, block.T)
-    return scores.mul_(q_bar.to(device)).cpu()
+            for out, w in zip(scores, weighted):
+                out[:, start:start + len(block)].addmm_(w, block.T)
+    return [out.mul_(q_bar.to(device)).cpu() for out in scores]
 
 
 def score_passes(chunks: list[int], chunk_rows: int, num_train: int) -> list[list[int]]:
@@ -172,20 +178,19 @@ def score(
     q_bar = mean_q(handle, model_ids)
     out = handle.require_array(f"scores/{key}/tau", (n_targets, n), "float32", (target_chunk_rows, min(n, 8192)))
     for group in score_passes(todo, target_chunk_rows, n):
-        rows = range(group[0] * target_chunk_rows, min(n_targets, (group[-1] + 1) * target_chunk_rows))
-        name = f"targets {rows.start}-{rows.stop - 1}"
-        progress.unit_started(name, len(rows) * len(model_ids))
+        ranges = [range(c * target_chunk_rows, min(n_targets, (c + 1) * target_chunk_rows)) for c in group]
+        name = f"targets {ranges[0].start}-{ranges[-1].stop - 1}"
+        progress.unit_started(name, (ranges[-1].stop - ranges[0].start) * len(model_ids))
         features_todo = [(m, chunk) for m in model_ids for chunk in group
                          if handle.done_info(f"featurize_targets/{fingerprint.sha256[:16]}", f"{m:06d}/{chunk:06d}") is None]
         write_features(handle, targets, spec, settings, features_todo, target_chunk_rows, batch_size, torch_device,
                        StepsOnly(progress), prefix=target_prefix, stage=f"featurize_targets/{fingerprint.sha256[:16]}")
-        tau = score_chunk(handle, view, model_ids, q_bar, target_prefix, rows, train_chunk_rows, torch_device).numpy()
-        for chunk in group:
-            chunk_rows = range(chunk * target_chunk_rows, min(n_targets, (chunk + 1) * target_chunk_rows))
-            out[chunk_rows.start:chunk_rows.stop] = tau[chunk_rows.start - rows.start:chunk_rows.stop - rows.start]
-            handle.mark_done("score", f"{key}/{chunk:06d}", {"rows": [chunk_rows.start, chunk_rows.stop]})
+        taus = score_chunks(handle, view, model_ids, q_bar, target_prefix, ranges, train_chunk_rows, torch_device)
+        for chunk, rows, tau in zip(group, ranges, taus):
+            out[rows.start:rows.stop] = tau.numpy()
+            handle.mark_done("score", f"{key}/{chunk:06d}", {"rows": [rows.start, rows.stop]})
             report.chunks_done += 1
-        progress.unit_finished(name, f"{len(rows)} targets scored", len(group))
+        progress.unit_finished(name, f"{ranges[-1].stop - ranges[0].start} targets scored", len(group))
     report.seconds = time.perf_counter() - start
     return report
 
