@@ -40,7 +40,7 @@ def copy_store(src, dst):
 
 
 def featurize_command(store, *extra):
-    return [sys.executable, "-m", "trakwomp.cli.main", "featurize", str(store), "--blocks", "4", "--block-dim", "16",
+    return [sys.executable, "-m", "trakwomp.cli.main", "featurize", str(store), "--projector", "gaussian", "--blocks", "4", "--block-dim", "16",
             "--projector-seed", "3", "--chunk-rows", "4", "--batch-size", "4", "--quiet", *extra]
 
 
@@ -143,7 +143,7 @@ def test_user_model_and_checkpoints_from_outside_the_package(cli, tmp_path, tiny
         net.zero_grad()
         margins(net(x[None]), torch.tensor([y])).sum().backward()
         grad = torch.cat([p.grad.reshape(-1) for p in net.parameters()]).double()
-        P = torch.cat([projection_block(ProjectorSpec("gaussian", 0, 2, 8), model_id, b, len(grad))
+        P = torch.cat([projection_block(ProjectorSpec(blocks=2, block_dim=8), model_id, b, len(grad))  # the default kind
                        for b in range(2)], dim=1).double()
         phi = group[f"features/{model_id:06d}/phi"]
         assert phi.dtype == np.float16
