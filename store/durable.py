@@ -71,15 +71,15 @@ class DurableStore(WrapperStore[LocalStore]):
         return type(self)(store)
 
     async def set(self, key: str, value: Buffer) -> None:
-        path = Path(self._store.root) / key
-        self._fault.before_write(path, value)
-        await self._store.set(key, value)
-        self._written.add(path)
+        await self._write(key, value, self._store.set)
 
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+        await self._write(key, value, self._store.set_if_not_exists)
+
+    async def _write(self, key: str, value: Buffer, write) -> None:
         path = Path(self._store.root) / key
         self._fault.before_write(path, value)
-        await self._store.set_if_not_exists(key, value)
+        await write(key, value)
         self._written.add(path)
 
     def sync(self) -> None:

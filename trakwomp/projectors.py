@@ -107,8 +107,7 @@ class DenseProjector:
         self.spec, self.model_id, self.num_params, self.device = spec, model_id, num_params, device
         self.num_tiles = math.ceil(num_params / TILE_ROWS)
         self._cache: dict[int, torch.Tensor] = {}
-        self._cacheable = num_params * spec.dim * 4 <= cache_bytes
-        self.regenerates = not self._cacheable
+        self.regenerates = num_params * spec.dim * 4 > cache_bytes
 
     def _tile(self, tile: int) -> torch.Tensor:
         """Rows of tile `tile` for all B blocks side by side: (rows, B * d_block) on the device."""
@@ -116,7 +115,7 @@ class DenseProjector:
             return self._cache[tile]
         blocks = [projection_tile(self.spec, self.model_id, b, tile, self.num_params) for b in range(self.spec.blocks)]
         value = torch.cat(blocks, dim=1).to(self.device)
-        if self._cacheable:
+        if not self.regenerates:
             self._cache[tile] = value
         return value
 
