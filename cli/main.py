@@ -145,13 +145,13 @@ def featurize(
     model: Optional[str] = typer.Option(None, "--model", help="resnet9 or package.module:factory; default: the store's."),
     width: Optional[float] = typer.Option(None, "--width", help="Width multiplier of the built-in resnet9."),
     checkpoint: list[str] = typer.Option([], "--checkpoint", help="A state_dict file or a glob; repeatable. Default: the store's trained reference models."),
-    blocks: int = typer.Option(ProjectorSpec.blocks, "--blocks", help="Number of projection blocks B."),
-    block_dim: int = typer.Option(ProjectorSpec.block_dim, "--block-dim", help="Dimensions per block; d = B x block dim."),
-    projector: str = typer.Option(ProjectorSpec.kind, "--projector", help="sjlt (sparse, O(p) per block), gaussian, rademacher or identity (no projection)."),
-    projector_seed: int = typer.Option(ProjectorSpec.seed, "--projector-seed"),
-    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of the features: float32 or float16."),
-    parameters: list[str] = typer.Option([], "--params", help="Glob of parameter names to take gradients for; repeatable. Default: all."),
-    chunk_rows: int = typer.Option(1024, "--chunk-rows", help="Train examples per stored chunk and per unit of work."),
+    blocks: Optional[int] = typer.Option(None, "--blocks", help=f"Number of projection blocks B [default: the store's, else {ProjectorSpec.blocks}]."),
+    block_dim: Optional[int] = typer.Option(None, "--block-dim", help=f"Dimensions per block; d = B x block dim [default: the store's, else {ProjectorSpec.block_dim}]."),
+    projector: Optional[str] = typer.Option(None, "--projector", help=f"sjlt (sparse, O(p) per block), gaussian, rademacher or identity (no projection) [default: the store's, else {ProjectorSpec.kind}]."),
+    projector_seed: Optional[int] = typer.Option(None, "--projector-seed", help=f"[default: the store's, else {ProjectorSpec.seed}]"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Storage dtype of the features: float32 or float16 [default: the store's, else float32]."),
+    parameters: list[str] = typer.Option([], "--params", help="Glob of parameter names to take gradients for; repeatable. Default: the store's, else all."),
+    chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows", help="Train examples per stored chunk and per unit of work [default: the store's, else 1024]."),
     batch_size: int = typer.Option(64, "--batch-size", help="Examples per per-example-gradient batch."),
     device: str = DeviceOpt,
     shard: str = ShardOpt,
@@ -159,10 +159,16 @@ def featurize(
     indices: Optional[Path] = IndicesOpt,
     transform: Optional[str] = TransformOpt,
 ):
-    """Project per-example gradients of each model to d = B x block-dim dims and store them."""
+    """Project per-example gradients of each model to d = B x block-dim dims and store them.
+
+    Projector options given replace all of the store's (defaults for those not given); none
+    given means the store's, so the same command resumes or adds checkpoints."""
     shard_spec = Shard.parse(shard)
     spec = ModelSpec.parse(model, width) if model else None
-    projector_spec = ProjectorSpec(kind=projector, seed=projector_seed, blocks=blocks, block_dim=block_dim)
+    given = {"kind": projector, "seed": projector_seed, "blocks": blocks, "block_dim": block_dim}
+    projector_spec = None
+    if any(v is not None for v in given.values()):
+        projector_spec = ProjectorSpec(**{k: v for k, v in given.items() if v is not None})
     train_set = load_dataset(data, indices, transform) if data else None
     if not data and (indices or transform):
         raise UserError("--indices and --transform go with --data")
@@ -223,14 +229,22 @@ def score(
     quiet: bool = QuietOpt,
     target_indices: Optional[Path] = typer.Option(None, "--target-indices", help="An .npy of ints selecting a subset of --targets."),
     transform: Optional[str] = TransformOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="The store's model; needed (and checked) if it is a package.module:factory."),
+    width: Optional[float] = typer.Option(None, "--width", help="Width multiplier of the built-in resnet9."),
 ):
     """Attribution scores tau(z) of every train example for every target (TRAK-WOMP eq. 3)."""
     shard_spec = Shard.parse(shard)
     if (out or top_k) and shard_spec.count > 1:
         raise UserError("--out and --top-k need all shards' scores: run them without --shard once every shard is done")
+    if top_k < 0 or threshold < 0:
+        raise UserError("--top-k and --threshold must be >= 0")
+    for flag, path in (("--out", out), ("--top-k-out", top_k_out if top_k else None)):
+        if path is not None and not path.parent.is_dir():
+            raise UserError(f"{flag} {str(path)!r}: there is no folder {str(path.parent)!r}")
+    spec = ModelSpec.parse(model, width) if model else None
     target_set = load_dataset(targets, target_indices, transform)
     with progress_for(quiet) as progress:
-        report = score_targets(store, target_set, dims, blocks, ridge, parse_model_ids(models),
+        report = score_targets(store, target_set, dims, blocks, ridge, parse_model_ids(models), model=spec,
                                target_chunk_rows=chunk_rows, batch_size=batch_size, device=device, shard=shard_spec,
                                progress=progress)
     if not quiet:

@@ -6,13 +6,21 @@ also remembers the files it wrote; `sync()` fsyncs them and their folders. `Stor
 syncs a unit's data before it writes the unit's done marker, and the marker before it returns,
 so a published unit survives a crash of the process or of the machine.
 
-TRAKWOMP_FAULT=K makes the process SIGKILL itself just before its K-th write (counted from 1
-over the process's life); TRAKWOMP_FAULT=K:torn kills it in the middle of that write, after
-half of the bytes went to the temporary file. Tests use it to replay a crash at a chosen point.
+A write that the file system refuses (a full disk, a read-only mount) raises StoreError, which
+names the store and the reason; zarr has removed the write's temporary file by then, and no
+done marker follows, so the unit stays unfinished.
+
+TRAKWOMP_FAULT injects a fault at the K-th write (counted from 1 over the process's life), so
+that tests can replay one at a chosen point:
+- K: SIGKILL just before the write; K:torn: SIGKILL halfway through it (half of its bytes in a
+  temporary file);
+- K:enospc: this and every later write fails with ENOSPC (a disk that fills up and stays full);
+  K:erofs: this and every later write fails with EROFS (a file system that turns read-only).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from pathlib import Path
@@ -20,25 +28,36 @@ from pathlib import Path
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore, WrapperStore
 
+from trakwomp.store.errors import StoreError
+
 FAULT_VARIABLE = "TRAKWOMP_FAULT"
+FAULT_MODES = ("kill", "torn", "enospc", "erofs")
 
 
 class FaultPlan:
-    """Where, if anywhere, to kill this process: at write `at`, torn or not."""
+    """Which fault, if any, to inject at write `at` (see the module docstring)."""
 
     writes = 0
 
     def __init__(self, spec: str | None):
-        self.at, self.torn = None, False
+        self.at, self.mode = None, "kill"
         if spec:
             number, _, mode = spec.partition(":")
-            self.at, self.torn = int(number), mode == "torn"
+            if not number.isdigit() or int(number) < 1 or (mode or "kill") not in FAULT_MODES:
+                raise StoreError(f"malformed {FAULT_VARIABLE}={spec!r}: expected K or K:MODE, MODE one of "
+                                 f"{', '.join(FAULT_MODES[1:])}")
+            self.at, self.mode = int(number), mode or "kill"
 
     def before_write(self, path: Path, value: Buffer) -> None:
         FaultPlan.writes += 1
-        if FaultPlan.writes != self.at:
+        if self.at is None or FaultPlan.writes < self.at:
             return
-        if self.torn:
+        if self.mode in ("enospc", "erofs"):
+            code = errno.ENOSPC if self.mode == "enospc" else errno.EROFS
+            raise OSError(code, os.strerror(code), str(path))
+        if FaultPlan.writes > self.at:
+            return
+        if self.mode == "torn":
             data = value.to_bytes()
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path.with_suffix(".fault.partial"), "wb") as f:
@@ -78,14 +97,21 @@ class DurableStore(WrapperStore[LocalStore]):
 
     async def _write(self, key: str, value: Buffer, write) -> None:
         path = Path(self._store.root) / key
-        self._fault.before_write(path, value)
-        await write(key, value)
+        try:
+            self._fault.before_write(path, value)
+            await write(key, value)
+        except OSError as e:
+            raise StoreError(f"cannot write to store {str(self._store.root)!r}: {e.strerror or e}; "
+                             "finished units are kept, run the command again once it is writable") from None
         self._written.add(path)
 
     def sync(self) -> None:
         """fsync every file written since the last sync, then the folders that hold them."""
         written, self._written = self._written, set()
-        for path in written:
-            fsync_path(path)
-        for folder in {p.parent for p in written}:
-            fsync_path(folder)
+        try:
+            for path in written:
+                fsync_path(path)
+            for folder in {p.parent for p in written}:
+                fsync_path(folder)
+        except OSError as e:
+            raise StoreError(f"cannot write to store {str(self._store.root)!r}: {e.strerror or e}") from None

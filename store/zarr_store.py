@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import numpy as np
 import zarr
 import zarr.codecs
-from zarr.core.sync import collect_aiterator
+from zarr.core.sync import collect_aiterator, sync
 from zarr.storage import LocalStore
 
 from trakwomp.store.durable import DurableStore
+from trakwomp.store.errors import StoreError
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "trakwomp"
@@ -35,8 +38,10 @@ T = TypeVar("T")
 COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 
-class StoreError(Exception):
-    """A store that is missing, not a trakwomp store, or bound to other inputs."""
+# Every path inside the store is made of these names: none can be "..", absolute, or empty.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# Reading or decoding a damaged chunk or metadata document raises one of these inside zarr.
+_DAMAGE = (ValueError, RuntimeError, TypeError, KeyError, OSError)
 
 
 def _describe_difference(name: str, stored: Any, given: Any) -> str:
@@ -91,6 +96,14 @@ class Store:
                 f"trakwomp reads ({FORMAT_VERSION}); upgrade trakwomp"
             )
         return store
+
+    @classmethod
+    def open_existing(cls, location: str | Path) -> "Store | None":
+        """The store at `location`, or None if there is none yet (no folder, or an empty one)."""
+        path = Path(location)
+        if path.is_dir() and not (path / "zarr.json").is_file() and all(p.name.endswith(".partial") for p in path.iterdir()):
+            return None
+        return cls.open(location) if path.exists() else None
 
     @property
     def manifest(self) -> dict:
@@ -151,13 +164,13 @@ class Store:
         The data are made durable first, then the marker."""
         attributes = json.loads(json.dumps({"unit": unit, **(info or {})}))
         self._durable.sync()
-        self._group.create_group(f"done/{stage}/{unit}", attributes=attributes, overwrite=True)
+        self._group.create_group(self._checked(f"done/{stage}/{unit}"), attributes=attributes, overwrite=True)
         self._durable.sync()
 
     def done_info(self, stage: str, unit: str) -> dict | None:
         """The info a finished unit was published with, or None if the unit is not finished."""
         try:
-            marker = self._group[f"done/{stage}/{unit}"]
+            marker = self._group[self._checked(f"done/{stage}/{unit}")]
             attributes = marker.attrs.asdict()
         except (KeyError, ValueError, zarr.errors.BaseZarrError):
             return None
@@ -173,16 +186,17 @@ class Store:
                               COMPRESSOR if values.ndim else None)
         array[...] = values
 
-    def require_array(self, path: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...]) -> zarr.Array:
+    def require_array(self, path: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...]) -> "StoredArray":
         """The array at `path`, created if absent; several processes may call this at once."""
         return self._require(path, tuple(shape), np.dtype(dtype), tuple(chunks), COMPRESSOR)
 
-    def _require(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunks, compressors) -> zarr.Array:
+    def _require(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunks, compressors) -> "StoredArray":
+        path = self._checked(path)
         try:
             array = self._group.create_array(path, shape=shape, dtype=dtype, chunks=chunks,
                                              compressors=compressors, overwrite=False)
         except zarr.errors.ContainsArrayError:
-            array = self._group[path]
+            array = self._node(path, "array")
             # zarr writes an array's metadata and its parents' at once: a run killed then may
             # have left the array without a parent group, which hides it from readers that walk.
             parents = path.split("/")[:-1]
@@ -193,25 +207,20 @@ class Store:
                 f"store {self.location!r}: array {path!r} is {array.dtype} {array.shape} in chunks {array.chunks}, "
                 f"expected {dtype} {shape}" + (f" in chunks {chunks}" if chunks != "auto" else "")
             )
-        return array
+        return StoredArray(array, path, self)
 
     def done_units(self, stage: str, prefix: str = "") -> list[str]:
         """Names of the finished units under `done/<stage>/<prefix>`, sorted."""
-        path = f"done/{stage}" + (f"/{prefix}" if prefix else "")
+        path = self._checked(f"done/{stage}" + (f"/{prefix}" if prefix else ""))
         # Listed from the store, not from the group's metadata: a kill can leave a parent group
         # without its zarr.json while markers below it are whole.
-        names = sorted(set(collect_aiterator(self._durable.list_dir(path))) - {"zarr.json"})
+        names = sorted(n for n in collect_aiterator(self._durable.list_dir(path)) if _NAME.fullmatch(n) and n != "zarr.json")
         return [n for n in names if self.done_info(stage, f"{prefix}/{n}" if prefix else n) is not None]
 
-    def array(self, path: str) -> zarr.Array:
+    def array(self, path: str) -> "StoredArray":
         """The array at `path`, for reading slices of it."""
-        try:
-            node = self._group[path]
-        except KeyError:
-            raise StoreError(f"store {self.location!r} has no array {path!r}") from None
-        if not isinstance(node, zarr.Array):
-            raise StoreError(f"store {self.location!r}: {path!r} is not an array")
-        return node
+        path = self._checked(path)
+        return StoredArray(self._node(path, "array"), path, self)
 
     def read_array(self, path: str) -> np.ndarray:
         return np.asarray(self.array(path)[...])
@@ -221,8 +230,85 @@ class Store:
             self.write_array(f"{path}/{name}", values)
 
     def read_arrays(self, path: str) -> dict[str, np.ndarray]:
+        path = self._checked(path)
+        group = self._node(path, "group")
+        return {name: np.asarray(StoredArray(array, f"{path}/{name}", self)[...]) for name, array in group.arrays()}
+
+    def _checked(self, path: str) -> str:
+        """`path`, refused unless every part of it is a plain name: no path leaves the store."""
+        if not all(_NAME.fullmatch(part) for part in path.split("/")):
+            raise StoreError(f"store {self.location!r}: refusing the path {path!r}, which is not made of plain names")
+        return path
+
+    def _node(self, path: str, kind: str) -> zarr.Array | zarr.Group:
         try:
-            group = self._group[path]
+            node = self._group[path]
         except KeyError:
-            raise StoreError(f"store {self.location!r} has no group {path!r}") from None
-        return {name: np.asarray(array[...]) for name, array in group.arrays()}
+            raise StoreError(f"store {self.location!r} has no {kind} {path!r}") from None
+        except (*_DAMAGE, zarr.errors.BaseZarrError) as e:
+            raise self.damaged(f"the metadata of {path!r} does not read ({e})") from None
+        if not isinstance(node, zarr.Array if kind == "array" else zarr.Group):
+            raise StoreError(f"store {self.location!r}: {path!r} is not an {kind}")
+        return node
+
+    def has_key(self, key: str) -> bool:
+        return sync(self._durable.exists(key))
+
+    def damaged(self, what: str) -> StoreError:
+        return StoreError(f"store {self.location!r} is damaged: {what}; restore it from a copy, or make a new store")
+
+
+class StoredArray:
+    """An array of a store, sliced like a zarr array.
+
+    A read that touches a missing chunk, or one that does not decode, raises StoreError naming
+    the array. Every chunk is written, even one equal to the fill value, so a chunk missing
+    from what a reader asks for (readers ask only for published units) means the store was
+    damaged, and zeros are never read in its place."""
+
+    def __init__(self, array: zarr.Array, path: str, store: Store):
+        self._array = array.with_config({"write_empty_chunks": True})
+        self.path, self._store = path, store
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._array.shape
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return self._array.chunks
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._array.dtype
+
+    def __getitem__(self, selection):
+        for coords in itertools.product(*_chunk_ranges(selection, self.shape, self.chunks)):
+            key = f"{self.path}/{self._array.metadata.encode_chunk_key(coords)}"
+            if not self._store.has_key(key):
+                raise self._store.damaged(f"chunk {key!r} is missing")
+        try:
+            return self._array[selection]
+        except _DAMAGE as e:
+            raise self._store.damaged(f"a chunk of {self.path!r} does not decode ({e})") from None
+
+    def __setitem__(self, selection, values) -> None:
+        self._array[selection] = values
+
+
+def _chunk_ranges(selection, shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[range]:
+    """Per dimension, the chunk indices a basic selection (ints, slices, ...) touches."""
+    parts = list(selection) if isinstance(selection, tuple) else [selection]
+    if Ellipsis in parts:
+        at = parts.index(Ellipsis)
+        parts[at:at + 1] = [slice(None)] * (len(shape) - len(parts) + 1)
+    parts += [slice(None)] * (len(shape) - len(parts))
+    ranges = []
+    for part, size, chunk in zip(parts, shape, chunks):
+        if isinstance(part, slice):
+            positions = range(*part.indices(size))
+            ranges.append(range(min(positions) // chunk, max(positions) // chunk + 1) if positions else range(0))
+        else:
+            index = int(part) % size
+            ranges.append(range(index // chunk, index // chunk + 1))
+    return ranges

@@ -3,39 +3,9 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import zarr
 
 from conftest import REPO, plain
-
-
-def assert_one_line_error(result, fragment):
-    assert result.exit_code == 2, result.output
-    text = plain(result.stderr).strip()
-    assert "Traceback" not in result.output
-    assert len(text.splitlines()) == 1, text
-    assert text.startswith("error:") and fragment in text, text
-
-
-@pytest.mark.parametrize("args, fragment", [
-    (["--data", "mnist:train"], "unknown dataset spec 'mnist:train'"),
-    (["--data", "imagefolder:/no/such/dir"], "no folder '/no/such/dir'"),
-    (["--data", "npz:/no/such.npz"], "no file '/no/such.npz'"),
-    (["--data", "cifar10-mini:train", "--model", "not a model"], "malformed model spec"),
-    (["--data", "cifar10-mini:train", "--shard", "2/2"], "--shard '2/2' is out of range"),
-    (["--data", "cifar10-mini:train", "--shard", "first"], "malformed --shard"),
-    (["--data", "cifar10-mini:train", "--indices", "/no/such.npy"], "cannot read indices file"),
-    (["--data", "cifar10-mini:train", "--role", "lds"], "--role lds needs --targets"),
-])
-def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, args, fragment):
-    result = cli("train", tmp_path / "store", *args, "--quiet")
-    assert_one_line_error(result, fragment)
-    assert not (tmp_path / "store").exists()
-
-
-def test_store_path_that_is_a_file(cli, tmp_path):
-    (tmp_path / "file").write_text("x")
-    assert_one_line_error(cli("train", tmp_path / "file", "--data", "cifar10-mini:train", "--quiet"), "is a file")
 
 
 def test_train_then_lds_through_the_cli(cli, tmp_path, tiny_npz):

@@ -34,12 +34,14 @@ def test_soft_threshold_matches_its_definition():
 
 
 def test_regularized_inverse_with_relative_ridge():
-    g = torch.randn(30, 6, dtype=torch.float64)
+    g = torch.randn(30, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     gram = g.T @ g
     expected = np.linalg.inv(gram.numpy() + 0.1 * np.mean(np.diag(gram.numpy())) * np.eye(6))
     np.testing.assert_allclose(regularized_inverse(gram, 0.1).numpy(), expected, rtol=1e-10)
     np.testing.assert_allclose(regularized_inverse(gram, 0.0).numpy(), np.linalg.inv(gram.numpy()), rtol=1e-9)
-    singular = g[:3].T @ g[:3]
+    dependent = g.clone()
+    dependent[:, 5] = 0  # a feature that is always zero: the Gram matrix has a zero pivot
+    singular = dependent.T @ dependent
     with pytest.raises(UserError, match="--ridge"):
         regularized_inverse(singular, 0.0)
 
@@ -200,12 +202,14 @@ def test_agrees_with_traker_without_projection(tmp_path, user_module):
     data = load_dataset(f"npz:{tmp_path / 'train.npz'}")
     targets = load_dataset(f"npz:{tmp_path / 'targets.npz'}")
     store = tmp_path / "store"
-    featurize(store, data, ModelSpec.parse("linear_trak_model:build"), [tmp_path / "m0.pt", tmp_path / "m1.pt"],
-              projector=ProjectorSpec("identity", 0, 1, 14))
+    spec = ModelSpec.parse("linear_trak_model:build")
+    featurize(store, data, spec, [tmp_path / "m0.pt", tmp_path / "m1.pt"], projector=ProjectorSpec("identity", 0, 1, 14))
     finalize(store, blocks=1)
+    with pytest.raises(UserError, match="imports code only when you name it: pass --model linear_trak_model:build"):
+        score(store, targets, blocks=1)  # the store names a user module: not imported unless the user names it
     ours = {}
     for models in ([0], [1], [0, 1]):
-        ours[tuple(models)] = stored(store, f"scores/{score(store, targets, blocks=1, models=models).key}/tau")
+        ours[tuple(models)] = stored(store, f"scores/{score(store, targets, blocks=1, models=models, model=spec).key}/tau")
     p = 14
     q = [stored(store, f"features/00000{m}/q") for m in (0, 1)]
     mean_abs_inverse = [np.abs(stored(store, f"finalize/d14-b1-ridge0/00000{m}/inverse")).mean() for m in (0, 1)]

@@ -1,12 +1,16 @@
-"""Fault injection: a process killed at any write leaves a store that a rerun completes to exactly
-the store of an uninterrupted run; concurrent processes on one store equal one process.
+"""Fault injection: a process killed at any write, or stopped by a full disk, leaves a store that
+a rerun completes to exactly the store of an uninterrupted run; concurrent processes on one store
+equal one process; a read-only store is read, and refused for writing, without a change.
 
 Each stage (train, featurize, finalize, score) runs as a `trakwomp` process with TRAKWOMP_FAULT=K
 (SIGKILL just before its K-th write) or K:torn (SIGKILL halfway through writing it), K drawn with
 a fixed seed from the writes the stage makes; the rerun is in-process, and every array and done
-marker is compared, bitwise, with a store that no fault touched.
+marker is compared, bitwise, with a store that no fault touched. Full disks and read-only file
+systems are injected (K:enospc, K:erofs) in-process, and, where this machine lets the tests
+mount file systems, made real with a small tmpfs and a read-only bind mount.
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -14,6 +18,9 @@ import sys
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
+
+from trakwomp.cli.main import app
 
 from trakwomp.data import load_dataset
 from trakwomp.featurize import featurize
@@ -23,13 +30,15 @@ from trakwomp.scoring import score
 from trakwomp.store.durable import FAULT_VARIABLE, FaultPlan
 from trakwomp.training import Recipe, train
 
-from conftest import REPO, write_tiny_images
+from conftest import REPO, plain, write_tiny_images
+from test_bad_inputs import tree_digest
 from test_train import TINY, read_store
 
 RECIPE = Recipe(epochs=1, batch_size=16, lr=0.05)
 PROJECTOR = ProjectorSpec("sjlt", 5, 2, 8)
 STAGES = ("train", "featurize", "finalize", "score")
 KILLS_PER_STAGE = {"train": 5, "featurize": 7, "finalize": 5, "score": 7}
+FULL_DISKS_PER_STAGE = 2
 
 
 class Setup:
@@ -49,6 +58,12 @@ class Setup:
             "score": ["--targets", f"npz:{self.target_npz}", "--chunk-rows", "4"],
         }[stage]
         return [*base, *args, "--quiet", *extra]
+
+    def invoke(self, stage, store, *extra):
+        """The stage's command run in this process; returns (exit code, stderr without colour)."""
+        result = CliRunner().invoke(app, self.command(stage, store, *extra)[3:])
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        return result.exit_code, plain(result.stderr).strip()
 
     def run(self, stage, store):
         """The stage in-process, with the same settings as `command`."""
@@ -122,3 +137,107 @@ def test_same_shard_twice_and_four_shards_at_once_equal_one_process(stages, tmp_
         processes = [subprocess.Popen(setup.command(stage, store, *extra), cwd=REPO) for extra in extras]
         assert [p.wait() for p in processes] == [0] * len(processes)
         assert_same_store(store, after)
+
+
+def full_disk_points():
+    """(stage, fraction of its writes) at which the disk fills up, drawn with a fixed seed."""
+    rng = np.random.default_rng(11)
+    return [(stage, float(f)) for stage in STAGES for f in rng.random(FULL_DISKS_PER_STAGE)]
+
+
+def assert_refused_in_one_line(code, message, reason):
+    assert code == 2 and len(message.splitlines()) == 1, (code, message)
+    assert message.startswith("error: cannot write to store") and reason in message, message
+
+
+@pytest.mark.parametrize("stage, fraction", full_disk_points(), ids=[f"{s}-{f:.3f}" for s, f in full_disk_points()])
+def test_full_disk_mid_stage_publishes_only_finished_units(stages, tmp_path, monkeypatch, stage, fraction):
+    """ENOSPC at a write and every write after it: one line, exit 2; then a rerun (disk freed)
+    equals an uninterrupted run, so every unit published before the disk filled was whole."""
+    setup, built = stages
+    before, after, writes = built[stage]
+    victim = tmp_path / "victim"
+    if before.exists():
+        shutil.copytree(before, victim)
+    monkeypatch.setenv(FAULT_VARIABLE, f"{1 + int(fraction * writes)}:enospc")
+    monkeypatch.setattr(FaultPlan, "writes", 0)
+    code, message = setup.invoke(stage, victim)
+    assert_refused_in_one_line(code, message, "No space left on device")
+    monkeypatch.delenv(FAULT_VARIABLE)
+    setup.run(stage, victim)
+    assert_same_store(victim, after)
+
+
+@contextlib.contextmanager
+def mounted(*mount_args, at):
+    """`mount *mount_args at`, unmounted afterwards; skips the test where mounting is not allowed."""
+    at.mkdir(exist_ok=True)
+    result = subprocess.run(["mount", *mount_args, str(at)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount here: {result.stderr.strip()}")
+    try:
+        yield at
+    finally:
+        subprocess.run(["umount", str(at)], check=True)
+
+
+@contextlib.contextmanager
+def read_only(store, how, monkeypatch):
+    """`store` made read-only: a read-only bind mount over itself, or EROFS on every write."""
+    if how == "injected":
+        monkeypatch.setenv(FAULT_VARIABLE, "1:erofs")
+        monkeypatch.setattr(FaultPlan, "writes", 0)
+        yield
+        monkeypatch.delenv(FAULT_VARIABLE)
+        return
+    with mounted("--bind", str(store), at=store):
+        if subprocess.run(["mount", "-o", "remount,bind,ro", str(store)]).returncode != 0:
+            pytest.skip("cannot remount read-only here")
+        yield
+
+
+NEXT_WORK = {"train": ["featurize"], "featurize": ["finalize"], "finalize": ["score"], "score": ["finalize", "--blocks", "1"]}
+
+
+@pytest.mark.parametrize("how", ["injected", "mount"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_read_only_store_is_read_and_refused_for_writing_unchanged(stages, tmp_path, monkeypatch, stage, how):
+    """On a read-only store, a finished stage reruns (it only reads) and new work is refused in
+    one line; neither changes a byte."""
+    setup, built = stages
+    store = tmp_path / "store"
+    shutil.copytree(built[stage][1], store)
+    digest = tree_digest(store)
+    with read_only(store, how, monkeypatch):
+        code, message = setup.invoke(stage, store)
+        assert code == 0, message
+        next_stage, *extra = NEXT_WORK[stage]
+        code, message = setup.invoke(next_stage, store, *extra)
+        assert_refused_in_one_line(code, message, "Read-only file system")
+    assert tree_digest(store) == digest
+
+
+def used_bytes(folder):
+    stats = os.statvfs(folder)
+    return (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+
+
+@pytest.mark.parametrize("stage", ["featurize", "score"])
+def test_a_real_full_disk_then_rerun_equals_an_uninterrupted_run(stages, tmp_path, stage):
+    """The stage on a tmpfs resized to hold its store before the stage and half of what the
+    stage adds (both measured on the tmpfs)."""
+    setup, built = stages
+    before, after, _ = built[stage]
+    with mounted("-t", "tmpfs", "-o", "size=64m", "tmpfs", at=tmp_path / "disk") as disk:
+        shutil.copytree(after, disk / "store")
+        used_after = used_bytes(disk)
+        shutil.rmtree(disk / "store")
+        shutil.copytree(before, disk / "store")
+        used_before = used_bytes(disk)
+        size = used_before + (used_after - used_before) // 2
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+        code, message = setup.invoke(stage, disk / "store")
+        assert_refused_in_one_line(code, message, "No space left on device")
+        shutil.copytree(disk / "store", tmp_path / "store")
+    setup.run(stage, tmp_path / "store")
+    assert_same_store(tmp_path / "store", after)

@@ -156,7 +156,7 @@ def test_user_model_and_checkpoints_from_outside_the_package(cli, tmp_path, tiny
 def test_featurize_bad_inputs(cli, tmp_path, tiny_npz, trained):
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "linear.pt")
     cases = [
-        (["featurize", tmp_path / "empty"], "records no dataset"),
+        (["featurize", tmp_path / "empty"], "no trakwomp store at"),
         (["featurize", tmp_path / "x", "--data", f"npz:{tiny_npz}", "--model", "resnet9", "--width", "0.0625",
           "--checkpoint", tmp_path / "linear.pt"], "does not fit model resnet9"),
         (["featurize", tmp_path / "x", "--data", f"npz:{tiny_npz}", "--model", "resnet9",
@@ -193,3 +193,17 @@ def test_non_finite_gradients_are_refused_and_their_chunk_is_not_published(tmp_p
                   projector=ProjectorSpec(kind, 0, 2, 8), chunk_rows=4, batch_size=2)
     done = sorted(p.parent.name for p in (store / "done/featurize/000000").glob("*/zarr.json"))
     assert done == ["000000"]
+
+
+def test_without_settings_featurize_uses_the_stores_so_the_same_command_resumes(cli, trained, tmp_path, tiny_npz):
+    featurize(trained, projector=PROJECTOR, chunk_rows=16, dtype="float16")
+    result = cli("featurize", trained, "--quiet")
+    assert result.exit_code == 0, result.output
+    torch.save(TINY.build(4).state_dict(), tmp_path / "extra.pt")
+    result = cli("featurize", trained, "--data", f"npz:{tiny_npz}", "--model", "resnet9", "--width", "0.0625",
+                 "--checkpoint", tmp_path / "extra.pt", "--quiet")
+    assert result.exit_code == 0, result.output
+    phi = zarr.open_group(str(trained), mode="r")["features/000002/phi"]
+    assert (phi.shape, phi.chunks, phi.dtype) == ((48, 64), (16, 16), np.float16)
+    result = cli("featurize", trained, "--blocks", "4", "--block-dim", "16", "--quiet")  # the rest: defaults, not the store's
+    assert result.exit_code == 2 and "featurize.projector.kind is \"gaussian\" in the store but \"sjlt\" here" in plain(result.stderr)

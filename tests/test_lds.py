@@ -155,10 +155,10 @@ def test_unprojected_trak_is_accurate_for_logistic_regression(tmp_path, user_mod
 
     data, targets = load_dataset(f"npz:{tmp_path / 'train.npz'}"), load_dataset(f"npz:{tmp_path / 'targets.npz'}")
     store = tmp_path / "store"
-    featurize(store, data, ModelSpec.parse("logistic_lds_model:build"), [tmp_path / "full.pt"],
-              projector=ProjectorSpec("identity", 0, 1, 6))
+    spec = ModelSpec.parse("logistic_lds_model:build")
+    featurize(store, data, spec, [tmp_path / "full.pt"], projector=ProjectorSpec("identity", 0, 1, 6))
     finalize(store, blocks=1)
-    key = score(store, targets, blocks=1).key
+    key = score(store, targets, blocks=1, model=spec).key
     export_scores(store, key, tmp_path / "scores.npy")
     result = evaluate(ScoreSource.from_file(tmp_path / "scores.npy"), truth, resamples=200)
     # Measured 0.94 here (60 LDS models, 20 targets); a broken estimator (wrong sign, wrong q, a

@@ -13,6 +13,7 @@ if given, is applied after that, everywhere a model sees the data.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -99,7 +100,9 @@ class Dataset(torch.utils.data.Dataset):
         indices = np.asarray(indices)
         if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
             raise UserError(f"indices for {self.spec} must be a 1-d array of integers, got {indices.dtype} {indices.shape}")
-        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+        if not len(indices):
+            raise UserError(f"indices for {self.spec} select no examples")
+        if indices.min() < 0 or indices.max() >= len(self):
             raise UserError(
                 f"indices for {self.spec} must lie in [0, {len(self)}), got values from {indices.min()} to {indices.max()}"
             )
@@ -183,6 +186,8 @@ def _imagefolder(spec: str, root: str) -> Dataset:
 def _npz(spec: str, path: str) -> Dataset:
     if not Path(path).is_file():
         raise UserError(f"dataset spec {spec!r}: no file {path!r}")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"dataset spec {spec!r}: {path!r} is not an .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as z:
             if "x" not in z or "y" not in z:
@@ -232,12 +237,20 @@ def load_dataset(
     return ds
 
 
-def load_indices(path: str | Path, what: str = "indices file") -> np.ndarray:
-    """A 1-d integer (or, for masks, boolean) array from an .npy file."""
+def read_npy(path: str | Path, what: str, mmap_mode: str | None = None) -> np.ndarray:
+    """The array in an .npy file (never unpickled); a missing or damaged file is a UserError."""
     try:
-        values = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise UserError(f"{what} {str(path)!r} is not an .npy file")
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {what} {str(path)!r}: {e}") from None
+
+
+def load_indices(path: str | Path, what: str = "indices file") -> np.ndarray:
+    """A 1-d integer (or, for masks, boolean) array from an .npy file."""
+    values = read_npy(path, what)
     if values.ndim != 1 or not (np.issubdtype(values.dtype, np.integer) or values.dtype == bool):
         raise UserError(f"{what} {str(path)!r} must hold a 1-d integer array, got {values.dtype} {values.shape}")
     return values

@@ -80,6 +80,8 @@ def soft_threshold(values: torch.Tensor, threshold: torch.Tensor | float) -> tor
 def relative_soft_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """Soft-threshold each target's row at `threshold` times that row's root mean square score,
     so that one threshold transfers across M, d and views (their raw scales differ)."""
+    if threshold < 0:
+        raise UserError(f"--threshold must be >= 0, got {threshold}")
     if threshold == 0:
         return scores
     scale = scores.double().pow(2).mean(dim=1, keepdim=True).sqrt().to(scores.dtype)

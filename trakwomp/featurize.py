@@ -42,13 +42,13 @@ class FeaturizeReport:
 
 
 def stored_dataset(handle: Store, verify: bool = True) -> Dataset:
-    """The train set a store was made with, reloaded from its recorded spec and, if `verify`,
-    checked by fingerprint (which reads every example)."""
+    """The train set a store was made with (without its transform), reloaded from its recorded
+    spec and, if `verify`, checked by fingerprint (which reads every example)."""
     manifest = handle.manifest
     if "dataset_source" not in manifest:
         raise UserError(f"store {handle.location!r} records no dataset yet; pass --data (and --model, --checkpoint)")
     source = manifest["dataset_source"]
-    data = load_dataset(source["spec"], transform=manifest["model"].get("transform"))
+    data = load_dataset(source["spec"])
     if source["has_indices"]:
         data = data.select(handle.read_array("data/train_indices"))
     if len(data) != manifest["dataset"]["num_examples"] or (verify and data.fingerprint().as_dict() != manifest["dataset"]):
@@ -57,27 +57,28 @@ def stored_dataset(handle: Store, verify: bool = True) -> Dataset:
     return data
 
 
-def register_models(handle: Store, spec: ModelSpec, num_classes: int, checkpoints: list[str] | None) -> list[int]:
+def read_checkpoints(spec: ModelSpec, num_classes: int, checkpoints: list[str]) -> list[tuple[str, dict]]:
+    """(path, state_dict) of each checkpoint file, checked to fit the model spec."""
+    return [(str(path), load_weights(spec.build(num_classes), load_checkpoint(path), repr(str(path)), spec).state_dict())
+            for path in checkpoints]
+
+
+def register_models(handle: Store, checkpoints: list[tuple[str, dict]]) -> list[int]:
     """Register the models to featurize and return their ids, in registration order.
 
     Without checkpoints: every finished reference model that `train` put in the store.
-    With checkpoints: each file, checked against the model spec, copied into the store."""
+    With checkpoints ((path, state_dict) from `read_checkpoints`): each copied into the store."""
     candidates = []  # (sha256, source, weights path), in order
     if checkpoints:
-        for path in checkpoints:
-            state = load_weights(spec.build(num_classes), load_checkpoint(path), repr(str(path)), spec).state_dict()
+        for path, state in checkpoints:
             digest = state_hash(state)
             weights = f"models/checkpoints/{digest[:16]}/weights"
             if handle.done_info("checkpoints", digest[:16]) is None:
                 handle.write_arrays(weights, {k: v.numpy() for k, v in state.items()})
                 handle.mark_done("checkpoints", digest[:16])
-            candidates.append((digest, str(path), weights))
+            candidates.append((digest, path, weights))
     else:
-        trained = handle.done_units("train", "reference")
-        if not trained:
-            raise UserError(f"store {handle.location!r} has no trained reference models; run `trakwomp train` "
-                            "first or pass --checkpoint")
-        for name in trained:
+        for name in handle.done_units("train", "reference"):
             weights = f"models/reference/{name}/weights"
             digest = state_hash({k: torch.from_numpy(v) for k, v in handle.read_arrays(weights).items()})
             candidates.append((digest, f"train:reference/{name}", weights))
@@ -110,10 +111,10 @@ def featurize(
     model: ModelSpec | None = None,
     checkpoints: list[str] | None = None,
     *,
-    projector: ProjectorSpec = ProjectorSpec(),
-    dtype: str = "float32",
+    projector: ProjectorSpec | None = None,
+    dtype: str | None = None,
     parameters: list[str] | None = None,
-    chunk_rows: int = 1024,
+    chunk_rows: int | None = None,
     batch_size: int = 64,
     device: str = "cpu",
     shard: Shard = Shard(),
@@ -121,23 +122,38 @@ def featurize(
 ) -> FeaturizeReport:
     """Featurize the store's trained reference models, or the given checkpoints, on the train set.
 
-    `parameters`: glob patterns of parameter names to take gradients for (all by default)."""
+    `parameters`: glob patterns of parameter names to take gradients for (all by default).
+    `projector`, `dtype`, `parameters` and `chunk_rows` default to the store's, once it has
+    features, else to ProjectorSpec(), float32, all parameters and 1024 rows. Everything is
+    checked before the store is first written (or created)."""
     progress = progress or NoProgress()
+    if checkpoints and (data is None or model is None):
+        raise UserError("--checkpoint needs --data and --model (the train set and the architecture)")
+    torch_device = resolve_device(device)
+    handle = Store.open_existing(store)
+    if handle is None and data is None:
+        raise UserError(f"no trakwomp store at {str(store)!r}; make one with `trakwomp train`, or pass --data, "
+                        "--model and --checkpoint")
+    recorded = handle.manifest.get("featurize", {}) if handle else {}
+    if projector is None:
+        projector = ProjectorSpec(**{k: v for k, v in recorded["projector"].items() if k != "tile_rows"}) if recorded else ProjectorSpec()
+    dtype = dtype or recorded.get("dtype", "float32")
+    parameters = parameters if parameters is not None else recorded.get("parameters")
+    chunk_rows = chunk_rows if chunk_rows is not None else recorded.get("chunk_rows", 1024)
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if chunk_rows < 1 or batch_size < 1:
         raise UserError("--chunk-rows and --batch-size must be at least 1")
-    if checkpoints and (data is None or model is None):
-        raise UserError("--checkpoint needs --data and --model (the train set and the architecture)")
-    torch_device = resolve_device(device)
-    handle = Store.open(store, create=True)
     if data is None:
+        transform = handle.manifest.get("model", {}).get("transform")
+        if transform is not None:
+            raise UserError(f"store {handle.location!r} sees its data through the transform {transform!r}; trakwomp "
+                            "imports code only when you name it: pass --data and --transform")
         data = stored_dataset(handle)
     if model is None:
         if "model" not in handle.manifest:
             raise UserError(f"store {handle.location!r} records no model; pass --model")
-        model = ModelSpec.from_dict(handle.manifest["model"])
-    bind_training_inputs(handle, data, model)
+        model = ModelSpec.of_store(handle.manifest["model"], handle.location)
 
     net = model.build(data.num_classes)
     check_model_fits_data(net, data, torch_device, model)
@@ -146,10 +162,16 @@ def featurize(
     if projector.kind == "identity" and projector.dim != num_params:
         raise UserError(f"the identity projector keeps all {num_params} gradient coordinates: pass --blocks B and "
                         f"--block-dim D with B x D = {num_params}")
+    states = read_checkpoints(model, data.num_classes, checkpoints) if checkpoints else []
+    if not states and (handle is None or not handle.done_units("train", "reference")):
+        raise UserError(f"store {str(store)!r} has no trained reference models; run `trakwomp train` first or pass "
+                        "--checkpoint")
+    handle = handle or Store.open(store, create=True)
+    bind_training_inputs(handle, data, model)
     handle.bind("featurize", {"projector": projector.as_dict(), "dtype": dtype, "parameters": parameters,
                               "num_params": num_params, "chunk_rows": chunk_rows},
                 "featurize with the store's projector settings, or use a new store")
-    model_ids = register_models(handle, model, data.num_classes, checkpoints)
+    model_ids = register_models(handle, states)
 
     settings = FeatureSettings(projector, dtype, parameter_names, num_params)
     num_chunks = math.ceil(len(data) / chunk_rows)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from trakwomp.data import read_npy
 from trakwomp.errors import UserError
 from trakwomp.estimator import relative_soft_threshold
 from trakwomp.finalize import featurized_models, store_view
@@ -124,10 +125,7 @@ class ScoreSource:
 
     @classmethod
     def from_file(cls, path: str | Path, chunk_rows: int = 256) -> "ScoreSource":
-        try:
-            matrix = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read scores file {str(path)!r}: {e}") from None
+        matrix = read_npy(path, "scores file", mmap_mode="r")
         if matrix.ndim != 2:
             raise UserError(f"scores file {str(path)!r} must hold a 2-d (n_targets, n_train) array, got {matrix.shape}")
 
@@ -221,6 +219,8 @@ def lds(
     are taken against the first."""
     if half is not None and (half not in (0, 1) or tune_threshold):
         raise UserError("--half must be 0 or 1, and cannot go with --tune-threshold (which uses both halves)")
+    if resamples < 1 or threshold < 0:
+        raise UserError("--bootstrap must be at least 1 and --threshold >= 0")
     handle = Store.open(store)
     truth = GroundTruth.from_store(handle)
     if half is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,8 +101,13 @@ class ModelSpec:
         return {"name": self.name, "width": self.width}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        return cls(d["name"], d.get("width"))
+    def of_store(cls, recorded: dict, location: str) -> "ModelSpec":
+        """The built-in model a store records. A user factory is refused: trakwomp imports code
+        only when the user names it (--model), never because a store names it."""
+        if recorded["name"] not in BUILTIN_MODELS:
+            raise UserError(f"store {location!r} was made with the model {recorded['name']!r}; trakwomp imports "
+                            f"code only when you name it: pass --model {recorded['name']}")
+        return cls(recorded["name"], recorded.get("width"))
 
     def __str__(self) -> str:
         return self.name if self.width is None else f"{self.name} (width {self.width:g})"
@@ -126,9 +130,13 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"no checkpoint file {str(path)!r}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {str(path)!r} (truncated or not a torch state_dict file?): {first_line}") from None
+    except pickle.UnpicklingError:  # what weights_only=True refuses: objects beyond tensors and containers
+        raise UserError(f"checkpoint {str(path)!r} holds objects other than tensors, which trakwomp does not "
+                        "unpickle; save model.state_dict() instead") from None
+    except Exception as e:  # a damaged file fails anywhere in torch's reader
+        first_sentence = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+        raise UserError(f"cannot read checkpoint {str(path)!r} (truncated or not a torch file): "
+                        f"{type(e).__name__} {first_sentence}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"checkpoint {str(path)!r} is not a state_dict (a dict of parameter names to tensors)")
     return state

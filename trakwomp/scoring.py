@@ -26,11 +26,12 @@ import torch
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
 from trakwomp.estimator import View, relative_soft_threshold
-from trakwomp.featurize import FeatureSettings, stored_dataset, write_features
+from trakwomp.featurize import FeatureSettings, load_registered_model, stored_dataset, write_features
 from trakwomp.finalize import featurized_models, store_view
 from trakwomp.models import ModelSpec
 from trakwomp.runtime import NoProgress, Progress, Shard, StepsOnly, resolve_device
 from trakwomp.store import Store
+from trakwomp.training import bind_model, check_model_fits_data
 
 SCORE_PASS_BYTES = 256 << 20
 
@@ -138,13 +139,16 @@ def score(
     ridge: float = 0.0,
     models: list[int] | None = None,
     *,
+    model: ModelSpec | None = None,
     target_chunk_rows: int = 256,
     batch_size: int = 64,
     device: str = "cpu",
     shard: Shard = Shard(),
     progress: Progress | None = None,
 ) -> ScoreReport:
-    """Score every train example for every target at the view (dims, blocks, ridge); resumable by target chunk."""
+    """Score every train example for every target at the view (dims, blocks, ridge); resumable by target chunk.
+
+    `model`: the store's model spec, needed if the store was made with a user factory."""
     progress = progress or NoProgress()
     if target_chunk_rows < 1 or batch_size < 1:
         raise UserError("--chunk-rows and --batch-size must be at least 1")
@@ -158,19 +162,24 @@ def score(
         raise UserError(f"targets must be seen through the store's --transform "
                         f"({manifest['model'].get('transform')}), not {targets.transform_spec}")
     fingerprint = targets.fingerprint()
-    spec = ModelSpec.from_dict(manifest["model"])
+    spec = model or ModelSpec.of_store(manifest["model"], handle.location)
+    bind_model(handle, spec, targets.transform_spec)
     if fingerprint.classes != tuple(manifest["dataset"]["classes"]):
         raise UserError("the targets' classes differ from the train set's; targets must share its labels")
-    settings = FeatureSettings.of_store(handle, spec.build(len(fingerprint.classes)))
+    net = spec.build(len(fingerprint.classes))
+    check_model_fits_data(net, targets, torch_device, spec)
+    settings = FeatureSettings.of_store(handle, net)
     key = scores_key(view, model_ids, fingerprint.sha256)
+    n, n_targets = manifest["dataset"]["num_examples"], len(targets)
+    chunks = shard.select(range(math.ceil(n_targets / target_chunk_rows)))
+    todo = [c for c in chunks if handle.done_info("score", f"{key}/{c:06d}") is None]
+    for model_id in model_ids if todo else []:  # their weights against their recorded hashes, before any write
+        load_registered_model(handle, model_id, spec, len(fingerprint.classes))
     target_prefix = f"targets/{fingerprint.sha256[:16]}/"
     handle.set_entry("targets", fingerprint.sha256[:16], {"spec": targets.spec, **fingerprint.as_dict()})
     handle.set_entry("scores", key, {"view": [view.dims, view.blocks, view.ridge], "models": model_ids,
                                      "targets": fingerprint.sha256[:16]})
 
-    n, n_targets = manifest["dataset"]["num_examples"], len(targets)
-    chunks = shard.select(range(math.ceil(n_targets / target_chunk_rows)))
-    todo = [c for c in chunks if handle.done_info("score", f"{key}/{c:06d}") is None]
     report = ScoreReport(key, view, model_ids, n_targets, n, chunks_skipped=len(chunks) - len(todo))
     progress.plan(len(chunks), report.chunks_skipped, f"score {key} target chunks")
     train_chunk_rows = manifest["featurize"]["chunk_rows"]
@@ -234,10 +243,13 @@ def export_scores(store: str | Path, key: str, out: str | Path, threshold: float
     handle = Store.open(store)
     find_scores_by_key(handle, key)
     tau = handle.array(f"scores/{key}/tau")
-    array = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=tau.shape)
-    for rows, block in iterate_scores(handle, key, threshold):
-        array[rows.start:rows.stop] = block
-    array.flush()
+    try:
+        array = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=tau.shape)
+        for rows, block in iterate_scores(handle, key, threshold):
+            array[rows.start:rows.stop] = block
+        array.flush()
+    except OSError as e:
+        raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
     return tau.shape
 
 
@@ -264,13 +276,16 @@ def top_k_rows(store: str | Path, key: str, targets: Dataset, k: int, threshold:
 def write_table(rows: list[dict], out: str | Path) -> None:
     """Rows as CSV, or as JSON if `out` ends in .json."""
     out = Path(out)
-    if out.suffix == ".json":
-        out.write_text(json.dumps(rows, indent=1))
-        return
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["target"])
-        writer.writeheader()
-        writer.writerows(rows)
+    try:
+        if out.suffix == ".json":
+            out.write_text(json.dumps(rows, indent=1))
+            return
+        with out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["target"])
+            writer.writeheader()
+            writer.writerows(rows)
+    except OSError as e:
+        raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
 
 
 def predict(

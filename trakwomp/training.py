@@ -92,8 +92,11 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.
 
 
 @torch.no_grad()
-def check_model_fits_data(model: nn.Module, dataset: Dataset, device: torch.device, spec: ModelSpec) -> None:
-    """Refuse, with one clear message, a model that cannot take the data or has the wrong output."""
+def check_model_fits_data(model: nn.Module, dataset: Dataset, device: torch.device, spec: ModelSpec,
+                          num_classes: int | None = None) -> None:
+    """Refuse, with one clear message, a model that cannot take the data or does not give
+    `num_classes` (default: the dataset's) logits."""
+    num_classes = num_classes or dataset.num_classes
     x, _ = load_batch(dataset, range(min(2, len(dataset))))
     model.to(device).eval()
     try:
@@ -101,9 +104,9 @@ def check_model_fits_data(model: nn.Module, dataset: Dataset, device: torch.devi
     except RuntimeError as e:
         raise UserError(f"model {spec} fails on inputs of shape {tuple(x.shape[1:])} from {dataset.spec}: "
                         f"{str(e).splitlines()[0]}") from None
-    if out.shape != (len(x), dataset.num_classes):
+    if out.shape != (len(x), num_classes):
         raise UserError(f"model {spec} returns outputs of shape {tuple(out.shape[1:])}, "
-                        f"expected ({dataset.num_classes},) logits for the {dataset.num_classes} classes of {dataset.spec}")
+                        f"expected ({num_classes},) logits for the {num_classes} classes of {dataset.spec}")
 
 
 def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recipe, generator: torch.Generator,
@@ -150,11 +153,18 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device,
     return torch.cat(out).numpy().astype(np.float32), torch.cat(correct).numpy()
 
 
+BIND_HINT = "use a new store for other data or another model"
+
+
+def bind_model(store: Store, model: ModelSpec, transform: str | None) -> None:
+    """Record (or check) the model spec, and the transform of its inputs, that a store is made for."""
+    store.bind("model", {**model.as_dict(), "transform": transform}, BIND_HINT)
+
+
 def bind_training_inputs(store: Store, data: Dataset, model: ModelSpec) -> None:
     """Record (or check) the train set and model spec that a store is made for."""
-    hint = "use a new store for other data or another model"
-    store.bind("dataset", data.fingerprint().as_dict(), hint)
-    store.bind("model", {**model.as_dict(), "transform": data.transform_spec}, hint)
+    store.bind("dataset", data.fingerprint().as_dict(), BIND_HINT)
+    bind_model(store, model, data.transform_spec)
     if "dataset_source" not in store.manifest:  # where the data was first found; a moved copy is the same data
         store.set_section("dataset_source", {"spec": data.spec, "has_indices": data.has_explicit_indices})
     if data.has_explicit_indices and store.done_info("data", "train_indices") is None:
@@ -190,6 +200,10 @@ def train(
     if role == "reference" and targets is not None:
         raise UserError("--targets is only for --role lds")
     torch_device = resolve_device(device)
+    with torch.random.fork_rng(devices=[]):
+        net = model.build(data.num_classes)
+    for examples in (data, targets) if targets is not None else (data,):
+        check_model_fits_data(net, examples, torch_device, model, data.num_classes)
     handle = Store.open(store, create=True)
     bind_training_inputs(handle, data, model)
     handle.bind(f"train_{role}", asdict(recipe), "pass the same recipe flags as before, or use a new store")
@@ -212,7 +226,6 @@ def train(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)
             net = model.build(data.num_classes)
-        check_model_fits_data(net, data, torch_device, model)
         progress.unit_started(f"{role} model {j}", recipe.epochs * _examples_per_epoch(int(mask.sum()), recipe))
         fit(net, data, np.flatnonzero(mask), recipe, generator, torch_device, progress)
         path = f"models/{role}/{j:06d}"
@@ -242,12 +255,14 @@ def _summary(info: dict) -> str:
     return text
 
 
-def load_reference_model(store: str | Path, index: int, num_classes: int) -> nn.Module:
-    """Reference model `index` of a store, rebuilt from its spec and stored weights."""
+def load_reference_model(store: str | Path, index: int, num_classes: int, model: ModelSpec | None = None) -> nn.Module:
+    """Reference model `index` of a store, rebuilt from its stored weights and its model spec
+    (`model`, which a store made with a user factory needs)."""
     handle = Store.open(store)
     if handle.done_info("train", f"reference/{index:06d}") is None:
         raise UserError(f"store {str(store)!r} has no finished reference model {index}")
-    spec = ModelSpec.from_dict(handle.manifest["model"])
+    spec = model or ModelSpec.of_store(handle.manifest["model"], handle.location)
+    bind_model(handle, spec, handle.manifest["model"].get("transform"))
     state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(f"models/reference/{index:06d}/weights").items()}
     net = spec.build(num_classes)
     net.load_state_dict(state)

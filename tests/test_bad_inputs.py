@@ -1,0 +1,271 @@
+"""The catalogue of bad inputs. Each is refused with one line on stderr ("error: ...") and exit
+code 2, without a traceback, and, refused before any work, leaves the store byte for byte as it
+was (every path and every file's bytes hashed before and after) or, for a new path, creates
+nothing. Faults in the middle of work (a full disk, a read-only file system) are in
+tests/test_faults.py.
+"""
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from trakwomp.cli.main import app
+from trakwomp.data import load_dataset
+from trakwomp.featurize import featurize
+from trakwomp.finalize import finalize
+from trakwomp.models import ModelSpec
+from trakwomp.projectors import ProjectorSpec
+from trakwomp.scoring import score
+from trakwomp.training import Recipe, train
+
+from conftest import plain, write_tiny_images
+from test_train import TINY
+
+RECIPE = Recipe(epochs=1, batch_size=16, lr=0.05)
+STAGES = ("trained", "featurized", "finalized", "scored", "full")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """Stores after each stage (trained, featurized, finalized, scored, full = with LDS models),
+    and the bad (and good) input files the cases name."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    train_set = load_dataset(f"npz:{write_tiny_images(root / 'train.npz')}")
+    targets = load_dataset(f"npz:{write_tiny_images(root / 'targets.npz', n=9, seed=1)}")
+    write_tiny_images(root / "same-size-other-pixels.npz", seed=2)
+    build = [
+        lambda s: train(s, train_set, TINY, num_models=2, recipe=RECIPE),
+        lambda s: featurize(s, projector=ProjectorSpec("sjlt", 0, 2, 8), chunk_rows=16, batch_size=16),
+        lambda s: finalize(s),
+        lambda s: score(s, targets),
+        lambda s: train(s, train_set, TINY, role="lds", num_models=2, targets=targets, recipe=RECIPE),
+    ]
+    for i, (stage, step) in enumerate(zip(STAGES, build)):
+        if i:
+            shutil.copytree(root / STAGES[i - 1], root / stage)
+        step(root / stage)
+
+    np.savez(root / "empty.npz", x=np.zeros((0, 3, 16, 16), np.float32), y=np.zeros(0, np.int64))
+    (root / "garbage.npz").write_bytes(b"not a zip archive")
+    (root / "garbage.npy").write_bytes(b"not an array")
+    for name, values in {"empty.npy": np.array([], np.int64), "beyond.npy": np.array([0, 9]),
+                         "negative.npy": np.array([-1]), "floats.npy": np.array([0.5]),
+                         "scores-3x5.npy": np.zeros((3, 5), np.float32)}.items():
+        np.save(root / name, values)
+    torch.save(ModelSpec.parse("resnet9", 0.125).build(4).state_dict(), root / "wider.pt")
+    good = root / "good.pt"
+    torch.save(TINY.build(4).state_dict(), good)
+    (root / "truncated.pt").write_bytes(good.read_bytes()[:1000])
+    (root / "junk.pt").write_bytes(b"junk" * 100)
+    torch.save({"layer": torch.nn.Linear(2, 2)}, root / "pickled.pt")
+    (root / "images" / "cat").mkdir(parents=True)
+    (root / "images" / "cat" / "0.png").write_bytes(b"not an image")
+    (root / "folder").mkdir()
+    (root / "folder" / "notes.txt").write_text("not a store")
+    return root
+
+
+def edit_manifest(change):
+    def damage(store: Path) -> None:
+        document = json.loads((store / "zarr.json").read_text())
+        change(document["attributes"]["trakwomp"])
+        (store / "zarr.json").write_text(json.dumps(document))
+    return damage
+
+
+def overwrite(relative: str, data: bytes | None):
+    """Replace a file of the store by `data`, or delete it (None)."""
+    def damage(store: Path) -> None:
+        path = store / relative
+        path.unlink() if data is None else path.write_bytes(data)
+    return damage
+
+
+def escape_scores_key(manifest: dict) -> None:
+    key, entry = manifest["scores"].popitem()
+    manifest["scores"]["../../elsewhere"] = entry
+
+
+@dataclass
+class Case:
+    """`args` of a command run on a copy of the store after `stage` (S in args), or on a path
+    that does not exist (stage None, S a new path); F/ in args is a file of the fixture's root."""
+
+    id: str
+    stage: str | None
+    args: list[str]
+    fragment: str
+    damage: object = None
+
+
+CKPT = ["--data", "npz:F/train.npz", "--model", "resnet9", "--width", "0.0625", "--checkpoint"]
+TRAIN = ["train", "S", "--data", "npz:F/train.npz", "--width", "0.0625", "--epochs", "1", "--batch-size", "16",
+         "--lr", "0.05", "--num-models", "2"]
+TARGETS = ["--targets", "npz:F/targets.npz"]
+PHI_CHUNK = "features/000000/phi/c/0/0"
+
+CASES = [
+    # missing or unreadable paths
+    Case("featurize-no-store", None, ["featurize", "S"], "no trakwomp store at"),
+    Case("finalize-no-store", None, ["finalize", "S"], "no trakwomp store at"),
+    Case("score-no-store", None, ["score", "S", *TARGETS], "no trakwomp store at"),
+    Case("lds-no-store", None, ["lds", "S"], "no trakwomp store at"),
+    Case("predict-no-store", None, ["predict", "S", "--subset", "F/beyond.npy"], "no trakwomp store at"),
+    Case("store-is-a-file", None, ["finalize", "F/train.npz"], "is a file, not a store folder"),
+    Case("store-is-another-folder", None, ["train", "F/folder", *TRAIN[2:]], "non-empty folder that is not a trakwomp store"),
+    Case("data-file-missing", None, ["train", "S", "--data", "npz:F/missing.npz"], "no file"),
+    Case("data-file-not-npz", "trained", ["score", "S", "--targets", "npz:F/garbage.npz"], "is not an .npz file"),
+    Case("image-unreadable", "finalized", ["score", "S", "--targets", "imagefolder:F/images"], "cannot read image"),
+    Case("data-folder-missing", None, ["train", "S", "--data", "imagefolder:F/missing"], "no folder"),
+    Case("indices-file-missing", "finalized", ["score", "S", *TARGETS, "--target-indices", "F/missing.npy"],
+         "cannot read indices file"),
+    Case("indices-file-not-npy", "finalized", ["score", "S", *TARGETS, "--target-indices", "F/garbage.npy"],
+         "is not an .npy file"),
+    Case("checkpoint-missing", "featurized", ["featurize", "S", *CKPT, "F/missing.pt"], "no checkpoint file"),
+    Case("checkpoint-glob-matches-nothing", "featurized", ["featurize", "S", *CKPT, "F/none*.pt"], "matches no file"),
+    Case("out-folder-missing", "scored", ["score", "S", *TARGETS, "--out", "F/missing/scores.npy"], "there is no folder"),
+    Case("top-k-out-folder-missing", "scored", ["score", "S", *TARGETS, "--top-k", "3", "--top-k-out", "F/missing/top.csv"],
+         "there is no folder"),
+    Case("scores-file-missing", "full", ["lds", "S", "--scores", "F/missing.npy"], "cannot read scores file"),
+    # stores that this trakwomp must not use
+    Case("newer-format-version", "finalized", ["finalize", "S"], "newer than this trakwomp reads (1); upgrade trakwomp",
+         edit_manifest(lambda m: m.__setitem__("format_version", 2))),
+    Case("zarr-group-not-a-trakwomp-store", "finalized", ["finalize", "S"], "is a Zarr group but not a trakwomp store",
+         overwrite("zarr.json", b'{"zarr_format": 3, "node_type": "group", "attributes": {}}')),
+    Case("manifest-unreadable", "finalized", ["finalize", "S"], "cannot open store", overwrite("zarr.json", b"{")),
+    # unknown specs, checkpoints that do not fit
+    Case("unknown-dataset-spec", None, ["train", "S", "--data", "mnist:train"], "unknown dataset spec 'mnist:train'"),
+    Case("unknown-model-spec", "featurized", ["featurize", "S", "--model", "resnet99"], "malformed model spec 'resnet99'"),
+    Case("train-model-spec-malformed", None, [*TRAIN, "--model", "not a model"], "malformed model spec 'not a model'"),
+    Case("model-module-missing", "featurized", ["featurize", "S", "--data", "npz:F/train.npz", "--model",
+                                                "no_such_module:build", "--checkpoint", "F/good.pt"],
+         "cannot import model module 'no_such_module'"),
+    Case("checkpoint-of-another-architecture", "featurized", ["featurize", "S", *CKPT, "F/wider.pt"],
+         "does not fit model resnet9 (width 0.0625)"),
+    Case("checkpoint-truncated", "featurized", ["featurize", "S", *CKPT, "F/truncated.pt"], "truncated or not a torch file"),
+    Case("checkpoint-corrupt", "featurized", ["featurize", "S", *CKPT, "F/junk.pt"], "truncated or not a torch file"),
+    Case("checkpoint-with-pickled-objects", "featurized", ["featurize", "S", *CKPT, "F/pickled.pt"],
+         "holds objects other than tensors"),
+    Case("checkpoint-new-store-does-not-fit", None, ["featurize", "S", *CKPT, "F/wider.pt"], "does not fit model"),
+    # empty or out-of-range data
+    Case("empty-dataset", None, ["train", "S", "--data", "npz:F/empty.npz"], "has no examples"),
+    Case("empty-selection", "finalized", ["score", "S", *TARGETS, "--target-indices", "F/empty.npy"], "select no examples"),
+    Case("empty-train-selection", None, ["train", "S", "--data", "npz:F/train.npz", "--indices", "F/empty.npy"],
+         "select no examples"),
+    Case("target-index-beyond-the-end", "finalized", ["score", "S", *TARGETS, "--target-indices", "F/beyond.npy"],
+         "must lie in [0, 9)"),
+    Case("target-index-negative", "finalized", ["score", "S", *TARGETS, "--target-indices", "F/negative.npy"],
+         "must lie in [0, 9)"),
+    Case("target-indices-not-integers", "finalized", ["score", "S", *TARGETS, "--target-indices", "F/floats.npy"],
+         "must hold a 1-d integer array"),
+    Case("subset-out-of-range", "full", ["predict", "S", "--subset", "F/negative.npy"], "--subset indices must lie in [0, 48)"),
+    # shards
+    Case("shard-malformed", "featurized", ["featurize", "S", "--shard", "a/b"], "malformed --shard 'a/b'"),
+    Case("shard-out-of-range", "featurized", ["finalize", "S", "--shard", "2/2"], "--shard '2/2' is out of range"),
+    Case("shard-of-zero", "finalized", ["score", "S", *TARGETS, "--shard", "0/0"], "--shard '0/0' is out of range"),
+    Case("shard-negative", None, [*TRAIN, "--shard", "-1/2"], "--shard"),
+    # views
+    Case("blocks-not-dividing-dims", "featurized", ["finalize", "S", "--blocks", "3"], "--blocks 3 must divide --dims 16"),
+    Case("dims-not-whole-blocks", "featurized", ["finalize", "S", "--dims", "12"], "must be a multiple of the stored block dim 8"),
+    Case("view-larger-than-featurized", "featurized", ["finalize", "S", "--dims", "32"], "the store holds 16 featurized dims"),
+    Case("ridge-negative", "featurized", ["finalize", "S", "--ridge", "-1"], "--ridge must be >= 0"),
+    Case("model-id-not-featurized", "featurized", ["finalize", "S", "--models", "7"], "model 7 is not in store"),
+    Case("model-ids-malformed", "featurized", ["finalize", "S", "--models", "first"], "malformed --models"),
+    # stages out of order
+    Case("featurize-before-train", None, ["featurize", "S", "--data", "npz:F/train.npz", "--model", "resnet9"],
+         "no trained reference models"),
+    Case("finalize-before-featurize", "trained", ["finalize", "S"], "has no features yet; run `trakwomp featurize` first"),
+    Case("score-before-finalize", "featurized", ["score", "S", *TARGETS], "run `trakwomp finalize"),
+    Case("score-at-a-view-not-finalized", "finalized", ["score", "S", *TARGETS, "--blocks", "1"], "run `trakwomp finalize"),
+    Case("lds-without-lds-models", "scored", ["lds", "S"], "has no LDS models"),
+    Case("lds-scores-of-another-shape", "full", ["lds", "S", "--scores", "F/scores-3x5.npy"], "are 3 x 5, but the LDS ground truth has 9 targets"),
+    # the store's bindings (compatibility checks)
+    Case("other-dataset-size", "featurized", ["featurize", "S", "--data", "npz:F/targets.npz"],
+         "dataset.num_examples is 48 in the store but 9 here"),
+    Case("other-dataset-content", "featurized", ["featurize", "S", "--data", "npz:F/same-size-other-pixels.npz"],
+         "dataset.sha256"),
+    Case("other-model-spec", "featurized", ["featurize", "S", "--model", "resnet9", "--width", "0.125"],
+         "model.width is 0.0625 in the store but 0.125 here"),
+    Case("other-projector", "featurized", ["featurize", "S", "--blocks", "4", "--block-dim", "8"],
+         "featurize.projector.blocks is 2 in the store but 4 here"),
+    Case("other-chunk-rows", "featurized", ["featurize", "S", "--chunk-rows", "8"], "featurize.chunk_rows is 16"),
+    Case("other-recipe", "trained", [*TRAIN, "--epochs", "2"], "train_reference.epochs is 1 in the store but 2 here"),
+    Case("other-lds-targets", "full", [*TRAIN, "--role", "lds", "--targets", "npz:F/train.npz"], "lds_targets"),
+    Case("weights-not-matching-their-hash", "finalized", ["score", "S", "--targets", "npz:F/train.npz"],
+         "do not match their recorded hash", edit_manifest(lambda m: m["models"][0].__setitem__("sha256", "0" * 64))),
+    # damaged stores
+    Case("chunk-corrupt", "finalized", ["finalize", "S", "--dims", "8"], "is damaged: a chunk of 'features/000000/phi' does not decode",
+         overwrite(PHI_CHUNK, b"garbage")),
+    Case("chunk-truncated", "finalized", ["finalize", "S", "--dims", "8"], "does not decode",
+         lambda s: (s / PHI_CHUNK).write_bytes((s / PHI_CHUNK).read_bytes()[:40])),
+    Case("chunk-missing", "finalized", ["finalize", "S", "--dims", "8"], f"chunk '{PHI_CHUNK}' is missing",
+         overwrite(PHI_CHUNK, None)),
+    Case("array-metadata-corrupt", "finalized", ["finalize", "S", "--dims", "8"],
+         "the metadata of 'features/000000/phi' does not read", overwrite("features/000000/phi/zarr.json", b"{")),
+    # names from the store that would leave it
+    Case("weights-path-escaping-the-store", "finalized", ["score", "S", "--targets", "npz:F/train.npz"],
+         "refusing the path", edit_manifest(lambda m: m["models"][0].__setitem__("weights", "../../trained/models/reference/000001/weights"))),
+    Case("scores-key-escaping-the-store", "full", ["lds", "S"], "refusing the path", edit_manifest(escape_scores_key)),
+    # bad flags
+    Case("unknown-projector", "trained", ["featurize", "S", "--projector", "fastjl"], "unknown --projector 'fastjl'"),
+    Case("unknown-dtype", "trained", ["featurize", "S", "--dtype", "int8"], "unknown --dtype 'int8'"),
+    Case("zero-chunk-rows", "trained", ["featurize", "S", "--chunk-rows", "0"], "must be at least 1"),
+    Case("zero-blocks", "trained", ["featurize", "S", "--blocks", "0"], "must be at least 1"),
+    Case("lds-role-without-targets", None, [*TRAIN, "--role", "lds"], "--role lds needs --targets"),
+    Case("alpha-above-one", None, [*TRAIN, "--alpha", "2"], "--alpha must lie in (0, 1]"),
+    Case("zero-models", None, [*TRAIN[:-1], "0"], "--num-models must be at least 1"),
+    Case("negative-top-k", "scored", ["score", "S", *TARGETS, "--top-k", "-1"], "--top-k and --threshold must be >= 0"),
+    Case("negative-threshold", "full", ["lds", "S", "--threshold", "-0.5"], "--threshold >= 0"),
+    Case("zero-bootstrap", "full", ["lds", "S", "--bootstrap", "0"], "--bootstrap must be at least 1"),
+    Case("half-out-of-range", "full", ["lds", "S", "--half", "2"], "--half must be 0 or 1"),
+    Case("unknown-device", "featurized", ["finalize", "S", "--device", "tpu"], "unknown --device 'tpu'"),
+    Case("out-and-shard", "scored", ["score", "S", *TARGETS, "--out", "F/out.npy", "--shard", "0/2"], "need all shards"),
+    Case("cuda-not-available", "featurized", ["finalize", "S", "--device", "cuda"], "CUDA is not available"),
+]
+
+
+def tree_digest(path: Path) -> str:
+    """SHA-256 over every path under `path` (folders included) and every file's bytes."""
+    digest = hashlib.sha256()
+    for item in sorted(path.rglob("*")):
+        digest.update(str(item.relative_to(path)).encode() + b"\0")
+        if item.is_file():
+            digest.update(item.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_refused_in_one_line_and_leaves_the_store_unchanged(root, tmp_path, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)  # for files a command would write, such as top-k.csv
+    store = tmp_path / "store"
+    if case.stage:
+        shutil.copytree(root / case.stage, store)
+        if case.damage:
+            case.damage(store)
+    before = {p: tree_digest(p) for p in (root, store) if p.exists()}
+    if case.id == "cuda-not-available" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args = [str(store) if a == "S" else a.replace("F/", f"{root}/") for a in case.args]
+    if args[0] not in ("lds", "predict"):
+        args.append("--quiet")
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    text = plain(result.stderr).strip()
+    assert len(text.splitlines()) == 1 and text.startswith("error: "), text
+    assert case.fragment in text, text
+    assert {p: tree_digest(p) for p in before} == before
+    if not case.stage:
+        assert not store.exists()
+
+
+def test_catalogue_size():
+    """docs/reliability.md states the number of bad inputs tried: keep it true."""
+    stated = (Path(__file__).parents[1] / "docs" / "reliability.md").read_text()
+    assert f"{len(CASES)} bad inputs" in stated
