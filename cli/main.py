@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import glob
 import json
@@ -23,6 +24,8 @@ from trakwomp.errors import UserError
 from trakwomp.featurize import featurize as featurize_models
 from trakwomp.finalize import finalize as finalize_view, parse_model_ids
 from trakwomp.lds import lds as lds_report
+from trakwomp.show import show as show_target
+from trakwomp.status import status as store_status
 from trakwomp.scoring import export_scores, predict as predict_margins, score as score_targets, top_k_rows, write_table
 from trakwomp.models import ModelSpec
 from trakwomp.projectors import ProjectorSpec
@@ -55,6 +58,11 @@ def reports_errors(command):
     return wrapper
 
 
+def print_json(report) -> None:
+    """A library call's report (a dataclass) as JSON on stdout."""
+    typer.echo(json.dumps(dataclasses.asdict(report), indent=1))
+
+
 def progress_for(quiet: bool):
     return contextlib.nullcontext(NoProgress()) if quiet else RichProgress()
 
@@ -78,9 +86,12 @@ def root(
 
 
 StoreArg = typer.Argument(..., help="The store folder (created if missing).")
-DeviceOpt = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N.")
-ShardOpt = typer.Option("0/1", "--shard", help="Run only shard K of N (K from 0), e.g. 0/2 and 1/2.")
+DeviceOpt = typer.Option("cpu", "--device", envvar="TRAKWOMP_DEVICE",
+                         help="cpu, cuda or cuda:N (under torchrun, cuda is cuda:LOCAL_RANK).")
+ShardOpt = typer.Option("0/1", "--shard", envvar="TRAKWOMP_SHARD",
+                        help="Run only shard K of N (K from 0), e.g. 0/2 and 1/2; auto: the Slurm array task or torchrun rank.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress display.")
+JsonOpt = typer.Option(False, "--json", help="Print what was done as JSON on stdout (progress and messages go to stderr).")
 IndicesOpt = typer.Option(None, "--indices", help="An .npy of ints selecting a subset of --data, in that order.")
 TransformOpt = typer.Option(None, "--transform", help="package.module:callable applied to every input tensor.")
 
@@ -107,6 +118,7 @@ def train(
     target_indices: Optional[Path] = typer.Option(None, "--target-indices", help="An .npy of ints selecting a subset of --targets."),
     transform: Optional[str] = TransformOpt,
     download: bool = typer.Option(False, "--download", help="Let cifar10:ROOT specs download CIFAR-10 into ROOT."),
+    json_out: bool = JsonOpt,
 ):
     """Train reference models (or LDS evaluation models) on random alpha-subsets of --data."""
     shard_spec = Shard.parse(shard)
@@ -119,6 +131,8 @@ def train(
     with progress_for(quiet) as progress:
         report = train_models(store, train_set, spec, role=role.value, num_models=num_models, targets=target_set,
                               recipe=recipe, device=device, shard=shard_spec, progress=progress)
+    if json_out:
+        print_json(report)
     if not quiet:
         console.print(f"{len(report.trained)} {role.value} model(s) trained, {len(report.skipped)} already done, in {store}")
 
@@ -158,6 +172,7 @@ def featurize(
     quiet: bool = QuietOpt,
     indices: Optional[Path] = IndicesOpt,
     transform: Optional[str] = TransformOpt,
+    json_out: bool = JsonOpt,
 ):
     """Project per-example gradients of each model to d = B x block-dim dims and store them.
 
@@ -176,6 +191,8 @@ def featurize(
         report = featurize_models(store, train_set, spec, expand_checkpoints(checkpoint), projector=projector_spec,
                                   dtype=dtype, parameters=parameters or None, chunk_rows=chunk_rows,
                                   batch_size=batch_size, device=device, shard=shard_spec, progress=progress)
+    if json_out:
+        print_json(report)
     if not quiet:
         console.print(f"featurized {report.units_done} unit(s) of models {report.model_ids} "
                       f"({report.examples_per_second:,.1f} examples/s), {report.units_skipped} already done")
@@ -198,12 +215,15 @@ def finalize(
     device: str = DeviceOpt,
     shard: str = ShardOpt,
     quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
 ):
     """Invert each block's Gram matrix Phi_b^T Phi_b (+ ridge) for a view (D dims, B blocks)."""
     shard_spec = Shard.parse(shard)
     with progress_for(quiet) as progress:
         report = finalize_view(store, dims, blocks, ridge, parse_model_ids(models), device=device, shard=shard_spec,
                                progress=progress)
+    if json_out:
+        print_json(report)
     if not quiet:
         console.print(f"finalized view {report.view.key} for models {report.model_ids}: {report.units_done} block(s) "
                       f"inverted in {report.seconds:.1f}s, {report.units_skipped} already done")
@@ -231,6 +251,7 @@ def score(
     transform: Optional[str] = TransformOpt,
     model: Optional[str] = typer.Option(None, "--model", help="The store's model; needed (and checked) if it is a package.module:factory."),
     width: Optional[float] = typer.Option(None, "--width", help="Width multiplier of the built-in resnet9."),
+    json_out: bool = JsonOpt,
 ):
     """Attribution scores tau(z) of every train example for every target (TRAK-WOMP eq. 3)."""
     shard_spec = Shard.parse(shard)
@@ -247,6 +268,8 @@ def score(
         report = score_targets(store, target_set, dims, blocks, ridge, parse_model_ids(models), model=spec,
                                target_chunk_rows=chunk_rows, batch_size=batch_size, device=device, shard=shard_spec,
                                progress=progress)
+    if json_out:
+        print_json(report)
     if not quiet:
         console.print(f"scored {report.num_targets} targets x {report.num_train} train examples at view "
                       f"{report.view.key} with models {report.model_ids} ({report.chunks_done} chunk(s) in "
@@ -259,16 +282,14 @@ def score(
         write_table(rows, top_k_out)
         console.print(f"wrote the top {top_k} supporting and opposing train examples per target to {top_k_out}")
         if not quiet:
-            show_top_k(rows, targets=3)
+            show_top_k([r for r in rows if r["target"] < 3],
+                       "Train examples that most support and oppose the first 3 targets")
 
 
-def show_top_k(rows: list[dict], targets: int) -> None:
-    """A table of the supporting and opposing train examples of the first few targets."""
-    table = Table("target", "label", "", "train example", "label", "score",
-                  title=f"Train examples that most support and oppose the first {targets} targets")
+def show_top_k(rows: list[dict], title: str) -> None:
+    """A table of supporting and opposing train examples, target by target."""
+    table = Table("target", "label", "", "train example", "label", "score", title=title)
     for row in rows:
-        if row["target"] >= targets:
-            break
         first = row["rank"] == 1
         table.add_row(str(row["target"]) if first and row["direction"] == "supports" else "",
                       row["target_label"] if first and row["direction"] == "supports" else "",
@@ -337,6 +358,68 @@ def lds(
     for d in report.differences:
         table.add_row(f"{d.name} minus {d.baseline}", f"{d.mean:+.4f}", f"[{d.low:+.4f}, {d.high:+.4f}]", "paired", "", "")
     Console().print(table)
+
+
+@app.command()
+@reports_errors
+def show(
+    store: str = typer.Argument(..., help="A store with scores."),
+    target: int = typer.Option(..., "--target", help="Which target (its position in the scored targets, from 0)."),
+    k: int = typer.Option(8, "--k", help="How many supporting and how many opposing train examples."),
+    out: Path = typer.Option(Path("show.png"), "--out", help="The PNG grid: the target and its supporting examples, then its opposing ones."),
+    table: Optional[Path] = typer.Option(None, "--table", help="Also write the rows to this .csv or .json file."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="Which scored targets (default: the only ones, from their stored spec)."),
+    target_indices: Optional[Path] = typer.Option(None, "--target-indices"),
+    dims: Optional[int] = DimsOpt,
+    blocks: Optional[int] = BlocksOpt,
+    ridge: float = RidgeOpt,
+    models: Optional[str] = ModelsOpt,
+    threshold: float = typer.Option(0.0, "--threshold"),
+    json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
+):
+    """The train examples that most support and oppose one target: a PNG grid with labels and scores."""
+    for flag, path in (("--out", out), ("--table", table)):
+        if path is not None and not path.parent.is_dir():
+            raise UserError(f"{flag} {str(path)!r}: there is no folder {str(path.parent)!r}")
+    target_set = load_dataset(targets, target_indices) if targets else None
+    rows = show_target(store, target, k, out, target_set, dims, blocks, ridge, parse_model_ids(models), threshold)
+    if table is not None:
+        write_table(rows, table)
+    if json_out:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    console.print(f"wrote {out}" + (f" and {table}" if table else ""))
+    show_top_k(rows, f"Train examples that most support and oppose target {target}")
+
+
+INCOMPLETE = 3
+
+
+@app.command()
+@reports_errors
+def status(
+    store: str = typer.Argument(..., help="A store."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+):
+    """What each stage has done and has left, per model, view and scores, and the store's size.
+
+    Exit code 0 when everything asked for is done, 3 when some of it is not (2: an error), so a
+    script can wait with `until trakwomp status STORE --json > /dev/null; do sleep 60; done`."""
+    report = store_status(store)
+    if json_out:
+        typer.echo(json.dumps(report.as_dict(), indent=1))
+    else:
+        dataset = report.dataset or {}
+        model = report.model or {}
+        table = Table("stage", "what", "done", "left", title=f"{report.store}: {report.size_bytes / 2**20:,.1f} MiB, "
+                      f"{dataset.get('num_examples', '?')} train examples, model {model.get('name', '?')}"
+                      + (f" (width {model['width']:g})" if model.get("width") else ""))
+        for p in report.stages:
+            table.add_row(p.stage, p.what, f"{p.done}/{p.total}", "" if p.complete else f"[yellow]{p.total - p.done}[/]")
+        Console().print(table)
+        console.print("complete" if report.complete else "[yellow]incomplete[/]: run the stages with work left again")
+    if not report.complete:
+        raise typer.Exit(INCOMPLETE)
 
 
 def main() -> None:

@@ -6,7 +6,8 @@
 # One reference model (ResNet-9, width 0.25) and 24 LDS models, each trained on a random half of
 # the 2,000 train images; TRAK (one block of 1,024 dims) and TRAK-WOMP (16 blocks of 1,024 dims,
 # from the same single featurization); LDS of both on the 500 test images, and the train images
-# that most support and oppose a few of them.
+# that most support and oppose a few of them (and, drawn to STORE/show.png, test image 0); then what
+# the store holds.
 set -euo pipefail
 store="${1:-demo-store}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -23,3 +24,5 @@ recipe=(--data cifar10-mini:train --model resnet9 --width 0.25 --epochs 8)
 "$trakwomp" score "$store" --targets cifar10-mini:test --dims 16384 --blocks 16 \
     --top-k 3 --top-k-out "$store/top-k.csv" --out "$store/scores.npy"
 "$trakwomp" lds "$store" --dims 1024 --blocks 1 --dims 16384 --blocks 16
+"$trakwomp" show "$store" --target 0 --k 8 --out "$store/show.png"
+"$trakwomp" status "$store"

@@ -80,7 +80,7 @@ class Store:
             if path.is_dir() and any(not p.name.endswith(".partial") for p in path.iterdir()):
                 raise StoreError(f"{location!r} is a non-empty folder that is not a trakwomp store; choose a new path")
         try:
-            durable = DurableStore(LocalStore(path))
+            durable = DurableStore(LocalStore(path.absolute()))
             # A new store's group and manifest are one write: a kill leaves a store or no store.
             group = zarr.open_group(store=durable, mode="a" if create else "r+", zarr_format=3,
                                     attributes={MANIFEST_KEY: {"format_version": FORMAT_VERSION}})
@@ -159,6 +159,20 @@ class Store:
         value = json.loads(json.dumps(value))
         self.update(lambda manifest: manifest.setdefault(section, {}).__setitem__(key, value))
 
+    def ask(self, work: str, amount: int | list[int]) -> None:
+        """Record in the manifest section "asked" that `work` was asked for: a number of units
+        (the largest asked is kept) or a list of ids (their union is kept). `status` compares it
+        with what is done."""
+        def record(manifest: dict) -> None:
+            asked = manifest.setdefault("asked", {})
+            before = asked.get(work)
+            if isinstance(amount, int):
+                asked[work] = max(before or 0, amount)
+            else:
+                asked[work] = sorted(set(before or []) | set(amount))
+
+        self.update(record)
+
     def mark_done(self, stage: str, unit: str, info: dict | None = None) -> None:
         """Publish `unit` of `stage` as finished: call only after all its data are written.
         The data are made durable first, then the marker."""
@@ -211,11 +225,15 @@ class Store:
 
     def done_units(self, stage: str, prefix: str = "") -> list[str]:
         """Names of the finished units under `done/<stage>/<prefix>`, sorted."""
-        path = self._checked(f"done/{stage}" + (f"/{prefix}" if prefix else ""))
-        # Listed from the store, not from the group's metadata: a kill can leave a parent group
-        # without its zarr.json while markers below it are whole.
-        names = sorted(n for n in collect_aiterator(self._durable.list_dir(path)) if _NAME.fullmatch(n) and n != "zarr.json")
+        names = self.children(f"done/{stage}" + (f"/{prefix}" if prefix else ""))
         return [n for n in names if self.done_info(stage, f"{prefix}/{n}" if prefix else n) is not None]
+
+    def children(self, path: str) -> list[str]:
+        """Names of the nodes under `path`, sorted. Listed from the store, not from the group's
+        metadata: a kill can leave a parent group without its zarr.json while nodes below it
+        are whole."""
+        names = collect_aiterator(self._durable.list_dir(self._checked(path)))
+        return sorted(n for n in names if _NAME.fullmatch(n) and n != "zarr.json")
 
     def array(self, path: str) -> "StoredArray":
         """The array at `path`, for reading slices of it."""
@@ -250,6 +268,20 @@ class Store:
         if not isinstance(node, zarr.Array if kind == "array" else zarr.Group):
             raise StoreError(f"store {self.location!r}: {path!r} is not an {kind}")
         return node
+
+    def size_bytes(self) -> int:
+        """The bytes of every key in the store."""
+        async def total() -> int:
+            return sum([await self._durable.getsize(key) async for key in self._durable.list()])
+
+        return sync(total())
+
+    def chunks_of(self, path: str) -> tuple[int, ...] | None:
+        """The chunk shape of the array at `path`, or None if there is none yet."""
+        try:
+            return self._node(self._checked(path), "array").chunks
+        except StoreError:
+            return None
 
     def has_key(self, key: str) -> bool:
         return sync(self._durable.exists(key))

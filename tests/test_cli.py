@@ -1,9 +1,14 @@
+import json
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import zarr
+
+from typer.testing import CliRunner
+
+from trakwomp.cli.main import app
 
 from conftest import REPO, plain
 
@@ -20,8 +25,9 @@ def test_train_then_lds_through_the_cli(cli, tmp_path, tiny_npz):
     group = zarr.open_group(str(tmp_path / "s"), mode="r")
     assert group["models/lds/000001/margins"].shape == (3,)
     assert group.attrs["trakwomp"]["lds_targets"]["num_examples"] == 3
-    result = cli("train", tmp_path / "s", *common, "--num-models", "2")
+    result = cli("train", tmp_path / "s", *common, "--num-models", "2", "--json")
     assert "2 already done" in plain(result.stderr)
+    assert json.loads(result.stdout) == {"trained": [], "skipped": [0, 1], "target_accuracy": {}}
     moved = tmp_path / "moved.npz"
     shutil.copy(tiny_npz, moved)
     result = cli("train", tmp_path / "s", *common, "--role", "lds", "--num-models", "3", "--targets",
@@ -39,3 +45,12 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
                              "--data", "nope:x"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "unknown dataset spec" in result.stderr
+
+
+def test_shell_completion_completes_commands_and_options():
+    def complete(words, index):
+        env = {"_TRAKWOMP_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(index)}
+        return CliRunner().invoke(app, [], env=env, prog_name="trakwomp").stdout.split()
+
+    assert complete("trakwomp fea", 1) == ["featurize"]
+    assert complete("trakwomp featurize store --proj", 3) == ["--projector", "--projector-seed"]

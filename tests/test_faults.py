@@ -12,6 +12,7 @@ mount file systems, made real with a small tmpfs and a read-only bind mount.
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,6 +138,24 @@ def test_same_shard_twice_and_four_shards_at_once_equal_one_process(stages, tmp_
         processes = [subprocess.Popen(setup.command(stage, store, *extra), cwd=REPO) for extra in extras]
         assert [p.wait() for p in processes] == [0] * len(processes)
         assert_same_store(store, after)
+
+
+@pytest.mark.parametrize("stage, units, done", [("featurize", 12, r"featurized (\d+) unit"), ("score", 3, r"\((\d+) chunk")])
+def test_three_slurm_array_tasks_at_once_equal_one_process(stages, tmp_path, stage, units, done):
+    """`--shard auto` in three processes launched as tasks 1-3 of a Slurm job array (--array=1-3):
+    together they do each unit once, and leave the store of one process."""
+    setup, built = stages
+    before, after, _ = built[stage]
+    store = tmp_path / "store"
+    shutil.copytree(before, store)
+    command = [a for a in setup.command(stage, store, "--shard", "auto") if a != "--quiet"]
+    tasks = [{**os.environ, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": "1",
+              "SLURM_ARRAY_TASK_COUNT": "3"} for task in (1, 2, 3)]
+    processes = [subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True) for env in tasks]
+    reports = [" ".join(p.communicate()[1].split()) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], reports
+    assert sum(int(re.search(done, report).group(1)) for report in reports) == units, reports
+    assert_same_store(store, after)
 
 
 def full_disk_points():

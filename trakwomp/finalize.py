@@ -112,6 +112,7 @@ def finalize(
     chunk_rows = handle.manifest["featurize"]["chunk_rows"]
     units = shard.select([(m, b) for m in model_ids for b in range(view.blocks)])
     todo = [(m, b) for m, b in units if handle.done_info("finalize", f"{view.key}/{m:06d}/{b:06d}") is None]
+    handle.ask(f"finalize/{view.key}", model_ids)
     report = FinalizeReport(view, model_ids, units_skipped=len(units) - len(todo))
     progress.plan(len(units), report.units_skipped, f"finalize {view.key} (model, block) units")
     start = time.perf_counter()

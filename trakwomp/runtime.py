@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, Protocol, TypeVar
+from typing import Iterable, Mapping, Protocol, TypeVar
 
 import torch
 
@@ -21,13 +22,48 @@ class Shard:
     count: int = 1
 
     @classmethod
-    def parse(cls, text: str) -> "Shard":
+    def parse(cls, text: str, environ: Mapping[str, str] = os.environ) -> "Shard":
+        """`K/N`, or `auto`: the shard the batch engine that launched this process assigns it."""
+        if text.strip() == "auto":
+            return cls.from_environment(environ)
         match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
         if not match:
             raise UserError(f"malformed --shard {text!r}: expected K/N, e.g. 0/2 and 1/2 for two shards")
         index, count = int(match.group(1)), int(match.group(2))
         if count < 1 or index >= count:
             raise UserError(f"--shard {text!r} is out of range: K counts from 0 and must be below N (0/{max(count, 1)} .. {max(count, 1) - 1}/{max(count, 1)})")
+        return cls(index, count)
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str]) -> "Shard":
+        """The shard of a Slurm job array task (SLURM_ARRAY_TASK_ID, _MIN, _STEP, _COUNT), of a
+        torchrun process (RANK, WORLD_SIZE), or of torchrun process RANK inside array task T:
+        shard T x WORLD_SIZE + RANK of COUNT x WORLD_SIZE."""
+        def number(name: str, default: int | None = None) -> int:
+            value = environ.get(name)
+            if value is None and default is not None:
+                return default
+            if value is None or not value.strip().lstrip("-").isdigit():
+                raise UserError(f"--shard auto: {name}={value!r} is not a whole number")
+            return int(value)
+
+        slurm, torchrun = "SLURM_ARRAY_TASK_ID" in environ, "RANK" in environ or "WORLD_SIZE" in environ
+        if not slurm and not torchrun:
+            raise UserError("--shard auto: neither a Slurm job array (SLURM_ARRAY_TASK_ID) nor torchrun (RANK, "
+                            "WORLD_SIZE) launched this process; pass --shard K/N")
+        index, count = 0, 1
+        if slurm:
+            task, first, step = number("SLURM_ARRAY_TASK_ID"), number("SLURM_ARRAY_TASK_MIN", 0), number("SLURM_ARRAY_TASK_STEP", 1)
+            count = number("SLURM_ARRAY_TASK_COUNT")
+            if step < 1 or (task - first) % step:
+                raise UserError(f"--shard auto: array task {task} is not on the grid {first}, {first + step}, ... "
+                                "(give the array as a range, e.g. --array=0-7)")
+            index = (task - first) // step
+        if torchrun:
+            rank, world = number("RANK"), number("WORLD_SIZE")
+            index, count = index * world + rank, count * world
+        if not 0 <= index < count:
+            raise UserError(f"--shard auto: the environment gives shard {index} of {count}, out of range")
         return cls(index, count)
 
     def select(self, units: Iterable[T]) -> list[T]:
@@ -37,8 +73,11 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
-def resolve_device(name: str) -> torch.device:
-    """A torch device from `cpu`, `cuda` or `cuda:N`, refused if it is not there."""
+def resolve_device(name: str, environ: Mapping[str, str] = os.environ) -> torch.device:
+    """A torch device from `cpu`, `cuda` or `cuda:N`, refused if it is not there. Under torchrun,
+    `cuda` is the process's own GPU, cuda:LOCAL_RANK."""
+    if name == "cuda" and "LOCAL_RANK" in environ:
+        name = f"cuda:{environ['LOCAL_RANK']}"
     try:
         device = torch.device(name)
     except RuntimeError:

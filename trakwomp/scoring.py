@@ -261,16 +261,23 @@ def top_k_rows(store: str | Path, key: str, targets: Dataset, k: int, threshold:
     rows = []
     for target_rows, block in iterate_scores(handle, key, threshold):
         for local, t in enumerate(target_rows):
-            order = np.argsort(block[local], kind="stable")
-            for direction, picks in (("supports", order[::-1][:k]), ("opposes", order[:k])):
-                for rank, i in enumerate(picks, 1):
-                    rows.append({
-                        "target": t, "target_label": targets.classes[int(targets.labels[t])],
-                        "target_path": targets.path(t), "direction": direction, "rank": rank, "train_index": int(i),
-                        "train_label": train.classes[int(train.labels[i])], "train_path": train.path(int(i)),
-                        "score": float(block[local, i]),
-                    })
+            for direction, rank, i in strongest(block[local], k):
+                rows.append({
+                    "target": t, "target_label": targets.classes[int(targets.labels[t])],
+                    "target_path": targets.path(t), "direction": direction, "rank": rank, "train_index": i,
+                    "train_label": train.classes[int(train.labels[i])], "train_path": train.path(i),
+                    "score": float(block[local, i]),
+                })
     return rows
+
+
+def strongest(scores: np.ndarray, k: int) -> list[tuple[str, int, int]]:
+    """(direction, rank, train index) of the k largest scores ("supports", largest first) and
+    the k smallest ("opposes", smallest first); ties keep the lower index first."""
+    order = np.argsort(scores, kind="stable")
+    supports = np.argsort(-scores, kind="stable")[:k]
+    return ([("supports", rank, int(i)) for rank, i in enumerate(supports, 1)]
+            + [("opposes", rank, int(i)) for rank, i in enumerate(order[:k], 1)])
 
 
 def write_table(rows: list[dict], out: str | Path) -> None:

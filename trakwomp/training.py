@@ -207,6 +207,7 @@ def train(
     handle = Store.open(store, create=True)
     bind_training_inputs(handle, data, model)
     handle.bind(f"train_{role}", asdict(recipe), "pass the same recipe flags as before, or use a new store")
+    handle.ask(f"train/{role}", num_models)
     if targets is not None:
         handle.bind("lds_targets", targets.fingerprint().as_dict(),
                     "LDS models of one store share their targets; use a new store for other targets")

@@ -1,0 +1,60 @@
+"""`trakwomp show`: the rows are the largest and smallest stored scores of the target (read here
+straight from the Zarr array), and the PNG holds the target and those train images."""
+
+import json
+
+import numpy as np
+import torch
+import zarr
+from PIL import Image
+from typer.testing import CliRunner
+
+from trakwomp.cli.main import app
+from trakwomp.data import load_dataset
+from trakwomp.featurize import featurize
+from trakwomp.finalize import finalize
+from trakwomp.projectors import ProjectorSpec
+from trakwomp.scoring import score
+from trakwomp.show import CAPTION, TILE
+from trakwomp.training import Recipe, train
+
+from conftest import write_tiny_images
+from test_train import TINY
+
+
+def test_show_draws_the_target_with_its_strongest_train_examples(tmp_path):
+    data = load_dataset(f"npz:{write_tiny_images(tmp_path / 'train.npz')}")
+    targets = load_dataset(f"npz:{write_tiny_images(tmp_path / 'targets.npz', n=9, seed=1)}")
+    store = tmp_path / "store"
+    train(store, data, TINY, num_models=1, recipe=Recipe(epochs=1, batch_size=16, lr=0.05))
+    featurize(store, projector=ProjectorSpec("sjlt", 0, 2, 8), chunk_rows=16)
+    finalize(store)
+    key = score(store, targets).key
+    k, target = 3, 4
+    result = CliRunner().invoke(app, ["show", str(store), "--target", str(target), "--k", str(k),
+                                      "--out", str(tmp_path / "grid.png"), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+
+    tau = zarr.open_group(str(store), mode="r")[f"scores/{key}/tau"][target]
+    order = sorted(range(len(tau)), key=lambda i: (-tau[i], i))
+    assert [r["train_index"] for r in rows if r["direction"] == "supports"] == order[:k]
+    assert [r["train_index"] for r in rows if r["direction"] == "opposes"] == sorted(range(len(tau)), key=lambda i: (tau[i], i))[:k]
+    assert all(r["score"] == float(tau[r["train_index"]]) for r in rows)
+
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
+    pad = 4
+    assert grid.shape == (pad + 2 * (TILE + CAPTION + pad), pad + (k + 1) * (TILE + pad), 3)
+
+    def image_at(row, column):
+        top, left = pad + row * (TILE + CAPTION + pad), pad + column * (TILE + pad)
+        return grid[top:top + TILE, left:left + TILE]
+
+    def upscaled(x: torch.Tensor) -> np.ndarray:  # nearest-neighbour, as the tiles are drawn
+        pixels = (x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        rows_, columns = (np.arange(TILE) * x.shape[1]) // TILE, (np.arange(TILE) * x.shape[2]) // TILE
+        return pixels[rows_][:, columns]
+
+    assert np.abs(image_at(0, 0).astype(int) - upscaled(targets[target][0])).max() <= 1
+    assert np.abs(image_at(0, 1).astype(int) - upscaled(data[order[0]][0])).max() <= 1
+    assert np.abs(image_at(1, 1).astype(int) - upscaled(data[rows[k]["train_index"]][0])).max() <= 1

@@ -1,0 +1,77 @@
+"""`status`: what each stage of a store has done and has left, per role, model, view and scores.
+
+What was asked for is what commands recorded: the number of models `train` was asked for per
+role, the models `featurize` registered, the models each `finalize` view was asked for, and the
+scores `score` started. A stage is complete when every unit of that is published.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from trakwomp.store import Store
+
+
+@dataclass
+class StageProgress:
+    stage: str
+    what: str
+    done: int
+    total: int
+
+    @property
+    def complete(self) -> bool:
+        return self.done >= self.total
+
+
+@dataclass
+class StoreStatus:
+    store: str
+    format_version: int
+    size_bytes: int
+    dataset: dict | None
+    model: dict | None
+    stages: list[StageProgress] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return all(p.complete for p in self.stages)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "complete": self.complete,
+                "stages": [{**asdict(p), "complete": p.complete} for p in self.stages]}
+
+
+def status(store: str | Path) -> StoreStatus:
+    """Done and total units of every stage that the store was asked for."""
+    handle = Store.open(store)
+    manifest = handle.manifest
+    asked = manifest.get("asked", {})
+    report = StoreStatus(handle.location, manifest["format_version"], handle.size_bytes(), manifest.get("dataset"),
+                         manifest.get("model"))
+    for role in ("reference", "lds"):
+        done = len(handle.done_units("train", role))
+        if done or f"train/{role}" in asked:
+            report.stages.append(StageProgress("train", f"{role} models", done, max(done, asked.get(f"train/{role}", 0))))
+    if "featurize" in manifest:
+        chunks = math.ceil(manifest["dataset"]["num_examples"] / manifest["featurize"]["chunk_rows"])
+        for entry in manifest.get("models", []):
+            done = len(handle.done_units("featurize", f"{entry['id']:06d}"))
+            report.stages.append(StageProgress("featurize", f"model {entry['id']} row chunks", done, chunks))
+    views = {work.removeprefix("finalize/"): ids for work, ids in asked.items() if work.startswith("finalize/")}
+    for view in handle.children("done/finalize"):  # views of stores made before "asked" recorded them
+        views.setdefault(view, [int(m) for m in handle.children(f"done/finalize/{view}")])
+    for view, model_ids in sorted(views.items()):
+        blocks = int(view.split("-")[1].removeprefix("b"))
+        for model_id in model_ids:
+            done = len(handle.done_units("finalize", f"{view}/{model_id:06d}"))
+            report.stages.append(StageProgress("finalize", f"view {view} model {model_id} blocks", done, blocks))
+    for key, entry in sorted(manifest.get("scores", {}).items()):
+        done = len(handle.done_units("score", key))
+        n_targets = manifest["targets"][entry["targets"]]["num_examples"]
+        chunk_rows = handle.chunks_of(f"scores/{key}/tau")
+        total = math.ceil(n_targets / chunk_rows[0]) if chunk_rows else max(done, 1)
+        report.stages.append(StageProgress("score", f"scores {key} target chunks", done, total))
+    return report
