@@ -85,7 +85,7 @@ def root(
     """Data attribution with TRAK and TRAK-WOMP: which training examples made a model behave as it does."""
 
 
-StoreArg = typer.Argument(..., help="The store folder (created if missing).")
+StoreArg = typer.Argument(..., help="The store: a folder, or an fsspec URL such as s3://bucket/store (created if missing).")
 DeviceOpt = typer.Option("cpu", "--device", envvar="TRAKWOMP_DEVICE",
                          help="cpu, cuda or cuda:N (under torchrun, cuda is cuda:LOCAL_RANK).")
 ShardOpt = typer.Option("0/1", "--shard", envvar="TRAKWOMP_SHARD",

@@ -25,6 +25,7 @@ import os
 import signal
 from pathlib import Path
 
+from zarr.abc.store import Store
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore, WrapperStore
 
@@ -48,7 +49,8 @@ class FaultPlan:
                                  f"{', '.join(FAULT_MODES[1:])}")
             self.at, self.mode = int(number), mode or "kill"
 
-    def before_write(self, path: Path, value: Buffer) -> None:
+    def before_write(self, path: Path | None, value: Buffer) -> None:
+        """`path`: the key's local file, or None on an object store (where a torn write is a kill)."""
         FaultPlan.writes += 1
         if self.at is None or FaultPlan.writes < self.at:
             return
@@ -57,7 +59,7 @@ class FaultPlan:
             raise OSError(code, os.strerror(code), str(path))
         if FaultPlan.writes > self.at:
             return
-        if self.mode == "torn":
+        if self.mode == "torn" and path is not None:
             data = value.to_bytes()
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path.with_suffix(".fault.partial"), "wb") as f:
@@ -78,16 +80,22 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-class DurableStore(WrapperStore[LocalStore]):
-    """A LocalStore that records the files it writes, for `sync`, and obeys TRAKWOMP_FAULT."""
+class DurableStore(WrapperStore[Store]):
+    """A LocalStore that records the files it writes, for `sync`, or an object store (whose
+    writes are durable when they return); both obey TRAKWOMP_FAULT."""
 
-    def __init__(self, store: LocalStore):
+    def __init__(self, store: Store):
         super().__init__(store)
+        self.local_root = Path(store.root) if isinstance(store, LocalStore) else None
         self._written: set[Path] = set()
         self._fault = FaultPlan(os.environ.get(FAULT_VARIABLE))
 
-    def _with_store(self, store: LocalStore) -> "DurableStore":
+    def _with_store(self, store: Store) -> "DurableStore":
         return type(self)(store)
+
+    @property
+    def inner(self) -> Store:
+        return self._store
 
     async def set(self, key: str, value: Buffer) -> None:
         await self._write(key, value, self._store.set)
@@ -96,17 +104,21 @@ class DurableStore(WrapperStore[LocalStore]):
         await self._write(key, value, self._store.set_if_not_exists)
 
     async def _write(self, key: str, value: Buffer, write) -> None:
-        path = Path(self._store.root) / key
+        path = self.local_root / key if self.local_root else None
         try:
             self._fault.before_write(path, value)
             await write(key, value)
         except OSError as e:
-            raise StoreError(f"cannot write to store {str(self._store.root)!r}: {e.strerror or e}; "
+            raise StoreError(f"cannot write to store {self._name()!r}: {e.strerror or e}; "
                              "finished units are kept, run the command again once it is writable") from None
-        self._written.add(path)
+        if path is not None:
+            self._written.add(path)
+
+    def _name(self) -> str:
+        return str(self.local_root) if self.local_root else str(self._store)
 
     def sync(self) -> None:
-        """fsync every file written since the last sync, then the folders that hold them."""
+        """fsync every local file written since the last sync, then the folders that hold them."""
         written, self._written = self._written, set()
         try:
             for path in written:
@@ -114,4 +126,4 @@ class DurableStore(WrapperStore[LocalStore]):
             for folder in {p.parent for p in written}:
                 fsync_path(folder)
         except OSError as e:
-            raise StoreError(f"cannot write to store {str(self._store.root)!r}: {e.strerror or e}") from None
+            raise StoreError(f"cannot write to store {self._name()!r}: {e.strerror or e}") from None

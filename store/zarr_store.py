@@ -17,7 +17,10 @@ import fcntl
 import itertools
 import json
 import os
+import random
 import re
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -25,7 +28,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 from zarr.core.sync import collect_aiterator, sync
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
 from trakwomp.store.durable import DurableStore
 from trakwomp.store.errors import StoreError
@@ -67,20 +70,17 @@ class Store:
 
     @classmethod
     def open(cls, location: str | Path, create: bool = False) -> "Store":
-        """Open the store at `location`; with `create`, make it if it does not exist yet."""
-        path = Path(location)
+        """Open the store at `location`, a local path or an fsspec URL (s3://bucket/path, ...;
+        credentials and endpoints from the usual environment, e.g. AWS_ENDPOINT_URL); with
+        `create`, make it if it does not exist yet."""
         location = str(location)
-        if path.exists() and not path.is_dir():
-            raise StoreError(f"{location!r} is a file, not a store folder")
-        exists = (path / "zarr.json").is_file()
+        durable, exists, empty = _backend(location)
         if not exists:
             if not create:
                 raise StoreError(f"no trakwomp store at {location!r}")
-            # (temporary files of a write that a kill interrupted do not count)
-            if path.is_dir() and any(not p.name.endswith(".partial") for p in path.iterdir()):
+            if not empty:
                 raise StoreError(f"{location!r} is a non-empty folder that is not a trakwomp store; choose a new path")
         try:
-            durable = DurableStore(LocalStore(path.absolute()))
             # A new store's group and manifest are one write: a kill leaves a store or no store.
             group = zarr.open_group(store=durable, mode="a" if create else "r+", zarr_format=3,
                                     attributes={MANIFEST_KEY: {"format_version": FORMAT_VERSION}})
@@ -99,11 +99,9 @@ class Store:
 
     @classmethod
     def open_existing(cls, location: str | Path) -> "Store | None":
-        """The store at `location`, or None if there is none yet (no folder, or an empty one)."""
-        path = Path(location)
-        if path.is_dir() and not (path / "zarr.json").is_file() and all(p.name.endswith(".partial") for p in path.iterdir()):
-            return None
-        return cls.open(location) if path.exists() else None
+        """The store at `location`, or None if there is none yet (nothing there, or an empty folder)."""
+        _, exists, empty = _backend(str(location))
+        return cls.open(location) if exists or not empty else None
 
     @property
     def manifest(self) -> dict:
@@ -111,9 +109,14 @@ class Store:
 
     @contextlib.contextmanager
     def _manifest_lock(self):
-        """An exclusive lock on the manifest, across processes: flock on the store's folder, whose
-        inode, unlike that of zarr.json (replaced on every write), stays the same."""
-        folder = os.open(self.location, os.O_RDONLY)
+        """An exclusive lock on the manifest, across processes: on a local store an flock on the
+        store's folder, whose inode, unlike that of zarr.json (replaced on every write), stays
+        the same; on an object store a lock object created only if absent."""
+        if self._durable.local_root is None:
+            with object_store_lock(self._durable.inner, self.location):
+                yield
+            return
+        folder = os.open(self._durable.local_root, os.O_RDONLY)
         try:
             fcntl.flock(folder, fcntl.LOCK_EX)
             yield
@@ -344,3 +347,62 @@ def _chunk_ranges(selection, shape: tuple[int, ...], chunks: tuple[int, ...]) ->
             index = int(part) % size
             ranges.append(range(index // chunk, index // chunk + 1))
     return ranges
+
+
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+LOCK_STALE_SECONDS = 60.0
+LOCK_WAIT_SECONDS = 300.0
+
+
+def _backend(location: str) -> tuple[DurableStore, bool, bool]:
+    """(the zarr store at `location`, whether it holds a store, whether it is empty), checked
+    before anything is created: a local folder is made only by the first write."""
+    if URL.match(location) and not location.startswith("file://"):
+        try:
+            inner = FsspecStore.from_url(location)
+            exists = sync(inner.exists("zarr.json"))
+            empty = exists is False and not collect_aiterator(inner.list_dir(""))
+        except (ImportError, ValueError, OSError) as e:
+            raise StoreError(f"cannot open store {location!r}: {e}") from None
+        return DurableStore(inner), exists, empty
+    path = Path(location.removeprefix("file://"))
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{location!r} is a file, not a store folder")
+    exists = (path / "zarr.json").is_file()
+    # (temporary files of a write that a kill interrupted do not count)
+    empty = not path.is_dir() or all(p.name.endswith(".partial") for p in path.iterdir())
+    return DurableStore(LocalStore(path.absolute())), exists, empty
+
+
+@contextlib.contextmanager
+def object_store_lock(store: FsspecStore, location: str):
+    """An exclusive lock between processes on an object store: the object `trakwomp.lock`,
+    created only if absent (a conditional PUT on S3) and removed afterwards. A lock older than
+    LOCK_STALE_SECONDS belongs to a process that died holding it (the manifest is held for
+    milliseconds) and is broken."""
+    fs, path = store.fs, f"{store.path}/trakwomp.lock"
+    token = f"{time.time()} {uuid.uuid4().hex}".encode()
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            sync(fs._pipe_file(path, token, mode="create"))
+            break
+        except FileExistsError:
+            pass
+        except (TypeError, NotImplementedError) as e:
+            raise StoreError(f"store {location!r}: its file system cannot create an object only if absent, "
+                             f"which the manifest lock needs ({e})") from None
+        try:
+            held = sync(fs._cat_file(path))
+            if time.time() - float(held.split()[0]) > LOCK_STALE_SECONDS:
+                sync(fs._rm_file(path))
+                continue
+        except (FileNotFoundError, ValueError, IndexError):
+            continue
+        if time.monotonic() > deadline:
+            raise StoreError(f"store {location!r}: the manifest lock {path!r} stayed taken for {LOCK_WAIT_SECONDS:.0f} s")
+        time.sleep(random.uniform(0.02, 0.2))
+    try:
+        yield
+    finally:
+        sync(fs._rm_file(path))
