@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from trak import TRAKer
 
 from trakwomp.data import load_dataset
