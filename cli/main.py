@@ -376,6 +376,7 @@ def show(
     models: Optional[str] = ModelsOpt,
     threshold: float = typer.Option(0.0, "--threshold"),
     json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing; only write the files."),
 ):
     """The train examples that most support and oppose one target: a PNG grid with labels and scores."""
     for flag, path in (("--out", out), ("--table", table)):
@@ -387,6 +388,7 @@ def show(
         write_table(rows, table)
     if json_out:
         typer.echo(json.dumps(rows, indent=1))
+    if json_out or quiet:
         return
     console.print(f"wrote {out}" + (f" and {table}" if table else ""))
     show_top_k(rows, f"Train examples that most support and oppose target {target}")
@@ -400,15 +402,16 @@ INCOMPLETE = 3
 def status(
     store: str = typer.Argument(..., help="A store."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing; only the exit code tells."),
 ):
     """What each stage has done and has left, per model, view and scores, and the store's size.
 
     Exit code 0 when everything asked for is done, 3 when some of it is not (2: an error), so a
-    script can wait with `until trakwomp status STORE --json > /dev/null; do sleep 60; done`."""
+    script can wait with `until trakwomp status STORE --quiet; do sleep 60; done`."""
     report = store_status(store)
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=1))
-    else:
+    elif not quiet:
         dataset = report.dataset or {}
         model = report.model or {}
         table = Table("stage", "what", "done", "left", title=f"{report.store}: {report.size_bytes / 2**20:,.1f} MiB, "

@@ -59,6 +59,8 @@ def test_status_counts_what_is_done_and_left_and_exits_0_only_when_complete(tmp_
     assert progress(store)[("score", key)] == (1, 3)
     code, report = cli_status(store)
     assert code == INCOMPLETE
+    quiet = CliRunner().invoke(app, ["status", str(store), "--quiet"])
+    assert (quiet.exit_code, quiet.stdout, quiet.stderr) == (INCOMPLETE, "", "")
     score(store, targets, models=[0], target_chunk_rows=4)
     code, report = cli_status(store)
     assert code == 0 and all(p["complete"] for p in report["stages"])
