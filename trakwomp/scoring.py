@@ -217,6 +217,14 @@ def find_scores(handle: Store, view: View, model_ids: list[int], targets_sha: st
     return find_scores_by_key(handle, candidates[0])
 
 
+def find_view_scores(handle: Store, targets: Dataset | None, dims: int | None, blocks: int | None, ridge: float,
+                     models: list[int] | None) -> str:
+    """The key of finished scores of the view (dims, blocks, ridge) and models, for `targets`
+    (needed only if several target sets are scored)."""
+    return find_scores(handle, store_view(handle, dims, blocks, ridge), featurized_models(handle, models),
+                       targets.fingerprint().sha256 if targets is not None else None)
+
+
 def find_scores_by_key(handle: Store, key: str) -> str:
     """`key`, checked to name finished scores."""
     if key not in handle.manifest.get("scores", {}):
@@ -310,8 +318,7 @@ def predict(
     view and models (and `targets`, needed if several target sets are scored). Only differences
     between subsets are meaningful: the datamodel's intercept is not estimated."""
     handle = Store.open(store)
-    key = find_scores(handle, store_view(handle, dims, blocks, ridge), featurized_models(handle, models),
-                      targets.fingerprint().sha256 if targets is not None else None)
+    key = find_view_scores(handle, targets, dims, blocks, ridge, models)
     n = handle.manifest["dataset"]["num_examples"]
     if subset.dtype != bool:
         if not np.issubdtype(subset.dtype, np.integer) or subset.ndim != 1:

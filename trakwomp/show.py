@@ -18,8 +18,7 @@ from trakwomp.data import Dataset, load_dataset
 from trakwomp.errors import UserError
 from trakwomp.estimator import relative_soft_threshold
 from trakwomp.featurize import stored_dataset
-from trakwomp.finalize import featurized_models, store_view
-from trakwomp.scoring import find_scores, strongest
+from trakwomp.scoring import find_view_scores, strongest
 from trakwomp.store import Store
 
 TILE = 96  # pixels per image side in the grid
@@ -44,8 +43,7 @@ def show(
     if k < 1:
         raise UserError("--k must be at least 1")
     handle = Store.open(store)
-    key = find_scores(handle, store_view(handle, dims, blocks, ridge), featurized_models(handle, models),
-                      targets.fingerprint().sha256 if targets is not None else None)
+    key = find_view_scores(handle, targets, dims, blocks, ridge, models)
     recorded = handle.manifest["targets"][handle.manifest["scores"][key]["targets"]]
     if targets is None:
         targets = load_dataset(recorded["spec"])
