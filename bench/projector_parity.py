@@ -30,7 +30,8 @@ from trakwomp.finalize import finalize
 from trakwomp.lds import GroundTruth, bootstrap_interval, lds_per_target
 from trakwomp.models import ModelSpec
 from trakwomp.projectors import ProjectorSpec
-from trakwomp.scoring import find_scores, iterate_scores, score
+from trakwomp.scoring import score
+from trakwomp.stored_scores import find_scores, iterate_scores
 from trakwomp.store import Store
 
 CONFIGS = (("gaussian", "float32"), ("sjlt", "float32"), ("sjlt", "float16"))

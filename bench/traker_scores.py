@@ -21,7 +21,7 @@ from trak import TRAKer
 
 from trakwomp.data import load_dataset
 from trakwomp.models import ModelSpec, load_checkpoint
-from trakwomp.training import load_batch
+from trakwomp.data import load_batch
 
 
 def main() -> None:

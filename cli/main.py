@@ -22,11 +22,14 @@ from trakwomp.cli.progress import RichProgress, console
 from trakwomp.data import SPEC_HELP, load_dataset, load_indices
 from trakwomp.errors import UserError
 from trakwomp.featurize import featurize as featurize_models
-from trakwomp.finalize import finalize as finalize_view, parse_model_ids
+from trakwomp.finalize import finalize as finalize_view
+from trakwomp.selection import parse_model_ids
 from trakwomp.lds import lds as lds_report
 from trakwomp.show import show as show_target
 from trakwomp.status import status as store_status
-from trakwomp.scoring import export_scores, predict as predict_margins, score as score_targets, top_k_rows, write_table
+from trakwomp.export import export_scores, top_k_rows, write_table
+from trakwomp.predict import predict as predict_margins
+from trakwomp.scoring import score as score_targets
 from trakwomp.models import ModelSpec
 from trakwomp.projectors import ProjectorSpec
 from trakwomp.runtime import NoProgress, Shard
@@ -111,6 +114,7 @@ def train(
     batch_size: int = typer.Option(Recipe.batch_size, "--batch-size"),
     lr: float = typer.Option(Recipe.lr, "--lr", help="Peak learning rate of the one-cycle schedule."),
     seed: int = typer.Option(Recipe.seed, "--seed"),
+    threads: int = typer.Option(Recipe.threads, "--threads", help="CPU threads for training; recorded, since results depend on it."),
     device: str = DeviceOpt,
     shard: str = ShardOpt,
     quiet: bool = QuietOpt,
@@ -123,7 +127,7 @@ def train(
     """Train reference models (or LDS evaluation models) on random alpha-subsets of --data."""
     shard_spec = Shard.parse(shard)
     spec = ModelSpec.parse(model, width)
-    recipe = Recipe(alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    recipe = Recipe(alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threads=threads)
     train_set = load_dataset(data, indices, transform, download)
     target_set = load_dataset(targets, target_indices, transform, download) if targets else None
     if target_indices is not None and targets is None:
@@ -420,6 +424,9 @@ def status(
         for p in report.stages:
             table.add_row(p.stage, p.what, f"{p.done}/{p.total}", "" if p.complete else f"[yellow]{p.total - p.done}[/]")
         Console().print(table)
+        if report.temporary_files:
+            console.print(f"{report.temporary_files} temporary file(s) (*.partial): writes in flight, or left by killed "
+                          "writes; the next run of their stage removes those untouched for a minute")
         console.print("complete" if report.complete else "[yellow]incomplete[/]: run the stages with work left again")
     if not report.complete:
         raise typer.Exit(INCOMPLETE)

@@ -17,10 +17,8 @@ import fcntl
 import itertools
 import json
 import os
-import random
 import re
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -32,13 +30,19 @@ from zarr.storage import FsspecStore, LocalStore
 
 from trakwomp.store.durable import DurableStore
 from trakwomp.store.errors import StoreError
+from trakwomp.store.lease import ObjectStoreLease
 
-FORMAT_VERSION = 1
+# 2: every chunk carries a CRC-32C checksum. Version 1 stores still open; their chunks written
+# before have none, so damage that still decodes goes unseen there (docs/store.md).
+FORMAT_VERSION = 2
 MANIFEST_KEY = "trakwomp"
 T = TypeVar("T")
 # Projected gradients are random-like floats: bit-shuffled lz4 saves about as much space as zstd
 # (12% of float32) and encodes 6x and decodes 2.5x faster (bench/throughput, docs/performance.md).
 COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
+# The last codec on write, the first on read: a chunk whose bytes changed fails its checksum
+# before it is decompressed, so damage is never read as data.
+CHECKSUM = zarr.codecs.Crc32cCodec()
 
 
 # Every path inside the store is made of these names: none can be "..", absolute, or empty.
@@ -109,17 +113,19 @@ class Store:
 
     @contextlib.contextmanager
     def _manifest_lock(self):
-        """An exclusive lock on the manifest, across processes: on a local store an flock on the
-        store's folder, whose inode, unlike that of zarr.json (replaced on every write), stays
-        the same; on an object store a lock object created only if absent."""
+        """An exclusive lock on the manifest, across processes; yields a `check()` to call just
+        before writing. On a local store an flock on the store's folder, whose inode, unlike that
+        of zarr.json (replaced on every write), stays the same, held until the process lets go or
+        dies; on an object store a lease (store/lease.py) whose check refuses a holder that lost it."""
         if self._durable.local_root is None:
-            with object_store_lock(self._durable.inner, self.location):
-                yield
+            inner = self._durable.inner
+            with ObjectStoreLease(inner.fs, inner.path, self.location) as lease:
+                yield lease.check
             return
         folder = os.open(self._durable.local_root, os.O_RDONLY)
         try:
             fcntl.flock(folder, fcntl.LOCK_EX)
-            yield
+            yield lambda: None
         finally:
             os.close(folder)
 
@@ -127,12 +133,13 @@ class Store:
         """Apply `change` to the manifest as it is on disk now, under the manifest lock, and write
         it back if it changed; returns what `change` returns. Concurrent processes each see the
         others' updates: none is lost."""
-        with self._manifest_lock():
+        with self._manifest_lock() as still_held:
             self._group = zarr.open_group(store=self._durable, mode="r+", zarr_format=3)
             before = self.manifest
             manifest = json.loads(json.dumps(before))
             result = change(manifest)
             if manifest != before:
+                still_held()
                 self._group.attrs[MANIFEST_KEY] = json.loads(json.dumps(manifest))
                 self._durable.sync()
             return result
@@ -200,12 +207,12 @@ class Store:
         runs of one shard) never delete each other's chunks."""
         values = np.asarray(values)
         array = self._require(path, values.shape, values.dtype, chunks or (values.shape or "auto"),
-                              COMPRESSOR if values.ndim else None)
+                              (COMPRESSOR, CHECKSUM) if values.ndim else (CHECKSUM,))
         array[...] = values
 
     def require_array(self, path: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...]) -> "StoredArray":
         """The array at `path`, created if absent; several processes may call this at once."""
-        return self._require(path, tuple(shape), np.dtype(dtype), tuple(chunks), COMPRESSOR)
+        return self._require(path, tuple(shape), np.dtype(dtype), tuple(chunks), (COMPRESSOR, CHECKSUM))
 
     def _require(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunks, compressors) -> "StoredArray":
         path = self._checked(path)
@@ -286,6 +293,42 @@ class Store:
         except StoreError:
             return None
 
+    def temporaries(self) -> list[str]:
+        """Paths of the temporary files (`*.partial`) in the store: writes in flight, or left by
+        writes that a kill interrupted. Object stores write whole objects and have none."""
+        root = self._durable.local_root
+        if root is None or not root.is_dir():
+            return []
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*.partial"))
+
+    def remove_stale_temporaries(self, folders: list[str]) -> int:
+        """Remove the temporary files that no write has touched for STALE_TEMPORARY_SECONDS from
+        `folders` and from the folders above them (not their other subfolders), where the
+        metadata of parent groups and of the manifest are written; returns how many.
+
+        A write in flight keeps its temporary file fresh until it renames it, so only leftovers
+        of killed writes are this old; removing them never breaks another process's write."""
+        root = self._durable.local_root
+        if root is None:
+            return 0
+        found = set(root.glob("*.partial"))
+        for folder in (f.rstrip("/") for f in folders):
+            parts = self._checked(folder).split("/")
+            for depth in range(1, len(parts)):
+                found.update((root / "/".join(parts[:depth])).glob("*.partial"))
+            found.update((root / folder).rglob("*.partial"))
+        removed = 0
+        for path in found:
+            try:
+                if time.time() - path.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # renamed or removed by its writer or another cleaner meanwhile
+                continue
+            except OSError as e:
+                raise StoreError(f"cannot write to store {self.location!r}: {e.strerror or e}") from None
+        return removed
+
     def has_key(self, key: str) -> bool:
         return sync(self._durable.exists(key))
 
@@ -325,6 +368,8 @@ class StoredArray:
         try:
             return self._array[selection]
         except _DAMAGE as e:
+            if "checksum" in str(e):
+                raise self._store.damaged(f"a chunk of {self.path!r} fails its CRC-32C checksum") from None
             raise self._store.damaged(f"a chunk of {self.path!r} does not decode ({e})") from None
 
     def __setitem__(self, selection, values) -> None:
@@ -350,8 +395,7 @@ def _chunk_ranges(selection, shape: tuple[int, ...], chunks: tuple[int, ...]) ->
 
 
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-LOCK_STALE_SECONDS = 60.0
-LOCK_WAIT_SECONDS = 300.0
+STALE_TEMPORARY_SECONDS = 60.0
 
 
 def _backend(location: str) -> tuple[DurableStore, bool, bool]:
@@ -372,37 +416,3 @@ def _backend(location: str) -> tuple[DurableStore, bool, bool]:
     # (temporary files of a write that a kill interrupted do not count)
     empty = not path.is_dir() or all(p.name.endswith(".partial") for p in path.iterdir())
     return DurableStore(LocalStore(path.absolute())), exists, empty
-
-
-@contextlib.contextmanager
-def object_store_lock(store: FsspecStore, location: str):
-    """An exclusive lock between processes on an object store: the object `trakwomp.lock`,
-    created only if absent (a conditional PUT on S3) and removed afterwards. A lock older than
-    LOCK_STALE_SECONDS belongs to a process that died holding it (the manifest is held for
-    milliseconds) and is broken."""
-    fs, path = store.fs, f"{store.path}/trakwomp.lock"
-    token = f"{time.time()} {uuid.uuid4().hex}".encode()
-    deadline = time.monotonic() + LOCK_WAIT_SECONDS
-    while True:
-        try:
-            sync(fs._pipe_file(path, token, mode="create"))
-            break
-        except FileExistsError:
-            pass
-        except (TypeError, NotImplementedError) as e:
-            raise StoreError(f"store {location!r}: its file system cannot create an object only if absent, "
-                             f"which the manifest lock needs ({e})") from None
-        try:
-            held = sync(fs._cat_file(path))
-            if time.time() - float(held.split()[0]) > LOCK_STALE_SECONDS:
-                sync(fs._rm_file(path))
-                continue
-        except (FileNotFoundError, ValueError, IndexError):
-            continue
-        if time.monotonic() > deadline:
-            raise StoreError(f"store {location!r}: the manifest lock {path!r} stayed taken for {LOCK_WAIT_SECONDS:.0f} s")
-        time.sleep(random.uniform(0.02, 0.2))
-    try:
-        yield
-    finally:
-        sync(fs._rm_file(path))

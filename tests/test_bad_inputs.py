@@ -138,8 +138,8 @@ CASES = [
          "there is no folder"),
     Case("scores-file-missing", "full", ["lds", "S", "--scores", "F/missing.npy"], "cannot read scores file"),
     # stores that this trakwomp must not use
-    Case("newer-format-version", "finalized", ["finalize", "S"], "newer than this trakwomp reads (1); upgrade trakwomp",
-         edit_manifest(lambda m: m.__setitem__("format_version", 2))),
+    Case("newer-format-version", "finalized", ["finalize", "S"], "newer than this trakwomp reads (2); upgrade trakwomp",
+         edit_manifest(lambda m: m.__setitem__("format_version", 3))),
     Case("zarr-group-not-a-trakwomp-store", "finalized", ["finalize", "S"], "is a Zarr group but not a trakwomp store",
          overwrite("zarr.json", b'{"zarr_format": 3, "node_type": "group", "attributes": {}}')),
     Case("manifest-unreadable", "finalized", ["finalize", "S"], "cannot open store", overwrite("zarr.json", b"{")),
@@ -207,9 +207,10 @@ CASES = [
     Case("weights-not-matching-their-hash", "finalized", ["score", "S", "--targets", "npz:F/train.npz"],
          "do not match their recorded hash", edit_manifest(lambda m: m["models"][0].__setitem__("sha256", "0" * 64))),
     # damaged stores
-    Case("chunk-corrupt", "finalized", ["finalize", "S", "--dims", "8"], "is damaged: a chunk of 'features/000000/phi' does not decode",
+    Case("chunk-corrupt", "finalized", ["finalize", "S", "--dims", "8"],
+         "is damaged: a chunk of 'features/000000/phi' fails its CRC-32C checksum",
          overwrite(PHI_CHUNK, b"garbage"), mid_work=True),
-    Case("chunk-truncated", "finalized", ["finalize", "S", "--dims", "8"], "does not decode",
+    Case("chunk-truncated", "finalized", ["finalize", "S", "--dims", "8"], "fails its CRC-32C checksum",
          lambda s: (s / PHI_CHUNK).write_bytes((s / PHI_CHUNK).read_bytes()[:40]), mid_work=True),
     Case("chunk-missing", "finalized", ["finalize", "S", "--dims", "8"], f"chunk '{PHI_CHUNK}' is missing",
          overwrite(PHI_CHUNK, None), mid_work=True),

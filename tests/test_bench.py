@@ -35,6 +35,7 @@ def write_jpeg_archive(path, train_per_class=12, test_per_class=3):
                     tar.addfile(info, buffer)
 
 
+@pytest.mark.slow
 def test_full_cifar10_smoke_runs_every_stage_and_reports_the_odd_half(tmp_path):
     work = tmp_path / "work"
     write_jpeg_archive(tmp_path / "cifar.tar.gz")

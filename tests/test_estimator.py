@@ -1,11 +1,11 @@
-"""The estimator against independent computations: dense numpy eq. 2 / eq. 3 / eq. 5, the
-reference TRAK library (`traker`), and the definitions of the soft threshold and ridge."""
+"""The estimator against independent computations: dense numpy eq. 2 / eq. 3, the reference
+TRAK library (`traker`), and the definitions of the soft threshold and ridge."""
 
 
 import importlib
+import shutil
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 import zarr
 
@@ -17,7 +17,10 @@ from trakwomp.finalize import finalize
 from trakwomp.models import ModelSpec
 from trakwomp.projectors import ProjectorSpec
 from trakwomp import scoring
+from trakwomp.predict import predict
 from trakwomp.scoring import score
+from trakwomp.selection import parse_model_ids
+from trakwomp.show import show
 from trakwomp.training import Recipe, train
 
 from conftest import write_tiny_images
@@ -67,14 +70,15 @@ def test_view_defaults_and_groupings():
 
 
 @pytest.fixture(scope="module")
-def two_model_store(tmp_path_factory):
-    """Two tiny trained ResNet-9s, featurized at d = 4 x 8 on 48 train images, finalized at B = 1 and B = 4."""
+def model_store(tmp_path_factory):
+    """Three tiny trained ResNet-9s, featurized at d = 4 x 8 on 48 train images, finalized at
+    B = 1 and B = 4; models 0 and 1 scored at three views, models {0, 2} at B = 4."""
     root = tmp_path_factory.mktemp("est")
     train_npz = write_tiny_images(root / "train.npz")
     target_npz = write_tiny_images(root / "targets.npz", n=9, seed=5)
     data = load_dataset(f"npz:{train_npz}")
     store = root / "store"
-    train(store, data, ModelSpec.parse("resnet9", 1 / 16), num_models=2, recipe=Recipe(epochs=2, batch_size=16, lr=0.05))
+    train(store, data, ModelSpec.parse("resnet9", 1 / 16), num_models=3, recipe=Recipe(epochs=1, batch_size=16, lr=0.05))
     featurize(store, projector=ProjectorSpec("gaussian", 1, 4, 8), chunk_rows=20)
     targets = load_dataset(f"npz:{target_npz}")
     keys = {}
@@ -87,24 +91,26 @@ def two_model_store(tmp_path_factory):
             finalize(store, blocks=blocks, ridge=ridge)
             if pass_bytes:
                 patch.setattr(scoring, "SCORE_PASS_BYTES", pass_bytes)
-            keys[blocks, ridge] = score(store, targets, blocks=blocks, ridge=ridge, target_chunk_rows=4).key
-    return store, keys
+            keys[blocks, ridge] = score(store, targets, blocks=blocks, ridge=ridge, models=[0, 1],
+                                        target_chunk_rows=4).key
+    return store, keys, targets
 
 
 def stored(store, path):
     return np.asarray(zarr.open_array(str(store / path), mode="r")[...], dtype=np.float64)
 
 
-def model_features(store, target_key):
-    """(train features, target features, q) of models 0 and 1, read straight from the Zarr arrays."""
+def model_features(store, target_key, models):
+    """(train features, target features, q) of each model, read straight from the Zarr arrays."""
     return [(stored(store, f"features/00000{m}/phi"), stored(store, f"targets/{target_key}/features/00000{m}/phi"),
-             stored(store, f"features/00000{m}/q")) for m in (0, 1)]
+             stored(store, f"features/00000{m}/q")) for m in models]
 
 
-def dense_scores(store, blocks, ridge, target_key):
-    """eq. 3 in numpy from the stored features: per model and block, phi_b(z) (Phi_b^T Phi_b + r I)^-1 Phi_b^T."""
+def dense_scores(store, blocks, ridge, target_key, models=(0, 1)):
+    """eq. 3 in numpy from the stored features: per model and block, phi_b(z) (Phi_b^T Phi_b + r I)^-1 Phi_b^T,
+    summed, times (1/M^2) sum_m q_m."""
     total, q_sum = 0.0, 0.0
-    for phi, target, q in model_features(store, target_key):
+    for phi, target, q in model_features(store, target_key, models):
         w = phi.shape[1] // blocks
         for b in range(blocks):
             cols = slice(b * w, (b + 1) * w)
@@ -112,26 +118,12 @@ def dense_scores(store, blocks, ridge, target_key):
             gram += ridge * np.mean(np.diag(gram)) * np.eye(w)
             total = total + target[:, cols] @ np.linalg.inv(gram) @ phi[:, cols].T
         q_sum = q_sum + q
-    return q_sum / 4 * total
-
-
-def block_diagonal_scores(store, blocks, ridge, target_key):
-    """eq. 5: the same with one explicit block-diagonal inverse per model."""
-    total, q_sum = 0.0, 0.0
-    for phi, target, q in model_features(store, target_key):
-        w = phi.shape[1] // blocks
-        inverses = []
-        for b in range(blocks):
-            gram = phi[:, b * w:(b + 1) * w].T @ phi[:, b * w:(b + 1) * w]
-            inverses.append(np.linalg.inv(gram + ridge * np.mean(np.diag(gram)) * np.eye(w)))
-        total = total + target @ scipy.linalg.block_diag(*inverses) @ phi.T
-        q_sum = q_sum + q
-    return q_sum / 4 * total
+    return q_sum / len(models) ** 2 * total
 
 
 @pytest.mark.parametrize("blocks, ridge", [(1, 0.0), (4, 0.0), (4, 0.5)])
-def test_scores_equal_dense_eq3_and_eq5(two_model_store, blocks, ridge):
-    store, keys = two_model_store
+def test_scores_equal_dense_eq3(model_store, blocks, ridge):
+    store, keys, _ = model_store
     key = keys[blocks, ridge]
     target_key = key.rsplit("_t", 1)[1]
     inverse = zarr.open_array(str(store / f"finalize/d32-b{blocks}-ridge{ridge:g}/000000/inverse"), mode="r")
@@ -140,13 +132,26 @@ def test_scores_equal_dense_eq3_and_eq5(two_model_store, blocks, ridge):
     assert tau.shape == (9, 48)
     expected = dense_scores(store, blocks, ridge, target_key)
     np.testing.assert_allclose(tau, expected, rtol=2e-4, atol=1e-6 * np.abs(expected).max())
-    np.testing.assert_allclose(block_diagonal_scores(store, blocks, ridge, target_key), expected, rtol=1e-8)
 
 
-def test_blocks_change_the_scores(two_model_store):
-    store, keys = two_model_store
-    one, four = (stored(store, f"scores/{keys[b, 0.0]}/tau") for b in (1, 4))
-    assert not np.allclose(one, four, rtol=1e-2)
+def test_a_model_set_with_a_gap_in_any_order_is_one_set_scored_as_eq3(model_store, tmp_path):
+    """--models 0,2 and --models 2,0 name one set: one key, scores equal to dense eq. 3 over models
+    0 and 2, found again by lds, predict and show in either order."""
+    store, _, targets = model_store
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    finalize(copy, blocks=4, models=parse_model_ids("2,0"))
+    keys = {score(copy, targets, blocks=4, models=parse_model_ids(given), target_chunk_rows=4).key
+            for given in ("0,2", "2,0")}
+    assert len(keys) == 1
+    key = keys.pop()
+    tau = stored(copy, f"scores/{key}/tau")
+    expected = dense_scores(copy, 4, 0.0, key.rsplit("_t", 1)[1], models=(0, 2))
+    np.testing.assert_allclose(tau, expected, rtol=2e-4, atol=1e-6 * np.abs(expected).max())
+    subset = np.arange(48) % 3 == 0
+    for given in ([2, 0], [0, 2]):
+        assert predict(copy, subset, blocks=4, models=given)[0] == key
+        assert show(copy, 0, k=2, blocks=4, models=given)[0]["score"] == pytest.approx(tau[0].max())
 
 
 # Multinomial logistic regression with the last class as baseline (its logit fixed at 0): with a

@@ -13,9 +13,11 @@ import zarr
 from trakwomp.data import load_dataset
 from trakwomp.errors import UserError
 from trakwomp.featurize import featurize
+from trakwomp.finalize import finalize
 from trakwomp.models import ModelSpec, margins
 from trakwomp.projectors import ProjectorSpec, projection_block
 from trakwomp.runtime import Shard
+from trakwomp.scoring import score
 from trakwomp.store import StoreError
 from trakwomp.training import Recipe, train
 
@@ -80,6 +82,7 @@ def test_prefix_property_through_the_store(trained):
     np.testing.assert_array_equal(a[:, :32], b)
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(trained):
     reference = copy_store(trained, trained.parent / "reference")
     featurize(reference, projector=PROJECTOR, chunk_rows=4, batch_size=4)
@@ -97,6 +100,7 @@ def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(trained):
     assert read_store(trained) == read_store(reference)
 
 
+@pytest.mark.slow
 def test_two_concurrent_shard_processes_equal_one_process(trained):
     single = copy_store(trained, trained.parent / "single")
     featurize(single, projector=PROJECTOR, chunk_rows=4, batch_size=4)
@@ -207,3 +211,20 @@ def test_without_settings_featurize_uses_the_stores_so_the_same_command_resumes(
     assert (phi.shape, phi.chunks, phi.dtype) == ((48, 64), (16, 16), np.float16)
     result = cli("featurize", trained, "--blocks", "4", "--block-dim", "16", "--quiet")  # the rest: defaults, not the store's
     assert result.exit_code == 2 and "featurize.projector.kind is \"gaussian\" in the store but \"sjlt\" here" in plain(result.stderr)
+
+
+def test_targets_are_projected_with_every_recorded_projector_setting(trained, tiny_npz):
+    """A store featurized with tiles of 64 parameters (not today's default): the targets are
+    projected with its tiles too, so the train set scored as its own targets has target features
+    equal to its train features; asking for other tiles is refused."""
+    spec = ProjectorSpec("sjlt", seed=2, blocks=2, block_dim=8, tile_rows=64)
+    featurize(trained, projector=spec, chunk_rows=16)
+    finalize(trained)
+    data = load_dataset(f"npz:{tiny_npz}")
+    key = score(trained, data, target_chunk_rows=16).key
+    group = zarr.open_group(str(trained), mode="r")
+    for model_id in ("000000", "000001"):
+        np.testing.assert_array_equal(group[f"targets/{key.rsplit('_t', 1)[1]}/features/{model_id}/phi"][...],
+                                      group[f"features/{model_id}/phi"][...])
+    with pytest.raises(StoreError, match="featurize.projector.tile_rows is 64 in the store but 4096 here"):
+        featurize(trained, projector=ProjectorSpec("sjlt", seed=2, blocks=2, block_dim=8))

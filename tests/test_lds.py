@@ -12,7 +12,8 @@ from trakwomp.lds import (THRESHOLD_GRID, GroundTruth, ScoreSource, bootstrap_in
                           pair_views, paired_difference)
 from trakwomp.models import ModelSpec
 from trakwomp.projectors import ProjectorSpec
-from trakwomp.scoring import export_scores, score
+from trakwomp.export import export_scores
+from trakwomp.scoring import score
 
 
 def soft(x, t):
@@ -53,7 +54,8 @@ def test_lds_matches_scipy(hand_made, tmp_path):
     np.testing.assert_allclose(got, scipy_lds(masks, margins, scores.astype(np.float32)), rtol=1e-10, atol=1e-12)
     assert got[2] == 0.0
     result = evaluate(write_scores(tmp_path, scores), truth, resamples=500)
-    assert result.mean == pytest.approx(got.mean()) and result.low < result.mean < result.high
+    expected = scipy_lds(masks, margins, scores.astype(np.float32)).mean()
+    assert result.mean == pytest.approx(expected, abs=1e-10) and result.low < result.mean < result.high
     assert (result.num_targets, result.num_models) == (7, 24)
 
 
@@ -82,20 +84,35 @@ def test_views_pair_by_position_or_broadcast():
         pair_views([], [1, 2], [0.1, 0.2, 0.3])
 
 
-def test_bootstrap_and_paired_difference(hand_made, tmp_path):
+def normal_interval(values):
+    """mean +- 1.96 standard errors: what a percentile bootstrap of the mean approaches."""
+    se = values.std(ddof=1) / np.sqrt(len(values))
+    return values.mean() - 1.96 * se, values.mean() + 1.96 * se, se
+
+
+def test_bootstrap_interval_approaches_the_normal_interval():
     values = np.random.default_rng(0).normal(0.3, 0.1, 400)
     low, high = bootstrap_interval(values, resamples=2000)
-    se = values.std(ddof=1) / np.sqrt(len(values))
-    assert low == pytest.approx(values.mean() - 1.96 * se, abs=0.4 * se)
-    assert high == pytest.approx(values.mean() + 1.96 * se, abs=0.4 * se)
+    expected_low, expected_high, se = normal_interval(values)
+    assert low == pytest.approx(expected_low, abs=0.4 * se) and high == pytest.approx(expected_high, abs=0.4 * se)
     assert bootstrap_interval(np.full(50, 0.2)) == pytest.approx((0.2, 0.2))
-    masks, margins, scores = hand_made
+
+
+def test_paired_difference_is_taken_target_by_target(tmp_path):
+    """Two score sets on 200 targets: the paired difference and its interval against scipy's
+    per-target Spearman correlations."""
+    rng = np.random.default_rng(5)
+    masks = rng.random((30, 40)) < 0.5
+    signal = rng.normal(size=(200, 40))
+    margins = masks.astype(float) @ signal.T + rng.normal(size=(30, 200)) * 4
+    good, worse = signal + rng.normal(size=signal.shape), signal + rng.normal(size=signal.shape) * 1.5
     truth = GroundTruth(masks, margins, "sha")
-    a = evaluate(write_scores(tmp_path, scores), truth, resamples=200)
-    b = evaluate(write_scores(tmp_path, -scores), truth, resamples=200)
-    diff = paired_difference(a, b, resamples=500)
-    assert diff.mean == pytest.approx((a.per_target - b.per_target).mean())
-    assert diff.low <= diff.mean <= diff.high
+    results = [evaluate(write_scores(tmp_path, s), truth, resamples=200) for s in (good, worse)]
+    diff = paired_difference(*results, resamples=4000)
+    per_target = scipy_lds(masks, margins, good.astype(np.float32)) - scipy_lds(masks, margins, worse.astype(np.float32))
+    expected_low, expected_high, se = normal_interval(per_target)
+    assert diff.mean == pytest.approx(per_target.mean(), abs=1e-10)
+    assert diff.low == pytest.approx(expected_low, abs=0.4 * se) and diff.high == pytest.approx(expected_high, abs=0.4 * se)
 
 
 LOGISTIC_MODULE = """

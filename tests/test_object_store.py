@@ -24,6 +24,8 @@ from trakwomp.store import Store, StoreError
 from trakwomp.training import Recipe, train
 
 from conftest import REPO, write_tiny_images
+
+pytestmark = pytest.mark.slow
 from test_train import TINY
 
 FEATURIZE = ["--projector", "sjlt", "--projector-seed", "3", "--blocks", "2", "--block-dim", "8", "--chunk-rows", "8",
@@ -94,9 +96,13 @@ def test_two_featurize_shards_on_s3_then_every_stage_equals_a_local_store(s3_env
         results[location] = lds(location, resamples=200).as_dict()
     assert results[remote] == results[str(local)]
     got, want = contents(remote), contents(str(local))
+    lease = {k: v for k, v in got.items() if k.startswith("manifest_lease/")}
+    got = {k: v for k, v in got.items() if k not in lease}
     assert sorted(got) == sorted(want)
     assert [k for k in want if got[k] != want[k]] == []
-    assert not s3fs.S3FileSystem().exists("bucket/store/trakwomp.lock")
+    # one lease generation is left (older ones are removed by the next taker), and it is released
+    (generation,) = [k for k in lease if k != "manifest_lease/.attrs"]
+    assert json.loads(lease[generation])["released"] is True
 
 
 def test_missing_object_store_is_refused_and_nothing_is_created(s3_environment):
@@ -105,3 +111,31 @@ def test_missing_object_store_is_refused_and_nothing_is_created(s3_environment):
     with pytest.raises(StoreError, match="no trakwomp store at 's3://bucket/nothing'"):
         Store.open("s3://bucket/nothing")
     assert not s3fs.S3FileSystem().exists("bucket/nothing")
+
+
+RACER = """
+import sys
+from trakwomp.store import Store, lease
+lease.LEASE_SECONDS = 1.0
+Store.open(sys.argv[1]).set_entry("scores", sys.argv[2], {"writer": sys.argv[2]})
+"""
+
+
+def test_two_processes_racing_to_break_a_stale_lease_on_s3_take_turns(s3_environment):
+    """A lease object left by a process that died holding it; two processes that each add a
+    manifest entry break it (S3's conditional PUT lets one of them create the next generation),
+    then take turns: both entries are kept and the lease went through two more generations."""
+    import s3fs
+
+    Store.open("s3://bucket/race", create=True)
+    stale = {"zarr_format": 3, "node_type": "group", "attributes": {"token": "dead", "renewals": 0, "released": False}}
+    s3fs.S3FileSystem().pipe("bucket/race/manifest_lease/000000000000/zarr.json", json.dumps(stale).encode())
+    processes = [subprocess.Popen([sys.executable, "-c", RACER, "s3://bucket/race", f"w{k}"], cwd=REPO,
+                                  env={**os.environ, **s3_environment}, stderr=subprocess.PIPE, text=True)
+                 for k in (0, 1)]
+    errors = [p.communicate()[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], errors
+    assert sorted(Store.open("s3://bucket/race").manifest["scores"]) == ["w0", "w1"]
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    assert [p.rsplit("/", 1)[1] for p in fs.ls("bucket/race/manifest_lease") if not p.endswith(".json")] == ["000000000002"]

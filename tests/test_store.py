@@ -1,8 +1,23 @@
-"""Store-level guarantees: manifest updates from concurrent processes are never lost."""
+"""Store-level guarantees: manifest updates from concurrent processes are never lost, the object
+store lease is held by one process at a time and never broken under a live holder, checksums
+catch damage that still decodes, and leftovers of killed writes are cleaned up."""
 
+import json
 import multiprocessing
+import os
+import time
+import uuid
+import warnings
 
-from trakwomp.store import Store
+import numpy as np
+import pytest
+import zarr
+from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+from fsspec.implementations.local import LocalFileSystem
+
+from trakwomp.store import Store, StoreError
+from trakwomp.store import lease as lease_module
+from trakwomp.store.lease import ObjectStoreLease
 
 
 def add_entries(location, worker, count):
@@ -22,3 +37,165 @@ def test_concurrent_manifest_updates_from_processes_are_all_kept(tmp_path):
     assert [p.exitcode for p in workers] == [0] * 4
     scores = Store.open(tmp_path / "s").manifest["scores"]
     assert sorted(scores) == sorted(f"w{w}-{i}" for w in range(4) for i in range(15))
+
+
+class ObjectLikeFileSystem(LocalFileSystem):
+    """A local folder with an object store's write semantics: a PUT replaces an object whole
+    (write, then rename), and mode="create" is atomic (O_EXCL), as S3's conditional PUT is."""
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        path = self._strip_protocol(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if mode == "create":
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)  # FileExistsError if present
+            os.write(fd, value)
+            os.close(fd)
+            return
+        partial = f"{path}.{uuid.uuid4().hex}"
+        with open(partial, "wb") as f:
+            f.write(value)
+        os.replace(partial, path)
+
+
+def new_lease(root):
+    return ObjectStoreLease(AsyncFileSystemWrapper(ObjectLikeFileSystem()), str(root), str(root))
+
+
+def generation_path(root, generation):
+    return root / "manifest_lease" / f"{generation:012d}" / "zarr.json"
+
+
+def write_stale_lease(root, generation=0):
+    """The lease object of a holder that died holding it: never renewed, never released."""
+    generation_path(root, generation).parent.mkdir(parents=True)
+    document = {"zarr_format": 3, "node_type": "group", "attributes": {"token": "dead", "renewals": 0, "released": False}}
+    generation_path(root, generation).write_text(json.dumps(document))
+
+
+def take_record_release(root, seconds, results):
+    """Take the lease, record (generation, time taken, time released), hold it, release it."""
+    with new_lease(root) as lease:
+        taken = time.time()
+        time.sleep(seconds)
+        lease.check()
+        released = time.time()
+    results.put((lease.generation, taken, released))
+
+
+@pytest.fixture
+def short_lease(monkeypatch):
+    monkeypatch.setattr(lease_module, "LEASE_SECONDS", 0.6)
+    monkeypatch.setattr(lease_module, "WAIT_SECONDS", 20.0)
+
+
+def run_processes(target, argument_lists):
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    processes = [context.Process(target=target, args=(*args, results)) for args in argument_lists]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(30)
+    assert [p.exitcode for p in processes] == [0] * len(processes)
+    return sorted(results.get(timeout=5) for _ in processes)
+
+
+def test_two_processes_racing_to_break_a_stale_lease_take_it_one_after_the_other(tmp_path, short_lease):
+    write_stale_lease(tmp_path)
+    (first, taken_1, released_1), (second, taken_2, released_2) = run_processes(
+        take_record_release, [(tmp_path, 0.3), (tmp_path, 0.3)])
+    assert (first, second) == (1, 2)  # exactly one broke generation 0; the other waited for its release
+    assert taken_2 >= released_1
+    assert not generation_path(tmp_path, 0).exists() and not generation_path(tmp_path, 1).exists()
+
+
+def test_a_holder_that_outlives_the_lease_period_keeps_it(tmp_path, short_lease):
+    """The holder holds for 4 lease periods, renewing; a contender that starts meanwhile waits
+    until the holder releases, and the holder's checks pass throughout."""
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    holder = context.Process(target=take_record_release, args=(tmp_path, 2.4, results))
+    holder.start()
+    while not generation_path(tmp_path, 0).exists():
+        time.sleep(0.01)
+    contender = context.Process(target=take_record_release, args=(tmp_path, 0.0, results))
+    contender.start()
+    for p in (holder, contender):
+        p.join(30)
+    assert (holder.exitcode, contender.exitcode) == (0, 0)
+    (g_holder, _, released), (g_contender, taken, _) = sorted(results.get(timeout=5) for _ in range(2))
+    assert (g_holder, g_contender) == (0, 1) and taken >= released
+
+
+def test_a_paused_holder_loses_its_lease_and_knows_it(tmp_path, short_lease):
+    """A holder whose renewals stop (a paused process) has its lease broken after the lease
+    period; it then refuses to write instead of writing over its successor."""
+    holder = new_lease(tmp_path).__enter__()
+    holder._stop.set()  # renewals stop, as in a process that is paused
+    successor = new_lease(tmp_path)
+    started = time.monotonic()
+    successor.acquire()
+    assert successor.generation == 1 and time.monotonic() - started >= 0.6
+    with pytest.raises(StoreError, match="lost the manifest lease"):
+        holder.check()
+    successor.check()
+    successor.release()
+
+
+def fresh_store_with_arrays(root):
+    handle = Store.open(root, create=True)
+    handle.write_array("features/000000/phi", np.arange(4096, dtype=np.float32).reshape(64, 64), chunks=(32, 64))
+    handle.write_array("finalize/v/000000/inverse", np.eye(16)[None].repeat(2, axis=0), chunks=(1, 16, 16))
+    handle.write_array("scores/k/tau", np.linspace(-1, 1, 600, dtype=np.float32).reshape(20, 30), chunks=(10, 30))
+    return handle
+
+
+@pytest.mark.parametrize("array", ["features/000000/phi", "finalize/v/000000/inverse", "scores/k/tau"])
+def test_a_flipped_bit_in_any_chunk_is_reported_as_damage_naming_the_array(tmp_path, array):
+    handle = fresh_store_with_arrays(tmp_path / "s")
+    chunk = tmp_path / "s" / array / "c" / "0" / "0" if array != "finalize/v/000000/inverse" else \
+        tmp_path / "s" / array / "c" / "1" / "0" / "0"
+    for position in (0.1, 0.5, 0.9):  # in the compressed payload, wherever it lands
+        data = bytearray(chunk.read_bytes())
+        original = bytes(data)
+        data[int(position * (len(data) - 4))] ^= 0x10
+        chunk.write_bytes(bytes(data))
+        with pytest.raises(StoreError, match=f"damaged: a chunk of '{array}' fails its CRC-32C checksum"):
+            handle.array(array)[...]
+        chunk.write_bytes(original)
+    handle.array(array)[...]
+
+
+def test_a_version_1_store_without_checksums_still_opens_and_reads(tmp_path):
+    group = zarr.open_group(str(tmp_path / "old"), mode="w", zarr_format=3,
+                            attributes={"trakwomp": {"format_version": 1}})
+    group.create_array("features/000000/q", data=np.arange(5, dtype=np.float32),
+                       compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"))
+    handle = Store.open(tmp_path / "old")
+    assert handle.manifest["format_version"] == 1
+    assert handle.read_array("features/000000/q").tolist() == [0, 1, 2, 3, 4]
+
+
+def walk_warnings(root):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        list(zarr.open_group(str(root), mode="r").members(max_depth=None))
+    return [str(w.message) for w in caught]
+
+
+def test_stale_temporaries_are_removed_and_fresh_ones_kept(tmp_path):
+    handle = fresh_store_with_arrays(tmp_path / "s")
+    old = time.time() - 120
+    stale = [tmp_path / "s" / "features/000000/phi/c/0/0.0123abcd.partial", tmp_path / "s" / "zarr.0456ef.partial",
+             tmp_path / "s" / "done/featurize/000000/zarr.fault.partial"]
+    fresh = tmp_path / "s" / "features/000000/phi/c/1/0.89ab.partial"  # a write in flight in another process
+    elsewhere = tmp_path / "s" / "scores/k/tau/c/0/0.cdef.partial"  # not in the folders being redone
+    for path in (*stale, fresh, elsewhere):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a chunk")
+        if path != fresh:
+            os.utime(path, (old, old))
+    assert any("not recognized" in w for w in walk_warnings(tmp_path / "s"))
+    assert len(handle.temporaries()) == 5
+    assert handle.remove_stale_temporaries(["features", "done/featurize"]) == 3
+    assert sorted(handle.temporaries()) == ["features/000000/phi/c/1/0.89ab.partial", "scores/k/tau/c/0/0.cdef.partial"]

@@ -8,7 +8,8 @@ from trakwomp.featurize import featurize
 from trakwomp.finalize import finalize
 from trakwomp.lds import lds
 from trakwomp.projectors import ProjectorSpec
-from trakwomp.scoring import predict, score
+from trakwomp.predict import predict
+from trakwomp.scoring import score
 from trakwomp.training import Recipe, TrainReport, evaluate, load_reference_model, train
 
 __version__ = "0.1.0"

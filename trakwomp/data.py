@@ -254,3 +254,8 @@ def load_indices(path: str | Path, what: str = "indices file") -> np.ndarray:
     if values.ndim != 1 or not (np.issubdtype(values.dtype, np.integer) or values.dtype == bool):
         raise UserError(f"{what} {str(path)!r} must hold a 1-d integer array, got {values.dtype} {values.shape}")
     return values
+
+
+def load_batch(dataset: Dataset, positions) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [dataset[int(i)] for i in positions]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)

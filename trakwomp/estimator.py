@@ -12,6 +12,7 @@ The soft threshold S(v, t) = sign(v) max(|v| - t, 0) is applied on export, never
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,14 @@ class View:
     @property
     def key(self) -> str:
         return f"d{self.dims}-b{self.blocks}-ridge{self.ridge:g}"
+
+    @classmethod
+    def from_key(cls, key: str) -> "View":
+        """The view whose `key` is `key`: View.from_key(view.key) == view."""
+        match = re.fullmatch(r"d(\d+)-b(\d+)-ridge(.+)", key)
+        if not match:
+            raise UserError(f"{key!r} is not a view key (d<dims>-b<blocks>-ridge<ridge>)")
+        return cls(int(match.group(1)), int(match.group(2)), float(match.group(3)))
 
     def columns(self, block: int) -> slice:
         return slice(block * self.block_width, (block + 1) * self.block_width)

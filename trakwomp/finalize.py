@@ -8,8 +8,6 @@ chunk and one Gram matrix in memory, and writes inverse[b] of the (B, w, w) floa
 
 from __future__ import annotations
 
-import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,51 +16,9 @@ import torch
 
 from trakwomp.errors import UserError
 from trakwomp.estimator import View, regularized_inverse
+from trakwomp.selection import featurized_models, store_view
 from trakwomp.runtime import NoProgress, Progress, Shard, resolve_device
 from trakwomp.store import Store
-
-
-def parse_model_ids(text: str | None) -> list[int] | None:
-    """'0,2,5-7' -> [0, 2, 5, 6, 7]; None -> None (all models)."""
-    if text is None:
-        return None
-    ids = []
-    for part in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not match:
-            raise UserError(f"malformed --models {text!r}: expected ids like 0,2,5-7")
-        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-        ids.extend(range(first, last + 1))
-    if len(set(ids)) != len(ids) or not ids:
-        raise UserError(f"--models {text!r} is empty or names a model twice")
-    return ids
-
-
-def featurized_models(handle: Store, requested: list[int] | None) -> list[int]:
-    """Ids of the requested (default: all) registered models whose train features are complete."""
-    manifest = handle.manifest
-    if "featurize" not in manifest:
-        raise UserError(f"store {handle.location!r} has no features yet; run `trakwomp featurize` first")
-    registered = [entry["id"] for entry in manifest.get("models", [])]
-    num_chunks = math.ceil(manifest["dataset"]["num_examples"] / manifest["featurize"]["chunk_rows"])
-    ids = registered if requested is None else requested
-    for model_id in ids:
-        if model_id not in registered:
-            raise UserError(f"model {model_id} is not in store {handle.location!r} (models: {registered})")
-        done = len(handle.done_units("featurize", f"{model_id:06d}"))
-        if done < num_chunks:
-            raise UserError(f"model {model_id} is featurized in {done} of {num_chunks} row chunks; "
-                            "finish `trakwomp featurize` first")
-    return ids
-
-
-def store_view(handle: Store, dims: int | None, blocks: int | None, ridge: float) -> View:
-    manifest = handle.manifest
-    if "featurize" not in manifest:
-        raise UserError(f"store {handle.location!r} has no features yet; run `trakwomp featurize` first")
-    projector = manifest["featurize"]["projector"]
-    return View.resolve(projector["blocks"] * projector["block_dim"], projector["block_dim"], dims, blocks, ridge,
-                        manifest["dataset"]["num_examples"])
 
 
 def block_gram(phi, columns: slice, chunk_rows: int, device: torch.device) -> torch.Tensor:
@@ -113,6 +69,8 @@ def finalize(
     units = shard.select([(m, b) for m in model_ids for b in range(view.blocks)])
     todo = [(m, b) for m, b in units if handle.done_info("finalize", f"{view.key}/{m:06d}/{b:06d}") is None]
     handle.ask(f"finalize/{view.key}", model_ids)
+    if todo:
+        handle.remove_stale_temporaries([f"finalize/{view.key}", f"done/finalize/{view.key}"])
     report = FinalizeReport(view, model_ids, units_skipped=len(units) - len(todo))
     progress.plan(len(units), report.units_skipped, f"finalize {view.key} (model, block) units")
     start = time.perf_counter()

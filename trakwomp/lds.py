@@ -20,8 +20,8 @@ from scipy.stats import rankdata
 from trakwomp.data import read_npy
 from trakwomp.errors import UserError
 from trakwomp.estimator import relative_soft_threshold
-from trakwomp.finalize import featurized_models, store_view
-from trakwomp.scoring import find_scores, iterate_scores
+from trakwomp.selection import featurized_models, store_view
+from trakwomp.stored_scores import find_scores, iterate_scores
 from trakwomp.store import Store
 
 THRESHOLD_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)

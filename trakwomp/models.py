@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trakwomp.data import Dataset, load_batch
 from trakwomp.errors import UserError
 from trakwomp.imports import import_object, is_object_spec
 
@@ -174,3 +175,21 @@ def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     correct = logits.gather(1, labels.view(-1, 1)).squeeze(1)
     others = logits.scatter(1, labels.view(-1, 1), float("-inf"))
     return correct - torch.logsumexp(others, dim=1)
+
+
+@torch.no_grad()
+def check_model_fits_data(model: nn.Module, dataset: Dataset, device: torch.device, spec: ModelSpec,
+                          num_classes: int | None = None) -> None:
+    """Refuse, with one clear message, a model that cannot take the data or does not give
+    `num_classes` (default: the dataset's) logits."""
+    num_classes = num_classes or dataset.num_classes
+    x, _ = load_batch(dataset, range(min(2, len(dataset))))
+    model.to(device).eval()
+    try:
+        out = model(x.to(device))
+    except RuntimeError as e:
+        raise UserError(f"model {spec} fails on inputs of shape {tuple(x.shape[1:])} from {dataset.spec}: "
+                        f"{str(e).splitlines()[0]}") from None
+    if out.shape != (len(x), num_classes):
+        raise UserError(f"model {spec} returns outputs of shape {tuple(out.shape[1:])}, "
+                        f"expected ({num_classes},) logits for the {num_classes} classes of {dataset.spec}")

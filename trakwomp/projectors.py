@@ -1,8 +1,9 @@
 """Seeded, block-structured random projections of per-example gradients (Johnson-Lindenstrauss).
 
 The projection P (p x d) has d = B * d_block columns in B blocks. Block b of model m is a
-function of (projector seed, m, b) alone: its rows are generated in tiles of TILE_ROWS
-parameters, tile t from a torch CPU generator seeded by SeedSequence([seed, m, b, t]). So
+function of (projector seed, m, b) alone: its rows are generated in tiles of `tile_rows`
+parameters (TILE_ROWS unless a store recorded another), tile t from a torch CPU generator
+seeded by SeedSequence([seed, m, b, t]). So
 
 - any block of any model can be regenerated on any machine, process or shard;
 - the first b blocks of a B-block projection are exactly a b-block projection (prefix property);
@@ -38,11 +39,12 @@ class ProjectorSpec:
     seed: int = 0
     blocks: int = 16
     block_dim: int = 1024
+    tile_rows: int = TILE_ROWS
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise UserError(f"unknown --projector {self.kind!r}: expected one of {', '.join(KINDS)}")
-        if self.blocks < 1 or self.block_dim < 1:
+        if self.blocks < 1 or self.block_dim < 1 or self.tile_rows < 1:
             raise UserError("--blocks and --block-dim must be at least 1")
 
     @property
@@ -50,7 +52,7 @@ class ProjectorSpec:
         return self.blocks * self.block_dim
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "tile_rows": TILE_ROWS}
+        return asdict(self)
 
 
 def _tile_generator(seed: int, model_id: int, block: int, tile: int) -> torch.Generator:
@@ -60,7 +62,7 @@ def _tile_generator(seed: int, model_id: int, block: int, tile: int) -> torch.Ge
 
 def sjlt_tile(spec: ProjectorSpec, model_id: int, block: int, tile: int, num_params: int):
     """For the parameters of tile `tile`: their output coordinate in the block, and their sign."""
-    rows = min(TILE_ROWS, num_params - tile * TILE_ROWS)
+    rows = min(spec.tile_rows, num_params - tile * spec.tile_rows)
     generator = _tile_generator(spec.seed, model_id, block, tile)
     positions = torch.randint(0, spec.block_dim, (rows,), generator=generator)
     signs = torch.randint(0, 2, (rows,), generator=generator, dtype=torch.int8).float().mul_(2).sub_(1)
@@ -68,15 +70,15 @@ def sjlt_tile(spec: ProjectorSpec, model_id: int, block: int, tile: int, num_par
 
 
 def projection_tile(spec: ProjectorSpec, model_id: int, block: int, tile: int, num_params: int) -> torch.Tensor:
-    """Rows [tile * TILE_ROWS, ...) of block `block` of model `model_id`'s projection, float32 on CPU."""
-    rows = min(TILE_ROWS, num_params - tile * TILE_ROWS)
+    """Rows [tile * spec.tile_rows, ...) of block `block` of model `model_id`'s projection, float32 on CPU."""
+    rows = min(spec.tile_rows, num_params - tile * spec.tile_rows)
     if spec.kind == "sjlt":
         positions, signs = sjlt_tile(spec, model_id, block, tile, num_params)
         out = torch.zeros(rows, spec.block_dim)
         out[torch.arange(rows), positions] = signs
         return out
     if spec.kind == "identity":
-        columns = torch.arange(rows) + tile * TILE_ROWS - block * spec.block_dim
+        columns = torch.arange(rows) + tile * spec.tile_rows - block * spec.block_dim
         inside = (columns >= 0) & (columns < spec.block_dim)
         out = torch.zeros(rows, spec.block_dim)
         out[torch.arange(rows)[inside], columns[inside]] = 1.0
@@ -91,7 +93,7 @@ def projection_tile(spec: ProjectorSpec, model_id: int, block: int, tile: int, n
 
 def projection_block(spec: ProjectorSpec, model_id: int, block: int, num_params: int) -> torch.Tensor:
     """The whole (num_params, d_block) block; for tests and small models."""
-    tiles = math.ceil(num_params / TILE_ROWS)
+    tiles = math.ceil(num_params / spec.tile_rows)
     return torch.cat([projection_tile(spec, model_id, block, t, num_params) for t in range(tiles)])
 
 
@@ -105,7 +107,7 @@ class DenseProjector:
     def __init__(self, spec: ProjectorSpec, model_id: int, num_params: int, device: torch.device,
                  cache_bytes: int = 2 << 30):
         self.spec, self.model_id, self.num_params, self.device = spec, model_id, num_params, device
-        self.num_tiles = math.ceil(num_params / TILE_ROWS)
+        self.num_tiles = math.ceil(num_params / spec.tile_rows)
         self._cache: dict[int, torch.Tensor] = {}
         self.regenerates = num_params * spec.dim * 4 > cache_bytes
 
@@ -124,13 +126,14 @@ class DenseProjector:
             raise ValueError(f"expected {self.num_params} gradient columns, got {grads.shape[1]}")
         out = torch.zeros(grads.shape[0], self.spec.dim, device=grads.device, dtype=torch.float32)
         for t in range(self.num_tiles):
-            out.addmm_(grads[:, t * TILE_ROWS:(t + 1) * TILE_ROWS], self._tile(t))
+            rows = self.spec.tile_rows
+            out.addmm_(grads[:, t * rows:(t + 1) * rows], self._tile(t))
         return out
 
 
 class SparseProjector:
     """Projects G (n x p) to G P for the `sjlt` kind: P^T (D x p) is kept as one CSR matrix per tile
-    of TILE_ROWS parameters, so each sparse product reads a slice of G^T that stays in cache.
+    of `tile_rows` parameters, so each sparse product reads a slice of G^T that stays in cache.
     About 2 * p * B flops per example, whatever d_block is."""
 
     regenerates = False
@@ -140,7 +143,7 @@ class SparseProjector:
         self.tiles = []
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-            for tile in range(math.ceil(num_params / TILE_ROWS)):
+            for tile in range(math.ceil(num_params / spec.tile_rows)):
                 drawn = [sjlt_tile(spec, model_id, block, tile, num_params) for block in range(spec.blocks)]
                 rows = torch.cat([positions + block * spec.block_dim for block, (positions, _) in enumerate(drawn)])
                 signs = torch.cat([s for _, s in drawn])
@@ -159,7 +162,7 @@ class SparseProjector:
         grads_t = grads.T.contiguous()
         out = torch.zeros(self.spec.dim, grads.shape[0], device=grads.device, dtype=torch.float32)
         for t, matrix in enumerate(self.tiles):
-            out.addmm_(matrix, grads_t[t * TILE_ROWS:(t + 1) * TILE_ROWS])
+            out.addmm_(matrix, grads_t[t * self.spec.tile_rows:(t + 1) * self.spec.tile_rows])
         return out.T
 
 

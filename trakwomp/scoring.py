@@ -1,4 +1,4 @@
-"""`score` and `predict`: attribution scores tau(z) for targets z, and datamodel predictions.
+"""`score`: attribution scores tau(z) of every train example for targets z.
 
 Scores are computed per chunk of targets (the unit of work): first the targets' projected
 gradients for every model (same projector and checkpoints as the train features), then
@@ -13,43 +13,26 @@ Raw scores are stored as float32 `scores/<key>/tau` of shape (n_targets, n_train
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from trakwomp.bindings import bind_model
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
-from trakwomp.estimator import View, relative_soft_threshold
-from trakwomp.featurize import FeatureSettings, load_registered_model, stored_dataset, write_features
-from trakwomp.finalize import featurized_models, store_view
-from trakwomp.models import ModelSpec
+from trakwomp.estimator import View
+from trakwomp.features import FeatureSettings, write_features
+from trakwomp.models import ModelSpec, check_model_fits_data
+from trakwomp.registry import load_registered_model
 from trakwomp.runtime import NoProgress, Progress, Shard, StepsOnly, resolve_device
+from trakwomp.selection import featurized_models, store_view
 from trakwomp.store import Store
-from trakwomp.training import bind_model, check_model_fits_data
+from trakwomp.stored_scores import scores_key
 
 SCORE_PASS_BYTES = 256 << 20
-
-
-def compact_ids(ids: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2+5' (a name for a set of model ids)."""
-    parts, start = [], None
-    for i, value in enumerate(ids):
-        if start is None:
-            start = value
-        if i + 1 == len(ids) or ids[i + 1] != value + 1:
-            parts.append(str(start) if start == value else f"{start}-{value}")
-            start = None
-    return "+".join(parts)
-
-
-def scores_key(view: View, model_ids: list[int], targets_sha: str) -> str:
-    return f"{view.key}_m{compact_ids(model_ids)}_t{targets_sha[:16]}"
 
 
 @dataclass
@@ -180,6 +163,9 @@ def score(
     handle.set_entry("scores", key, {"view": [view.dims, view.blocks, view.ridge], "models": model_ids,
                                      "targets": fingerprint.sha256[:16]})
 
+    if todo:
+        handle.remove_stale_temporaries([f"scores/{key}", f"done/score/{key}", target_prefix,
+                                         f"done/featurize_targets/{fingerprint.sha256[:16]}"])
     report = ScoreReport(key, view, model_ids, n_targets, n, chunks_skipped=len(chunks) - len(todo))
     progress.plan(len(chunks), report.chunks_skipped, f"score {key} target chunks")
     train_chunk_rows = manifest["featurize"]["chunk_rows"]
@@ -204,131 +190,3 @@ def score(
     return report
 
 
-def find_scores(handle: Store, view: View, model_ids: list[int], targets_sha: str | None) -> str:
-    """The key of finished scores for the view and models (and targets, if given)."""
-    scored = handle.manifest.get("scores", {})
-    candidates = [k for k, v in scored.items() if v["view"] == [view.dims, view.blocks, view.ridge]
-                  and v["models"] == model_ids and (targets_sha is None or v["targets"] == targets_sha[:16])]
-    if len(candidates) > 1:
-        raise UserError(f"several target sets are scored at view {view.key}; pass --targets to choose one")
-    if not candidates:
-        raise UserError(f"no scores at view {view.key} for models {compact_ids(model_ids)}"
-                        f"{' and these targets' if targets_sha else ''}; run `trakwomp score` first")
-    return find_scores_by_key(handle, candidates[0])
-
-
-def find_view_scores(handle: Store, targets: Dataset | None, dims: int | None, blocks: int | None, ridge: float,
-                     models: list[int] | None) -> str:
-    """The key of finished scores of the view (dims, blocks, ridge) and models, for `targets`
-    (needed only if several target sets are scored)."""
-    return find_scores(handle, store_view(handle, dims, blocks, ridge), featurized_models(handle, models),
-                       targets.fingerprint().sha256 if targets is not None else None)
-
-
-def find_scores_by_key(handle: Store, key: str) -> str:
-    """`key`, checked to name finished scores."""
-    if key not in handle.manifest.get("scores", {}):
-        raise UserError(f"store {handle.location!r} has no scores {key!r}")
-    tau = handle.array(f"scores/{key}/tau")
-    n_targets, chunk_rows = tau.shape[0], tau.chunks[0]
-    missing = [c for c in range(math.ceil(n_targets / chunk_rows)) if handle.done_info("score", f"{key}/{c:06d}") is None]
-    if missing:
-        raise UserError(f"scores {key} are unfinished ({len(missing)} target chunks left); run `trakwomp score` again")
-    return key
-
-
-def iterate_scores(handle: Store, key: str, threshold: float = 0.0):
-    """(rows, soft-thresholded scores) for successive target chunks of stored scores."""
-    tau = handle.array(f"scores/{key}/tau")
-    step = tau.chunks[0]
-    for start in range(0, tau.shape[0], step):
-        block = torch.from_numpy(tau[start:start + step])
-        yield range(start, start + len(block)), relative_soft_threshold(block, threshold).numpy()
-
-
-def export_scores(store: str | Path, key: str, out: str | Path, threshold: float = 0.0) -> tuple[int, int]:
-    """Write the (n_targets, n_train) scores `key`, soft-thresholded, to an .npy file, streaming."""
-    handle = Store.open(store)
-    find_scores_by_key(handle, key)
-    tau = handle.array(f"scores/{key}/tau")
-    try:
-        array = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=tau.shape)
-        for rows, block in iterate_scores(handle, key, threshold):
-            array[rows.start:rows.stop] = block
-        array.flush()
-    except OSError as e:
-        raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
-    return tau.shape
-
-
-def top_k_rows(store: str | Path, key: str, targets: Dataset, k: int, threshold: float = 0.0) -> list[dict]:
-    """For each target, its k most positive and k most negative train examples of scores `key`."""
-    handle = Store.open(store)
-    find_scores_by_key(handle, key)
-    train = stored_dataset(handle, verify=False)
-    rows = []
-    for target_rows, block in iterate_scores(handle, key, threshold):
-        for local, t in enumerate(target_rows):
-            for direction, rank, i in strongest(block[local], k):
-                rows.append({
-                    "target": t, "target_label": targets.classes[int(targets.labels[t])],
-                    "target_path": targets.path(t), "direction": direction, "rank": rank, "train_index": i,
-                    "train_label": train.classes[int(train.labels[i])], "train_path": train.path(i),
-                    "score": float(block[local, i]),
-                })
-    return rows
-
-
-def strongest(scores: np.ndarray, k: int) -> list[tuple[str, int, int]]:
-    """(direction, rank, train index) of the k largest scores ("supports", largest first) and
-    the k smallest ("opposes", smallest first); ties keep the lower index first."""
-    order = np.argsort(scores, kind="stable")
-    supports = np.argsort(-scores, kind="stable")[:k]
-    return ([("supports", rank, int(i)) for rank, i in enumerate(supports, 1)]
-            + [("opposes", rank, int(i)) for rank, i in enumerate(order[:k], 1)])
-
-
-def write_table(rows: list[dict], out: str | Path) -> None:
-    """Rows as CSV, or as JSON if `out` ends in .json."""
-    out = Path(out)
-    try:
-        if out.suffix == ".json":
-            out.write_text(json.dumps(rows, indent=1))
-            return
-        with out.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["target"])
-            writer.writeheader()
-            writer.writerows(rows)
-    except OSError as e:
-        raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
-
-
-def predict(
-    store: str | Path,
-    subset: np.ndarray,
-    targets: Dataset | None = None,
-    dims: int | None = None,
-    blocks: int | None = None,
-    ridge: float = 0.0,
-    models: list[int] | None = None,
-    threshold: float = 0.0,
-) -> tuple[str, np.ndarray]:
-    """The datamodel prediction sum_{i in S} tau_i(z) for every scored target z, for a train
-    subset S (a boolean mask over the train set, or train indices), from the stored scores of the
-    view and models (and `targets`, needed if several target sets are scored). Only differences
-    between subsets are meaningful: the datamodel's intercept is not estimated."""
-    handle = Store.open(store)
-    key = find_view_scores(handle, targets, dims, blocks, ridge, models)
-    n = handle.manifest["dataset"]["num_examples"]
-    if subset.dtype != bool:
-        if not np.issubdtype(subset.dtype, np.integer) or subset.ndim != 1:
-            raise UserError("--subset must be a boolean mask over the train set or a 1-d array of train indices")
-        if len(subset) and (subset.min() < 0 or subset.max() >= n):
-            raise UserError(f"--subset indices must lie in [0, {n})")
-        mask = np.zeros(n, dtype=bool)
-        mask[subset] = True
-        subset = mask
-    if subset.shape != (n,):
-        raise UserError(f"--subset mask has shape {subset.shape}, expected ({n},) for the store's train set")
-    parts = [block @ subset.astype(np.float32) for _, block in iterate_scores(handle, key, threshold)]
-    return key, np.concatenate(parts)

@@ -17,8 +17,9 @@ from torchvision.utils import make_grid, save_image
 from trakwomp.data import Dataset, load_dataset
 from trakwomp.errors import UserError
 from trakwomp.estimator import relative_soft_threshold
-from trakwomp.featurize import stored_dataset
-from trakwomp.scoring import find_view_scores, strongest
+from trakwomp.bindings import stored_dataset
+from trakwomp.export import strongest
+from trakwomp.stored_scores import find_view_scores
 from trakwomp.store import Store
 
 TILE = 96  # pixels per image side in the grid

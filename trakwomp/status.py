@@ -3,6 +3,8 @@
 What was asked for is what commands recorded: the number of models `train` was asked for per
 role, the models `featurize` registered, the models each `finalize` view was asked for, and the
 scores `score` started. A stage is complete when every unit of that is published.
+Temporary files (`*.partial`) are counted: writes in flight, or leftovers of killed writes that
+the next run of their stage removes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from trakwomp.estimator import View
 from trakwomp.store import Store
 
 
@@ -33,6 +36,7 @@ class StoreStatus:
     size_bytes: int
     dataset: dict | None
     model: dict | None
+    temporary_files: int
     stages: list[StageProgress] = field(default_factory=list)
 
     @property
@@ -50,7 +54,7 @@ def status(store: str | Path) -> StoreStatus:
     manifest = handle.manifest
     asked = manifest.get("asked", {})
     report = StoreStatus(handle.location, manifest["format_version"], handle.size_bytes(), manifest.get("dataset"),
-                         manifest.get("model"))
+                         manifest.get("model"), len(handle.temporaries()))
     for role in ("reference", "lds"):
         done = len(handle.done_units("train", role))
         if done or f"train/{role}" in asked:
@@ -64,7 +68,7 @@ def status(store: str | Path) -> StoreStatus:
     for view in handle.children("done/finalize"):  # views of stores made before "asked" recorded them
         views.setdefault(view, [int(m) for m in handle.children(f"done/finalize/{view}")])
     for view, model_ids in sorted(views.items()):
-        blocks = int(view.split("-")[1].removeprefix("b"))
+        blocks = View.from_key(view).blocks
         for model_id in model_ids:
             done = len(handle.done_units("finalize", f"{view}/{model_id:06d}"))
             report.stages.append(StageProgress("finalize", f"view {view} model {model_id} blocks", done, blocks))

@@ -1,13 +1,16 @@
 """`train`: reference models and LDS evaluation models, each on its own random alpha-subset.
 
-Model j of role r is a pure function of (seed, r, j): its subset mask, its initialisation,
-its data order and its augmentation all come from generators seeded by
-SeedSequence([seed, role code, j]), so reference and LDS models never coincide and any
-unit can be (re)trained by any process of any shard.
+Model j of role r is a function of (recipe, r, j): its subset mask, its initialisation, its
+data order and its augmentation all come from generators seeded by
+SeedSequence([seed, role code, j]), so reference and LDS models never coincide and any unit can
+be (re)trained by any process of any shard. Its subset mask is the same everywhere; its weights
+are bitwise the same on CPUs of one kind with one torch version, since the recipe fixes the
+thread count (`Recipe.threads`). Other CPUs, torch versions or CUDA round differently.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trakwomp.data import Dataset
+from trakwomp.bindings import bind_model, bind_training_inputs
+from trakwomp.data import Dataset, load_batch
 from trakwomp.errors import UserError
-from trakwomp.models import ModelSpec, margins
+from trakwomp.models import ModelSpec, check_model_fits_data, margins
 from trakwomp.runtime import NoProgress, Progress, Shard, resolve_device
 from trakwomp.store import Store
 
@@ -29,7 +33,10 @@ ROLES = {"reference": 0, "lds": 1}
 class Recipe:
     """SGD with Nesterov momentum and a one-cycle (linear up, linear down) learning rate.
 
-    Images are augmented with random flips and 4-pixel reflect-padded crops."""
+    Images are augmented with random flips and 4-pixel reflect-padded crops. `threads`: the CPU
+    threads torch uses while a model trains and records its margins. A CPU sums in an order that
+    depends on the thread count, so the same recipe trained with 1 and with 2 threads gives
+    different weights; recording the count makes every rerun use it."""
 
     alpha: float = 0.5
     epochs: int = 24
@@ -40,6 +47,7 @@ class Recipe:
     warmup_fraction: float = 0.25
     seed: int = 0
     augment: bool = True
+    threads: int = 1
 
     def __post_init__(self):
         if not 0 < self.alpha <= 1:
@@ -48,6 +56,27 @@ class Recipe:
             raise UserError("--epochs and --batch-size must be at least 1")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}")
+
+    def as_recorded(self, recorded: dict | None) -> dict:
+        """The recipe as a store's manifest records it; a store made before `threads` was recorded
+        (by trakwomp 0.1) is matched without it."""
+        recipe = asdict(self)
+        if recorded is not None and "threads" not in recorded:
+            recipe.pop("threads")
+        return recipe
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op thread count set to `count` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -72,11 +101,6 @@ def subset_mask(num_examples: int, alpha: float, rng: np.random.Generator) -> np
     return mask
 
 
-def load_batch(dataset: Dataset, positions) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [dataset[int(i)] for i in positions]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
-
-
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random horizontal flips and random crops of the reflect-padded images, per example."""
     n, c, h, w = x.shape
@@ -89,24 +113,6 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.
     x = padded.gather(2, rows)
     cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, c, h, w)
     return x.gather(3, cols)
-
-
-@torch.no_grad()
-def check_model_fits_data(model: nn.Module, dataset: Dataset, device: torch.device, spec: ModelSpec,
-                          num_classes: int | None = None) -> None:
-    """Refuse, with one clear message, a model that cannot take the data or does not give
-    `num_classes` (default: the dataset's) logits."""
-    num_classes = num_classes or dataset.num_classes
-    x, _ = load_batch(dataset, range(min(2, len(dataset))))
-    model.to(device).eval()
-    try:
-        out = model(x.to(device))
-    except RuntimeError as e:
-        raise UserError(f"model {spec} fails on inputs of shape {tuple(x.shape[1:])} from {dataset.spec}: "
-                        f"{str(e).splitlines()[0]}") from None
-    if out.shape != (len(x), num_classes):
-        raise UserError(f"model {spec} returns outputs of shape {tuple(out.shape[1:])}, "
-                        f"expected ({num_classes},) logits for the {num_classes} classes of {dataset.spec}")
 
 
 def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recipe, generator: torch.Generator,
@@ -153,25 +159,6 @@ def evaluate(model: nn.Module, dataset: Dataset, device: torch.device,
     return torch.cat(out).numpy().astype(np.float32), torch.cat(correct).numpy()
 
 
-BIND_HINT = "use a new store for other data or another model"
-
-
-def bind_model(store: Store, model: ModelSpec, transform: str | None) -> None:
-    """Record (or check) the model spec, and the transform of its inputs, that a store is made for."""
-    store.bind("model", {**model.as_dict(), "transform": transform}, BIND_HINT)
-
-
-def bind_training_inputs(store: Store, data: Dataset, model: ModelSpec) -> None:
-    """Record (or check) the train set and model spec that a store is made for."""
-    store.bind("dataset", data.fingerprint().as_dict(), BIND_HINT)
-    bind_model(store, model, data.transform_spec)
-    if "dataset_source" not in store.manifest:  # where the data was first found; a moved copy is the same data
-        store.set_section("dataset_source", {"spec": data.spec, "has_indices": data.has_explicit_indices})
-    if data.has_explicit_indices and store.done_info("data", "train_indices") is None:
-        store.write_array("data/train_indices", data.indices)
-        store.mark_done("data", "train_indices")
-
-
 def train(
     store: str | Path,
     data: Dataset,
@@ -206,7 +193,7 @@ def train(
         check_model_fits_data(net, examples, torch_device, model, data.num_classes)
     handle = Store.open(store, create=True)
     bind_training_inputs(handle, data, model)
-    handle.bind(f"train_{role}", asdict(recipe), "pass the same recipe flags as before, or use a new store")
+    handle.bind(f"train_{role}", recipe.as_recorded(handle.manifest.get(f"train_{role}")), "pass the same recipe flags as before, or use a new store")
     handle.ask(f"train/{role}", num_models)
     if targets is not None:
         handle.bind("lds_targets", targets.fingerprint().as_dict(),
@@ -219,6 +206,8 @@ def train(
     todo = []
     for j in units:
         (report.skipped if handle.done_info("train", f"{role}/{j:06d}") else todo).append(j)
+    if todo:
+        handle.remove_stale_temporaries([f"models/{role}", f"done/train/{role}"])
     progress.plan(len(units), len(report.skipped), f"train {role} models")
     for j in todo:
         rng, torch_seed = unit_generators(recipe.seed, role, j)
@@ -228,14 +217,16 @@ def train(
             torch.manual_seed(torch_seed)
             net = model.build(data.num_classes)
         progress.unit_started(f"{role} model {j}", recipe.epochs * _examples_per_epoch(int(mask.sum()), recipe))
-        fit(net, data, np.flatnonzero(mask), recipe, generator, torch_device, progress)
+        with torch_threads(recipe.threads):
+            fit(net, data, np.flatnonzero(mask), recipe, generator, torch_device, progress)
+            if role == "lds":
+                target_margins, correct = evaluate(net, targets, torch_device)
         path = f"models/{role}/{j:06d}"
         handle.write_array(f"{path}/mask", mask)
         info: dict = {"num_examples": int(mask.sum())}
         if role == "reference":
             handle.write_arrays(f"{path}/weights", {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
         else:
-            target_margins, correct = evaluate(net, targets, torch_device)
             handle.write_array(f"{path}/margins", target_margins)
             info["target_accuracy"] = float(correct.mean())
             report.target_accuracy[j] = info["target_accuracy"]

@@ -1,0 +1,163 @@
+"""An exclusive lease between processes on an object store, for the manifest.
+
+Object stores offer one atomic primitive here: create an object only if it is absent (a
+conditional PUT). The lease is built from it alone, as a sequence of generations: the object
+`manifest_lease/<generation>/zarr.json` (a Zarr group whose attributes are the lease, so that
+the store stays a valid Zarr hierarchy) is created (only if absent) by the process that takes the lease,
+and from then on only that process writes to it:
+
+- take: read the newest generation g; if there is none, or it says "released", or it is stale,
+  create g + 1. Of several processes racing for g + 1, the conditional PUT lets exactly one win;
+  the others wait and read again. Nobody ever deletes or overwrites another process's object,
+  so breaking a stale lease cannot remove a fresh one.
+- hold: the holder rewrites its own object every LEASE_SECONDS / 3 with a renewal counter.
+  Another process calls a lease stale once it has seen the same counter for LEASE_SECONDS on
+  its own clock, so no clocks need to agree and a holder that is slow but alive keeps its lease.
+- check before writing: the holder refuses to write (StoreError) once its last renewal is older
+  than LEASE_SECONDS / 2 or a newer generation exists: a holder that was paused past its lease
+  learns that it lost it instead of writing over its successor. After a passing check the holder
+  has at least LEASE_SECONDS / 2 before anyone may break its lease, and the manifest write it
+  guards takes milliseconds.
+- release: the holder marks its own object released; generations older than the newest are
+  removed by the next taker.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import uuid
+
+from zarr.core.sync import sync
+
+from trakwomp.store.errors import StoreError
+
+LEASE_SECONDS = 30.0
+WAIT_SECONDS = 300.0
+FOLDER = "manifest_lease"
+GROUP = {"zarr_format": 3, "node_type": "group"}
+
+
+class ObjectStoreLease:
+    """`with ObjectStoreLease(fs, root, location) as lease: ...; lease.check(); write`."""
+
+    def __init__(self, fs, root: str, location: str):
+        self.fs, self.folder, self.location = fs, f"{root.rstrip('/')}/{FOLDER}", location
+        self.lease_seconds, self.wait_seconds = LEASE_SECONDS, WAIT_SECONDS
+        self.token = uuid.uuid4().hex
+        self.generation: int | None = None
+        self.renewals = 0
+        self.renewed_at = 0.0
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def _path(self, generation: int) -> str:
+        return f"{self.folder}/{generation:012d}/zarr.json"
+
+    def _content(self, released: bool = False) -> bytes:
+        lease = {"token": self.token, "renewals": self.renewals, "released": released}
+        return json.dumps({**GROUP, "attributes": lease}).encode()
+
+    def newest(self) -> tuple[int | None, dict | None]:
+        """The newest generation and its content, or (None, None) if there is none."""
+        self.fs.invalidate_cache(self.folder)
+        try:
+            names = sync(self.fs._ls(self.folder, detail=False))
+        except FileNotFoundError:
+            return None, None
+        last_parts = [name.rstrip("/").rsplit("/", 1)[-1] for name in names]
+        generations = [int(part) for part in last_parts if part.isdigit()]
+        if not generations:
+            return None, None
+        generation = max(generations)
+        try:
+            return generation, json.loads(sync(self.fs._cat_file(self._path(generation))))["attributes"]
+        except FileNotFoundError:
+            return generation, None
+        except (ValueError, KeyError):  # a holder's rewrite read half-way on a store without atomic PUTs
+            return generation, {"token": "", "renewals": -1, "released": False}
+
+    def acquire(self) -> None:
+        try:  # the folder is a group too; made once, by whoever comes first
+            sync(self.fs._pipe_file(f"{self.folder}/zarr.json", json.dumps({**GROUP, "attributes": {}}).encode(),
+                                    mode="create"))
+        except FileExistsError:
+            pass
+        except (TypeError, NotImplementedError) as e:
+            raise StoreError(f"store {self.location!r}: its file system cannot create an object only if absent, "
+                             f"which the manifest lease needs ({e})") from None
+        deadline = time.monotonic() + self.wait_seconds
+        seen: dict[tuple, float] = {}  # (generation, token, renewals) -> when first seen
+        while True:
+            generation, content = self.newest()
+            if content is not None or generation is None:
+                state = (generation, content and content["token"], content and content["renewals"])
+                first_seen = seen.setdefault(state, time.monotonic())
+                free = generation is None or content["released"]
+                if free or time.monotonic() - first_seen > self.lease_seconds:
+                    if self._create(0 if generation is None else generation + 1):
+                        self._remove_older(self.generation)
+                        return
+                    continue
+            if time.monotonic() > deadline:
+                raise StoreError(f"store {self.location!r}: the manifest lease {self.folder!r} stayed taken for "
+                                 f"{self.wait_seconds:.0f} s")
+            time.sleep(random.uniform(0.02, 0.2))
+
+    def _create(self, generation: int) -> bool:
+        self.renewals = 0
+        try:
+            sync(self.fs._pipe_file(self._path(generation), self._content(), mode="create"))
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError) as e:
+            raise StoreError(f"store {self.location!r}: its file system cannot create an object only if absent, "
+                             f"which the manifest lease needs ({e})") from None
+        self.generation, self.renewed_at = generation, time.monotonic()
+        return True
+
+    def _remove_older(self, generation: int) -> None:
+        for older in range(generation - 1, -1, -1):
+            try:
+                sync(self.fs._rm_file(self._path(older)))
+            except FileNotFoundError:
+                break
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            self.renewals += 1
+            try:
+                sync(self.fs._pipe_file(self._path(self.generation), self._content()))
+            except OSError:
+                continue  # `check` refuses to write once renewals have failed for half a lease
+            self.renewed_at = time.monotonic()
+
+    def check(self) -> None:
+        """Refuse (StoreError) unless this process still holds the lease for half a lease period."""
+        lost = time.monotonic() - self.renewed_at > self.lease_seconds / 2
+        if not lost:
+            self.fs.invalidate_cache(self.folder)
+            lost = sync(self.fs._exists(self._path(self.generation + 1)))
+        if lost:
+            raise StoreError(f"store {self.location!r}: this process lost the manifest lease (it was paused or "
+                             "cut off for longer than the lease); nothing was written, run the command again")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        try:
+            sync(self.fs._pipe_file(self._path(self.generation), self._content(released=True)))
+        except OSError:
+            pass  # unreleased, the lease goes stale and is broken after LEASE_SECONDS
+
+    def __enter__(self) -> "ObjectStoreLease":
+        self.acquire()
+        self._renewer = threading.Thread(target=self._renew, daemon=True, name="trakwomp-lease")
+        self._renewer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,137 @@
+"""Features: projected per-example gradients phi_m(x) = P_m^T grad f(x), q = 1 - p and margins
+f(x), computed for row chunks of a dataset and written to the store, for train examples
+(`featurize`) and for targets (`score`) alike.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from trakwomp.data import Dataset, load_batch
+from trakwomp.errors import UserError
+from trakwomp.gradients import PerExampleGradients, select_parameters
+from trakwomp.models import ModelSpec
+from trakwomp.projectors import DenseProjector, ProjectorSpec, SparseProjector, make_projector
+from trakwomp.registry import load_registered_model
+from trakwomp.runtime import Progress
+from trakwomp.store import Store
+
+
+DTYPES = ("float32", "float16")
+
+
+GRADIENT_BUFFER_BYTES = 1 << 30
+
+
+@dataclass
+class FeaturizeReport:
+    model_ids: list[int] = field(default_factory=list)
+    units_done: int = 0
+    units_skipped: int = 0
+    examples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How features are made: the projector, the storage dtype and the parameters differentiated."""
+
+    projector: ProjectorSpec
+    dtype: str
+    parameter_names: list[str]
+    num_params: int
+
+    @classmethod
+    def of_store(cls, handle: Store, net: nn.Module) -> "FeatureSettings":
+        """The settings the store's train features were made with (every recorded projector
+        setting, tile size included), for featurizing targets alike."""
+        recorded = handle.manifest.get("featurize")
+        if recorded is None:
+            raise UserError(f"store {handle.location!r} has no features yet; run `trakwomp featurize` first")
+        try:
+            projector = ProjectorSpec(**recorded["projector"])
+        except TypeError as e:
+            raise handle.damaged(f"its projector record {recorded['projector']} does not read ({e})") from None
+        names = select_parameters(net, recorded["parameters"])
+        num_params = sum(p.numel() for n, p in net.named_parameters() if n in set(names))
+        if num_params != recorded["num_params"]:
+            raise UserError(f"the model differentiates {num_params} parameters, but the store's features were made "
+                            f"from {recorded['num_params']}")
+        return cls(projector, recorded["dtype"], names, num_params)
+
+
+def write_features(handle: Store, data: Dataset, model: ModelSpec, settings: FeatureSettings,
+                   todo: list[tuple[int, int]], chunk_rows: int, batch_size: int, device: torch.device,
+                   progress: Progress, prefix: str, stage: str) -> FeaturizeReport:
+    """Featurize the (model, row chunk) units `todo` of `data` into
+    `<prefix>features/<model>/{phi,q,margins}`, each unit published by a done marker of `stage`."""
+    n = len(data)
+    projector = settings.projector
+    report = FeaturizeReport()
+    start = time.perf_counter()
+    for model_id in sorted({m for m, _ in todo}):
+        net = load_registered_model(handle, model_id, model, data.num_classes)
+        engine = PerExampleGradients(net, settings.parameter_names, device)
+        projection = make_projector(projector, model_id, settings.num_params, device)
+        base = f"{prefix}features/{model_id:06d}"
+        phi = handle.require_array(f"{base}/phi", (n, projector.dim), settings.dtype, (chunk_rows, projector.block_dim))
+        q = handle.require_array(f"{base}/q", (n,), "float32", (chunk_rows,))
+        f = handle.require_array(f"{base}/margins", (n,), "float32", (chunk_rows,))
+        for _, chunk in [u for u in todo if u[0] == model_id]:
+            rows = range(chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows))
+            name = f"model {model_id} rows {rows.start}-{rows.stop - 1}"
+            progress.unit_started(name, len(rows))
+            features, q_rows, f_rows = featurize_rows(data, rows, engine, projection, batch_size, progress)
+            stored = features.numpy().astype(settings.dtype)
+            if not np.isfinite(stored).all():
+                raise UserError(f"{name}: projected features overflow {settings.dtype}; featurize with --dtype float32")
+            phi[rows.start:rows.stop] = stored
+            q[rows.start:rows.stop] = q_rows.numpy()
+            f[rows.start:rows.stop] = f_rows.numpy()
+            handle.mark_done(stage, f"{model_id:06d}/{chunk:06d}", {"rows": [rows.start, rows.stop]})
+            report.units_done += 1
+            report.examples += len(rows)
+            progress.unit_finished(name, f"{len(rows)} examples")
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def featurize_rows(data: Dataset, rows: range, engine: PerExampleGradients, projection: DenseProjector | SparseProjector,
+                   batch_size: int, progress: Progress) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projected gradients, q and margins of the examples `rows`, as CPU tensors.
+
+    Each batch is projected as soon as it is computed, unless the projection regenerates its
+    matrix per call: then gradient rows are gathered up to GRADIENT_BUFFER_BYTES first, so that
+    it does so as rarely as memory allows."""
+    buffer_rows = batch_size
+    if projection.regenerates:
+        buffer_rows = max(batch_size, GRADIENT_BUFFER_BYTES // (4 * engine.num_params))
+    features, qs, fs, pending = [], [], [], []
+    pending_start = rows.start
+    for start in range(rows.start, rows.stop, batch_size):
+        positions = range(start, min(start + batch_size, rows.stop))
+        x, y = load_batch(data, positions)
+        out = engine(x, y)
+        pending.append(out.grads)
+        qs.append(out.q.cpu())
+        fs.append(out.margins.cpu())
+        if positions.stop - pending_start >= buffer_rows or positions.stop == rows.stop:
+            projected = projection.project(pending[0] if len(pending) == 1 else torch.cat(pending)).cpu()
+            finite = torch.isfinite(projected).all(dim=1) & torch.isfinite(torch.cat(fs[-len(pending):]))
+            bad = (~finite).nonzero().flatten() + pending_start
+            if len(bad):
+                examples = ", ".join(str(int(i)) for i in bad[:10])
+                raise UserError(f"non-finite gradients for train example(s) {examples}; nothing of this chunk was published")
+            features.append(projected)
+            pending, pending_start = [], positions.stop
+        progress.advance(len(positions))
+    return torch.cat(features), torch.cat(qs), torch.cat(fs)
