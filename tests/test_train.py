@@ -13,7 +13,7 @@ from trakwomp.errors import UserError
 from trakwomp.models import ModelSpec
 from trakwomp.runtime import Shard
 from trakwomp.store import StoreError
-from trakwomp.training import Recipe, evaluate, train
+from trakwomp.training import Recipe, evaluate, one_cycle_lr, train
 
 from conftest import REPO
 
@@ -159,3 +159,50 @@ def test_bad_training_arguments(tmp_path, tiny_npz):
 def _has_cuda():
     import torch
     return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 5, 10, 37, 120])
+def test_learning_rates_are_torchs_one_cycle_and_defined_where_it_divides_by_zero(total_steps):
+    recipe = Recipe(lr=0.2)
+    ours = [one_cycle_lr(s, total_steps, recipe) for s in range(total_steps)]
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recipe.lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total_steps,
+                                                   pct_start=recipe.warmup_fraction, anneal_strategy="linear",
+                                                   cycle_momentum=False)
+    expected = []
+    for _ in range(total_steps):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert ours == expected
+
+
+def test_a_warm_up_that_ends_at_step_0_starts_at_the_peak():
+    """4 steps with a quarter of warm-up: torch's OneCycleLR divides by zero; ours starts at the
+    peak and falls linearly to lr / 250,000."""
+    recipe = Recipe(lr=0.2)
+    with pytest.raises(ZeroDivisionError):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+        torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=4, pct_start=0.25,
+                                            anneal_strategy="linear", cycle_momentum=False)
+    assert [one_cycle_lr(s, 4, recipe) for s in range(4)] == pytest.approx(
+        [0.2, 0.2 - (0.2 - 0.2 / 25 / 1e4) / 3, 0.2 - 2 * (0.2 - 0.2 / 25 / 1e4) / 3, 0.2 / 25 / 1e4])
+
+
+def test_training_uses_the_recorded_threads_whatever_the_process_uses(tmp_path):
+    """The recipe's thread count, not the caller's, sets how a CPU sums: the same recipe trained
+    under 1 and under 2 process threads gives the same weights, and 1 and 2 recipe threads differ."""
+    data = load_dataset("cifar10-mini:train").select(np.arange(256))  # (tiny random images sum alike)
+    spec = ModelSpec.parse("resnet9", 0.25)
+    weights = {}
+    before = torch.get_num_threads()
+    try:
+        for process_threads, recipe_threads in ((1, 1), (2, 1), (2, 2)):
+            torch.set_num_threads(process_threads)
+            store = tmp_path / f"p{process_threads}-r{recipe_threads}"
+            train(store, data, spec, num_models=1, recipe=Recipe(epochs=1, threads=recipe_threads))
+            weights[process_threads, recipe_threads] = read_store(store)
+    finally:
+        torch.set_num_threads(before)
+    assert weights[1, 1] == weights[2, 1]
+    assert weights[2, 1] != weights[2, 2]

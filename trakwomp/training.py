@@ -115,6 +115,24 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.
     return x.gather(3, cols)
 
 
+def one_cycle_lr(step: int, total_steps: int, recipe: Recipe) -> float:
+    """The learning rate of step `step` (from 0) of `total_steps`: linear from lr / 25 up to lr at
+    step t = warmup_fraction * total_steps - 1, then linear down to lr / 250,000 at the last step.
+    This is torch's OneCycleLR (linear, no momentum cycle), float for float, but also defined
+    when the warm-up ends at or before step 0 (t <= 0: it starts at the peak), where OneCycleLR
+    divides by zero."""
+    peak = recipe.lr
+    start = peak / 25
+    end = start / 1e4
+    top = recipe.warmup_fraction * total_steps - 1
+    if 0 < top and step <= top:
+        return (peak - start) * (step / top) + start
+    last = total_steps - 1
+    if last <= top:
+        return peak
+    return (end - peak) * ((step - top) / (last - top)) + peak
+
+
 def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recipe, generator: torch.Generator,
         device: torch.device, progress: Progress) -> nn.Module:
     """Train `model` on the examples `positions` of `dataset` with `recipe`."""
@@ -124,14 +142,13 @@ def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recip
     steps_per_epoch = n // recipe.batch_size if drop_last else 1
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 nesterov=True, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch,
-        pct_start=recipe.warmup_fraction, anneal_strategy="linear", cycle_momentum=False,
-    )
+    total_steps = recipe.epochs * steps_per_epoch
     positions = torch.as_tensor(positions)
-    for _ in range(recipe.epochs):
+    for epoch in range(recipe.epochs):
         order = positions[torch.randperm(n, generator=generator)]
         for step in range(steps_per_epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = one_cycle_lr(epoch * steps_per_epoch + step, total_steps, recipe)
             x, y = load_batch(dataset, order[step * recipe.batch_size:(step + 1) * recipe.batch_size])
             if recipe.augment and x.ndim == 4:
                 x = augment(x, generator)
@@ -139,7 +156,6 @@ def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
             progress.advance(len(y))
     return model.eval()
 
