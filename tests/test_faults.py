@@ -139,6 +139,17 @@ def rerun_and_compare(setup, stage, victim, after):
         list(zarr.open_group(str(victim), mode="r").members(max_depth=None))
 
 
+def victim_and_fault(stages, stage, fraction, torn, tmp_path):
+    """(setup, a copy of the store before the stage, the store after it, the TRAKWOMP_FAULT value
+    that stops the stage at the write `fraction` of the way through its writes)."""
+    setup, built = stages
+    before, after, writes = built[stage]
+    victim = tmp_path / "victim"
+    if before.exists():
+        shutil.copytree(before, victim)
+    return setup, victim, after, f"{1 + int(fraction * writes)}{':torn' if torn else ''}"
+
+
 class SimulatedKill(Exception):
     """Raised in place of the fault's SIGKILL, to stop a stage in-process at a write."""
 
@@ -159,19 +170,14 @@ def point_id(point):
     pytest.param(*p, id=point_id(p), marks=() if p in first_points_per_stage() else pytest.mark.slow)
     for p in kill_points()])
 def test_killed_at_a_write_then_rerun_equals_an_uninterrupted_run(stages, tmp_path, monkeypatch, stage, fraction, torn):
-    setup, built = stages
-    before, after, writes = built[stage]
-    k = 1 + int(fraction * writes)
-    victim = tmp_path / "victim"
-    if before.exists():
-        shutil.copytree(before, victim)
+    setup, victim, after, fault = victim_and_fault(stages, stage, fraction, torn, tmp_path)
 
     def kill(pid, signal):
         raise SimulatedKill(pid, signal)
 
     monkeypatch.setattr(durable.os, "kill", kill)
     monkeypatch.setattr(FaultPlan, "writes", 0)
-    monkeypatch.setenv(FAULT_VARIABLE, f"{k}{':torn' if torn else ''}")
+    monkeypatch.setenv(FAULT_VARIABLE, fault)
     with pytest.raises(SimulatedKill):
         setup.run(stage, victim)
     monkeypatch.delenv(FAULT_VARIABLE)
@@ -182,15 +188,10 @@ def test_killed_at_a_write_then_rerun_equals_an_uninterrupted_run(stages, tmp_pa
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, fraction, torn", first_points_per_stage(), ids=map(point_id, first_points_per_stage()))
 def test_sigkilled_process_at_a_write_then_rerun_equals_an_uninterrupted_run(stages, tmp_path, stage, fraction, torn):
-    setup, built = stages
-    before, after, writes = built[stage]
-    k = 1 + int(fraction * writes)
-    victim = tmp_path / "victim"
-    if before.exists():
-        shutil.copytree(before, victim)
-    env = {**os.environ, FAULT_VARIABLE: f"{k}{':torn' if torn else ''}"}
+    setup, victim, after, fault = victim_and_fault(stages, stage, fraction, torn, tmp_path)
+    env = {**os.environ, FAULT_VARIABLE: fault}
     result = subprocess.run(setup.command(stage, victim), cwd=REPO, env=env, capture_output=True, text=True)
-    assert result.returncode == -9, (k, writes, result.stderr[-2000:])
+    assert result.returncode == -9, (fault, result.stderr[-2000:])
     rerun_and_compare(setup, stage, victim, after)
 
 

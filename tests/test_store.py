@@ -15,6 +15,7 @@ import zarr
 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from fsspec.implementations.local import LocalFileSystem
 
+from trakwomp.status import status
 from trakwomp.store import Store, StoreError
 from trakwomp.store import lease as lease_module
 from trakwomp.store.lease import ObjectStoreLease
@@ -199,3 +200,4 @@ def test_stale_temporaries_are_removed_and_fresh_ones_kept(tmp_path):
     assert len(handle.temporaries()) == 5
     assert handle.remove_stale_temporaries(["features", "done/featurize"]) == 3
     assert sorted(handle.temporaries()) == ["features/000000/phi/c/1/0.89ab.partial", "scores/k/tau/c/0/0.cdef.partial"]
+    assert status(tmp_path / "s").temporary_files == 2

@@ -14,13 +14,13 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid, save_image
 
+from trakwomp.bindings import stored_dataset
 from trakwomp.data import Dataset, load_dataset
 from trakwomp.errors import UserError
 from trakwomp.estimator import relative_soft_threshold
-from trakwomp.bindings import stored_dataset
 from trakwomp.export import strongest
-from trakwomp.stored_scores import find_view_scores
 from trakwomp.store import Store
+from trakwomp.stored_scores import find_view_scores
 
 TILE = 96  # pixels per image side in the grid
 CAPTION = 28  # pixels of caption under each image
