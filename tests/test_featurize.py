@@ -21,24 +21,30 @@ from trakwomp.scoring import score
 from trakwomp.store import StoreError
 from trakwomp.training import Recipe, train
 
-from conftest import REPO, plain
+from conftest import REPO, plain, write_tiny_images
 from test_train import read_store
 
 TINY = ModelSpec.parse("resnet9", 1 / 16)
 PROJECTOR = ProjectorSpec("gaussian", seed=3, blocks=4, block_dim=16)
 
 
-@pytest.fixture
-def trained(tmp_path, tiny_npz):
-    """A store with two trained tiny reference models."""
-    data = load_dataset(f"npz:{tiny_npz}")
-    train(tmp_path / "trained", data, TINY, num_models=2, recipe=Recipe(epochs=1, batch_size=16, lr=0.05))
-    return tmp_path / "trained"
-
-
 def copy_store(src, dst):
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    data = load_dataset(f"npz:{write_tiny_images(root / 'tiny.npz')}")
+    train(root / "trained", data, TINY, num_models=2, recipe=Recipe(epochs=1, batch_size=16, lr=0.05))
+    return root / "trained"
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path):
+    """A store with two trained tiny reference models (on the images of `tiny_npz`), a copy per test."""
+    return copy_store(trained_once, tmp_path / "trained")
 
 
 def featurize_command(store, *extra):
