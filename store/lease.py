@@ -45,7 +45,6 @@ class ObjectStoreLease:
 
     def __init__(self, fs, root: str, location: str):
         self.fs, self.folder, self.location = fs, f"{root.rstrip('/')}/{FOLDER}", location
-        self.lease_seconds, self.wait_seconds = LEASE_SECONDS, WAIT_SECONDS
         self.token = uuid.uuid4().hex
         self.generation: int | None = None
         self.renewals = 0
@@ -79,16 +78,21 @@ class ObjectStoreLease:
         except (ValueError, KeyError):  # a holder's rewrite read half-way on a store without atomic PUTs
             return generation, {"token": "", "renewals": -1, "released": False}
 
-    def acquire(self) -> None:
-        try:  # the folder is a group too; made once, by whoever comes first
-            sync(self.fs._pipe_file(f"{self.folder}/zarr.json", json.dumps({**GROUP, "attributes": {}}).encode(),
-                                    mode="create"))
+    def _create_if_absent(self, path: str, content: bytes) -> bool:
+        """Whether this call created the object at `path` (False: it existed already)."""
+        try:
+            sync(self.fs._pipe_file(path, content, mode="create"))
         except FileExistsError:
-            pass
+            return False
         except (TypeError, NotImplementedError) as e:
             raise StoreError(f"store {self.location!r}: its file system cannot create an object only if absent, "
                              f"which the manifest lease needs ({e})") from None
-        deadline = time.monotonic() + self.wait_seconds
+        return True
+
+    def acquire(self) -> None:
+        # the folder is a group too; made once, by whoever comes first
+        self._create_if_absent(f"{self.folder}/zarr.json", json.dumps({**GROUP, "attributes": {}}).encode())
+        deadline = time.monotonic() + WAIT_SECONDS
         seen: dict[tuple, float] = {}  # (generation, token, renewals) -> when first seen
         while True:
             generation, content = self.newest()
@@ -96,25 +100,21 @@ class ObjectStoreLease:
                 state = (generation, content and content["token"], content and content["renewals"])
                 first_seen = seen.setdefault(state, time.monotonic())
                 free = generation is None or content["released"]
-                if free or time.monotonic() - first_seen > self.lease_seconds:
-                    if self._create(0 if generation is None else generation + 1):
+                if free or time.monotonic() - first_seen > LEASE_SECONDS:
+                    if self._take(0 if generation is None else generation + 1):
                         self._remove_older(self.generation)
                         return
                     continue
             if time.monotonic() > deadline:
                 raise StoreError(f"store {self.location!r}: the manifest lease {self.folder!r} stayed taken for "
-                                 f"{self.wait_seconds:.0f} s")
+                                 f"{WAIT_SECONDS:.0f} s")
             time.sleep(random.uniform(0.02, 0.2))
 
-    def _create(self, generation: int) -> bool:
+    def _take(self, generation: int) -> bool:
+        """Whether this process created `generation`, and so holds the lease."""
         self.renewals = 0
-        try:
-            sync(self.fs._pipe_file(self._path(generation), self._content(), mode="create"))
-        except FileExistsError:
+        if not self._create_if_absent(self._path(generation), self._content()):
             return False
-        except (TypeError, NotImplementedError) as e:
-            raise StoreError(f"store {self.location!r}: its file system cannot create an object only if absent, "
-                             f"which the manifest lease needs ({e})") from None
         self.generation, self.renewed_at = generation, time.monotonic()
         return True
 
@@ -126,7 +126,7 @@ class ObjectStoreLease:
                 break
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.lease_seconds / 3):
+        while not self._stop.wait(LEASE_SECONDS / 3):
             self.renewals += 1
             try:
                 sync(self.fs._pipe_file(self._path(self.generation), self._content()))
@@ -136,7 +136,7 @@ class ObjectStoreLease:
 
     def check(self) -> None:
         """Refuse (StoreError) unless this process still holds the lease for half a lease period."""
-        lost = time.monotonic() - self.renewed_at > self.lease_seconds / 2
+        lost = time.monotonic() - self.renewed_at > LEASE_SECONDS / 2
         if not lost:
             self.fs.invalidate_cache(self.folder)
             lost = sync(self.fs._exists(self._path(self.generation + 1)))

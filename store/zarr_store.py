@@ -43,6 +43,7 @@ COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 # The last codec on write, the first on read: a chunk whose bytes changed fails its checksum
 # before it is decompressed, so damage is never read as data.
 CHECKSUM = zarr.codecs.Crc32cCodec()
+CODECS = (COMPRESSOR, CHECKSUM)
 
 
 # Every path inside the store is made of these names: none can be "..", absolute, or empty.
@@ -207,12 +208,12 @@ class Store:
         runs of one shard) never delete each other's chunks."""
         values = np.asarray(values)
         array = self._require(path, values.shape, values.dtype, chunks or (values.shape or "auto"),
-                              (COMPRESSOR, CHECKSUM) if values.ndim else (CHECKSUM,))
+                              CODECS if values.ndim else (CHECKSUM,))
         array[...] = values
 
     def require_array(self, path: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...]) -> "StoredArray":
         """The array at `path`, created if absent; several processes may call this at once."""
-        return self._require(path, tuple(shape), np.dtype(dtype), tuple(chunks), (COMPRESSOR, CHECKSUM))
+        return self._require(path, tuple(shape), np.dtype(dtype), tuple(chunks), CODECS)
 
     def _require(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunks, compressors) -> "StoredArray":
         path = self._checked(path)

@@ -24,6 +24,7 @@ from trakwomp.store import Store, StoreError
 from trakwomp.training import Recipe, train
 
 from conftest import REPO, write_tiny_images
+from test_store import STALE_LEASE
 
 pytestmark = pytest.mark.slow
 from test_train import TINY
@@ -128,8 +129,7 @@ def test_two_processes_racing_to_break_a_stale_lease_on_s3_take_turns(s3_environ
     import s3fs
 
     Store.open("s3://bucket/race", create=True)
-    stale = {"zarr_format": 3, "node_type": "group", "attributes": {"token": "dead", "renewals": 0, "released": False}}
-    s3fs.S3FileSystem().pipe("bucket/race/manifest_lease/000000000000/zarr.json", json.dumps(stale).encode())
+    s3fs.S3FileSystem().pipe("bucket/race/manifest_lease/000000000000/zarr.json", json.dumps(STALE_LEASE).encode())
     processes = [subprocess.Popen([sys.executable, "-c", RACER, "s3://bucket/race", f"w{k}"], cwd=REPO,
                                   env={**os.environ, **s3_environment}, stderr=subprocess.PIPE, text=True)
                  for k in (0, 1)]

@@ -66,11 +66,13 @@ def generation_path(root, generation):
     return root / "manifest_lease" / f"{generation:012d}" / "zarr.json"
 
 
+# The lease object of a holder that died holding it: never renewed, never released.
+STALE_LEASE = {"zarr_format": 3, "node_type": "group", "attributes": {"token": "dead", "renewals": 0, "released": False}}
+
+
 def write_stale_lease(root, generation=0):
-    """The lease object of a holder that died holding it: never renewed, never released."""
     generation_path(root, generation).parent.mkdir(parents=True)
-    document = {"zarr_format": 3, "node_type": "group", "attributes": {"token": "dead", "renewals": 0, "released": False}}
-    generation_path(root, generation).write_text(json.dumps(document))
+    generation_path(root, generation).write_text(json.dumps(STALE_LEASE))
 
 
 def take_record_release(root, seconds, results):

@@ -14,7 +14,7 @@ from torch import nn
 
 from trakwomp.data import Dataset, load_batch
 from trakwomp.errors import UserError
-from trakwomp.gradients import PerExampleGradients, select_parameters
+from trakwomp.gradients import PerExampleGradients, count_parameters, select_parameters
 from trakwomp.models import ModelSpec
 from trakwomp.projectors import DenseProjector, ProjectorSpec, SparseProjector, make_projector
 from trakwomp.registry import load_registered_model
@@ -23,8 +23,6 @@ from trakwomp.store import Store
 
 
 DTYPES = ("float32", "float16")
-
-
 GRADIENT_BUFFER_BYTES = 1 << 30
 
 
@@ -62,7 +60,7 @@ class FeatureSettings:
         except TypeError as e:
             raise handle.damaged(f"its projector record {recorded['projector']} does not read ({e})") from None
         names = select_parameters(net, recorded["parameters"])
-        num_params = sum(p.numel() for n, p in net.named_parameters() if n in set(names))
+        num_params = count_parameters(net, names)
         if num_params != recorded["num_params"]:
             raise UserError(f"the model differentiates {num_params} parameters, but the store's features were made "
                             f"from {recorded['num_params']}")

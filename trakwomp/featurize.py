@@ -13,7 +13,7 @@ from trakwomp.bindings import bind_training_inputs, stored_dataset
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
 from trakwomp.features import DTYPES, FeatureSettings, FeaturizeReport, write_features
-from trakwomp.gradients import select_parameters
+from trakwomp.gradients import count_parameters, select_parameters
 from trakwomp.models import ModelSpec, check_model_fits_data
 from trakwomp.projectors import ProjectorSpec
 from trakwomp.registry import read_checkpoints, register_models
@@ -74,7 +74,7 @@ def featurize(
     net = model.build(data.num_classes)
     check_model_fits_data(net, data, torch_device, model)
     parameter_names = select_parameters(net, parameters)
-    num_params = sum(p.numel() for n, p in net.named_parameters() if n in set(parameter_names))
+    num_params = count_parameters(net, parameter_names)
     if projector.kind == "identity" and projector.dim != num_params:
         raise UserError(f"the identity projector keeps all {num_params} gradient coordinates: pass --blocks B and "
                         f"--block-dim D with B x D = {num_params}")

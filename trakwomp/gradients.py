@@ -29,6 +29,12 @@ def select_parameters(model: nn.Module, patterns: list[str] | None) -> list[str]
     return chosen
 
 
+def count_parameters(model: nn.Module, names: list[str]) -> int:
+    """How many numbers the parameters `names` of `model` hold: the length p of a gradient."""
+    chosen = set(names)
+    return sum(p.numel() for n, p in model.named_parameters() if n in chosen)
+
+
 @dataclass
 class Gradients:
     grads: torch.Tensor  # (batch, p) float32, a transposed view of a contiguous (p, batch) tensor
