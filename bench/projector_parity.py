@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from trakwomp.data import load_dataset
-from trakwomp.estimator import View
+from trakwomp.estimator import View, ViewSpec
 from trakwomp.featurize import featurize
 from trakwomp.finalize import finalize
 from trakwomp.lds import GroundTruth, bootstrap_interval, lds_per_target
@@ -52,8 +52,8 @@ def per_target_lds(work: Path, config: tuple[str, str], seed: int, truth: Ground
               projector=ProjectorSpec(kind, seed, BLOCKS, BLOCK_DIM), dtype=dtype)
     out = {}
     for dims, blocks in VIEWS:
-        finalize(store, dims, blocks)
-        score(store, targets, dims, blocks)
+        finalize(store, ViewSpec(dims, blocks))
+        score(store, targets, ViewSpec(dims, blocks))
         handle = Store.open(store)
         key = find_scores(handle, View(dims, blocks, 0.0), [0], truth.targets_sha)
         out[(dims, blocks)] = lds_per_target(iterate_scores(handle, key), truth)

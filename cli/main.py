@@ -24,17 +24,20 @@ from trakwomp.errors import UserError
 from trakwomp.featurize import featurize as featurize_models
 from trakwomp.finalize import finalize as finalize_view
 from trakwomp.selection import parse_model_ids
-from trakwomp.lds import lds as lds_report
-from trakwomp.show import show as show_target
+from trakwomp.estimator import ViewSpec
+from trakwomp.lds import lds as lds_report, pair_views
+from trakwomp.show import default_show_file, show as show_target
 from trakwomp.status import status as store_status
 from trakwomp.export import export_scores, top_k_rows, write_table
 from trakwomp.predict import predict as predict_margins
 from trakwomp.scoring import score as score_targets
-from trakwomp.models import ModelSpec
+from trakwomp.bindings import load_targets
+from trakwomp.models import GPT_DEFAULTS, ModelSpec
+from trakwomp.tasks import make_task
 from trakwomp.projectors import ProjectorSpec
 from trakwomp.runtime import NoProgress, Shard
 from trakwomp.store import StoreError
-from trakwomp.training import Recipe, train as train_models
+from trakwomp.training import LANGUAGE_MODEL_RECIPE, Recipe, train as train_models
 
 app = typer.Typer(
     name="trakwomp",
@@ -97,6 +100,22 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress display.")
 JsonOpt = typer.Option(False, "--json", help="Print what was done as JSON on stdout (progress and messages go to stderr).")
 IndicesOpt = typer.Option(None, "--indices", help="An .npy of ints selecting a subset of --data, in that order.")
 TransformOpt = typer.Option(None, "--transform", help="package.module:callable applied to every input tensor.")
+TokenizerOpt = typer.Option(None, "--tokenizer", help="Text: bytes (no files needed) or hf:DIR, a Hugging Face tokenizer saved in DIR [default: the store's, else bytes].")
+MaxLengthOpt = typer.Option(None, "--max-length", help="Text: cut longer texts to their first N tokens (how many were cut is reported) [default: the store's, else no cut].")
+LayersOpt = typer.Option(None, "--layers", help=f"Transformer blocks of the built-in gpt [default: {GPT_DEFAULTS['layers']}].")
+HeadsOpt = typer.Option(None, "--heads", help=f"Attention heads of the built-in gpt [default: {GPT_DEFAULTS['heads']}].")
+WidthOpt = typer.Option(None, "--width", help=f"resnet9: width multiplier [default: 1]; gpt: embedding width [default: {GPT_DEFAULTS['width']}].")
+
+
+class TaskName(str, Enum):
+    classification = "classification"
+    causal_lm = "causal-lm"
+
+
+def report_truncation(dataset, what: str) -> None:
+    """Say how many texts --max-length cut."""
+    if getattr(dataset, "truncated", 0):
+        console.print(f"{what}: cut {dataset.truncated} of {len(dataset)} texts to --max-length {dataset.max_length} tokens")
 
 
 @app.command()
@@ -104,15 +123,19 @@ TransformOpt = typer.Option(None, "--transform", help="package.module:callable a
 def train(
     store: str = StoreArg,
     data: str = typer.Option(..., "--data", help=f"Train set: {SPEC_HELP}."),
-    model: str = typer.Option("resnet9", "--model", help="resnet9, or package.module:factory (factory(num_classes) -> nn.Module)."),
-    width: Optional[float] = typer.Option(None, "--width", help="Width multiplier of the built-in resnet9 (default 1)."),
+    task: TaskName = typer.Option(TaskName.classification, "--task", help="classification (margin of the label) or causal-lm (next-token prediction on text)."),
+    lm_output: Optional[str] = typer.Option(None, "--lm-output", help="causal-lm output f = log(p/(1-p)): sequence (p = exp(-L)) or token (p = exp(-L/T)) [default: sequence]."),
+    model: Optional[str] = typer.Option(None, "--model", help="resnet9, gpt, hf:DIR (a Hugging Face causal LM saved in DIR) or package.module:factory (factory(classes or vocabulary size) -> nn.Module) [default: resnet9; causal-lm: gpt]."),
+    width: Optional[float] = WidthOpt,
+    layers: Optional[int] = LayersOpt,
+    heads: Optional[int] = HeadsOpt,
     role: Role = typer.Option(Role.reference, "--role", help="reference: models to attribute; lds: evaluation models."),
     num_models: int = typer.Option(1, "--num-models", help="Number of models of this role (ids 0..M-1)."),
-    targets: Optional[str] = typer.Option(None, "--targets", help="With --role lds: the examples to record margins on."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="With --role lds: the examples to record outputs f on."),
     alpha: float = typer.Option(Recipe.alpha, "--alpha", help="Fraction of --data in each model's random subset."),
-    epochs: int = typer.Option(Recipe.epochs, "--epochs"),
-    batch_size: int = typer.Option(Recipe.batch_size, "--batch-size"),
-    lr: float = typer.Option(Recipe.lr, "--lr", help="Peak learning rate of the one-cycle schedule."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=f"[default: {Recipe.epochs}; causal-lm: {LANGUAGE_MODEL_RECIPE['epochs']}]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"[default: {Recipe.batch_size}; causal-lm: {LANGUAGE_MODEL_RECIPE['batch_size']}]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help=f"Peak learning rate of the one-cycle schedule [default: {Recipe.lr} (SGD); causal-lm: {LANGUAGE_MODEL_RECIPE['lr']} (AdamW)]."),
     seed: int = typer.Option(Recipe.seed, "--seed"),
     threads: int = typer.Option(Recipe.threads, "--threads", help="CPU threads for training; recorded, since results depend on it."),
     device: str = DeviceOpt,
@@ -121,20 +144,26 @@ def train(
     indices: Optional[Path] = IndicesOpt,
     target_indices: Optional[Path] = typer.Option(None, "--target-indices", help="An .npy of ints selecting a subset of --targets."),
     transform: Optional[str] = TransformOpt,
+    tokenizer: Optional[str] = TokenizerOpt,
+    max_length: Optional[int] = MaxLengthOpt,
     download: bool = typer.Option(False, "--download", help="Let cifar10:ROOT specs download CIFAR-10 into ROOT."),
     json_out: bool = JsonOpt,
 ):
     """Train reference models (or LDS evaluation models) on random alpha-subsets of --data."""
     shard_spec = Shard.parse(shard)
-    spec = ModelSpec.parse(model, width)
-    recipe = Recipe(alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threads=threads)
-    train_set = load_dataset(data, indices, transform, download)
-    target_set = load_dataset(targets, target_indices, transform, download) if targets else None
+    chosen_task = make_task(task.value, lm_output)
+    spec = ModelSpec.parse(model or ("gpt" if task == TaskName.causal_lm else "resnet9"), width, layers, heads)
+    recipe = Recipe.for_task(chosen_task, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                             threads=threads)
     if target_indices is not None and targets is None:
         raise UserError("--target-indices needs --targets")
+    train_set = load_dataset(data, indices, transform, download, tokenizer, max_length)
+    target_set = load_dataset(targets, target_indices, transform, download, tokenizer, max_length) if targets else None
+    for dataset in (train_set, target_set):
+        report_truncation(dataset, "--data" if dataset is train_set else "--targets")
     with progress_for(quiet) as progress:
-        report = train_models(store, train_set, spec, role=role.value, num_models=num_models, targets=target_set,
-                              recipe=recipe, device=device, shard=shard_spec, progress=progress)
+        report = train_models(store, train_set, spec, task=chosen_task, role=role.value, num_models=num_models,
+                              targets=target_set, recipe=recipe, device=device, shard=shard_spec, progress=progress)
     if json_out:
         print_json(report)
     if not quiet:
@@ -160,8 +189,12 @@ def expand_checkpoints(patterns: list[str]) -> list[str]:
 def featurize(
     store: str = StoreArg,
     data: Optional[str] = typer.Option(None, "--data", help=f"Train set ({SPEC_HELP}); default: the store's."),
-    model: Optional[str] = typer.Option(None, "--model", help="resnet9 or package.module:factory; default: the store's."),
-    width: Optional[float] = typer.Option(None, "--width", help="Width multiplier of the built-in resnet9."),
+    model: Optional[str] = typer.Option(None, "--model", help="resnet9, gpt, hf:DIR or package.module:factory; default: the store's."),
+    width: Optional[float] = WidthOpt,
+    layers: Optional[int] = LayersOpt,
+    heads: Optional[int] = HeadsOpt,
+    task: Optional[TaskName] = typer.Option(None, "--task", help="With --checkpoint in a new store: classification or causal-lm [default: the store's, else classification]."),
+    lm_output: Optional[str] = typer.Option(None, "--lm-output", help="With --task causal-lm: sequence or token."),
     checkpoint: list[str] = typer.Option([], "--checkpoint", help="A state_dict file or a glob; repeatable. Default: the store's trained reference models."),
     blocks: Optional[int] = typer.Option(None, "--blocks", help=f"Number of projection blocks B [default: the store's, else {ProjectorSpec.blocks}]."),
     block_dim: Optional[int] = typer.Option(None, "--block-dim", help=f"Dimensions per block; d = B x block dim [default: the store's, else {ProjectorSpec.block_dim}]."),
@@ -176,6 +209,8 @@ def featurize(
     quiet: bool = QuietOpt,
     indices: Optional[Path] = IndicesOpt,
     transform: Optional[str] = TransformOpt,
+    tokenizer: Optional[str] = TokenizerOpt,
+    max_length: Optional[int] = MaxLengthOpt,
     json_out: bool = JsonOpt,
 ):
     """Project per-example gradients of each model to d = B x block-dim dims and store them.
@@ -183,16 +218,19 @@ def featurize(
     Projector options given replace all of the store's (defaults for those not given); none
     given means the store's, so the same command resumes or adds checkpoints."""
     shard_spec = Shard.parse(shard)
-    spec = ModelSpec.parse(model, width) if model else None
+    spec = ModelSpec.parse(model, width, layers, heads) if model else None
+    chosen_task = make_task(task.value, lm_output) if task else None
     given = {"kind": projector, "seed": projector_seed, "blocks": blocks, "block_dim": block_dim}
     projector_spec = None
     if any(v is not None for v in given.values()):
         projector_spec = ProjectorSpec(**{k: v for k, v in given.items() if v is not None})
-    train_set = load_dataset(data, indices, transform) if data else None
-    if not data and (indices or transform):
-        raise UserError("--indices and --transform go with --data")
+    if not data and (indices or transform or tokenizer or max_length):
+        raise UserError("--indices, --transform, --tokenizer and --max-length go with --data")
+    train_set = load_dataset(data, indices, transform, tokenizer=tokenizer, max_length=max_length) if data else None
+    report_truncation(train_set, "--data")
     with progress_for(quiet) as progress:
-        report = featurize_models(store, train_set, spec, expand_checkpoints(checkpoint), projector=projector_spec,
+        report = featurize_models(store, train_set, spec, expand_checkpoints(checkpoint), task=chosen_task,
+                                  projector=projector_spec,
                                   dtype=dtype, parameters=parameters or None, chunk_rows=chunk_rows,
                                   batch_size=batch_size, device=device, shard=shard_spec, progress=progress)
     if json_out:
@@ -224,8 +262,8 @@ def finalize(
     """Invert each block's Gram matrix Phi_b^T Phi_b (+ ridge) for a view (D dims, B blocks)."""
     shard_spec = Shard.parse(shard)
     with progress_for(quiet) as progress:
-        report = finalize_view(store, dims, blocks, ridge, parse_model_ids(models), device=device, shard=shard_spec,
-                               progress=progress)
+        report = finalize_view(store, ViewSpec(dims, blocks, ridge), parse_model_ids(models), device=device,
+                               shard=shard_spec, progress=progress)
     if json_out:
         print_json(report)
     if not quiet:
@@ -253,8 +291,12 @@ def score(
     quiet: bool = QuietOpt,
     target_indices: Optional[Path] = typer.Option(None, "--target-indices", help="An .npy of ints selecting a subset of --targets."),
     transform: Optional[str] = TransformOpt,
+    tokenizer: Optional[str] = TokenizerOpt,
+    max_length: Optional[int] = MaxLengthOpt,
     model: Optional[str] = typer.Option(None, "--model", help="The store's model; needed (and checked) if it is a package.module:factory."),
-    width: Optional[float] = typer.Option(None, "--width", help="Width multiplier of the built-in resnet9."),
+    width: Optional[float] = WidthOpt,
+    layers: Optional[int] = LayersOpt,
+    heads: Optional[int] = HeadsOpt,
     json_out: bool = JsonOpt,
 ):
     """Attribution scores tau(z) of every train example for every target (TRAK-WOMP eq. 3)."""
@@ -266,10 +308,11 @@ def score(
     for flag, path in (("--out", out), ("--top-k-out", top_k_out if top_k else None)):
         if path is not None and not path.parent.is_dir():
             raise UserError(f"{flag} {str(path)!r}: there is no folder {str(path.parent)!r}")
-    spec = ModelSpec.parse(model, width) if model else None
-    target_set = load_dataset(targets, target_indices, transform)
+    spec = ModelSpec.parse(model, width, layers, heads) if model else None
+    target_set = load_targets(store, targets, target_indices, transform, tokenizer, max_length)
+    report_truncation(target_set, "--targets")
     with progress_for(quiet) as progress:
-        report = score_targets(store, target_set, dims, blocks, ridge, parse_model_ids(models), model=spec,
+        report = score_targets(store, target_set, ViewSpec(dims, blocks, ridge), parse_model_ids(models), model=spec,
                                target_chunk_rows=chunk_rows, batch_size=batch_size, device=device, shard=shard_spec,
                                progress=progress)
     if json_out:
@@ -292,13 +335,19 @@ def score(
 
 def show_top_k(rows: list[dict], title: str) -> None:
     """A table of supporting and opposing train examples, target by target."""
-    table = Table("target", "label", "", "train example", "label", "score", title=title)
+    text = "train_text" in (rows[0] if rows else {})
+    table = Table("target", "source" if text else "label", "", "train example", "source" if text else "label", "score",
+                  title=title)
     for row in rows:
         first = row["rank"] == 1
-        table.add_row(str(row["target"]) if first and row["direction"] == "supports" else "",
-                      row["target_label"] if first and row["direction"] == "supports" else "",
-                      row["direction"] if first else "", row["train_path"] or str(row["train_index"]),
-                      row["train_label"], f"{row['score']:+.4g}")
+        head = first and row["direction"] == "supports"
+        if text:
+            example = f"#{row['train_index']} {row['train_text']!r}"
+            cells = (row["target_source"] if head else "", example, row["train_source"])
+        else:
+            cells = (row["target_label"] if head else "", row["train_path"] or str(row["train_index"]), row["train_label"])
+        table.add_row(str(row["target"]) if head else "", cells[0], row["direction"] if first else "", escape(cells[1]),
+                      cells[2], f"{row['score']:+.4g}")
     Console().print(table)
 
 
@@ -317,9 +366,9 @@ def predict(
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
     """Predicted margin of a model trained on --subset, per target: sum of the subset's scores."""
-    target_set = load_dataset(targets, target_indices) if targets else None
-    key, predictions = predict_margins(store, load_indices(subset, what="--subset"), target_set, dims, blocks, ridge,
-                                       parse_model_ids(models), threshold)
+    target_set = load_targets(store, targets, target_indices) if targets else None
+    key, predictions = predict_margins(store, load_indices(subset, what="--subset"), target_set,
+                                       ViewSpec(dims, blocks, ridge), parse_model_ids(models), threshold)
     if json_out:
         typer.echo(json.dumps({"scores": key, "predicted_margin": predictions.tolist()}))
         return
@@ -346,7 +395,8 @@ def lds(
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
     """Linear datamodeling score of the scores against the store's LDS models, with 95% intervals."""
-    report = lds_report(store, dims, blocks, ridge, parse_model_ids(models), scores, threshold=threshold,
+    views = pair_views(dims, blocks, ridge) if (dims or blocks or ridge or not scores) else []
+    report = lds_report(store, views, parse_model_ids(models), scores, threshold=threshold,
                         tune_threshold=tune_threshold, half=half, resamples=resamples)
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=1))
@@ -370,7 +420,7 @@ def show(
     store: str = typer.Argument(..., help="A store with scores."),
     target: int = typer.Option(..., "--target", help="Which target (its position in the scored targets, from 0)."),
     k: int = typer.Option(8, "--k", help="How many supporting and how many opposing train examples."),
-    out: Path = typer.Option(Path("show.png"), "--out", help="The PNG grid: the target and its supporting examples, then its opposing ones."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Images: a PNG grid, the target and its supporting examples, then its opposing ones [default: show.png]. Text: an HTML page [default: show.html]."),
     table: Optional[Path] = typer.Option(None, "--table", help="Also write the rows to this .csv or .json file."),
     targets: Optional[str] = typer.Option(None, "--targets", help="Which scored targets (default: the only ones, from their stored spec)."),
     target_indices: Optional[Path] = typer.Option(None, "--target-indices"),
@@ -382,12 +432,15 @@ def show(
     json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing; only write the files."),
 ):
-    """The train examples that most support and oppose one target: a PNG grid with labels and scores."""
+    """The train examples that most support and oppose one target: a PNG grid of images, or an
+    HTML page of texts, with labels or sources and scores."""
+    out = out or Path(default_show_file(store))
     for flag, path in (("--out", out), ("--table", table)):
         if path is not None and not path.parent.is_dir():
             raise UserError(f"{flag} {str(path)!r}: there is no folder {str(path.parent)!r}")
-    target_set = load_dataset(targets, target_indices) if targets else None
-    rows = show_target(store, target, k, out, target_set, dims, blocks, ridge, parse_model_ids(models), threshold)
+    target_set = load_targets(store, targets, target_indices) if targets else None
+    rows = show_target(store, target, k, out, target_set, ViewSpec(dims, blocks, ridge), parse_model_ids(models),
+                       threshold)
     if table is not None:
         write_table(rows, table)
     if json_out:
@@ -395,6 +448,8 @@ def show(
     if json_out or quiet:
         return
     console.print(f"wrote {out}" + (f" and {table}" if table else ""))
+    if rows and "target_text" in rows[0]:
+        Console().print(f"target {target} ({escape(rows[0]['target_source'] or 'no source')}):\n{escape(rows[0]['target_text'])}")
     show_top_k(rows, f"Train examples that most support and oppose target {target}")
 
 

@@ -26,7 +26,9 @@ from trakwomp.scoring import score
 from trakwomp.training import Recipe, train
 
 from conftest import plain, write_tiny_images
+from test_text import TINY_GPT, fortunes, write_hf_folder, write_jsonl
 from test_train import TINY
+from trakwomp.tasks import CausalLM
 
 RECIPE = Recipe(epochs=1, batch_size=16, lr=0.05)
 STAGES = ("trained", "featurized", "finalized", "scored", "full")
@@ -51,6 +53,7 @@ def root(tmp_path_factory) -> Path:
         if i:
             shutil.copytree(root / STAGES[i - 1], root / stage)
         step(root / stage)
+    write_text_inputs(root)
 
     np.savez(root / "empty.npz", x=np.zeros((0, 3, 16, 16), np.float32), y=np.zeros(0, np.int64))
     (root / "garbage.npz").write_bytes(b"not a zip archive")
@@ -70,6 +73,25 @@ def root(tmp_path_factory) -> Path:
     (root / "folder").mkdir()
     (root / "folder" / "notes.txt").write_text("not a store")
     return root
+
+
+def write_text_inputs(root: Path) -> None:
+    """A scored text store (`text`), good and bad jsonl files, and Hugging Face folders."""
+    texts = load_dataset(f"jsonl:{write_jsonl(root / 'texts.jsonl', fortunes('train', 24))}")
+    targets = load_dataset(f"jsonl:{write_jsonl(root / 'text-targets.jsonl', fortunes('test', 4))}")
+    train(root / "text", texts, TINY_GPT, task=CausalLM(), recipe=Recipe.for_task(CausalLM(), epochs=1))
+    featurize(root / "text", projector=ProjectorSpec("sjlt", 0, 2, 8))
+    finalize(root / "text")
+    score(root / "text", targets)
+    (root / "invalid.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"\n')
+    (root / "no-text.jsonl").write_text('{"text": "one"}\n{"body": "two"}\n')
+    (root / "empty-text.jsonl").write_text('{"text": ""}\n')
+    (root / "latin1.jsonl").write_bytes('{"text": "one"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    (root / "some-labels.jsonl").write_text('{"text": "one", "label": "a"}\n{"text": "two"}\n')
+    write_jsonl(root / "long.jsonl", [{"text": "x" * 600}])
+    write_hf_folder(root / "hf", [r["text"] for r in fortunes("train", 100)])
+    (root / "config-only").mkdir()
+    (root / "config-only" / "config.json").write_text((root / "hf" / "config.json").read_text())
 
 
 def edit_manifest(change):
@@ -111,6 +133,9 @@ TRAIN = ["train", "S", "--data", "npz:F/train.npz", "--width", "0.0625", "--epoc
          "--lr", "0.05", "--num-models", "2"]
 TARGETS = ["--targets", "npz:F/targets.npz"]
 PHI_CHUNK = "features/000000/phi/c/0/0"
+LM = ["train", "S", "--task", "causal-lm", "--width", "16", "--layers", "1", "--heads", "2", "--epochs", "1", "--data"]
+HF = ["train", "S", "--task", "causal-lm", "--epochs", "1", "--data"]
+TEXT_TARGETS = ["--targets", "jsonl:F/text-targets.jsonl"]
 
 CASES = [
     # missing or unreadable paths
@@ -236,6 +261,35 @@ CASES = [
     Case("unknown-device", "featurized", ["finalize", "S", "--device", "tpu"], "unknown --device 'tpu'"),
     Case("out-and-shard", "scored", ["score", "S", *TARGETS, "--out", "F/out.npy", "--shard", "0/2"], "need all shards"),
     Case("cuda-not-available", "featurized", ["finalize", "S", "--device", "cuda"], "CUDA is not available"),
+    # text and language models
+    Case("jsonl-invalid-json", None, [*LM, "jsonl:F/invalid.jsonl"], "invalid.jsonl:3: invalid JSON"),
+    Case("jsonl-line-without-text", None, [*LM, "jsonl:F/no-text.jsonl"],
+         'no-text.jsonl:2: each line must be a JSON object with a "text" field'),
+    Case("jsonl-empty-text", None, [*LM, "jsonl:F/empty-text.jsonl"], 'empty-text.jsonl:1: "text" must be a non-empty string'),
+    Case("jsonl-not-utf8", None, [*LM, "jsonl:F/latin1.jsonl"], "latin1.jsonl:2: not UTF-8 text"),
+    Case("jsonl-labels-on-some-texts", None, [*LM, "jsonl:F/some-labels.jsonl"], '1 of 2 texts have no "label"'),
+    Case("text-longer-than-the-context", None, [*LM, "jsonl:F/long.jsonl"],
+         "has 601 tokens, more than the context of model gpt (width 16, 1 layers, 2 heads) (512); pass --max-length 512"),
+    Case("max-length-below-two", None, [*LM, "jsonl:F/texts.jsonl", "--max-length", "1"], "--max-length must be at least 2"),
+    Case("tokenizer-folder-missing", None, [*LM, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/missing"], "no folder"),
+    Case("tokenizer-folder-incomplete", None, [*LM, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/folder"],
+         "holds no tokenizer files"),
+    Case("model-folder-missing", None, [*HF, "jsonl:F/texts.jsonl", "--model", "hf:F/missing"],
+         "no Hugging Face model there (no config.json)"),
+    Case("model-folder-without-weights", None, [*HF, "jsonl:F/texts.jsonl", "--model", "hf:F/config-only"],
+         "holds no weights"),
+    Case("tokenizer-other-than-the-store's", "text", ["score", "S", *TEXT_TARGETS, "--tokenizer", "hf:F/hf"],
+         "differs from the one store"),
+    Case("text-targets-for-an-image-store", "finalized", ["score", "S", *TEXT_TARGETS], "holds images or arrays, not text"),
+    Case("image-targets-for-a-text-store", "text", ["score", "S", *TARGETS], "holds text read with the tokenizer 'bytes'"),
+    Case("show-text-as-png", "text", ["show", "S", "--target", "0", "--out", "F/show.png"], "give --out a .html name"),
+    Case("causal-lm-on-images", None, [*LM, "npz:F/train.npz"], "causal-lm needs text data"),
+    Case("classification-on-unlabelled-text", None, ["train", "S", "--data", "jsonl:F/texts.jsonl", "--model", "gpt"],
+         "classification needs labels of at least 2 classes"),
+    Case("tokenizer-for-images", None, [*TRAIN, "--tokenizer", "bytes"], "--tokenizer and --max-length apply to text data"),
+    Case("lm-output-for-classification", None, [*TRAIN, "--lm-output", "token"], "--lm-output applies to --task causal-lm only"),
+    Case("unknown-lm-output", None, [*LM, "jsonl:F/texts.jsonl", "--lm-output", "word"], "unknown --lm-output 'word'"),
+    Case("layers-for-resnet9", None, [*TRAIN, "--layers", "2"], "--layers and --heads apply to the built-in gpt only"),
 ]
 
 

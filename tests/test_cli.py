@@ -27,7 +27,7 @@ def test_train_then_lds_through_the_cli(cli, tmp_path, tiny_npz):
     assert group.attrs["trakwomp"]["lds_targets"]["num_examples"] == 3
     result = cli("train", tmp_path / "s", *common, "--num-models", "2", "--json")
     assert "2 already done" in plain(result.stderr)
-    assert json.loads(result.stdout) == {"trained": [], "skipped": [0, 1], "target_accuracy": {}}
+    assert json.loads(result.stdout) == {"trained": [], "skipped": [0, 1], "target_accuracy": {}, "target_token_loss": {}}
     moved = tmp_path / "moved.npz"
     shutil.copy(tiny_npz, moved)
     result = cli("train", tmp_path / "s", *common, "--role", "lds", "--num-models", "3", "--targets",

@@ -11,7 +11,7 @@ import zarr
 
 from trakwomp.data import load_dataset
 from trakwomp.errors import UserError
-from trakwomp.estimator import View, regularized_inverse, relative_soft_threshold, soft_threshold
+from trakwomp.estimator import View, ViewSpec, regularized_inverse, relative_soft_threshold, soft_threshold
 from trakwomp.featurize import featurize
 from trakwomp.finalize import finalize
 from trakwomp.models import ModelSpec
@@ -88,10 +88,10 @@ def model_store(tmp_path_factory):
         with pytest.MonkeyPatch.context() as patch:
             if blocks == 1:  # a block too big for one chunk is stored in row chunks (here 5 rows of 32)
                 patch.setattr(importlib.import_module("trakwomp.finalize"), "INVERSE_CHUNK_BYTES", 8 * 32 * 5)
-            finalize(store, blocks=blocks, ridge=ridge)
+            finalize(store, ViewSpec(blocks=blocks, ridge=ridge))
             if pass_bytes:
                 patch.setattr(scoring, "SCORE_PASS_BYTES", pass_bytes)
-            keys[blocks, ridge] = score(store, targets, blocks=blocks, ridge=ridge, models=[0, 1],
+            keys[blocks, ridge] = score(store, targets, ViewSpec(blocks=blocks, ridge=ridge), models=[0, 1],
                                         target_chunk_rows=4).key
     return store, keys, targets
 
@@ -140,8 +140,8 @@ def test_a_model_set_with_a_gap_in_any_order_is_one_set_scored_as_eq3(model_stor
     store, _, targets = model_store
     copy = tmp_path / "store"
     shutil.copytree(store, copy)
-    finalize(copy, blocks=4, models=parse_model_ids("2,0"))
-    keys = {score(copy, targets, blocks=4, models=parse_model_ids(given), target_chunk_rows=4).key
+    finalize(copy, ViewSpec(blocks=4), models=parse_model_ids("2,0"))
+    keys = {score(copy, targets, ViewSpec(blocks=4), models=parse_model_ids(given), target_chunk_rows=4).key
             for given in ("0,2", "2,0")}
     assert len(keys) == 1
     key = keys.pop()
@@ -150,8 +150,8 @@ def test_a_model_set_with_a_gap_in_any_order_is_one_set_scored_as_eq3(model_stor
     np.testing.assert_allclose(tau, expected, rtol=2e-4, atol=1e-6 * np.abs(expected).max())
     subset = np.arange(48) % 3 == 0
     for given in ([2, 0], [0, 2]):
-        assert predict(copy, subset, blocks=4, models=given)[0] == key
-        assert show(copy, 0, k=2, blocks=4, models=given)[0]["score"] == pytest.approx(tau[0].max())
+        assert predict(copy, subset, view=ViewSpec(blocks=4), models=given)[0] == key
+        assert show(copy, 0, k=2, view=ViewSpec(blocks=4), models=given)[0]["score"] == pytest.approx(tau[0].max())
 
 
 # Multinomial logistic regression with the last class as baseline (its logit fixed at 0): with a
@@ -209,12 +209,12 @@ def test_agrees_with_traker_without_projection(tmp_path, user_module):
     store = tmp_path / "store"
     spec = ModelSpec.parse("linear_trak_model:build")
     featurize(store, data, spec, [tmp_path / "m0.pt", tmp_path / "m1.pt"], projector=ProjectorSpec("identity", 0, 1, 14))
-    finalize(store, blocks=1)
+    finalize(store, ViewSpec(blocks=1))
     with pytest.raises(UserError, match="imports code only when you name it: pass --model linear_trak_model:build"):
         score(store, targets, blocks=1)  # the store names a user module: not imported unless the user names it
     ours = {}
     for models in ([0], [1], [0, 1]):
-        ours[tuple(models)] = stored(store, f"scores/{score(store, targets, blocks=1, models=models, model=spec).key}/tau")
+        ours[tuple(models)] = stored(store, f"scores/{score(store, targets, ViewSpec(blocks=1), models=models, model=spec).key}/tau")
     p = 14
     q = [stored(store, f"features/00000{m}/q") for m in (0, 1)]
     mean_abs_inverse = [np.abs(stored(store, f"finalize/d14-b1-ridge0/00000{m}/inverse")).mean() for m in (0, 1)]

@@ -14,7 +14,8 @@ from trakwomp.data import load_dataset
 from trakwomp.errors import UserError
 from trakwomp.featurize import featurize
 from trakwomp.finalize import finalize
-from trakwomp.models import ModelSpec, margins
+from trakwomp.models import ModelSpec
+from trakwomp.tasks import margins
 from trakwomp.projectors import ProjectorSpec, projection_block
 from trakwomp.runtime import Shard
 from trakwomp.scoring import score
@@ -198,7 +199,7 @@ def test_non_finite_gradients_are_refused_and_their_chunk_is_not_published(tmp_p
     torch.manual_seed(0)
     torch.save(TINY.build(4).state_dict(), tmp_path / "init.pt")
     store = tmp_path / "store"
-    with pytest.raises(UserError, match=r"train example\(s\) 6;"):
+    with pytest.raises(UserError, match=r"example\(s\) 6;"):
         featurize(store, load_dataset(f"npz:{tmp_path / 'nan.npz'}"), TINY, [str(tmp_path / "init.pt")],
                   projector=ProjectorSpec(kind, 0, 2, 8), chunk_rows=4, batch_size=2)
     done = sorted(p.parent.name for p in (store / "done/featurize/000000").glob("*/zarr.json"))

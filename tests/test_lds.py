@@ -5,6 +5,7 @@ import torch
 from scipy.stats import spearmanr
 
 from trakwomp.data import load_dataset
+from trakwomp.estimator import ViewSpec
 from trakwomp.featurize import featurize
 from trakwomp.finalize import finalize
 from trakwomp.errors import UserError
@@ -174,8 +175,8 @@ def test_unprojected_trak_is_accurate_for_logistic_regression(tmp_path, user_mod
     store = tmp_path / "store"
     spec = ModelSpec.parse("logistic_lds_model:build")
     featurize(store, data, spec, [tmp_path / "full.pt"], projector=ProjectorSpec("identity", 0, 1, 6))
-    finalize(store, blocks=1)
-    key = score(store, targets, blocks=1, model=spec).key
+    finalize(store, ViewSpec(blocks=1))
+    key = score(store, targets, ViewSpec(blocks=1), model=spec).key
     export_scores(store, key, tmp_path / "scores.npy")
     result = evaluate(ScoreSource.from_file(tmp_path / "scores.npy"), truth, resamples=200)
     # Measured 0.94 here (60 LDS models, 20 targets); a broken estimator (wrong sign, wrong q, a

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from trakwomp.errors import UserError
-from trakwomp.models import ModelSpec, load_checkpoint, load_weights, margins, resnet9, state_hash
+from trakwomp.models import ModelSpec, load_checkpoint, load_weights, resnet9, state_hash
+from trakwomp.tasks import margins
 
 
 def test_resnet9_parameter_count_matches_the_architecture():

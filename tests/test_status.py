@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from trakwomp.cli.main import INCOMPLETE, app
 from trakwomp.data import load_dataset
+from trakwomp.estimator import ViewSpec
 from trakwomp.featurize import featurize
 from trakwomp.finalize import finalize
 from trakwomp.projectors import ProjectorSpec
@@ -51,7 +52,7 @@ def test_status_counts_what_is_done_and_left_and_exits_0_only_when_complete(tmp_
     finalize(store, models=[0], shard=Shard(0, 2))  # view d16-b2-ridge0: block 0 of 2 for model 0
     assert progress(store)[("finalize", "view d16-b2-ridge0 model 0 blocks")] == (1, 2)
     finalize(store, models=[0])
-    finalize(store, models=[1], blocks=1)
+    finalize(store, ViewSpec(blocks=1), models=[1])
     assert progress(store)[("finalize", "view d16-b1-ridge0 model 1 blocks")] == (1, 1)
 
     score(store, targets, models=[0], target_chunk_rows=4, shard=Shard(0, 3))  # 3 chunks of 9 targets

@@ -13,6 +13,7 @@ from trakwomp.errors import UserError
 from trakwomp.models import ModelSpec
 from trakwomp.runtime import Shard
 from trakwomp.store import StoreError
+from trakwomp.tasks import Classification
 from trakwomp.training import Recipe, evaluate, one_cycle_lr, train
 
 from conftest import REPO
@@ -68,11 +69,11 @@ def test_alpha_and_roles_give_distinct_subsets(tmp_path, tiny_npz):
     assert np.mean(margins > 0) <= report.target_accuracy[0] <= np.mean(margins >= -np.log(data.num_classes - 1))
 
 
-def test_evaluate_gives_margins_and_top1_correctness(tiny_npz):
+def test_evaluate_gives_margins_and_top1_accuracy(tiny_npz):
     data = load_dataset(f"npz:{tiny_npz}")
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4)).eval()
-    got_margins, got_correct = evaluate(net, data, torch.device("cpu"), batch_size=10)
+    got_margins, summary = evaluate(net, data, Classification(), torch.device("cpu"), batch_size=10)
     x = torch.stack([data[i][0] for i in range(len(data))]).flatten(1).double()
     logits = (x @ net[1].weight.double().T + net[1].bias.double()).detach().numpy()
     y = data.labels
@@ -80,8 +81,9 @@ def test_evaluate_gives_margins_and_top1_correctness(tiny_npz):
     others[np.arange(len(y)), y] = -np.inf
     expected = logits[np.arange(len(y)), y] - np.log(np.exp(others).sum(1))
     np.testing.assert_allclose(got_margins, expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(got_correct, logits.argmax(1) == y)
-    assert 0 < got_correct.mean() and (got_correct != (got_margins > 0)).any()
+    correct = logits.argmax(1) == y
+    assert summary == {"target_accuracy": pytest.approx(correct.mean())}
+    assert 0 < correct.mean() and correct.mean() != (got_margins > 0).mean()
 
 
 def test_rerun_skips_finished_and_redoes_unfinished(tmp_path, tiny_npz):

@@ -2,20 +2,23 @@
 
 from trakwomp.data import Dataset, Fingerprint, load_dataset
 from trakwomp.errors import UserError
-from trakwomp.models import ModelSpec, load_checkpoint, margins, resnet9
+from trakwomp.models import GPT, ModelSpec, load_checkpoint, resnet9
 from trakwomp.runtime import Shard
 from trakwomp.featurize import featurize
 from trakwomp.finalize import finalize
 from trakwomp.lds import lds
+from trakwomp.estimator import ViewSpec
 from trakwomp.projectors import ProjectorSpec
 from trakwomp.predict import predict
 from trakwomp.scoring import score
+from trakwomp.tasks import CausalLM, Classification, make_task, margins
+from trakwomp.text import TextDataset
 from trakwomp.training import Recipe, TrainReport, evaluate, load_reference_model, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Dataset", "Fingerprint", "ModelSpec", "ProjectorSpec", "Recipe", "Shard", "TrainReport", "UserError",
+    "CausalLM", "Classification", "Dataset", "Fingerprint", "GPT", "ModelSpec", "ProjectorSpec", "Recipe", "Shard", "TrainReport", "UserError", "ViewSpec",
     "evaluate", "featurize", "finalize", "lds", "load_checkpoint", "load_dataset", "load_reference_model",
-    "margins", "predict", "resnet9", "score", "train",
+    "make_task", "margins", "predict", "resnet9", "score", "TextDataset", "train",
 ]

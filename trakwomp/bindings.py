@@ -1,11 +1,13 @@
-"""What a store is bound to: its train set (by fingerprint and where it was found) and its model spec."""
+"""What a store is bound to: its task, its train set (by fingerprint and where it was found, with
+the tokenizer that read it) and its model spec."""
 
 from __future__ import annotations
 
-from trakwomp.data import Dataset, load_dataset
+from trakwomp.data import TEXT_KINDS, Dataset, load_dataset
 from trakwomp.errors import UserError
 from trakwomp.models import ModelSpec
 from trakwomp.store import Store
+from trakwomp.tasks import Task, task_of_store
 
 
 BIND_HINT = "use a new store for other data or another model"
@@ -16,25 +18,75 @@ def bind_model(store: Store, model: ModelSpec, transform: str | None) -> None:
     store.bind("model", {**model.as_dict(), "transform": transform}, BIND_HINT)
 
 
-def bind_training_inputs(store: Store, data: Dataset, model: ModelSpec) -> None:
-    """Record (or check) the train set and model spec that a store is made for."""
+def bind_tokenizer(store: Store, data: Dataset) -> None:
+    """Record (or check) the tokenizer of a store's text (its vocabulary, wherever it lies); a
+    store of images or arrays refuses text, and a store of text refuses anything else."""
+    tokenizer = getattr(data, "tokenizer", None)
+    recorded = store.manifest.get("tokenizer")
+    if tokenizer is None and recorded is None:
+        return
+    if tokenizer is None:
+        raise UserError(f"store {store.location!r} holds text read with the tokenizer {recorded['spec']!r}; "
+                        f"{data.spec} is not text")
+    if recorded is None and "dataset" in store.manifest:
+        raise UserError(f"store {store.location!r} holds images or arrays, not text; {data.spec} is text")
+    if recorded is not None and recorded != tokenizer.record():
+        size = f", a vocabulary of {recorded['vocab_size']}" if "vocab_size" in recorded else ""
+        raise UserError(f"the tokenizer {tokenizer.spec} differs from the one store {store.location!r} was made with "
+                        f"({recorded['spec']}{size}); pass --tokenizer as given to `trakwomp train`")
+    store.bind("tokenizer", tokenizer.record(), BIND_HINT)
+
+
+def bind_task(store: Store, task: Task) -> None:
+    """Record (or check) the task a store is made for; a store made before tasks were recorded
+    is a classification store."""
+    recorded = store.manifest.get("task")
+    if recorded is None and "dataset" in store.manifest:
+        recorded = {"name": "classification"}
+    if recorded is not None and recorded != task.as_dict():
+        raise UserError(f"store {store.location!r} was made for the task {task_of_store(recorded)}, not {task}; "
+                        "use a new store for another task")
+    store.bind("task", task.as_dict(), BIND_HINT)
+
+
+def bind_training_inputs(store: Store, data: Dataset, model: ModelSpec, task: Task) -> None:
+    """Record (or check) the task, train set and model spec that a store is made for."""
+    bind_task(store, task)
+    bind_tokenizer(store, data)
     store.bind("dataset", data.fingerprint().as_dict(), BIND_HINT)
     bind_model(store, model, data.transform_spec)
     if "dataset_source" not in store.manifest:  # where the data was first found; a moved copy is the same data
-        store.set_section("dataset_source", {"spec": data.spec, "has_indices": data.has_explicit_indices})
+        store.set_section("dataset_source", {"spec": data.spec, "has_indices": data.has_explicit_indices,
+                                             **data.source_record()})
     if data.has_explicit_indices and store.done_info("data", "train_indices") is None:
         store.write_array("data/train_indices", data.indices)
         store.mark_done("data", "train_indices")
 
 
+def load_targets(store: str, spec: str, indices=None, transform: str | None = None, tokenizer: str | None = None,
+                 max_length: int | None = None) -> Dataset:
+    """Targets for the store `store`: text is read with the store's tokenizer and cut at its
+    --max-length unless others are given (and then checked against the store's)."""
+    handle = Store.open_existing(store)
+    source = handle.manifest.get("dataset_source", {}) if handle is not None else {}
+    if spec.partition(":")[0] in TEXT_KINDS:
+        tokenizer = tokenizer or source.get("tokenizer")
+        max_length = max_length if max_length is not None else source.get("max_length")
+    return load_dataset(spec, indices, transform, tokenizer=tokenizer, max_length=max_length)
+
+
+def stored_task(handle: Store) -> Task:
+    return task_of_store(handle.manifest.get("task"))
+
+
 def stored_dataset(handle: Store, verify: bool = True) -> Dataset:
     """The train set a store was made with (without its transform), reloaded from its recorded
-    spec and, if `verify`, checked by fingerprint (which reads every example)."""
+    spec (and tokenizer) and, if `verify`, checked by fingerprint (which reads every example)."""
     manifest = handle.manifest
     if "dataset_source" not in manifest:
         raise UserError(f"store {handle.location!r} records no dataset yet; pass --data (and --model, --checkpoint)")
     source = manifest["dataset_source"]
-    data = load_dataset(source["spec"])
+    data = load_dataset(source["spec"], tokenizer=source.get("tokenizer"), max_length=source.get("max_length"))
     if source["has_indices"]:
         data = data.select(handle.read_array("data/train_indices"))
     if len(data) != manifest["dataset"]["num_examples"] or (verify and data.fingerprint().as_dict() != manifest["dataset"]):

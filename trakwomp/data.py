@@ -24,8 +24,11 @@ import torch
 
 from trakwomp.errors import UserError
 from trakwomp.imports import import_object
+from trakwomp.tasks import Batch
 
-SPEC_HELP = "cifar10-mini:train|test, cifar10:ROOT:train|test, imagefolder:PATH or npz:PATH"
+SPEC_HELP = ("cifar10-mini:train|test, cifar10:ROOT:train|test, imagefolder:PATH, npz:PATH, "
+             "fortunes-mini:train|test or jsonl:PATH")
+TEXT_KINDS = ("fortunes-mini", "jsonl")
 
 
 @dataclass(frozen=True)
@@ -95,17 +98,17 @@ class Dataset(torch.utils.data.Dataset):
     def path(self, i: int) -> str | None:
         return None if self._paths is None else str(self._paths[int(self.indices[i])])
 
+    lengths = None  # images have no length to batch by
+
+    def collate(self, items: list[tuple[torch.Tensor, int]]) -> Batch:
+        return Batch((torch.stack([x for x, _ in items]),), torch.tensor([y for _, y in items], dtype=torch.long))
+
+    def source_record(self) -> dict:
+        return {}
+
     def select(self, indices: np.ndarray) -> "Dataset":
         """The examples `indices` of this dataset, in that order."""
-        indices = np.asarray(indices)
-        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-            raise UserError(f"indices for {self.spec} must be a 1-d array of integers, got {indices.dtype} {indices.shape}")
-        if not len(indices):
-            raise UserError(f"indices for {self.spec} select no examples")
-        if indices.min() < 0 or indices.max() >= len(self):
-            raise UserError(
-                f"indices for {self.spec} must lie in [0, {len(self)}), got values from {indices.min()} to {indices.max()}"
-            )
+        indices = check_indices(self.spec, np.asarray(indices), len(self))
         return Dataset(self.spec, self._labels, self.classes, self._read_raw, self._to_tensor,
                        self._paths, self.indices[indices], self.transform, self.transform_spec)
 
@@ -118,6 +121,17 @@ class Dataset(torch.utils.data.Dataset):
             digest.update(f"{raw.dtype.str}{raw.shape}".encode())
             digest.update(raw.tobytes())
         return Fingerprint(len(self), self.classes, digest.hexdigest())
+
+
+def check_indices(spec: str, indices: np.ndarray, size: int) -> np.ndarray:
+    """`indices` if they are a non-empty 1-d integer array within [0, size)."""
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+        raise UserError(f"indices for {spec} must be a 1-d array of integers, got {indices.dtype} {indices.shape}")
+    if not len(indices):
+        raise UserError(f"indices for {spec} select no examples")
+    if indices.min() < 0 or indices.max() >= size:
+        raise UserError(f"indices for {spec} must lie in [0, {size}), got values from {indices.min()} to {indices.max()}")
+    return indices
 
 
 def image_to_tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -210,11 +224,22 @@ def load_dataset(
     indices: str | Path | None = None,
     transform: str | None = None,
     download: bool = False,
+    tokenizer: str | None = None,
+    max_length: int | None = None,
 ) -> Dataset:
     """The dataset named by `spec`, restricted to the .npy `indices` file if given, with the
-    user `transform` (`package.module:callable`) applied to every example."""
+    user `transform` (`package.module:callable`) applied to every example; text is tokenized
+    with `tokenizer` (default bytes) and cut at `max_length` tokens if given."""
     kind, _, rest = spec.partition(":")
-    if kind == "cifar10-mini":
+    if kind in TEXT_KINDS:
+        from trakwomp.text import load_text_dataset  # text.py builds on this module
+
+        if transform is not None:
+            raise UserError("--transform applies to tensors of images or arrays, not to text")
+        ds = load_text_dataset(spec, tokenizer or "bytes", max_length)
+    elif tokenizer is not None or max_length is not None:
+        raise UserError(f"--tokenizer and --max-length apply to text data, not to {spec!r}")
+    elif kind == "cifar10-mini":
         ds = _cifar10_mini(spec, rest)
     elif kind == "cifar10":
         root, _, split = rest.rpartition(":")
@@ -231,7 +256,7 @@ def load_dataset(
         raise UserError(f"dataset {spec!r} has no examples")
     if indices is not None:
         ds = ds.select(load_indices(indices))
-    if transform is not None:
+    if transform is not None and kind not in TEXT_KINDS:
         ds.transform = import_object(transform, what="transform")
         ds.transform_spec = transform
     return ds
@@ -256,6 +281,14 @@ def load_indices(path: str | Path, what: str = "indices file") -> np.ndarray:
     return values
 
 
-def load_batch(dataset: Dataset, positions) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [dataset[int(i)] for i in positions]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+def load_batch(dataset: Dataset, positions) -> Batch:
+    return dataset.collate([dataset[int(i)] for i in positions])
+
+
+def length_sorted(dataset: Dataset, positions: np.ndarray) -> np.ndarray:
+    """`positions` ordered by token count (stable), so that batches cut from them pad little;
+    unchanged for data without lengths."""
+    positions = np.asarray(positions)
+    if dataset.lengths is None:
+        return positions
+    return positions[np.argsort(dataset.lengths[positions], kind="stable")]

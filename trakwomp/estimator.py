@@ -21,6 +21,16 @@ from trakwomp.errors import UserError
 
 
 @dataclass(frozen=True)
+class ViewSpec:
+    """A view as asked for: `dims` (default: all featurized dims) in `blocks` blocks (default:
+    the stored blocks), with `ridge`; `selection.store_view` checks it against a store."""
+
+    dims: int | None = None
+    blocks: int | None = None
+    ridge: float = 0.0
+
+
+@dataclass(frozen=True)
 class View:
     """The first `dims` stored feature dims, split into `blocks` blocks of `dims // blocks`."""
 

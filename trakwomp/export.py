@@ -13,6 +13,7 @@ from trakwomp.data import Dataset
 from trakwomp.errors import UserError
 from trakwomp.store import Store
 from trakwomp.stored_scores import find_scores_by_key, iterate_scores
+from trakwomp.text import TextDataset
 
 
 def export_scores(store: str | Path, key: str, out: str | Path, threshold: float = 0.0) -> tuple[int, int]:
@@ -39,13 +40,18 @@ def top_k_rows(store: str | Path, key: str, targets: Dataset, k: int, threshold:
     for target_rows, block in iterate_scores(handle, key, threshold):
         for local, t in enumerate(target_rows):
             for direction, rank, i in strongest(block[local], k):
-                rows.append({
-                    "target": t, "target_label": targets.classes[int(targets.labels[t])],
-                    "target_path": targets.path(t), "direction": direction, "rank": rank, "train_index": i,
-                    "train_label": train.classes[int(train.labels[i])], "train_path": train.path(i),
-                    "score": float(block[local, i]),
-                })
+                rows.append({"target": t, **describe(targets, t, "target"), "direction": direction, "rank": rank,
+                             "train_index": i, **describe(train, i, "train"), "score": float(block[local, i])})
     return rows
+
+
+def describe(data: Dataset, i: int, prefix: str) -> dict:
+    """What a row says of example i: its label (None if the data has no classes), and its path,
+    or its text and source."""
+    label = data.classes[int(data.labels[i])] if data.classes else None
+    if isinstance(data, TextDataset):
+        return {f"{prefix}_label": label, f"{prefix}_text": data.text(i), f"{prefix}_source": data.source(i)}
+    return {f"{prefix}_label": label, f"{prefix}_path": data.path(i)}
 
 
 def strongest(scores: np.ndarray, k: int) -> list[tuple[str, int, int]]:

@@ -12,14 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from trakwomp.data import Dataset, load_batch
+from trakwomp.data import Dataset, length_sorted, load_batch
 from trakwomp.errors import UserError
 from trakwomp.gradients import PerExampleGradients, count_parameters, select_parameters
 from trakwomp.models import ModelSpec
 from trakwomp.projectors import DenseProjector, ProjectorSpec, SparseProjector, make_projector
 from trakwomp.registry import load_registered_model
 from trakwomp.runtime import Progress
-from trakwomp.store import Store
+from trakwomp.store import Store, layout
+from trakwomp.tasks import Task
 
 
 DTYPES = ("float32", "float16")
@@ -67,20 +68,21 @@ class FeatureSettings:
         return cls(projector, recorded["dtype"], names, num_params)
 
 
-def write_features(handle: Store, data: Dataset, model: ModelSpec, settings: FeatureSettings,
+def write_features(handle: Store, data: Dataset, model: ModelSpec, task: Task, settings: FeatureSettings,
                    todo: list[tuple[int, int]], chunk_rows: int, batch_size: int, device: torch.device,
                    progress: Progress, prefix: str, stage: str) -> FeaturizeReport:
     """Featurize the (model, row chunk) units `todo` of `data` into
-    `<prefix>features/<model>/{phi,q,margins}`, each unit published by a done marker of `stage`."""
+    `<prefix>features/<model>/{phi,q,margins}` (margins: the task's output f), each unit
+    published by a done marker of `stage`."""
     n = len(data)
     projector = settings.projector
     report = FeaturizeReport()
     start = time.perf_counter()
     for model_id in sorted({m for m, _ in todo}):
-        net = load_registered_model(handle, model_id, model, data.num_classes)
-        engine = PerExampleGradients(net, settings.parameter_names, device)
+        net = load_registered_model(handle, model_id, model, task.output_size(data))
+        engine = PerExampleGradients(net, settings.parameter_names, device, task)
         projection = make_projector(projector, model_id, settings.num_params, device)
-        base = f"{prefix}features/{model_id:06d}"
+        base = layout.features(model_id, prefix)
         phi = handle.require_array(f"{base}/phi", (n, projector.dim), settings.dtype, (chunk_rows, projector.block_dim))
         q = handle.require_array(f"{base}/q", (n,), "float32", (chunk_rows,))
         f = handle.require_array(f"{base}/margins", (n,), "float32", (chunk_rows,))
@@ -95,7 +97,7 @@ def write_features(handle: Store, data: Dataset, model: ModelSpec, settings: Fea
             phi[rows.start:rows.stop] = stored
             q[rows.start:rows.stop] = q_rows.numpy()
             f[rows.start:rows.stop] = f_rows.numpy()
-            handle.mark_done(stage, f"{model_id:06d}/{chunk:06d}", {"rows": [rows.start, rows.stop]})
+            handle.mark_done(stage, layout.unit(model_id, chunk), {"rows": [rows.start, rows.stop]})
             report.units_done += 1
             report.examples += len(rows)
             progress.unit_finished(name, f"{len(rows)} examples")
@@ -105,31 +107,34 @@ def write_features(handle: Store, data: Dataset, model: ModelSpec, settings: Fea
 
 def featurize_rows(data: Dataset, rows: range, engine: PerExampleGradients, projection: DenseProjector | SparseProjector,
                    batch_size: int, progress: Progress) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Projected gradients, q and margins of the examples `rows`, as CPU tensors.
+    """Projected gradients, q and outputs f of the examples `rows`, as CPU tensors in row order.
 
+    Texts are batched in order of length (so that batches pad little) and put back in row order.
     Each batch is projected as soon as it is computed, unless the projection regenerates its
     matrix per call: then gradient rows are gathered up to GRADIENT_BUFFER_BYTES first, so that
     it does so as rarely as memory allows."""
+    order = length_sorted(data, np.arange(rows.start, rows.stop))
     buffer_rows = batch_size
     if projection.regenerates:
         buffer_rows = max(batch_size, GRADIENT_BUFFER_BYTES // (4 * engine.num_params))
     features, qs, fs, pending = [], [], [], []
-    pending_start = rows.start
-    for start in range(rows.start, rows.stop, batch_size):
-        positions = range(start, min(start + batch_size, rows.stop))
-        x, y = load_batch(data, positions)
-        out = engine(x, y)
+    pending_start = 0
+    for start in range(0, len(order), batch_size):
+        positions = order[start:start + batch_size]
+        out = engine(load_batch(data, positions))
         pending.append(out.grads)
         qs.append(out.q.cpu())
-        fs.append(out.margins.cpu())
-        if positions.stop - pending_start >= buffer_rows or positions.stop == rows.stop:
+        fs.append(out.outputs.cpu())
+        stop = start + len(positions)
+        if stop - pending_start >= buffer_rows or stop == len(order):
             projected = projection.project(pending[0] if len(pending) == 1 else torch.cat(pending)).cpu()
             finite = torch.isfinite(projected).all(dim=1) & torch.isfinite(torch.cat(fs[-len(pending):]))
-            bad = (~finite).nonzero().flatten() + pending_start
+            bad = order[pending_start:stop][~finite.numpy()]
             if len(bad):
-                examples = ", ".join(str(int(i)) for i in bad[:10])
-                raise UserError(f"non-finite gradients for train example(s) {examples}; nothing of this chunk was published")
+                examples = ", ".join(str(int(i)) for i in sorted(bad)[:10])
+                raise UserError(f"non-finite gradients for example(s) {examples}; nothing of this chunk was published")
             features.append(projected)
-            pending, pending_start = [], positions.stop
+            pending, pending_start = [], stop
         progress.advance(len(positions))
-    return torch.cat(features), torch.cat(qs), torch.cat(fs)
+    back = torch.from_numpy(np.argsort(order, kind="stable"))
+    return torch.cat(features)[back], torch.cat(qs)[back], torch.cat(fs)[back]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from trakwomp.bindings import bind_training_inputs, stored_dataset
+from trakwomp.bindings import bind_training_inputs, stored_dataset, stored_task
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
 from trakwomp.features import DTYPES, FeatureSettings, FeaturizeReport, write_features
@@ -17,8 +17,9 @@ from trakwomp.gradients import count_parameters, select_parameters
 from trakwomp.models import ModelSpec, check_model_fits_data
 from trakwomp.projectors import ProjectorSpec
 from trakwomp.registry import read_checkpoints, register_models
-from trakwomp.runtime import NoProgress, Progress, Shard, resolve_device
-from trakwomp.store import Store
+from trakwomp.runtime import NoProgress, Progress, Shard, plan_work, resolve_device
+from trakwomp.store import Store, layout
+from trakwomp.tasks import Classification, Task
 
 
 def featurize(
@@ -27,6 +28,7 @@ def featurize(
     model: ModelSpec | None = None,
     checkpoints: list[str] | None = None,
     *,
+    task: Task | None = None,
     projector: ProjectorSpec | None = None,
     dtype: str | None = None,
     parameters: list[str] | None = None,
@@ -38,6 +40,7 @@ def featurize(
 ) -> FeaturizeReport:
     """Featurize the store's trained reference models, or the given checkpoints, on the train set.
 
+    `task`: default the store's (classification for a new store).
     `parameters`: glob patterns of parameter names to take gradients for (all by default).
     `projector`, `dtype`, `parameters` and `chunk_rows` default to the store's, once it has
     features, else to ProjectorSpec(), float32, all parameters and 1024 rows. Everything is
@@ -71,19 +74,22 @@ def featurize(
             raise UserError(f"store {handle.location!r} records no model; pass --model")
         model = ModelSpec.of_store(handle.manifest["model"], handle.location)
 
-    net = model.build(data.num_classes)
-    check_model_fits_data(net, data, torch_device, model)
+    if task is None:
+        task = stored_task(handle) if handle is not None else Classification()
+    output_size = task.output_size(data)
+    net = model.build(output_size)
+    check_model_fits_data(net, data, torch_device, model, task, output_size)
     parameter_names = select_parameters(net, parameters)
     num_params = count_parameters(net, parameter_names)
     if projector.kind == "identity" and projector.dim != num_params:
         raise UserError(f"the identity projector keeps all {num_params} gradient coordinates: pass --blocks B and "
                         f"--block-dim D with B x D = {num_params}")
-    states = read_checkpoints(model, data.num_classes, checkpoints) if checkpoints else []
+    states = read_checkpoints(model, output_size, checkpoints) if checkpoints else []
     if not states and (handle is None or not handle.done_units("train", "reference")):
         raise UserError(f"store {str(store)!r} has no trained reference models; run `trakwomp train` first or pass "
                         "--checkpoint")
     handle = handle or Store.open(store, create=True)
-    bind_training_inputs(handle, data, model)
+    bind_training_inputs(handle, data, model, task)
     handle.bind("featurize", {"projector": projector.as_dict(), "dtype": dtype, "parameters": parameters,
                               "num_params": num_params, "chunk_rows": chunk_rows},
                 "featurize with the store's projector settings, or use a new store")
@@ -91,12 +97,10 @@ def featurize(
 
     settings = FeatureSettings(projector, dtype, parameter_names, num_params)
     num_chunks = math.ceil(len(data) / chunk_rows)
-    units = shard.select([(m, c) for m in model_ids for c in range(num_chunks)])
-    todo = [(m, c) for m, c in units if handle.done_info("featurize", f"{m:06d}/{c:06d}") is None]
-    if todo:
-        handle.remove_stale_temporaries(["features", "done/featurize"])
-    progress.plan(len(units), len(units) - len(todo), "featurize (model, row chunk) units")
-    report = write_features(handle, data, model, settings, todo, chunk_rows, batch_size, torch_device, progress,
+    units, todo = plan_work(handle, "featurize", [(m, c) for m in model_ids for c in range(num_chunks)],
+                            lambda u: layout.unit(*u), shard, progress, "featurize (model, row chunk) units",
+                            ["features", "done/featurize"])
+    report = write_features(handle, data, model, task, settings, todo, chunk_rows, batch_size, torch_device, progress,
                             prefix="", stage="featurize")
     report.model_ids, report.units_skipped = model_ids, len(units) - len(todo)
     return report

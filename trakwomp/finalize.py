@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from trakwomp.errors import UserError
-from trakwomp.estimator import View, regularized_inverse
+from trakwomp.estimator import View, ViewSpec, regularized_inverse
 from trakwomp.selection import featurized_models, store_view
-from trakwomp.runtime import NoProgress, Progress, Shard, resolve_device
-from trakwomp.store import Store
+from trakwomp.runtime import NoProgress, Progress, Shard, plan_work, resolve_device
+from trakwomp.store import Store, layout
 
 
 def block_gram(phi, columns: slice, chunk_rows: int, device: torch.device) -> torch.Tensor:
@@ -50,9 +50,7 @@ class FinalizeReport:
 
 def finalize(
     store: str | Path,
-    dims: int | None = None,
-    blocks: int | None = None,
-    ridge: float = 0.0,
+    view: ViewSpec = ViewSpec(),
     models: list[int] | None = None,
     *,
     device: str = "cpu",
@@ -63,30 +61,28 @@ def finalize(
     progress = progress or NoProgress()
     torch_device = resolve_device(device)
     handle = Store.open(store)
-    view = store_view(handle, dims, blocks, ridge)
+    view = store_view(handle, view)
     model_ids = featurized_models(handle, models)
     chunk_rows = handle.manifest["featurize"]["chunk_rows"]
-    units = shard.select([(m, b) for m in model_ids for b in range(view.blocks)])
-    todo = [(m, b) for m, b in units if handle.done_info("finalize", f"{view.key}/{m:06d}/{b:06d}") is None]
     handle.ask(f"finalize/{view.key}", model_ids)
-    if todo:
-        handle.remove_stale_temporaries([f"finalize/{view.key}", f"done/finalize/{view.key}"])
+    units, todo = plan_work(handle, "finalize", [(m, b) for m in model_ids for b in range(view.blocks)],
+                            lambda u: layout.unit(view.key, *u), shard, progress,
+                            f"finalize {view.key} (model, block) units", [f"finalize/{view.key}", f"done/finalize/{view.key}"])
     report = FinalizeReport(view, model_ids, units_skipped=len(units) - len(todo))
-    progress.plan(len(units), report.units_skipped, f"finalize {view.key} (model, block) units")
     start = time.perf_counter()
     w = view.block_width
     for model_id, block in todo:
         name = f"model {model_id} block {block}"
         progress.unit_started(name, 1)
-        phi = handle.array(f"features/{model_id:06d}/phi")
+        phi = handle.array(f"{layout.features(model_id)}/phi")
         try:
             inverse = regularized_inverse(block_gram(phi, view.columns(block), chunk_rows, torch_device), view.ridge)
         except UserError as e:
             raise UserError(f"{name} of view {view.key}: {e}") from None
-        out = handle.require_array(f"finalize/{view.key}/{model_id:06d}/inverse", (view.blocks, w, w), "float64",
+        out = handle.require_array(layout.inverse(view.key, model_id), (view.blocks, w, w), "float64",
                                    inverse_chunks(w))
         out[block] = inverse.cpu().numpy()
-        handle.mark_done("finalize", f"{view.key}/{model_id:06d}/{block:06d}")
+        handle.mark_done("finalize", layout.unit(view.key, model_id, block))
         report.units_done += 1
         progress.advance(1)
         progress.unit_finished(name, f"{w} x {w} inverse")

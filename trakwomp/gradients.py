@@ -1,8 +1,10 @@
-"""Per-example gradients of the TRAK output f (the correct-class margin) with torch.func.
+"""Per-example gradients of the task's output f with torch.func.
 
-For a model in eval mode and examples (x_i, y_i), returns the matrix whose row i is
-grad_theta f(x_i) flattened over the selected parameters (in `named_parameters` order),
-together with f(x_i) and q_i = 1 - p_i, where p_i = softmax(logits_i)[y_i] = sigmoid(f(x_i)).
+For a model in eval mode and a batch of examples z_i, returns the matrix whose row i is
+grad_theta f(z_i) flattened over the selected parameters (in `named_parameters` order),
+together with f(z_i) and q_i = 1 - p_i = sigmoid(-f(z_i)) (both tasks' f is log(p / (1 - p))).
+Each example is mapped on its own (vmap), so its padding is its own: a text's gradient is that
+of its real tokens only.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from trakwomp.errors import UserError
-from trakwomp.models import margins
+from trakwomp.tasks import Batch, Task
 
 
 def select_parameters(model: nn.Module, patterns: list[str] | None) -> list[str]:
@@ -38,14 +40,14 @@ def count_parameters(model: nn.Module, names: list[str]) -> int:
 @dataclass
 class Gradients:
     grads: torch.Tensor  # (batch, p) float32, a transposed view of a contiguous (p, batch) tensor
-    margins: torch.Tensor  # (batch,)
+    outputs: torch.Tensor  # (batch,) f
     q: torch.Tensor  # (batch,)
 
 
 class PerExampleGradients:
-    """Computes per-example gradients of the margin for batches, w.r.t. the chosen parameters only."""
+    """Computes per-example gradients of the task's output for batches, w.r.t. the chosen parameters only."""
 
-    def __init__(self, model: nn.Module, parameter_names: list[str], device: torch.device):
+    def __init__(self, model: nn.Module, parameter_names: list[str], device: torch.device, task: Task):
         self.model = model.to(device).eval()
         chosen = set(parameter_names)
         self.parameter_names = [n for n, _ in model.named_parameters() if n in chosen]
@@ -55,20 +57,20 @@ class PerExampleGradients:
         self.num_params = sum(p.numel() for p in self.params.values())
         self.device = device
 
-        def margin(params, x, y):
-            logits = functional_call(self.model, {**params, **self.constants}, (x.unsqueeze(0),))
-            f = margins(logits, y.unsqueeze(0)).squeeze(0)
+        def output(params, tensors):
+            one = Batch.of_tensors(tuple(t.unsqueeze(0) for t in tensors))
+            f = task.outputs(functional_call(self.model, {**params, **self.constants}, one.inputs), one).squeeze(0)
             return f, f
 
-        self._grad = vmap(grad(margin, has_aux=True), in_dims=(None, 0, 0))
+        self._grad = vmap(grad(output, has_aux=True), in_dims=(None, 0))
 
-    def per_parameter(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """({name: (batch, *shape) gradients}, margins) for a batch on the engine's device."""
-        return self._grad(self.params, x.to(self.device), y.to(self.device))
+    def per_parameter(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """({name: (batch, *shape) gradients}, outputs f) for a batch on the engine's device."""
+        return self._grad(self.params, batch.to(self.device).tensors)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Gradients:
-        grads, f = self.per_parameter(x, y)
+    def __call__(self, batch: Batch) -> Gradients:
+        grads, f = self.per_parameter(batch)
         # Stored parameter-major (p x batch): a sparse projection reads it as it is, a dense one
         # as a transposed operand, so no projection copies it again.
-        columns = torch.cat([grads[n].reshape(len(x), -1).T for n in self.parameter_names], dim=0)
+        columns = torch.cat([grads[n].reshape(len(batch), -1).T for n in self.parameter_names], dim=0)
         return Gradients(columns.float().T, f.detach().float(), torch.sigmoid(-f.detach().float()))

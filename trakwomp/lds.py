@@ -19,10 +19,10 @@ from scipy.stats import rankdata
 
 from trakwomp.data import read_npy
 from trakwomp.errors import UserError
-from trakwomp.estimator import relative_soft_threshold
+from trakwomp.estimator import ViewSpec, relative_soft_threshold
 from trakwomp.selection import featurized_models, store_view
 from trakwomp.stored_scores import find_scores, iterate_scores
-from trakwomp.store import Store
+from trakwomp.store import Store, layout
 
 THRESHOLD_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 
@@ -65,8 +65,8 @@ class GroundTruth:
         if not names or "lds_targets" not in handle.manifest:
             raise UserError(f"store {handle.location!r} has no LDS models; run `trakwomp train --role lds "
                             "--targets SPEC --num-models 100` first")
-        masks = np.stack([handle.read_array(f"models/lds/{name}/mask") for name in names])
-        margins = np.stack([handle.read_array(f"models/lds/{name}/margins") for name in names])
+        masks = np.stack([handle.read_array(f"{layout.trained_model('lds', name)}/mask") for name in names])
+        margins = np.stack([handle.read_array(f"{layout.trained_model('lds', name)}/margins") for name in names])
         return cls(masks, margins.astype(np.float64), handle.manifest["lds_targets"]["sha256"])
 
     def split(self, part: int) -> "GroundTruth":
@@ -183,9 +183,9 @@ def view_name(view, num_models: int) -> str:
     return f"{method} d={view.dims} B={view.blocks}{ridge} M={num_models}"
 
 
-def pair_views(dims: list[int], blocks: list[int], ridges: list[float] = ()) -> list[tuple[int | None, int | None, float]]:
-    """(dims, blocks, ridge) views from repeated --dims, --blocks and --ridge: paired by position,
-    a single value (or none) applying to every view."""
+def pair_views(dims: list[int], blocks: list[int], ridges: list[float] = ()) -> list[ViewSpec]:
+    """Views from repeated --dims, --blocks and --ridge: paired by position, a single value (or
+    none) applying to every view."""
     lists = {"--dims": list(dims), "--blocks": list(blocks), "--ridge": list(ridges)}
     count = max(len(v) for v in lists.values())
     repeated = {name: len(v) for name, v in lists.items() if len(v) > 1}
@@ -196,15 +196,13 @@ def pair_views(dims: list[int], blocks: list[int], ridges: list[float] = ()) -> 
     def pick(values: list, i: int, default):
         return values[i] if len(values) > 1 else (values[0] if values else default)
 
-    return [(pick(lists["--dims"], i, None), pick(lists["--blocks"], i, None), pick(lists["--ridge"], i, 0.0))
+    return [ViewSpec(pick(lists["--dims"], i, None), pick(lists["--blocks"], i, None), pick(lists["--ridge"], i, 0.0))
             for i in range(max(count, 1))]
 
 
 def lds(
     store: str | Path,
-    dims: list[int] = (),
-    blocks: list[int] = (),
-    ridges: list[float] = (),
+    views: list[ViewSpec] | None = None,
     models: list[int] | None = None,
     score_files: list[str | Path] = (),
     *,
@@ -214,9 +212,9 @@ def lds(
     resamples: int = 2000,
     seed: int = 0,
 ) -> LdsReport:
-    """LDS of the store's scores at each view (see `pair_views`), and of each score file, against
-    the store's LDS models (or `half` 0 or 1 of them, see `GroundTruth.split`); paired differences
-    are taken against the first."""
+    """LDS of the store's scores at each of `views` (default: the default view, unless score
+    files are given), and of each score file, against the store's LDS models (or `half` 0 or 1 of
+    them, see `GroundTruth.split`); paired differences are taken against the first."""
     if half is not None and (half not in (0, 1) or tune_threshold):
         raise UserError("--half must be 0 or 1, and cannot go with --tune-threshold (which uses both halves)")
     if resamples < 1 or threshold < 0:
@@ -226,10 +224,12 @@ def lds(
     if half is not None:
         truth = truth.split(half)
     sources = []
-    if blocks or dims or ridges or not score_files:
+    if views is None:
+        views = [] if score_files else [ViewSpec()]
+    if views:
         model_ids = featurized_models(handle, models)
-        for d, b, r in pair_views(dims, blocks, ridges):
-            view = store_view(handle, d, b, r)
+        for spec in views:
+            view = store_view(handle, spec)
             key = find_scores(handle, view, model_ids, truth.targets_sha)
             shape = handle.array(f"scores/{key}/tau").shape
             sources.append(ScoreSource(view_name(view, len(model_ids)), lambda key=key: iterate_scores(handle, key), *shape))

@@ -8,6 +8,7 @@ import numpy as np
 
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
+from trakwomp.estimator import ViewSpec
 from trakwomp.store import Store
 from trakwomp.stored_scores import find_view_scores, iterate_scores
 
@@ -16,9 +17,7 @@ def predict(
     store: str | Path,
     subset: np.ndarray,
     targets: Dataset | None = None,
-    dims: int | None = None,
-    blocks: int | None = None,
-    ridge: float = 0.0,
+    view: ViewSpec = ViewSpec(),
     models: list[int] | None = None,
     threshold: float = 0.0,
 ) -> tuple[str, np.ndarray]:
@@ -27,7 +26,7 @@ def predict(
     view and models (and `targets`, needed if several target sets are scored). Only differences
     between subsets are meaningful: the datamodel's intercept is not estimated."""
     handle = Store.open(store)
-    key = find_view_scores(handle, targets, dims, blocks, ridge, models)
+    key = find_view_scores(handle, targets, view, models)
     n = handle.manifest["dataset"]["num_examples"]
     if subset.dtype != bool:
         if not np.issubdtype(subset.dtype, np.integer) or subset.ndim != 1:

@@ -8,12 +8,12 @@ from torch import nn
 
 from trakwomp.errors import UserError
 from trakwomp.models import ModelSpec, load_checkpoint, load_weights, state_hash
-from trakwomp.store import Store
+from trakwomp.store import Store, layout
 
 
-def read_checkpoints(spec: ModelSpec, num_classes: int, checkpoints: list[str]) -> list[tuple[str, dict]]:
+def read_checkpoints(spec: ModelSpec, output_size: int, checkpoints: list[str]) -> list[tuple[str, dict]]:
     """(path, state_dict) of each checkpoint file, checked to fit the model spec."""
-    return [(str(path), load_weights(spec.build(num_classes), load_checkpoint(path), repr(str(path)), spec).state_dict())
+    return [(str(path), load_weights(spec.build(output_size), load_checkpoint(path), repr(str(path)), spec).state_dict())
             for path in checkpoints]
 
 
@@ -33,7 +33,7 @@ def register_models(handle: Store, checkpoints: list[tuple[str, dict]]) -> list[
             candidates.append((digest, path, weights))
     else:
         for name in handle.done_units("train", "reference"):
-            weights = f"models/reference/{name}/weights"
+            weights = f"{layout.trained_model('reference', name)}/weights"
             digest = state_hash({k: torch.from_numpy(v) for k, v in handle.read_arrays(weights).items()})
             candidates.append((digest, f"train:reference/{name}", weights))
 
@@ -49,11 +49,11 @@ def register_models(handle: Store, checkpoints: list[tuple[str, dict]]) -> list[
     return handle.update(assign_ids)
 
 
-def load_registered_model(handle: Store, model_id: int, spec: ModelSpec, num_classes: int) -> nn.Module:
+def load_registered_model(handle: Store, model_id: int, spec: ModelSpec, output_size: int) -> nn.Module:
     entry = handle.manifest["models"][model_id]
     state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(entry["weights"]).items()}
     if state_hash(state) != entry["sha256"]:
         raise UserError(f"store {handle.location!r}: the weights of model {model_id} do not match their recorded hash")
-    net = spec.build(num_classes)
+    net = spec.build(output_size)
     net.load_state_dict(state)
     return net.eval()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Protocol, TypeVar
+from typing import Callable, Iterable, Mapping, Protocol, TypeVar
 
 import torch
 
 from trakwomp.errors import UserError
+from trakwomp.store import Store
 
 T = TypeVar("T")
 
@@ -135,3 +136,16 @@ class StepsOnly:
 
     def unit_finished(self, name: str, summary: str, units: int = 1) -> None:
         pass
+
+
+def plan_work(handle: Store, stage: str, units: Iterable[T], name: Callable[[T], str], shard: Shard,
+              progress: Progress, description: str, folders: list[str]) -> tuple[list[T], list[T]]:
+    """The units of `stage` this shard owns, and those of them not yet done (`name` gives a
+    unit's done-marker name). Before any is redone, leftovers of killed writes in `folders` are
+    removed; the plan is reported to `progress`."""
+    owned = shard.select(units)
+    todo = [u for u in owned if handle.done_info(stage, name(u)) is None]
+    if todo:
+        handle.remove_stale_temporaries(folders)
+    progress.plan(len(owned), len(owned) - len(todo), description)
+    return owned, todo

@@ -20,17 +20,18 @@ from pathlib import Path
 
 import torch
 
-from trakwomp.bindings import bind_model
+from trakwomp.bindings import bind_model, bind_tokenizer, stored_task
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
-from trakwomp.estimator import View
+from trakwomp.estimator import View, ViewSpec
 from trakwomp.features import FeatureSettings, write_features
 from trakwomp.models import ModelSpec, check_model_fits_data
 from trakwomp.registry import load_registered_model
-from trakwomp.runtime import NoProgress, Progress, Shard, StepsOnly, resolve_device
+from trakwomp.runtime import NoProgress, Progress, Shard, StepsOnly, plan_work, resolve_device
 from trakwomp.selection import featurized_models, store_view
-from trakwomp.store import Store
+from trakwomp.store import Store, layout
 from trakwomp.stored_scores import scores_key
+from trakwomp.tasks import Classification
 
 SCORE_PASS_BYTES = 256 << 20
 
@@ -49,7 +50,7 @@ class ScoreReport:
 
 def check_finalized(handle: Store, view: View, model_ids: list[int]) -> None:
     for model_id in model_ids:
-        done = len(handle.done_units("finalize", f"{view.key}/{model_id:06d}"))
+        done = len(handle.done_units("finalize", layout.unit(view.key, model_id)))
         if done < view.blocks:
             raise UserError(f"view {view.key} of model {model_id} is finalized in {done} of {view.blocks} blocks; "
                             f"run `trakwomp finalize {handle.location} --dims {view.dims} --blocks {view.blocks}"
@@ -58,7 +59,7 @@ def check_finalized(handle: Store, view: View, model_ids: list[int]) -> None:
 
 def mean_q(handle: Store, model_ids: list[int]) -> torch.Tensor:
     """The train examples' weights (1/M^2) sum_m q_m,i, float32."""
-    q_sum = sum(torch.from_numpy(handle.array(f"features/{m:06d}/q")[...]).double() for m in model_ids)
+    q_sum = sum(torch.from_numpy(handle.array(f"{layout.features(m)}/q")[...]).double() for m in model_ids)
     return (q_sum / len(model_ids) ** 2).float()
 
 
@@ -66,8 +67,8 @@ def weighted_targets(handle: Store, view: View, model_id: int, target_prefix: st
                      device: torch.device) -> list[torch.Tensor]:
     """phi_m(z)[:D] K_m^-1 for the targets of each range in `chunks`, float32 (rows x D), computed
     in float64 block by block, reading each block's inverse once, in its stored row chunks."""
-    target_phi = handle.array(f"{target_prefix}features/{model_id:06d}/phi")
-    inverse = handle.array(f"finalize/{view.key}/{model_id:06d}/inverse")
+    target_phi = handle.array(f"{layout.features(model_id, target_prefix)}/phi")
+    inverse = handle.array(layout.inverse(view.key, model_id))
     step = inverse.chunks[1]
     weighted = [torch.empty(len(rows), view.dims, dtype=torch.float32, device=device) for rows in chunks]
     for b in range(view.blocks):
@@ -93,7 +94,7 @@ def score_chunks(handle: Store, view: View, model_ids: list[int], q_bar: torch.T
     scores = [torch.zeros(len(rows), n, dtype=torch.float32, device=device) for rows in chunks]
     for model_id in model_ids:
         weighted = weighted_targets(handle, view, model_id, target_prefix, chunks, device)
-        train_phi = handle.array(f"features/{model_id:06d}/phi")
+        train_phi = handle.array(f"{layout.features(model_id)}/phi")
         for start in range(0, n, chunk_rows):
             block = torch.from_numpy(train_phi[start:start + chunk_rows, :view.dims]).to(device, torch.float32)
             for out, w in zip(scores, weighted):
@@ -117,9 +118,7 @@ def score_passes(chunks: list[int], chunk_rows: int, num_train: int) -> list[lis
 def score(
     store: str | Path,
     targets: Dataset,
-    dims: int | None = None,
-    blocks: int | None = None,
-    ridge: float = 0.0,
+    view: ViewSpec = ViewSpec(),
     models: list[int] | None = None,
     *,
     model: ModelSpec | None = None,
@@ -137,37 +136,38 @@ def score(
         raise UserError("--chunk-rows and --batch-size must be at least 1")
     torch_device = resolve_device(device)
     handle = Store.open(store)
-    view = store_view(handle, dims, blocks, ridge)
+    view = store_view(handle, view)
     model_ids = featurized_models(handle, models)
     check_finalized(handle, view, model_ids)
     manifest = handle.manifest
     if targets.transform_spec != manifest["model"].get("transform"):
         raise UserError(f"targets must be seen through the store's --transform "
                         f"({manifest['model'].get('transform')}), not {targets.transform_spec}")
+    task = stored_task(handle)
+    bind_tokenizer(handle, targets)
     fingerprint = targets.fingerprint()
     spec = model or ModelSpec.of_store(manifest["model"], handle.location)
     bind_model(handle, spec, targets.transform_spec)
-    if fingerprint.classes != tuple(manifest["dataset"]["classes"]):
+    if fingerprint.classes != tuple(manifest["dataset"]["classes"]) and isinstance(task, Classification):
         raise UserError("the targets' classes differ from the train set's; targets must share its labels")
-    net = spec.build(len(fingerprint.classes))
-    check_model_fits_data(net, targets, torch_device, spec)
+    output_size = task.output_size(targets)
+    net = spec.build(output_size)
+    check_model_fits_data(net, targets, torch_device, spec, task, output_size)
     settings = FeatureSettings.of_store(handle, net)
     key = scores_key(view, model_ids, fingerprint.sha256)
     n, n_targets = manifest["dataset"]["num_examples"], len(targets)
-    chunks = shard.select(range(math.ceil(n_targets / target_chunk_rows)))
-    todo = [c for c in chunks if handle.done_info("score", f"{key}/{c:06d}") is None]
-    for model_id in model_ids if todo else []:  # their weights against their recorded hashes, before any write
-        load_registered_model(handle, model_id, spec, len(fingerprint.classes))
-    target_prefix = f"targets/{fingerprint.sha256[:16]}/"
+    for model_id in model_ids:  # their weights against their recorded hashes, before any write
+        load_registered_model(handle, model_id, spec, output_size)
+    target_prefix = layout.targets_prefix(fingerprint.sha256[:16])
     handle.set_entry("targets", fingerprint.sha256[:16], {"spec": targets.spec, **fingerprint.as_dict()})
     handle.set_entry("scores", key, {"view": [view.dims, view.blocks, view.ridge], "models": model_ids,
                                      "targets": fingerprint.sha256[:16]})
 
-    if todo:
-        handle.remove_stale_temporaries([f"scores/{key}", f"done/score/{key}", target_prefix,
-                                         f"done/featurize_targets/{fingerprint.sha256[:16]}"])
+    chunks, todo = plan_work(handle, "score", range(math.ceil(n_targets / target_chunk_rows)),
+                             lambda c: layout.unit(key, c), shard, progress, f"score {key} target chunks",
+                             [f"scores/{key}", f"done/score/{key}", target_prefix,
+                              f"done/featurize_targets/{fingerprint.sha256[:16]}"])
     report = ScoreReport(key, view, model_ids, n_targets, n, chunks_skipped=len(chunks) - len(todo))
-    progress.plan(len(chunks), report.chunks_skipped, f"score {key} target chunks")
     train_chunk_rows = manifest["featurize"]["chunk_rows"]
     start = time.perf_counter()
     q_bar = mean_q(handle, model_ids)
@@ -177,13 +177,13 @@ def score(
         name = f"targets {ranges[0].start}-{ranges[-1].stop - 1}"
         progress.unit_started(name, (ranges[-1].stop - ranges[0].start) * len(model_ids))
         features_todo = [(m, chunk) for m in model_ids for chunk in group
-                         if handle.done_info(f"featurize_targets/{fingerprint.sha256[:16]}", f"{m:06d}/{chunk:06d}") is None]
-        write_features(handle, targets, spec, settings, features_todo, target_chunk_rows, batch_size, torch_device,
+                         if handle.done_info(f"featurize_targets/{fingerprint.sha256[:16]}", layout.unit(m, chunk)) is None]
+        write_features(handle, targets, spec, task, settings, features_todo, target_chunk_rows, batch_size, torch_device,
                        StepsOnly(progress), prefix=target_prefix, stage=f"featurize_targets/{fingerprint.sha256[:16]}")
         taus = score_chunks(handle, view, model_ids, q_bar, target_prefix, ranges, train_chunk_rows, torch_device)
         for chunk, rows, tau in zip(group, ranges, taus):
             out[rows.start:rows.stop] = tau.numpy()
-            handle.mark_done("score", f"{key}/{chunk:06d}", {"rows": [rows.start, rows.stop]})
+            handle.mark_done("score", layout.unit(key, chunk), {"rows": [rows.start, rows.stop]})
             report.chunks_done += 1
         progress.unit_finished(name, f"{ranges[-1].stop - ranges[0].start} targets scored", len(group))
     report.seconds = time.perf_counter() - start

@@ -6,8 +6,8 @@ import math
 import re
 
 from trakwomp.errors import UserError
-from trakwomp.estimator import View
-from trakwomp.store import Store
+from trakwomp.estimator import View, ViewSpec
+from trakwomp.store import Store, layout
 
 
 def parse_model_ids(text: str | None) -> list[int] | None:
@@ -39,17 +39,18 @@ def featurized_models(handle: Store, requested: list[int] | None) -> list[int]:
     for model_id in ids:
         if model_id not in registered:
             raise UserError(f"model {model_id} is not in store {handle.location!r} (models: {registered})")
-        done = len(handle.done_units("featurize", f"{model_id:06d}"))
+        done = len(handle.done_units("featurize", layout.unit(model_id)))
         if done < num_chunks:
             raise UserError(f"model {model_id} is featurized in {done} of {num_chunks} row chunks; "
                             "finish `trakwomp featurize` first")
     return ids
 
 
-def store_view(handle: Store, dims: int | None, blocks: int | None, ridge: float) -> View:
+def store_view(handle: Store, spec: ViewSpec) -> View:
+    """The view `spec` asks for, checked against the store's features."""
     manifest = handle.manifest
     if "featurize" not in manifest:
         raise UserError(f"store {handle.location!r} has no features yet; run `trakwomp featurize` first")
     projector = manifest["featurize"]["projector"]
-    return View.resolve(projector["blocks"] * projector["block_dim"], projector["block_dim"], dims, blocks, ridge,
-                        manifest["dataset"]["num_examples"])
+    return View.resolve(projector["blocks"] * projector["block_dim"], projector["block_dim"], spec.dims, spec.blocks,
+                        spec.ridge, manifest["dataset"]["num_examples"])

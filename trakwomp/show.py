@@ -1,12 +1,14 @@
 """`show`: the train examples that most support and most oppose one target, as a PNG grid of
-the images with their labels and scores, and as rows for a CSV or JSON table.
+images or a self-contained HTML page of texts, and as rows for a CSV or JSON table.
 
-Row 1 holds the target, then its k most positive scores tau_i(z) (train examples whose presence
-raises the target's margin); row 2 its k most negative ones (whose presence lowers it).
+Supporting examples have the k most positive scores tau_i(z) (their presence raises the
+target's output f), opposing ones the k most negative (their presence lowers it). In the PNG,
+row 1 holds the target and its supporting images, row 2 the opposing ones.
 """
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import torch
@@ -14,13 +16,14 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid, save_image
 
-from trakwomp.bindings import stored_dataset
-from trakwomp.data import Dataset, load_dataset
+from trakwomp.bindings import load_targets, stored_dataset
+from trakwomp.data import Dataset
 from trakwomp.errors import UserError
-from trakwomp.estimator import relative_soft_threshold
-from trakwomp.export import strongest
+from trakwomp.estimator import ViewSpec, relative_soft_threshold
+from trakwomp.export import describe, strongest
 from trakwomp.store import Store
 from trakwomp.stored_scores import find_view_scores
+from trakwomp.text import TextDataset
 
 TILE = 96  # pixels per image side in the grid
 CAPTION = 28  # pixels of caption under each image
@@ -30,24 +33,23 @@ def show(
     store: str | Path,
     target: int,
     k: int = 8,
-    png: str | Path | None = None,
+    out: str | Path | None = None,
     targets: Dataset | None = None,
-    dims: int | None = None,
-    blocks: int | None = None,
-    ridge: float = 0.0,
+    view: ViewSpec = ViewSpec(),
     models: list[int] | None = None,
     threshold: float = 0.0,
 ) -> list[dict]:
     """The k train examples that most support and most oppose target `target` of the stored
     scores of the view and models (`targets`: which scored target set, needed if several are,
-    or if the stored spec no longer finds them); drawn to `png` if given."""
+    or if the stored spec no longer finds them); drawn to `out` if given: a PNG grid of images,
+    or an HTML page of texts."""
     if k < 1:
         raise UserError("--k must be at least 1")
     handle = Store.open(store)
-    key = find_view_scores(handle, targets, dims, blocks, ridge, models)
+    key = find_view_scores(handle, targets, view, models)
     recorded = handle.manifest["targets"][handle.manifest["scores"][key]["targets"]]
     if targets is None:
-        targets = load_dataset(recorded["spec"])
+        targets = load_targets(store, recorded["spec"])
         if targets.fingerprint().sha256 != recorded["sha256"]:
             raise UserError(f"the targets at {recorded['spec']!r} are not those scored (fingerprint differs); "
                             "pass --targets (and --target-indices) as given to `trakwomp score`")
@@ -56,13 +58,51 @@ def show(
         raise UserError(f"--target {target} is out of range: the scores hold targets 0 to {tau.shape[0] - 1}")
     row = relative_soft_threshold(torch.from_numpy(tau[target:target + 1]), threshold).numpy()[0]
     train = stored_dataset(handle, verify=False)
-    rows = [{"target": target, "target_label": targets.classes[int(targets.labels[target])],
-             "target_path": targets.path(target), "direction": direction, "rank": rank, "train_index": i,
-             "train_label": train.classes[int(train.labels[i])], "train_path": train.path(i), "score": float(row[i])}
+    rows = [{"target": target, **describe(targets, target, "target"), "direction": direction, "rank": rank,
+             "train_index": i, **describe(train, i, "train"), "score": float(row[i])}
             for direction, rank, i in strongest(row, k)]
-    if png is not None:
-        draw_grid(rows, targets, train, k, png)
+    if out is not None:
+        text = isinstance(train, TextDataset)
+        if Path(out).suffix.lower() != (".html" if text else ".png"):
+            raise UserError(f"show draws {'texts as an HTML page' if text else 'images as a PNG grid'}: give --out a "
+                            f"{'.html' if text else '.png'} name, not {str(out)!r}")
+        if text:
+            write_page(rows, out)
+        else:
+            draw_grid(rows, targets, train, k, out)
     return rows
+
+
+def default_show_file(store: str | Path) -> str:
+    """show.html for a store of texts, show.png for one of images."""
+    handle = Store.open(store)
+    return "show.html" if "tokenizer" in handle.manifest else "show.png"
+
+
+def write_page(rows: list[dict], out: str | Path) -> None:
+    """A self-contained HTML page: the target's text, then its supporting and opposing train
+    texts with their sources and scores. Every text is escaped, so markup in a text shows as text."""
+    def text_cell(text: str) -> str:
+        return f'<pre>{html.escape(text)}</pre>'
+
+    first = rows[0]
+    sections = [f"<h1>Target {first['target']}</h1>",
+                f"<p>source: {html.escape(first['target_source'] or '-')}</p>{text_cell(first['target_text'])}"]
+    for direction, title in (("supports", "Supporting train texts (raise the target's f)"),
+                             ("opposes", "Opposing train texts (lower the target's f)")):
+        body = "".join(f"<tr><td>{r['rank']}</td><td>{r['score']:+.4g}</td><td>{r['train_index']}</td>"
+                       f"<td>{html.escape(r['train_source'] or '-')}</td><td>{text_cell(r['train_text'])}</td></tr>"
+                       for r in rows if r["direction"] == direction)
+        sections.append(f"<h2>{title}</h2><table><tr><th>rank</th><th>score</th><th>train index</th>"
+                        f"<th>source</th><th>text</th></tr>{body}</table>")
+    page = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>trakwomp show: target "
+            f"{first['target']}</title><style>body{{font-family:sans-serif;max-width:60em;margin:auto}}"
+            "pre{white-space:pre-wrap;margin:0}td,th{border-bottom:1px solid #ddd;padding:4px;"
+            "vertical-align:top;text-align:left}</style></head><body>" + "".join(sections) + "</body></html>\n")
+    try:
+        Path(out).write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
 
 
 def draw_grid(rows: list[dict], targets: Dataset, train: Dataset, k: int, png: str | Path) -> None:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from trakwomp.estimator import View
-from trakwomp.store import Store
+from trakwomp.store import Store, layout
 
 
 @dataclass
@@ -62,7 +62,7 @@ def status(store: str | Path) -> StoreStatus:
     if "featurize" in manifest:
         chunks = math.ceil(manifest["dataset"]["num_examples"] / manifest["featurize"]["chunk_rows"])
         for entry in manifest.get("models", []):
-            done = len(handle.done_units("featurize", f"{entry['id']:06d}"))
+            done = len(handle.done_units("featurize", layout.unit(entry["id"])))
             report.stages.append(StageProgress("featurize", f"model {entry['id']} row chunks", done, chunks))
     views = {work.removeprefix("finalize/"): ids for work, ids in asked.items() if work.startswith("finalize/")}
     for view in handle.children("done/finalize"):  # views of stores made before "asked" recorded them
@@ -70,7 +70,7 @@ def status(store: str | Path) -> StoreStatus:
     for view, model_ids in sorted(views.items()):
         blocks = View.from_key(view).blocks
         for model_id in model_ids:
-            done = len(handle.done_units("finalize", f"{view}/{model_id:06d}"))
+            done = len(handle.done_units("finalize", layout.unit(view, model_id)))
             report.stages.append(StageProgress("finalize", f"view {view} model {model_id} blocks", done, blocks))
     for key, entry in sorted(manifest.get("scores", {}).items()):
         done = len(handle.done_units("score", key))

@@ -8,9 +8,9 @@ import torch
 
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
-from trakwomp.estimator import View, relative_soft_threshold
+from trakwomp.estimator import View, ViewSpec, relative_soft_threshold
 from trakwomp.selection import featurized_models, store_view
-from trakwomp.store import Store
+from trakwomp.store import Store, layout
 
 
 def compact_ids(ids: list[int]) -> str:
@@ -43,11 +43,10 @@ def find_scores(handle: Store, view: View, model_ids: list[int], targets_sha: st
     return find_scores_by_key(handle, candidates[0])
 
 
-def find_view_scores(handle: Store, targets: Dataset | None, dims: int | None, blocks: int | None, ridge: float,
-                     models: list[int] | None) -> str:
-    """The key of finished scores of the view (dims, blocks, ridge) and models, for `targets`
-    (needed only if several target sets are scored)."""
-    return find_scores(handle, store_view(handle, dims, blocks, ridge), featurized_models(handle, models),
+def find_view_scores(handle: Store, targets: Dataset | None, view: ViewSpec, models: list[int] | None) -> str:
+    """The key of finished scores of the view and models, for `targets` (needed only if several
+    target sets are scored)."""
+    return find_scores(handle, store_view(handle, view), featurized_models(handle, models),
                        targets.fingerprint().sha256 if targets is not None else None)
 
 
@@ -57,7 +56,7 @@ def find_scores_by_key(handle: Store, key: str) -> str:
         raise UserError(f"store {handle.location!r} has no scores {key!r}")
     tau = handle.array(f"scores/{key}/tau")
     n_targets, chunk_rows = tau.shape[0], tau.chunks[0]
-    missing = [c for c in range(math.ceil(n_targets / chunk_rows)) if handle.done_info("score", f"{key}/{c:06d}") is None]
+    missing = [c for c in range(math.ceil(n_targets / chunk_rows)) if handle.done_info("score", layout.unit(key, c)) is None]
     if missing:
         raise UserError(f"scores {key} are unfinished ({len(missing)} target chunks left); run `trakwomp score` again")
     return key

@@ -20,23 +20,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from trakwomp.bindings import bind_model, bind_training_inputs
-from trakwomp.data import Dataset, load_batch
+from trakwomp.data import Dataset, length_sorted, load_batch
 from trakwomp.errors import UserError
-from trakwomp.models import ModelSpec, check_model_fits_data, margins
-from trakwomp.runtime import NoProgress, Progress, Shard, resolve_device
-from trakwomp.store import Store
+from trakwomp.models import ModelSpec, check_model_fits_data
+from trakwomp.runtime import NoProgress, Progress, Shard, plan_work, resolve_device
+from trakwomp.store import Store, layout
+from trakwomp.tasks import Batch, CausalLM, Classification, Task, logits_of
 
 ROLES = {"reference": 0, "lds": 1}
 
 
+OPTIMIZERS = ("sgd", "adamw")
+ADAMW_BETA2 = 0.95
+CLIP_NORM = 1.0
+LANGUAGE_MODEL_RECIPE = {"optimizer": "adamw", "epochs": 8, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.1,
+                         "augment": False}
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """SGD with Nesterov momentum and a one-cycle (linear up, linear down) learning rate.
+    """A one-cycle (linear up, linear down) learning rate with one of two optimizers:
 
-    Images are augmented with random flips and 4-pixel reflect-padded crops. `threads`: the CPU
-    threads torch uses while a model trains and records its margins. A CPU sums in an order that
-    depends on the thread count, so the same recipe trained with 1 and with 2 threads gives
-    different weights; recording the count makes every rerun use it."""
+    sgd:   SGD with Nesterov momentum `momentum` (the image classifiers' recipe); images are
+           augmented with random flips and 4-pixel reflect-padded crops.
+    adamw: AdamW with betas (momentum, 0.95), decoupled weight decay and gradients clipped to
+           norm 1 (the small language models' recipe, `Recipe.for_task`); texts are batched with
+           texts of similar length.
+
+    `threads`: the CPU threads torch uses while a model trains and records its outputs. A CPU
+    sums in an order that depends on the thread count, so the same recipe trained with 1 and
+    with 2 threads gives different weights; recording the count makes every rerun use it."""
 
     alpha: float = 0.5
     epochs: int = 24
@@ -48,6 +61,14 @@ class Recipe:
     seed: int = 0
     augment: bool = True
     threads: int = 1
+    optimizer: str = "sgd"
+
+    @classmethod
+    def for_task(cls, task: Task, **given) -> "Recipe":
+        """The default recipe of `task` (causal-lm: LANGUAGE_MODEL_RECIPE), with the values
+        `given` that are not None in place of its defaults."""
+        defaults = LANGUAGE_MODEL_RECIPE if isinstance(task, CausalLM) else {}
+        return cls(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
 
     def __post_init__(self):
         if not 0 < self.alpha <= 1:
@@ -58,14 +79,24 @@ class Recipe:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if self.threads < 1:
             raise UserError(f"--threads must be at least 1, got {self.threads}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown --optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
 
     def as_recorded(self, recorded: dict | None) -> dict:
-        """The recipe as a store's manifest records it; a store made before `threads` was recorded
-        (by trakwomp 0.1) is matched without it."""
+        """The recipe as a store's manifest records it; a store made before `threads` and
+        `optimizer` were recorded (by trakwomp 0.1, SGD only) is matched without them."""
         recipe = asdict(self)
-        if recorded is not None and "threads" not in recorded:
-            recipe.pop("threads")
+        for added in ("threads", "optimizer"):
+            if recorded is not None and added not in recorded and (added == "threads" or recipe[added] == "sgd"):
+                recipe.pop(added)
         return recipe
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=self.lr, betas=(self.momentum, ADAMW_BETA2),
+                                     weight_decay=self.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, nesterov=True,
+                               weight_decay=self.weight_decay)
 
 
 @contextlib.contextmanager
@@ -83,7 +114,8 @@ def torch_threads(count: int):
 class TrainReport:
     trained: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
-    target_accuracy: dict[int, float] = field(default_factory=dict)
+    target_accuracy: dict[int, float] = field(default_factory=dict)  # classification
+    target_token_loss: dict[int, float] = field(default_factory=dict)  # causal-lm: nats per predicted token
 
 
 def unit_generators(seed: int, role: str, index: int) -> tuple[np.random.Generator, int]:
@@ -133,46 +165,71 @@ def one_cycle_lr(step: int, total_steps: int, recipe: Recipe) -> float:
     return (end - peak) * ((step - top) / (last - top)) + peak
 
 
-def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recipe, generator: torch.Generator,
-        device: torch.device, progress: Progress) -> nn.Module:
-    """Train `model` on the examples `positions` of `dataset` with `recipe`."""
-    model.to(device).train()
+def epoch_batches(dataset: Dataset, positions: torch.Tensor, batch_size: int,
+                  generator: torch.Generator) -> list[np.ndarray]:
+    """One epoch's batches: the examples in a random order, cut into full batches (the rest is
+    left out; a subset smaller than one batch is one batch). Texts are then sorted by length
+    within windows of 16 batches and the batches shuffled, so that a batch pads little."""
     n = len(positions)
-    drop_last = n > recipe.batch_size
-    steps_per_epoch = n // recipe.batch_size if drop_last else 1
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                nesterov=True, weight_decay=recipe.weight_decay)
-    total_steps = recipe.epochs * steps_per_epoch
+    steps = n // batch_size if n > batch_size else 1
+    order = positions[torch.randperm(n, generator=generator)].numpy()
+    if dataset.lengths is None:
+        return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+    kept, window = order[:steps * batch_size], 16 * batch_size
+    grouped = np.concatenate([length_sorted(dataset, kept[w:w + window]) for w in range(0, len(kept), window)])
+    batches = [grouped[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+    return [batches[int(i)] for i in torch.randperm(steps, generator=generator)]
+
+
+def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recipe, task: Task,
+        generator: torch.Generator, device: torch.device, progress: Progress) -> nn.Module:
+    """Train `model` on the examples `positions` of `dataset` with `recipe` and the task's loss."""
+    model.to(device).train()
+    optimizer = recipe.make_optimizer(model)
     positions = torch.as_tensor(positions)
+    steps_per_epoch = len(positions) // recipe.batch_size if len(positions) > recipe.batch_size else 1
+    total_steps = recipe.epochs * steps_per_epoch
     for epoch in range(recipe.epochs):
-        order = positions[torch.randperm(n, generator=generator)]
-        for step in range(steps_per_epoch):
+        for step, batch_positions in enumerate(epoch_batches(dataset, positions, recipe.batch_size, generator)):
             for group in optimizer.param_groups:
                 group["lr"] = one_cycle_lr(epoch * steps_per_epoch + step, total_steps, recipe)
-            x, y = load_batch(dataset, order[step * recipe.batch_size:(step + 1) * recipe.batch_size])
-            if recipe.augment and x.ndim == 4:
-                x = augment(x, generator)
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            batch = load_batch(dataset, batch_positions)
+            if recipe.augment and batch.inputs[0].ndim == 4:
+                batch = Batch((augment(batch.inputs[0], generator),), batch.labels)
+            batch = batch.to(device)
+            loss = task.loss(model(*batch.inputs), batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if recipe.optimizer == "adamw":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
             optimizer.step()
-            progress.advance(len(y))
+            progress.advance(len(batch))
     return model.eval()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, device: torch.device,
-             batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """The margins f(z) (float32) of `model` in eval mode on every example of `dataset`, and
-    whether its top logit is the label (a positive margin means p_y > 1/2, a stricter test)."""
+def evaluate(model: nn.Module, dataset: Dataset, task: Task, device: torch.device,
+             batch_size: int = 512) -> tuple[np.ndarray, dict]:
+    """The outputs f(z) (float32) of `model` in eval mode on every example of `dataset`, and a
+    summary: classification, how often the top logit is the label (a positive margin means
+    p_y > 1/2, a stricter test); causal-lm, the mean cross-entropy per predicted token."""
     model.to(device).eval()
-    out, correct = [], []
-    for start in range(0, len(dataset), batch_size):
-        x, y = load_batch(dataset, range(start, min(start + batch_size, len(dataset))))
-        logits = model(x.to(device)).float()
-        out.append(margins(logits, y.to(device)).cpu())
-        correct.append((logits.argmax(dim=1).cpu() == y))
-    return torch.cat(out).numpy().astype(np.float32), torch.cat(correct).numpy()
+    order = length_sorted(dataset, np.arange(len(dataset)))
+    out = np.empty(len(dataset), dtype=np.float32)
+    correct = loss = tokens = 0.0
+    for start in range(0, len(order), batch_size):
+        positions = order[start:start + batch_size]
+        batch = load_batch(dataset, positions).to(device)
+        output = model(*batch.inputs)
+        out[positions] = task.outputs(output, batch).float().cpu().numpy()
+        if isinstance(task, Classification):
+            correct += float((logits_of(output).argmax(dim=1) == batch.labels).sum())
+        else:
+            losses, predicted = task.token_losses(output, batch)
+            loss, tokens = loss + float(losses.sum()), tokens + float(predicted.sum())
+    if isinstance(task, Classification):
+        return out, {"target_accuracy": correct / len(dataset)}
+    return out, {"target_token_loss": loss / tokens}
 
 
 def train(
@@ -180,10 +237,11 @@ def train(
     data: Dataset,
     model: ModelSpec,
     *,
+    task: Task = Classification(),
     role: str = "reference",
     num_models: int = 1,
     targets: Dataset | None = None,
-    recipe: Recipe = Recipe(),
+    recipe: Recipe | None = None,
     device: str = "cpu",
     shard: Shard = Shard(),
     progress: Progress | None = None,
@@ -191,9 +249,11 @@ def train(
     """Train models 0..num_models-1 of `role` into `store`, skipping finished ones.
 
     role "reference": store each model's subset mask and weights.
-    role "lds": store each model's subset mask and its margins on `targets` (the LDS ground truth).
+    role "lds": store each model's subset mask and its outputs f on `targets` (the LDS ground truth).
+    `recipe`: default `Recipe.for_task(task)`.
     """
     progress = progress or NoProgress()
+    recipe = recipe or Recipe.for_task(task)
     if role not in ROLES:
         raise UserError(f"unknown --role {role!r}: expected one of {', '.join(ROLES)}")
     if num_models < 1:
@@ -203,12 +263,16 @@ def train(
     if role == "reference" and targets is not None:
         raise UserError("--targets is only for --role lds")
     torch_device = resolve_device(device)
+    output_size = task.output_size(data)
     with torch.random.fork_rng(devices=[]):
-        net = model.build(data.num_classes)
+        net = model.build(output_size)
     for examples in (data, targets) if targets is not None else (data,):
-        check_model_fits_data(net, examples, torch_device, model, data.num_classes)
+        check_model_fits_data(net, examples, torch_device, model, task, output_size)
+    if targets is not None and getattr(targets, "tokenizer", None) is not None and \
+            targets.tokenizer.record() != data.tokenizer.record():
+        raise UserError("--targets must be read with the train set's tokenizer")
     handle = Store.open(store, create=True)
-    bind_training_inputs(handle, data, model)
+    bind_training_inputs(handle, data, model, task)
     handle.bind(f"train_{role}", recipe.as_recorded(handle.manifest.get(f"train_{role}")), "pass the same recipe flags as before, or use a new store")
     handle.ask(f"train/{role}", num_models)
     if targets is not None:
@@ -218,35 +282,32 @@ def train(
             handle.set_section("lds_targets_source", {"spec": targets.spec})
 
     report = TrainReport()
-    units = shard.select(range(num_models))
-    todo = []
-    for j in units:
-        (report.skipped if handle.done_info("train", f"{role}/{j:06d}") else todo).append(j)
-    if todo:
-        handle.remove_stale_temporaries([f"models/{role}", f"done/train/{role}"])
-    progress.plan(len(units), len(report.skipped), f"train {role} models")
+    units, todo = plan_work(handle, "train", range(num_models), lambda j: layout.unit(role, j), shard, progress,
+                            f"train {role} models", [f"models/{role}", f"done/train/{role}"])
+    report.skipped = [j for j in units if j not in todo]
     for j in todo:
         rng, torch_seed = unit_generators(recipe.seed, role, j)
         mask = subset_mask(len(data), recipe.alpha, rng)
         generator = torch.Generator().manual_seed(torch_seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)
-            net = model.build(data.num_classes)
+            net = model.build(output_size)
         progress.unit_started(f"{role} model {j}", recipe.epochs * _examples_per_epoch(int(mask.sum()), recipe))
         with torch_threads(recipe.threads):
-            fit(net, data, np.flatnonzero(mask), recipe, generator, torch_device, progress)
+            fit(net, data, np.flatnonzero(mask), recipe, task, generator, torch_device, progress)
             if role == "lds":
-                target_margins, correct = evaluate(net, targets, torch_device)
-        path = f"models/{role}/{j:06d}"
+                target_outputs, summary = evaluate(net, targets, task, torch_device)
+        path = layout.trained_model(role, j)
         handle.write_array(f"{path}/mask", mask)
         info: dict = {"num_examples": int(mask.sum())}
         if role == "reference":
             handle.write_arrays(f"{path}/weights", {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
         else:
-            handle.write_array(f"{path}/margins", target_margins)
-            info["target_accuracy"] = float(correct.mean())
-            report.target_accuracy[j] = info["target_accuracy"]
-        handle.mark_done("train", f"{role}/{j:06d}", info)
+            handle.write_array(f"{path}/margins", target_outputs)
+            info.update(summary)
+            for name, value in summary.items():
+                getattr(report, name)[j] = value
+        handle.mark_done("train", layout.unit(role, j), info)
         report.trained.append(j)
         progress.unit_finished(f"{role} model {j}", _summary(info))
     return report
@@ -260,18 +321,20 @@ def _summary(info: dict) -> str:
     text = f"{info['num_examples']} examples"
     if "target_accuracy" in info:
         text += f", target accuracy {info['target_accuracy']:.1%}"
+    if "target_token_loss" in info:
+        text += f", target loss {info['target_token_loss']:.3f} nats/token"
     return text
 
 
-def load_reference_model(store: str | Path, index: int, num_classes: int, model: ModelSpec | None = None) -> nn.Module:
+def load_reference_model(store: str | Path, index: int, output_size: int, model: ModelSpec | None = None) -> nn.Module:
     """Reference model `index` of a store, rebuilt from its stored weights and its model spec
     (`model`, which a store made with a user factory needs)."""
     handle = Store.open(store)
-    if handle.done_info("train", f"reference/{index:06d}") is None:
+    if handle.done_info("train", layout.unit("reference", index)) is None:
         raise UserError(f"store {str(store)!r} has no finished reference model {index}")
     spec = model or ModelSpec.of_store(handle.manifest["model"], handle.location)
     bind_model(handle, spec, handle.manifest["model"].get("transform"))
-    state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(f"models/reference/{index:06d}/weights").items()}
-    net = spec.build(num_classes)
+    state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(f"{layout.trained_model('reference', index)}/weights").items()}
+    net = spec.build(output_size)
     net.load_state_dict(state)
     return net.eval()

@@ -1,0 +1,246 @@
+"""Text and language models: the fortunes-mini asset, jsonl data and tokenizers, the causal-lm
+output against its closed form, per-example gradients of sequence models (built-in gpt and a
+Hugging Face GPT-2) against an autograd loop over single unpadded examples, and the whole
+pipeline on text from the command line."""
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trakwomp.data import load_batch, load_dataset
+from trakwomp.featurize import featurize
+from trakwomp.gradients import PerExampleGradients, select_parameters
+from trakwomp.models import ModelSpec
+from trakwomp.projectors import ProjectorSpec
+from trakwomp.store import Store
+from trakwomp.tasks import Batch, CausalLM, Classification
+from trakwomp.text import read_fortunes_mini
+from trakwomp.training import load_reference_model, train
+
+from conftest import plain
+
+TINY_GPT = ModelSpec.parse("gpt", 16, 1, 2)
+ASSET = Path(__file__).parents[1] / "trakwomp" / "assets" / "fortunes_mini.jsonl.gz"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def fortunes(split: str, count: int, start: int = 0) -> list[dict]:
+    return [{"text": r["text"], "source": r["source"]} for r in read_fortunes_mini("x", split)[start:start + count]]
+
+
+def write_hf_folder(folder: Path, texts: list[str]) -> Path:
+    """A byte-level BPE tokenizer trained on `texts` and a tiny randomly initialised GPT-2 with its
+    vocabulary, both saved in `folder` as Hugging Face saves them."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=16, n_layer=1, n_head=2,
+                                     bos_token_id=None, eos_token_id=None)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory) -> Path:
+    return write_hf_folder(tmp_path_factory.mktemp("hf"), [r["text"] for r in fortunes("train", 300)])
+
+
+def test_fortunes_mini_is_small_has_its_provenance_and_keeps_train_and_test_apart():
+    rows = [json.loads(line) for line in gzip.decompress(ASSET.read_bytes()).decode().splitlines()]
+    assert ASSET.stat().st_size < 2 * 2 ** 20
+    train, test = load_dataset("fortunes-mini:train"), load_dataset("fortunes-mini:test")
+    assert (len(train), len(test)) == (2000, 200) == (sum(r["split"] == "train" for r in rows), sum(r["split"] == "test" for r in rows))
+    assert not {train.text(i) for i in range(len(train))} & {test.text(i) for i in range(len(test))}
+    assert len({train.source(i) for i in range(len(train))}) > 30
+    provenance = (ASSET.parent / "fortunes_mini.md").read_text()
+    assert "fortunes.tar.gz" in provenance and "BSD" in provenance and "build_fortunes_mini.py" in provenance
+    # bytes: a start token, then the text's UTF-8 bytes
+    ids, label = train[0]
+    assert ids[0] == 256 and bytes(ids[1:].tolist()).decode("utf-8") == train.text(0) and label == 0
+
+
+def test_jsonl_labels_sources_truncation_and_a_fingerprint_over_the_tokens(tmp_path):
+    rows = [{"text": "héllo wörld", "label": "b", "source": "s1"}, {"text": "x" * 40, "label": "a"},
+            {"text": "short", "label": "b", "source": "s2"}]
+    data = load_dataset(f"jsonl:{write_jsonl(tmp_path / 'd.jsonl', rows)}")
+    assert data.classes == ("a", "b") and data.labels.tolist() == [1, 0, 1]
+    assert [data.source(i) for i in range(3)] == ["s1", "", "s2"]
+    assert data.lengths.tolist() == [1 + len("héllo wörld".encode()), 41, 6] and data.truncated == 0
+    cut = load_dataset(f"jsonl:{tmp_path / 'd.jsonl'}", max_length=10)
+    assert cut.truncated == 2 and cut.lengths.tolist() == [10, 10, 6] and len(cut[1][0]) == 10
+    assert cut.fingerprint().sha256 != data.fingerprint().sha256
+    rows[2]["text"] = "shorT"
+    assert load_dataset(f"jsonl:{write_jsonl(tmp_path / 'e.jsonl', rows)}").fingerprint().sha256 != data.fingerprint().sha256
+    batch = load_batch(data, [0, 2])
+    ids, mask = batch.inputs
+    assert ids.shape == (2, 14) and mask.sum(1).tolist() == [14, 6] and (ids[1, 6:] == 0).all()
+
+
+def test_the_causal_lm_output_is_the_log_odds_of_the_sequence_or_token_probability():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, dtype=torch.float64)
+    ids = torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    batch = Batch((ids, mask), torch.zeros(2, dtype=torch.long))
+    for output in ("sequence", "token"):
+        f = CausalLM(output).outputs(logits, batch)
+        for row, real in enumerate((5, 3)):
+            log_probs = torch.log_softmax(logits[row], dim=-1)
+            loss = -sum(float(log_probs[t, ids[row, t + 1]]) for t in range(real - 1))
+            p = math.exp(-loss / (real - 1) if output == "token" else -loss)
+            assert float(f[row]) == pytest.approx(math.log(p / (1 - p)), rel=1e-12)
+            assert float(torch.sigmoid(-f[row])) == pytest.approx(1 - p, rel=1e-12)  # q = 1 - p
+    # a long sequence: p underflows, f stays finite (about -L)
+    long_loss = CausalLM().outputs(torch.zeros(1, 400, 257), Batch((torch.zeros(1, 400, dtype=torch.long),
+                                                                    torch.ones(1, 400, dtype=torch.bool)), torch.zeros(1)))
+    assert float(long_loss) == pytest.approx(-399 * math.log(257), rel=1e-6)
+
+
+def autograd_loop(net, examples, task, names):
+    """Each example alone, unpadded, through plain autograd: (gradients, f)."""
+    params = dict(net.named_parameters())
+    rows, outputs = [], []
+    for ids, label in examples:
+        net.zero_grad()
+        single = Batch((ids[None], torch.ones(1, len(ids), dtype=torch.bool)), torch.tensor([label]))
+        f = task.outputs(net(*single.inputs), single)
+        f.sum().backward()
+        rows.append(torch.cat([params[n].grad.reshape(-1) for n in names]))
+        outputs.append(float(f.detach()))
+    return torch.stack(rows), torch.tensor(outputs)
+
+
+@pytest.mark.parametrize("output", ["sequence", "token"])
+def test_gpt_per_example_gradients_with_padding_match_single_examples(output):
+    data = load_dataset("fortunes-mini:train")
+    torch.manual_seed(0)
+    net = TINY_GPT.build(data.vocab_size)
+    positions = [0, 5, 7, 11]  # texts of different lengths: all but the longest are padded
+    assert len(set(data.lengths[positions])) == len(positions)
+    names = select_parameters(net, None)
+    task = CausalLM(output)
+    out = PerExampleGradients(net, names, torch.device("cpu"), task)(load_batch(data, positions))
+    expected, f = autograd_loop(net, [data[i] for i in positions], task, names)
+    torch.testing.assert_close(out.grads, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.q, torch.sigmoid(-f.float()))
+
+
+def test_hugging_face_gpt2_per_example_gradients_with_padding_match_single_examples(hf_folder):
+    data = load_dataset("fortunes-mini:test", tokenizer=f"hf:{hf_folder}")
+    net = ModelSpec.parse(f"hf:{hf_folder}").build(data.vocab_size)
+    positions = [0, 1, 2]
+    assert len(set(data.lengths[positions])) == 3
+    names = select_parameters(net, None)
+    out = PerExampleGradients(net, names, torch.device("cpu"), CausalLM())(load_batch(data, positions))
+    expected, f = autograd_loop(net, [data[i] for i in positions], CausalLM(), names)
+    torch.testing.assert_close(out.grads, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_text_classifier_by_factory_gets_margin_gradients(tmp_path, user_module):
+    user_module("textnets.bag", "import torch\n"
+                "class Bag(torch.nn.Module):\n"
+                "    def __init__(self, classes):\n"
+                "        super().__init__()\n"
+                "        self.embed = torch.nn.Embedding(257, 8)\n"
+                "        self.out = torch.nn.Linear(8, classes)\n"
+                "    def forward(self, ids, mask):\n"
+                "        m = mask.unsqueeze(-1).float()\n"
+                "        return self.out((self.embed(ids) * m).sum(1) / m.sum(1))\n"
+                "def build(classes):\n"
+                "    return Bag(classes)\n")
+    rows = [{"text": r["text"], "label": r["source"]} for r in fortunes("train", 400) if r["source"] in ("people", "zippy")]
+    data = load_dataset(f"jsonl:{write_jsonl(tmp_path / 'labelled.jsonl', rows)}")
+    spec = ModelSpec.parse("textnets.bag:build")
+    torch.manual_seed(0)
+    net = spec.build(data.num_classes)
+    names = select_parameters(net, None)
+    positions = list(range(6))
+    out = PerExampleGradients(net, names, torch.device("cpu"), Classification())(load_batch(data, positions))
+    expected, f = autograd_loop(net, [data[i] for i in positions], Classification(), names)
+    torch.testing.assert_close(out.grads, expected, rtol=1e-4, atol=1e-6)
+    report = train(tmp_path / "store", data, spec, num_models=1, recipe=None)
+    assert report.trained == [0]
+
+
+def test_featurized_text_equals_autograd_gradients_of_the_trained_model(tmp_path):
+    """End to end through train and featurize with the identity projector (no projection): the
+    stored features are the per-example gradients, in row order, whatever the length batching."""
+    rows = fortunes("train", 24)
+    data = load_dataset(f"jsonl:{write_jsonl(tmp_path / 'train.jsonl', rows)}")
+    task = CausalLM("token")
+    train(tmp_path / "store", data, TINY_GPT, task=task, recipe=None, num_models=1)
+    net = load_reference_model(tmp_path / "store", 0, data.vocab_size)
+    names = select_parameters(net, None)
+    p = sum(param.numel() for param in net.parameters())
+    featurize(tmp_path / "store", projector=ProjectorSpec("identity", 0, 1, p), chunk_rows=10, batch_size=4)
+    store = Store.open(tmp_path / "store")
+    expected, f = autograd_loop(net, [data[i] for i in range(len(data))], task, names)
+    torch.testing.assert_close(torch.from_numpy(store.array("features/000000/phi")[...]), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(store.array("features/000000/margins")[...]), f.float(), rtol=1e-5, atol=1e-5)
+    assert store.manifest["task"] == {"name": "causal-lm", "output": "token"}
+
+
+def test_every_command_on_text_and_an_escaped_html_page(tmp_path, cli):
+    rows = fortunes("train", 47) + [{"text": "<script>alert('x')</script> & more", "source": "<b>mallory</b>"}]
+    train_file = write_jsonl(tmp_path / "train.jsonl", rows)
+    targets_file = write_jsonl(tmp_path / "targets.jsonl", fortunes("test", 6))
+    store = str(tmp_path / "store")
+    common = ["--task", "causal-lm", "--data", f"jsonl:{train_file}", "--width", "16", "--layers", "1", "--heads", "2",
+              "--epochs", "1", "-q"]
+    assert cli("train", store, *common).exit_code == 0
+    assert cli("train", store, *common, "--role", "lds", "--num-models", "4", "--targets", f"jsonl:{targets_file}").exit_code == 0
+    assert cli("featurize", store, "--blocks", "4", "--block-dim", "8", "--chunk-rows", "20", "-q").exit_code == 0
+    for blocks in ("1", "4"):
+        assert cli("finalize", store, "--blocks", blocks, "-q").exit_code == 0
+        assert cli("score", store, "--targets", f"jsonl:{targets_file}", "--blocks", blocks, "-q").exit_code == 0
+    result = cli("lds", store, "--blocks", "1", "--blocks", "4", "--json")
+    report = json.loads(result.stdout)
+    assert [r["targets"] for r in report["results"]] == [6, 6] and report["results"][0]["models"] == 4
+    np.save(tmp_path / "subset.npy", np.arange(0, 48, 2))
+    predicted = json.loads(cli("predict", store, "--subset", str(tmp_path / "subset.npy"), "--json").stdout)
+    assert len(predicted["predicted_margin"]) == 6
+    page = tmp_path / "show.html"
+    result = cli("show", store, "--target", "0", "--k", "48", "--out", str(page), "--json")
+    shown = json.loads(result.stdout)
+    assert {r["train_index"] for r in shown} == set(range(48))  # k = all: every train text on the page
+    html = page.read_text()
+    assert "<script>" not in html and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in html
+    assert "&lt;b&gt;mallory&lt;/b&gt;" in html and "<b>" not in html
+    assert shown[0]["target_text"] == fortunes("test", 1)[0]["text"] and "train_source" in shown[0]
+    status = cli("status", store, "--json")
+    assert status.exit_code == 0, plain(status.output)
+
+
+def test_a_hugging_face_model_and_tokenizer_from_a_folder_through_the_pipeline(tmp_path, hf_folder, cli):
+    train_file = write_jsonl(tmp_path / "train.jsonl", fortunes("train", 24))
+    targets_file = write_jsonl(tmp_path / "targets.jsonl", fortunes("test", 4))
+    store = str(tmp_path / "store")
+    hf = f"hf:{hf_folder}"
+    result = cli("train", store, "--task", "causal-lm", "--model", hf, "--tokenizer", hf, "--data", f"jsonl:{train_file}",
+                 "--epochs", "1", "--max-length", "24", "-q")
+    assert result.exit_code == 0, plain(result.output)
+    assert "cut" in plain(result.stderr) and "to --max-length 24 tokens" in plain(result.stderr)
+    for args in (["featurize", store, "--blocks", "2", "--block-dim", "8"], ["finalize", store],
+                 ["score", store, "--targets", f"jsonl:{targets_file}"]):  # the store's tokenizer and --max-length
+        result = cli(*args, "-q")
+        assert result.exit_code == 0, plain(result.output)
+    manifest = Store.open(store).manifest
+    assert manifest["tokenizer"]["spec"] == "hf" and manifest["dataset_source"]["max_length"] == 24
+    assert manifest["model"]["name"] == hf
