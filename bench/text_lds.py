@@ -14,7 +14,9 @@ f under either output is a decreasing function of its loss L, so both rank the L
 and share their ground truth.
 
 Views are chosen on the even LDS models (`--half 0`) and every number is reported on the odd
-ones (`--half 1`); intervals are 95% bootstraps over targets, differences paired.
+ones (`--half 1`); intervals are 95% bootstraps over targets, differences paired. Training runs
+`trakwomp train` in processes (two shards for the LDS models); the later stages are the same
+library calls, made in this process.
 """
 
 from __future__ import annotations
@@ -76,23 +78,27 @@ def views(s: dict) -> list[tuple[int, int]]:
 
 
 def score_all(work: Path, s: dict) -> dict[str, dict[tuple[int, int], Path]]:
-    """Every view scored in both stores; the token store's scores exported to .npy files."""
-    _, targets = data_flags(work, s)
+    """Every view finalized and scored in both stores, its scores exported to an .npy file."""
+    from trakwomp import ViewSpec, finalize, load_dataset, score
+    from trakwomp.export import export_scores
+
+    targets = load_dataset("fortunes-mini:test", indices=work / "targets.npy" if s["targets"] else None)
     files: dict[str, dict[tuple[int, int], Path]] = {name: {} for name in OUTPUTS}
     for name in OUTPUTS:
         for d, b in dict.fromkeys(views(s)):
-            view = ["--dims", str(d), "--blocks", str(b)]
-            run("finalize", str(work / name), *view, "-q")
             out = work / f"{name}-d{d}-b{b}.npy"
-            run("score", str(work / name), *targets, *view, "--out", str(out), "-q")
+            print(f"finalize and score {name} d={d} B={b}", flush=True)
+            finalize(work / name, ViewSpec(d, b))
+            export_scores(work / name, score(work / name, targets, ViewSpec(d, b)).key, out)
             files[name][(d, b)] = out
     return files
 
 
-def lds(work: Path, half: int, files: list[Path]) -> list[dict]:
-    report = json.loads(run("lds", str(work / "sequence"), "--half", str(half), "--json",
-                            *[arg for f in files for arg in ("--scores", str(f))]))
-    return report
+def lds(work: Path, half: int, files: list[Path]) -> dict:
+    """LDS of score files against the LDS models (all in the sequence store) of one half."""
+    from trakwomp import lds as lds_report
+
+    return lds_report(work / "sequence", [], score_files=files, half=half).as_dict()
 
 
 def evaluate(work: Path, s: dict) -> dict:

@@ -48,14 +48,16 @@ def main() -> None:
         for model_id, state in enumerate(checkpoints):
             traker.load_checkpoint(state, model_id=model_id)
             for i in range(0, len(train), args.batch_size):
-                x, y = load_batch(train, range(i, min(i + args.batch_size, len(train))))
+                batch = load_batch(train, range(i, min(i + args.batch_size, len(train))))
+                x, y = batch.inputs[0], batch.labels
                 traker.featurize(batch=(x, y), num_samples=len(y))
         traker.finalize_features()
         for model_id, state in enumerate(checkpoints):
             traker.start_scoring_checkpoint(exp_name="targets", checkpoint=state, model_id=model_id,
                                             num_targets=len(targets))
             for i in range(0, len(targets), args.batch_size):
-                x, y = load_batch(targets, range(i, min(i + args.batch_size, len(targets))))
+                batch = load_batch(targets, range(i, min(i + args.batch_size, len(targets))))
+                x, y = batch.inputs[0], batch.labels
                 traker.score(batch=(x, y), num_samples=len(y))
         for m in prefixes:
             scores = np.asarray(traker.finalize_scores(exp_name="targets", model_ids=range(m)), dtype=np.float32).T

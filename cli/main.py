@@ -9,6 +9,7 @@ import glob
 import json
 import sys
 from enum import Enum
+from textwrap import shorten
 from pathlib import Path
 from typing import Optional
 
@@ -31,7 +32,7 @@ from trakwomp.status import status as store_status
 from trakwomp.export import export_scores, top_k_rows, write_table
 from trakwomp.predict import predict as predict_margins
 from trakwomp.scoring import score as score_targets
-from trakwomp.bindings import load_targets
+from trakwomp.bindings import load_store_data
 from trakwomp.models import GPT_DEFAULTS, ModelSpec
 from trakwomp.tasks import make_task
 from trakwomp.projectors import ProjectorSpec
@@ -124,7 +125,7 @@ def train(
     store: str = StoreArg,
     data: str = typer.Option(..., "--data", help=f"Train set: {SPEC_HELP}."),
     task: TaskName = typer.Option(TaskName.classification, "--task", help="classification (margin of the label) or causal-lm (next-token prediction on text)."),
-    lm_output: Optional[str] = typer.Option(None, "--lm-output", help="causal-lm output f = log(p/(1-p)): sequence (p = exp(-L)) or token (p = exp(-L/T)) [default: sequence]."),
+    lm_output: Optional[str] = typer.Option(None, "--lm-output", help="causal-lm output f = log(p/(1-p)): token (p = exp(-L/T), T the predicted tokens) or sequence (p = exp(-L)) [default: token]."),
     model: Optional[str] = typer.Option(None, "--model", help="resnet9, gpt, hf:DIR (a Hugging Face causal LM saved in DIR) or package.module:factory (factory(classes or vocabulary size) -> nn.Module) [default: resnet9; causal-lm: gpt]."),
     width: Optional[float] = WidthOpt,
     layers: Optional[int] = LayersOpt,
@@ -226,7 +227,7 @@ def featurize(
         projector_spec = ProjectorSpec(**{k: v for k, v in given.items() if v is not None})
     if not data and (indices or transform or tokenizer or max_length):
         raise UserError("--indices, --transform, --tokenizer and --max-length go with --data")
-    train_set = load_dataset(data, indices, transform, tokenizer=tokenizer, max_length=max_length) if data else None
+    train_set = load_store_data(store, data, indices, transform, tokenizer, max_length) if data else None
     report_truncation(train_set, "--data")
     with progress_for(quiet) as progress:
         report = featurize_models(store, train_set, spec, expand_checkpoints(checkpoint), task=chosen_task,
@@ -309,7 +310,7 @@ def score(
         if path is not None and not path.parent.is_dir():
             raise UserError(f"{flag} {str(path)!r}: there is no folder {str(path.parent)!r}")
     spec = ModelSpec.parse(model, width, layers, heads) if model else None
-    target_set = load_targets(store, targets, target_indices, transform, tokenizer, max_length)
+    target_set = load_store_data(store, targets, target_indices, transform, tokenizer, max_length)
     report_truncation(target_set, "--targets")
     with progress_for(quiet) as progress:
         report = score_targets(store, target_set, ViewSpec(dims, blocks, ridge), parse_model_ids(models), model=spec,
@@ -342,7 +343,7 @@ def show_top_k(rows: list[dict], title: str) -> None:
         first = row["rank"] == 1
         head = first and row["direction"] == "supports"
         if text:
-            example = f"#{row['train_index']} {row['train_text']!r}"
+            example = f"#{row['train_index']} {shorten(' '.join(row['train_text'].split()), 100, placeholder=' ...')}"
             cells = (row["target_source"] if head else "", example, row["train_source"])
         else:
             cells = (row["target_label"] if head else "", row["train_path"] or str(row["train_index"]), row["train_label"])
@@ -366,7 +367,7 @@ def predict(
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
     """Predicted margin of a model trained on --subset, per target: sum of the subset's scores."""
-    target_set = load_targets(store, targets, target_indices) if targets else None
+    target_set = load_store_data(store, targets, target_indices) if targets else None
     key, predictions = predict_margins(store, load_indices(subset, what="--subset"), target_set,
                                        ViewSpec(dims, blocks, ridge), parse_model_ids(models), threshold)
     if json_out:
@@ -438,7 +439,7 @@ def show(
     for flag, path in (("--out", out), ("--table", table)):
         if path is not None and not path.parent.is_dir():
             raise UserError(f"{flag} {str(path)!r}: there is no folder {str(path.parent)!r}")
-    target_set = load_targets(store, targets, target_indices) if targets else None
+    target_set = load_store_data(store, targets, target_indices) if targets else None
     rows = show_target(store, target, k, out, target_set, ViewSpec(dims, blocks, ridge), parse_model_ids(models),
                        threshold)
     if table is not None:
@@ -475,7 +476,7 @@ def status(
         model = report.model or {}
         table = Table("stage", "what", "done", "left", title=f"{report.store}: {report.size_bytes / 2**20:,.1f} MiB, "
                       f"{dataset.get('num_examples', '?')} train examples, model {model.get('name', '?')}"
-                      + (f" (width {model['width']:g})" if model.get("width") else ""))
+                      + (f" (width {model['width']:g})" if model.get("width") else "") + f", task {report.task}")
         for p in report.stages:
             table.add_row(p.stage, p.what, f"{p.done}/{p.total}", "" if p.complete else f"[yellow]{p.total - p.done}[/]")
         Console().print(table)

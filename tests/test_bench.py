@@ -63,3 +63,28 @@ def test_full_cifar10_smoke_runs_every_stage_and_reports_the_odd_half(tmp_path):
     expected = np.mean([0.0 if np.isnan(r) else r for r in per_target])
     reported = entry["report"]["results"][1]
     assert reported["models"] == 4 and reported["lds"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_text_lds_smoke_chooses_on_the_even_half_and_reports_the_odd_half(tmp_path):
+    work = tmp_path / "work"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "text_lds.py"), str(work), "--smoke"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    results = json.loads((work / "results.json").read_text())
+    assert set(results) == {"sequence", "token"}
+    store = zarr.open_group(str(work / "sequence"), mode="r")
+    odd = [f"{j:06d}" for j in range(1, 8, 2)]
+    masks = np.stack([store[f"models/lds/{j}/mask"][...] for j in odd]).astype(float)
+    outputs = np.stack([store[f"models/lds/{j}/margins"][...] for j in odd])
+    for name, entry in results.items():
+        half0 = entry["half0"]
+        trak, womp = entry["views"][:2]
+        assert half0[f"d{trak[0]}-b{trak[1]}"] == max(v for k, v in half0.items() if k.endswith("-b1"))
+        assert half0[f"d{womp[0]}-b{womp[1]}"] == max(v for k, v in half0.items() if not k.endswith("-b1"))
+        for (d, b), reported in zip(entry["views"], entry["half1"]["results"]):
+            tau = np.load(work / f"{name}-d{d}-b{b}.npy")
+            predicted = masks @ tau.T.astype(float)
+            rho = [spearmanr(outputs[:, t], predicted[:, t])[0] for t in range(tau.shape[0])]
+            assert reported["lds"] == pytest.approx(np.mean(np.nan_to_num(rho)), abs=1e-6)
+    assert "| token |" in (work / "results.md").read_text()

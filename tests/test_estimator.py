@@ -211,7 +211,7 @@ def test_agrees_with_traker_without_projection(tmp_path, user_module):
     featurize(store, data, spec, [tmp_path / "m0.pt", tmp_path / "m1.pt"], projector=ProjectorSpec("identity", 0, 1, 14))
     finalize(store, ViewSpec(blocks=1))
     with pytest.raises(UserError, match="imports code only when you name it: pass --model linear_trak_model:build"):
-        score(store, targets, blocks=1)  # the store names a user module: not imported unless the user names it
+        score(store, targets, ViewSpec(blocks=1))  # the store names a user module: not imported unless the user names it
     ours = {}
     for models in ([0], [1], [0, 1]):
         ours[tuple(models)] = stored(store, f"scores/{score(store, targets, ViewSpec(blocks=1), models=models, model=spec).key}/tau")

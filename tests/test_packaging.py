@@ -19,14 +19,16 @@ def test_wheel_installs_only_the_trakwomp_package(tmp_path):
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top_level == {"trakwomp"}
     assert "trakwomp/cli/main.py" in names and "trakwomp/store/zarr_store.py" in names
-    assert "trakwomp/assets/cifar10_mini.npz" in names
+    assert {"trakwomp/assets/cifar10_mini.npz", "trakwomp/assets/fortunes_mini.jsonl.gz",
+            "trakwomp/assets/fortunes_mini.md", "trakwomp/store/layout.py"} <= set(names)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     probe = ("import trakwomp, trakwomp.cli.main, trakwomp.store; "
              "print(trakwomp.__file__); print(trakwomp.store.__file__); "
-             "from trakwomp.data import load_dataset; print(len(load_dataset('cifar10-mini:test')))")
+             "from trakwomp.data import load_dataset; print(len(load_dataset('cifar10-mini:test'))); "
+             "print(len(load_dataset('fortunes-mini:test')))")
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(site), "PATH": ""})
     assert run.returncode == 0, run.stderr
     lines = run.stdout.split()
-    assert lines[0].startswith(str(site)) and lines[1].startswith(str(site)) and lines[2] == "500"
+    assert lines[0].startswith(str(site)) and lines[1].startswith(str(site)) and lines[2:] == ["500", "200"]

@@ -106,7 +106,7 @@ def test_the_causal_lm_output_is_the_log_odds_of_the_sequence_or_token_probabili
             assert float(f[row]) == pytest.approx(math.log(p / (1 - p)), rel=1e-12)
             assert float(torch.sigmoid(-f[row])) == pytest.approx(1 - p, rel=1e-12)  # q = 1 - p
     # a long sequence: p underflows, f stays finite (about -L)
-    long_loss = CausalLM().outputs(torch.zeros(1, 400, 257), Batch((torch.zeros(1, 400, dtype=torch.long),
+    long_loss = CausalLM("sequence").outputs(torch.zeros(1, 400, 257), Batch((torch.zeros(1, 400, dtype=torch.long),
                                                                     torch.ones(1, 400, dtype=torch.bool)), torch.zeros(1)))
     assert float(long_loss) == pytest.approx(-399 * math.log(257), rel=1e-6)
 

@@ -63,10 +63,11 @@ def bind_training_inputs(store: Store, data: Dataset, model: ModelSpec, task: Ta
         store.mark_done("data", "train_indices")
 
 
-def load_targets(store: str, spec: str, indices=None, transform: str | None = None, tokenizer: str | None = None,
-                 max_length: int | None = None) -> Dataset:
-    """Targets for the store `store`: text is read with the store's tokenizer and cut at its
-    --max-length unless others are given (and then checked against the store's)."""
+def load_store_data(store: str, spec: str, indices=None, transform: str | None = None, tokenizer: str | None = None,
+                    max_length: int | None = None) -> Dataset:
+    """Data (train examples or targets) for the store `store`: text is read with the store's
+    tokenizer and cut at its --max-length unless others are given (and then checked against
+    the store's)."""
     handle = Store.open_existing(store)
     source = handle.manifest.get("dataset_source", {}) if handle is not None else {}
     if spec.partition(":")[0] in TEXT_KINDS:

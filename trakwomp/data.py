@@ -47,7 +47,26 @@ class Fingerprint:
         return cls(int(d["num_examples"]), tuple(d["classes"]), str(d["sha256"]))
 
 
-class Dataset(torch.utils.data.Dataset):
+class Examples(torch.utils.data.Dataset):
+    """What every dataset has: the examples `indices` of a source, whose labels index `classes`."""
+
+    indices: np.ndarray
+    classes: tuple[str, ...]
+    _labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels[self.indices]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class Dataset(Examples):
     """An ordered dataset: example i is `(x_i, y_i)`, with class names and, where known, file paths.
 
     `read_raw(j)` returns the stored example j of the source as a numpy array (uint8 HWC pixels
@@ -77,23 +96,12 @@ class Dataset(torch.utils.data.Dataset):
         self.transform = transform
         self.transform_spec = transform_spec
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         j = int(self.indices[i])
         x = self._to_tensor(self._read_raw(j))
         if self.transform is not None:
             x = self.transform(x)
         return x, int(self._labels[j])
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self._labels[self.indices]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     def path(self, i: int) -> str | None:
         return None if self._paths is None else str(self._paths[int(self.indices[i])])

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid, save_image
 
-from trakwomp.bindings import load_targets, stored_dataset
+from trakwomp.bindings import load_store_data, stored_dataset
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
 from trakwomp.estimator import ViewSpec, relative_soft_threshold
@@ -49,7 +49,7 @@ def show(
     key = find_view_scores(handle, targets, view, models)
     recorded = handle.manifest["targets"][handle.manifest["scores"][key]["targets"]]
     if targets is None:
-        targets = load_targets(store, recorded["spec"])
+        targets = load_store_data(store, recorded["spec"])
         if targets.fingerprint().sha256 != recorded["sha256"]:
             raise UserError(f"the targets at {recorded['spec']!r} are not those scored (fingerprint differs); "
                             "pass --targets (and --target-indices) as given to `trakwomp score`")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from trakwomp.estimator import View
 from trakwomp.store import Store, layout
+from trakwomp.tasks import task_of_store
 
 
 @dataclass
@@ -36,6 +37,7 @@ class StoreStatus:
     size_bytes: int
     dataset: dict | None
     model: dict | None
+    task: str
     temporary_files: int
     stages: list[StageProgress] = field(default_factory=list)
 
@@ -54,7 +56,7 @@ def status(store: str | Path) -> StoreStatus:
     manifest = handle.manifest
     asked = manifest.get("asked", {})
     report = StoreStatus(handle.location, manifest["format_version"], handle.size_bytes(), manifest.get("dataset"),
-                         manifest.get("model"), len(handle.temporaries()))
+                         manifest.get("model"), str(task_of_store(manifest.get("task"))), len(handle.temporaries()))
     for role in ("reference", "lds"):
         done = len(handle.done_units("train", role))
         if done or f"train/{role}" in asked:

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from trakwomp.data import Fingerprint
+from trakwomp.data import Examples, Fingerprint
 from trakwomp.errors import UserError
 from trakwomp.tasks import Batch
 
@@ -86,7 +86,7 @@ def make_tokenizer(spec: str) -> ByteTokenizer | HuggingFaceTokenizer:
     raise UserError(f"unknown --tokenizer {spec!r}: expected bytes or hf:DIR")
 
 
-class TextDataset(torch.utils.data.Dataset):
+class TextDataset(Examples):
     """An ordered text dataset: example i is `(token ids, label)`; `text(i)` and `source(i)` give
     the text and where it came from. Labels index `classes` (the sorted distinct labels given);
     texts without labels have label 0 and no classes."""
@@ -106,23 +106,12 @@ class TextDataset(torch.utils.data.Dataset):
         self.indices = np.arange(len(self._texts)) if indices is None else np.asarray(indices, dtype=np.int64)
         self._lengths = np.array([len(t) for t in self._tokens], dtype=np.int64)
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
     def _ids(self, j: int) -> np.ndarray:
         return self._tokens[j][: self.max_length]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         j = int(self.indices[i])
         return torch.from_numpy(self._ids(j).astype(np.int64)), int(self._labels[j])
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self._labels[self.indices]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     @property
     def vocab_size(self) -> int:
