@@ -127,7 +127,7 @@ class GPT(nn.Module):
         self.blocks = nn.Sequential(*[TransformerBlock(width, heads) for _ in range(layers)])
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size, bias=False)
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if p.ndim == 2:
                 nn.init.normal_(p, std=0.02)
 
@@ -210,10 +210,6 @@ class ModelSpec:
             raise UserError(f"gpt needs a whole --width divisible by --heads and at least 1 layer, got width {width:g}, "
                             f"{layers} layers, {heads} heads")
         return cls("gpt", int(width), int(layers), int(heads))
-
-    @property
-    def is_language_model(self) -> bool:
-        return self.name == "gpt" or self.name.startswith("hf:")
 
     def as_dict(self) -> dict:
         recorded = {"name": self.name, "width": self.width}

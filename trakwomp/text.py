@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from trakwomp.data import Examples, Fingerprint
+from trakwomp.data import Examples, Fingerprint, check_indices
 from trakwomp.errors import UserError
 from trakwomp.tasks import Batch
 
@@ -153,8 +153,6 @@ class TextDataset(Examples):
 
     def select(self, indices: np.ndarray) -> "TextDataset":
         """The examples `indices` of this dataset, in that order."""
-        from trakwomp.data import check_indices
-
         indices = check_indices(self.spec, np.asarray(indices), len(self))
         return TextDataset(self.spec, self._texts, self._sources, self._labels, self.classes, self.tokenizer,
                            self.max_length, self._tokens, self.indices[indices])
