@@ -11,6 +11,8 @@ from trakwomp.estimator import ViewSpec
 from trakwomp.projectors import ProjectorSpec
 from trakwomp.predict import predict
 from trakwomp.scoring import score
+from trakwomp.show import show
+from trakwomp.status import status
 from trakwomp.tasks import CausalLM, Classification, make_task, margins
 from trakwomp.text import TextDataset
 from trakwomp.training import Recipe, TrainReport, evaluate, load_reference_model, train
@@ -18,7 +20,8 @@ from trakwomp.training import Recipe, TrainReport, evaluate, load_reference_mode
 __version__ = "0.1.0"
 
 __all__ = [
-    "CausalLM", "Classification", "Dataset", "Fingerprint", "GPT", "ModelSpec", "ProjectorSpec", "Recipe", "Shard", "TrainReport", "UserError", "ViewSpec",
+    "CausalLM", "Classification", "Dataset", "Fingerprint", "GPT", "ModelSpec", "ProjectorSpec", "Recipe", "Shard",
+    "TrainReport", "UserError", "ViewSpec",
     "evaluate", "featurize", "finalize", "lds", "load_checkpoint", "load_dataset", "load_reference_model",
-    "make_task", "margins", "predict", "resnet9", "score", "TextDataset", "train",
+    "make_task", "margins", "predict", "resnet9", "score", "show", "status", "TextDataset", "train",
 ]
