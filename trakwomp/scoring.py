@@ -156,17 +156,16 @@ def score(
     settings = FeatureSettings.of_store(handle, net)
     key = scores_key(view, model_ids, fingerprint.sha256)
     n, n_targets = manifest["dataset"]["num_examples"], len(targets)
-    for model_id in model_ids:  # their weights against their recorded hashes, before any write
-        load_registered_model(handle, model_id, spec, output_size)
     target_prefix = layout.targets_prefix(fingerprint.sha256[:16])
-    handle.set_entry("targets", fingerprint.sha256[:16], {"spec": targets.spec, **fingerprint.as_dict()})
-    handle.set_entry("scores", key, {"view": [view.dims, view.blocks, view.ridge], "models": model_ids,
-                                     "targets": fingerprint.sha256[:16]})
-
     chunks, todo = plan_work(handle, "score", range(math.ceil(n_targets / target_chunk_rows)),
                              lambda c: layout.unit(key, c), shard, progress, f"score {key} target chunks",
                              [f"scores/{key}", f"done/score/{key}", target_prefix,
                               f"done/featurize_targets/{fingerprint.sha256[:16]}"])
+    for model_id in model_ids if todo else []:  # their weights against their recorded hashes, before any write
+        load_registered_model(handle, model_id, spec, output_size)
+    handle.set_entry("targets", fingerprint.sha256[:16], {"spec": targets.spec, **fingerprint.as_dict()})
+    handle.set_entry("scores", key, {"view": [view.dims, view.blocks, view.ridge], "models": model_ids,
+                                     "targets": fingerprint.sha256[:16]})
     report = ScoreReport(key, view, model_ids, n_targets, n, chunks_skipped=len(chunks) - len(todo))
     train_chunk_rows = manifest["featurize"]["chunk_rows"]
     start = time.perf_counter()

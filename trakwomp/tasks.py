@@ -75,6 +75,13 @@ class Classification:
     def loss(self, output, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(logits_of(output), batch.labels)
 
+    summary_name = "target_accuracy"
+
+    def summary_terms(self, output, batch: Batch) -> tuple[float, float]:
+        """(examples whose top logit is the label, examples): summed over batches, their ratio
+        is the accuracy (a positive margin means p_y > 1/2, a stricter test)."""
+        return float((logits_of(output).argmax(dim=1) == batch.labels).sum()), float(len(batch))
+
     def output_size(self, dataset) -> int:
         """How many outputs a model needs for `dataset` (checked to suit the task): its classes."""
         self.check_data(dataset)
@@ -131,6 +138,14 @@ class CausalLM:
     def loss(self, output, batch: Batch) -> torch.Tensor:
         losses, predicted = self.token_losses(output, batch)
         return losses.sum() / predicted.sum()
+
+    summary_name = "target_token_loss"
+
+    def summary_terms(self, output, batch: Batch) -> tuple[float, float]:
+        """(summed cross-entropy, predicted tokens): summed over batches, their ratio is the mean
+        cross-entropy per predicted token, in nats."""
+        losses, predicted = self.token_losses(output, batch)
+        return float(losses.sum()), float(predicted.sum())
 
     def output_size(self, dataset) -> int:
         """How many outputs a model needs for `dataset` (checked to be text): its vocabulary."""

@@ -25,7 +25,7 @@ from trakwomp.errors import UserError
 from trakwomp.models import ModelSpec, check_model_fits_data
 from trakwomp.runtime import NoProgress, Progress, Shard, plan_work, resolve_device
 from trakwomp.store import Store, layout
-from trakwomp.tasks import Batch, CausalLM, Classification, Task, logits_of
+from trakwomp.tasks import Batch, CausalLM, Classification, Task
 
 ROLES = {"reference": 0, "lds": 1}
 
@@ -80,7 +80,7 @@ class Recipe:
         if self.threads < 1:
             raise UserError(f"--threads must be at least 1, got {self.threads}")
         if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown --optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+            raise UserError(f"unknown optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
 
     def as_recorded(self, recorded: dict | None) -> dict:
         """The recipe as a store's manifest records it; a store made before `threads` and
@@ -210,26 +210,21 @@ def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recip
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, task: Task, device: torch.device,
              batch_size: int = 512) -> tuple[np.ndarray, dict]:
-    """The outputs f(z) (float32) of `model` in eval mode on every example of `dataset`, and a
-    summary: classification, how often the top logit is the label (a positive margin means
-    p_y > 1/2, a stricter test); causal-lm, the mean cross-entropy per predicted token."""
+    """The outputs f(z) (float32) of `model` in eval mode on every example of `dataset`, and the
+    task's summary of them (classification: top-1 accuracy; causal-lm: mean cross-entropy per
+    predicted token), as {task.summary_name: value}."""
     model.to(device).eval()
     order = length_sorted(dataset, np.arange(len(dataset)))
     out = np.empty(len(dataset), dtype=np.float32)
-    correct = loss = tokens = 0.0
+    numerator = denominator = 0.0
     for start in range(0, len(order), batch_size):
         positions = order[start:start + batch_size]
         batch = load_batch(dataset, positions).to(device)
         output = model(*batch.inputs)
         out[positions] = task.outputs(output, batch).float().cpu().numpy()
-        if isinstance(task, Classification):
-            correct += float((logits_of(output).argmax(dim=1) == batch.labels).sum())
-        else:
-            losses, predicted = task.token_losses(output, batch)
-            loss, tokens = loss + float(losses.sum()), tokens + float(predicted.sum())
-    if isinstance(task, Classification):
-        return out, {"target_accuracy": correct / len(dataset)}
-    return out, {"target_token_loss": loss / tokens}
+        terms = task.summary_terms(output, batch)
+        numerator, denominator = numerator + terms[0], denominator + terms[1]
+    return out, {task.summary_name: numerator / denominator}
 
 
 def train(
