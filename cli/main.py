@@ -153,15 +153,15 @@ def train(
     """Train reference models (or LDS evaluation models) on random alpha-subsets of --data."""
     shard_spec = Shard.parse(shard)
     chosen_task = make_task(task.value, lm_output)
-    spec = ModelSpec.parse(model or ("gpt" if task == TaskName.causal_lm else "resnet9"), width, layers, heads)
+    spec = ModelSpec.parse(model or chosen_task.default_model, width, layers, heads)
     recipe = Recipe.for_task(chosen_task, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                              threads=threads)
     if target_indices is not None and targets is None:
         raise UserError("--target-indices needs --targets")
     train_set = load_dataset(data, indices, transform, download, tokenizer, max_length)
     target_set = load_dataset(targets, target_indices, transform, download, tokenizer, max_length) if targets else None
-    for dataset in (train_set, target_set):
-        report_truncation(dataset, "--data" if dataset is train_set else "--targets")
+    report_truncation(train_set, "--data")
+    report_truncation(target_set, "--targets")
     with progress_for(quiet) as progress:
         report = train_models(store, train_set, spec, task=chosen_task, role=role.value, num_models=num_models,
                               targets=target_set, recipe=recipe, device=device, shard=shard_spec, progress=progress)

@@ -40,11 +40,9 @@ def bind_tokenizer(store: Store, data: Dataset) -> None:
 def bind_task(store: Store, task: Task) -> None:
     """Record (or check) the task a store is made for; a store made before tasks were recorded
     is a classification store."""
-    recorded = store.manifest.get("task")
-    if recorded is None and "dataset" in store.manifest:
-        recorded = {"name": "classification"}
-    if recorded is not None and recorded != task.as_dict():
-        raise UserError(f"store {store.location!r} was made for the task {task_of_store(recorded)}, not {task}; "
+    made = "task" in store.manifest or "dataset" in store.manifest
+    if made and stored_task(store) != task:
+        raise UserError(f"store {store.location!r} was made for the task {stored_task(store)}, not {task}; "
                         "use a new store for another task")
     store.bind("task", task.as_dict(), BIND_HINT)
 

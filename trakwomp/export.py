@@ -39,10 +39,16 @@ def top_k_rows(store: str | Path, key: str, targets: Dataset, k: int, threshold:
     rows = []
     for target_rows, block in iterate_scores(handle, key, threshold):
         for local, t in enumerate(target_rows):
-            for direction, rank, i in strongest(block[local], k):
-                rows.append({"target": t, **describe(targets, t, "target"), "direction": direction, "rank": rank,
-                             "train_index": i, **describe(train, i, "train"), "score": float(block[local, i])})
+            rows.extend(strongest_rows(targets, t, train, block[local], k))
     return rows
+
+
+def strongest_rows(targets: Dataset, target: int, train: Dataset, scores: np.ndarray, k: int) -> list[dict]:
+    """Rows of the k train examples with the largest and the k with the smallest `scores` (one
+    target's row of tau), each describing the target, the train example and its score."""
+    head = {"target": target, **describe(targets, target, "target")}
+    return [{**head, "direction": direction, "rank": rank, "train_index": i, **describe(train, i, "train"),
+             "score": float(scores[i])} for direction, rank, i in strongest(scores, k)]
 
 
 def describe(data: Dataset, i: int, prefix: str) -> dict:

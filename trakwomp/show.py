@@ -20,7 +20,7 @@ from trakwomp.bindings import load_store_data, stored_dataset
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
 from trakwomp.estimator import ViewSpec, relative_soft_threshold
-from trakwomp.export import describe, strongest
+from trakwomp.export import strongest_rows
 from trakwomp.store import Store
 from trakwomp.stored_scores import find_view_scores
 from trakwomp.text import TextDataset
@@ -58,9 +58,7 @@ def show(
         raise UserError(f"--target {target} is out of range: the scores hold targets 0 to {tau.shape[0] - 1}")
     row = relative_soft_threshold(torch.from_numpy(tau[target:target + 1]), threshold).numpy()[0]
     train = stored_dataset(handle, verify=False)
-    rows = [{"target": target, **describe(targets, target, "target"), "direction": direction, "rank": rank,
-             "train_index": i, **describe(train, i, "train"), "score": float(row[i])}
-            for direction, rank, i in strongest(row, k)]
+    rows = strongest_rows(targets, target, train, row, k)
     if out is not None:
         text = isinstance(train, TextDataset)
         if Path(out).suffix.lower() != (".html" if text else ".png"):

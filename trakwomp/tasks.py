@@ -68,6 +68,7 @@ class Classification:
     sigmoid(f); trained with cross-entropy. The model returns (batch, classes) logits."""
 
     name = "classification"
+    default_model = "resnet9"
 
     def outputs(self, output, batch: Batch) -> torch.Tensor:
         return margins(logits_of(output), batch.labels)
@@ -115,6 +116,7 @@ class CausalLM:
 
     output: str = "token"
     name = "causal-lm"
+    default_model = "gpt"
 
     def __post_init__(self):
         if self.output not in LM_OUTPUTS:

@@ -60,14 +60,16 @@ class HuggingFaceTokenizer:
         except (OSError, ValueError) as e:
             raise UserError(f"--tokenizer {self.spec}: cannot load the tokenizer: {str(e).splitlines()[0]}") from None
         self.vocab_size = len(self.tokenizer)
+        vocabulary = json.dumps(sorted(self.tokenizer.get_vocab().items()), ensure_ascii=False).encode("utf-8")
+        self._record = {"spec": "hf", "vocab_size": self.vocab_size, "sha256": hashlib.sha256(vocabulary).hexdigest()}
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(ids, dtype=np.int32) for ids in self.tokenizer(texts)["input_ids"]]
 
     def record(self) -> dict:
-        """The vocabulary itself, by hash: the same tokenizer in another folder is the same tokenizer."""
-        vocabulary = json.dumps(sorted(self.tokenizer.get_vocab().items()), ensure_ascii=False).encode("utf-8")
-        return {"spec": "hf", "vocab_size": self.vocab_size, "sha256": hashlib.sha256(vocabulary).hexdigest()}
+        """The vocabulary itself, by hash (computed once, on loading): the same tokenizer in
+        another folder is the same tokenizer."""
+        return self._record
 
 
 def import_transformers(what: str):
