@@ -36,6 +36,7 @@ from trakwomp.bindings import load_store_data
 from trakwomp.models import GPT_DEFAULTS, ModelSpec
 from trakwomp.tasks import make_task
 from trakwomp.projectors import ProjectorSpec
+from trakwomp.memory import parse_size
 from trakwomp.runtime import NoProgress, Shard
 from trakwomp.store import StoreError
 from trakwomp.training import LANGUAGE_MODEL_RECIPE, Recipe, train as train_models
@@ -185,6 +186,14 @@ def expand_checkpoints(patterns: list[str]) -> list[str]:
     return paths
 
 
+MaxMemoryOpt = typer.Option(None, "--max-memory", help="The most memory the process may hold while featurizing, e.g. 8G (on CUDA: of the GPU's) [default: what it holds now plus what is free]; checked before any work.")
+
+
+def report_batch_size(asked: int, used: int) -> None:
+    if used and used < asked:
+        console.print(f"lowered --batch-size from {asked} to {used} to fit in memory")
+
+
 @app.command()
 @reports_errors
 def featurize(
@@ -199,12 +208,13 @@ def featurize(
     checkpoint: list[str] = typer.Option([], "--checkpoint", help="A state_dict file or a glob; repeatable. Default: the store's trained reference models."),
     blocks: Optional[int] = typer.Option(None, "--blocks", help=f"Number of projection blocks B [default: the store's, else {ProjectorSpec.blocks}]."),
     block_dim: Optional[int] = typer.Option(None, "--block-dim", help=f"Dimensions per block; d = B x block dim [default: the store's, else {ProjectorSpec.block_dim}]."),
-    projector: Optional[str] = typer.Option(None, "--projector", help=f"sjlt (sparse, O(p) per block), gaussian, rademacher or identity (no projection) [default: the store's, else {ProjectorSpec.kind}]."),
+    projector: Optional[str] = typer.Option(None, "--projector", help="sjlt (sparse, O(p) per block), gaussian, rademacher, identity (no projection) or factored (one k x k block per layer from hooks, no per-example gradients; block dim k x k) [default: the store's, else sjlt up to 20M parameters and factored beyond]."),
     projector_seed: Optional[int] = typer.Option(None, "--projector-seed", help=f"[default: the store's, else {ProjectorSpec.seed}]"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Storage dtype of the features: float32 or float16 [default: the store's, else float32]."),
     parameters: list[str] = typer.Option([], "--params", help="Glob of parameter names to take gradients for; repeatable. Default: the store's, else all."),
     chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows", help="Train examples per stored chunk and per unit of work [default: the store's, else 1024]."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Examples per per-example-gradient batch."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Examples per gradient batch (lowered, and said, if it would not fit in memory)."),
+    max_memory: Optional[str] = MaxMemoryOpt,
     device: str = DeviceOpt,
     shard: str = ShardOpt,
     quiet: bool = QuietOpt,
@@ -222,6 +232,8 @@ def featurize(
     spec = ModelSpec.parse(model, width, layers, heads) if model else None
     chosen_task = make_task(task.value, lm_output) if task else None
     given = {"kind": projector, "seed": projector_seed, "blocks": blocks, "block_dim": block_dim}
+    if projector == "factored" and blocks is not None:
+        raise UserError("--blocks does not go with --projector factored, which makes one block per layer")
     projector_spec = None
     if any(v is not None for v in given.values()):
         projector_spec = ProjectorSpec(**{k: v for k, v in given.items() if v is not None})
@@ -233,12 +245,18 @@ def featurize(
         report = featurize_models(store, train_set, spec, expand_checkpoints(checkpoint), task=chosen_task,
                                   projector=projector_spec,
                                   dtype=dtype, parameters=parameters or None, chunk_rows=chunk_rows,
-                                  batch_size=batch_size, device=device, shard=shard_spec, progress=progress)
+                                  batch_size=batch_size, memory_limit=parse_size(max_memory) if max_memory else None,
+                                  device=device, shard=shard_spec, progress=progress)
+    report_batch_size(batch_size, report.batch_size)
     if json_out:
         print_json(report)
     if not quiet:
         console.print(f"featurized {report.units_done} unit(s) of models {report.model_ids} "
                       f"({report.examples_per_second:,.1f} examples/s), {report.units_skipped} already done")
+        if report.left_out:
+            shown = ", ".join(report.left_out[:4]) + (", ..." if len(report.left_out) > 4 else "")
+            console.print(f"the factored projection leaves out {len(report.left_out)} chosen parameter tensor(s) of "
+                          f"no supported layer: {shown}")
 
 
 DimsOpt = typer.Option(None, "--dims", help="Use the first D featurized dims (default: all).")
@@ -286,7 +304,8 @@ def score(
     top_k: int = typer.Option(0, "--top-k", help="Write the K most supporting and opposing train examples per target."),
     top_k_out: Path = typer.Option(Path("top-k.csv"), "--top-k-out", help="Where --top-k goes (.csv or .json)."),
     chunk_rows: int = typer.Option(256, "--chunk-rows", help="Targets per unit of work."),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Targets per gradient batch (lowered, and said, if it would not fit in memory)."),
+    max_memory: Optional[str] = MaxMemoryOpt,
     device: str = DeviceOpt,
     shard: str = ShardOpt,
     quiet: bool = QuietOpt,
@@ -314,8 +333,10 @@ def score(
     report_truncation(target_set, "--targets")
     with progress_for(quiet) as progress:
         report = score_targets(store, target_set, ViewSpec(dims, blocks, ridge), parse_model_ids(models), model=spec,
-                               target_chunk_rows=chunk_rows, batch_size=batch_size, device=device, shard=shard_spec,
+                               target_chunk_rows=chunk_rows, batch_size=batch_size,
+                               memory_limit=parse_size(max_memory) if max_memory else None, device=device, shard=shard_spec,
                                progress=progress)
+    report_batch_size(batch_size, report.batch_size)
     if json_out:
         print_json(report)
     if not quiet:

@@ -54,6 +54,8 @@ def root(tmp_path_factory) -> Path:
             shutil.copytree(root / STAGES[i - 1], root / stage)
         step(root / stage)
     write_text_inputs(root)
+    shutil.copytree(root / "trained", root / "factored")
+    featurize(root / "factored", projector=ProjectorSpec("factored", 0, block_dim=16), chunk_rows=16)
 
     np.savez(root / "empty.npz", x=np.zeros((0, 3, 16, 16), np.float32), y=np.zeros(0, np.int64))
     (root / "garbage.npz").write_bytes(b"not a zip archive")
@@ -290,6 +292,17 @@ CASES = [
     Case("lm-output-for-classification", None, [*TRAIN, "--lm-output", "token"], "--lm-output applies to --task causal-lm only"),
     Case("unknown-lm-output", None, [*LM, "jsonl:F/texts.jsonl", "--lm-output", "word"], "unknown --lm-output 'word'"),
     Case("layers-for-resnet9", None, [*TRAIN, "--layers", "2"], "--layers and --heads apply to the built-in gpt only"),
+    # factored projections and memory
+    Case("blocks-with-factored", "trained", ["featurize", "S", "--projector", "factored", "--blocks", "4"],
+         "--blocks does not go with --projector factored"),
+    Case("factored-block-dim-not-square", "trained", ["featurize", "S", "--projector", "factored", "--block-dim", "20"],
+         "the block dim must be a square"),
+    Case("factored-dims-not-on-a-layer", "factored", ["finalize", "S", "--dims", "20"], "must end on a layer"),
+    Case("malformed-max-memory", "trained", ["featurize", "S", "--max-memory", "lots"], "malformed --max-memory 'lots'"),
+    Case("featurize-beyond-max-memory", "trained", ["featurize", "S", "--max-memory", "1M"],
+         "more than the 1.0 MiB available"),
+    Case("score-beyond-max-memory", "finalized", ["score", "S", *TARGETS, "--max-memory", "100K"],
+         "more than the 0.1 MiB available"),
 ]
 
 

@@ -64,7 +64,7 @@ def test_view_refuses_what_the_features_cannot_give(dims, blocks, ridge, n, mess
 
 def test_view_defaults_and_groupings():
     assert View.resolve(16384, 1024, None, None, 0, 50000) == View(16384, 16, 0.0)
-    assert View.resolve(16384, 1024, 4096, 1, 0, 50000).block_width == 4096
+    assert View.resolve(16384, 1024, 4096, 1, 0, 50000).widths == (4096,)
     assert View.resolve(16384, 1024, None, 4, 0, 50000).columns(2) == slice(8192, 12288)
     assert View.resolve(4096, 1024, None, 1, 1e-3, 2000).ridge == 1e-3
 

@@ -6,7 +6,7 @@ q_m,i = 1 - p_m,i, a view (D, B) splits the D dims into B blocks of w = D / B an
     tau_i(z) = [(1/M^2) sum_m q_m,i] * [sum_m sum_b phi_m,b(z) (Phi_m,b^T Phi_m,b + r_m,b I)^-1 Phi_m,b^T]_i
 
 (eq. 3; B = 1 is TRAK's eq. 2). Equivalently phi_m(z) K_m^-1 Phi_m^T with K_m block-diagonal
-(eq. 5). The ridge is relative: r_m,b = ridge * mean(diag(Phi_m,b^T Phi_m,b)).
+(eq. 5). Blocks are equal, or, for factored features, the layers (blocks of different widths). The ridge is relative: r_m,b = ridge * mean(diag(Phi_m,b^T Phi_m,b)).
 The soft threshold S(v, t) = sign(v) max(|v| - t, 0) is applied on export, never to stored scores.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from trakwomp.errors import UserError
@@ -32,30 +33,30 @@ class ViewSpec:
 
 @dataclass(frozen=True)
 class View:
-    """The first `dims` stored feature dims, split into `blocks` blocks of `dims // blocks`."""
+    """The first `dims` stored feature dims in `blocks` blocks: equal blocks of dims / blocks, or,
+    for factored features, the layers (`layer_widths`, one block each)."""
 
     dims: int
     blocks: int
     ridge: float = 0.0
+    layer_widths: tuple[int, ...] = ()
 
     @property
-    def block_width(self) -> int:
-        return self.dims // self.blocks
+    def widths(self) -> tuple[int, ...]:
+        return self.layer_widths or (self.dims // self.blocks,) * self.blocks
+
+    @property
+    def max_width(self) -> int:
+        return max(self.widths)
 
     @property
     def key(self) -> str:
-        return f"d{self.dims}-b{self.blocks}-ridge{self.ridge:g}"
-
-    @classmethod
-    def from_key(cls, key: str) -> "View":
-        """The view whose `key` is `key`: View.from_key(view.key) == view."""
-        match = re.fullmatch(r"d(\d+)-b(\d+)-ridge(.+)", key)
-        if not match:
-            raise UserError(f"{key!r} is not a view key (d<dims>-b<blocks>-ridge<ridge>)")
-        return cls(int(match.group(1)), int(match.group(2)), float(match.group(3)))
+        grouping = f"layers{self.blocks}" if self.layer_widths else f"b{self.blocks}"
+        return f"d{self.dims}-{grouping}-ridge{self.ridge:g}"
 
     def columns(self, block: int) -> slice:
-        return slice(block * self.block_width, (block + 1) * self.block_width)
+        start = sum(self.widths[:block])
+        return slice(start, start + self.widths[block])
 
     @classmethod
     def resolve(cls, stored_dims: int, stored_block_dim: int, dims: int | None, blocks: int | None,
@@ -70,13 +71,45 @@ class View:
         if blocks < 1 or dims % blocks or (dims // blocks) % stored_block_dim:
             raise UserError(f"--blocks {blocks} must divide --dims {dims} into whole stored blocks of "
                             f"{stored_block_dim} dims (so B must divide {dims // stored_block_dim})")
-        if ridge < 0:
-            raise UserError(f"--ridge must be >= 0, got {ridge}")
-        view = cls(dims, blocks, float(ridge))
-        if view.block_width > num_train and ridge == 0:
-            raise UserError(f"blocks of {view.block_width} dims exceed the {num_train} train examples, so each "
+        return cls(dims, blocks, check_ridge(ridge)).checked_against(num_train)
+
+    @classmethod
+    def resolve_layers(cls, layer_widths: list[int], dims: int | None, blocks: int | None, ridge: float,
+                       num_train: int) -> "View":
+        """A view of factored features: the first layers up to `dims` (default: all), one block per
+        layer, or `blocks` equal blocks of those dims."""
+        edges = np.cumsum(layer_widths).tolist()
+        dims = edges[-1] if dims is None else dims
+        if dims not in edges:
+            shown = ", ".join(map(str, edges[:8])) + (", ..." if len(edges) > 8 else "")
+            raise UserError(f"--dims {dims} must end on a layer of the factored features: one of {shown}")
+        if blocks is None:
+            return cls(dims, edges.index(dims) + 1, check_ridge(ridge),
+                       tuple(layer_widths[:edges.index(dims) + 1])).checked_against(num_train)
+        if blocks < 1 or dims % blocks:
+            raise UserError(f"--blocks {blocks} must divide --dims {dims} into equal blocks (or leave --blocks out "
+                            "for one block per layer)")
+        return cls(dims, blocks, check_ridge(ridge)).checked_against(num_train)
+
+    def checked_against(self, num_train: int) -> "View":
+        if self.max_width > num_train and self.ridge == 0:
+            raise UserError(f"blocks of {self.max_width} dims exceed the {num_train} train examples, so each "
                             "block's Gram matrix is singular; pass --ridge > 0 (e.g. 1e-3) or more blocks")
-        return view
+        return self
+
+
+def blocks_of_key(key: str) -> int:
+    """How many blocks the view with key `key` has."""
+    match = re.fullmatch(r"d\d+-(?:b|layers)(\d+)-ridge.+", key)
+    if not match:
+        raise UserError(f"{key!r} is not a view key (d<dims>-b<blocks>-ridge<ridge> or d<dims>-layers<L>-ridge<ridge>)")
+    return int(match.group(1))
+
+
+def check_ridge(ridge: float) -> float:
+    if ridge < 0:
+        raise UserError(f"--ridge must be >= 0, got {ridge}")
+    return float(ridge)
 
 
 def regularized_inverse(gram: torch.Tensor, ridge: float) -> torch.Tensor:

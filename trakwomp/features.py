@@ -14,6 +14,8 @@ from torch import nn
 
 from trakwomp.data import Dataset, length_sorted, load_batch
 from trakwomp.errors import UserError
+from trakwomp.factored import FactoredFeatures, FactoredLayer, factored_layers
+from trakwomp.memory import featurize_need, fit_batch_size, free_bytes, held_bytes, saved_activation_bytes
 from trakwomp.gradients import PerExampleGradients, count_parameters, select_parameters
 from trakwomp.models import ModelSpec
 from trakwomp.projectors import DenseProjector, ProjectorSpec, SparseProjector, make_projector
@@ -34,6 +36,8 @@ class FeaturizeReport:
     units_skipped: int = 0
     examples: int = 0
     seconds: float = 0.0
+    left_out: list[str] = field(default_factory=list)  # chosen parameters a factored projection leaves out
+    batch_size: int = 0  # the batch size used: the one asked for, or a smaller one that fits in memory
 
     @property
     def examples_per_second(self) -> float:
@@ -48,6 +52,11 @@ class FeatureSettings:
     dtype: str
     parameter_names: list[str]
     num_params: int
+    layers: tuple[FactoredLayer, ...] = ()  # the factored projector's layers, in feature order
+
+    @property
+    def dims(self) -> int:
+        return sum(layer.width for layer in self.layers) if self.layers else self.projector.dim
 
     @classmethod
     def of_store(cls, handle: Store, net: nn.Module) -> "FeatureSettings":
@@ -65,7 +74,26 @@ class FeatureSettings:
         if num_params != recorded["num_params"]:
             raise UserError(f"the model differentiates {num_params} parameters, but the store's features were made "
                             f"from {recorded['num_params']}")
-        return cls(projector, recorded["dtype"], names, num_params)
+        layers = ()
+        if projector.kind == "factored":
+            layers = tuple(factored_layers(net, names, projector.block_dim))
+            if [layer.as_dict() for layer in layers] != recorded["layers"]:
+                raise UserError("the model's layers differ from those the store's factored features were made from")
+        return cls(projector, recorded["dtype"], names, num_params, layers)
+
+
+def batch_size_that_fits(net: nn.Module, data: Dataset, task: Task, settings: FeatureSettings, batch_size: int,
+                         chunk_rows: int, device: torch.device, memory_limit: int | None, stage: str) -> int:
+    """`batch_size`, or a smaller one if featurizing `data` would not fit in `memory_limit` bytes
+    (the most the process may hold; default: what it holds now and what the device has free);
+    refused in one line if one example does not fit."""
+    free = free_bytes(device)
+    budget = memory_limit if memory_limit is not None else None if free is None else held_bytes(device) + free
+    chunk_rows = min(chunk_rows, len(data))
+    activations = saved_activation_bytes(net, data, task, device)
+    need = featurize_need(net, settings.num_params, settings.projector, settings.dims, settings.layers, chunk_rows,
+                          activations, device)
+    return fit_batch_size(need, batch_size, budget, stage)
 
 
 def write_features(handle: Store, data: Dataset, model: ModelSpec, task: Task, settings: FeatureSettings,
@@ -76,14 +104,17 @@ def write_features(handle: Store, data: Dataset, model: ModelSpec, task: Task, s
     published by a done marker of `stage`."""
     n = len(data)
     projector = settings.projector
-    report = FeaturizeReport()
+    report = FeaturizeReport(batch_size=batch_size)
     start = time.perf_counter()
     for model_id in sorted({m for m, _ in todo}):
         net = load_registered_model(handle, model_id, model, task.output_size(data))
-        engine = PerExampleGradients(net, settings.parameter_names, device, task)
-        projection = make_projector(projector, model_id, settings.num_params, device)
+        if settings.layers:
+            engine, projection = FactoredFeatures(net, settings.layers, projector.seed, model_id, device, task), None
+        else:
+            engine = PerExampleGradients(net, settings.parameter_names, device, task)
+            projection = make_projector(projector, model_id, settings.num_params, device)
         base = layout.features(model_id, prefix)
-        phi = handle.require_array(f"{base}/phi", (n, projector.dim), settings.dtype, (chunk_rows, projector.block_dim))
+        phi = handle.require_array(f"{base}/phi", (n, settings.dims), settings.dtype, (chunk_rows, projector.block_dim))
         q = handle.require_array(f"{base}/q", (n,), "float32", (chunk_rows,))
         f = handle.require_array(f"{base}/margins", (n,), "float32", (chunk_rows,))
         for _, chunk in [u for u in todo if u[0] == model_id]:
@@ -105,9 +136,11 @@ def write_features(handle: Store, data: Dataset, model: ModelSpec, task: Task, s
     return report
 
 
-def featurize_rows(data: Dataset, rows: range, engine: PerExampleGradients, projection: DenseProjector | SparseProjector,
-                   batch_size: int, progress: Progress) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Projected gradients, q and outputs f of the examples `rows`, as CPU tensors in row order.
+def featurize_rows(data: Dataset, rows: range, engine: PerExampleGradients | FactoredFeatures,
+                   projection: DenseProjector | SparseProjector | None, batch_size: int,
+                   progress: Progress) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projected gradients, q and outputs f of the examples `rows`, as CPU tensors in row order
+    (`projection` None: the engine gives projected gradients itself).
 
     Texts are batched in order of length (so that batches pad little) and put back in row order.
     Each batch is projected as soon as it is computed, unless the projection regenerates its
@@ -115,19 +148,20 @@ def featurize_rows(data: Dataset, rows: range, engine: PerExampleGradients, proj
     it does so as rarely as memory allows."""
     order = length_sorted(data, np.arange(rows.start, rows.stop))
     buffer_rows = batch_size
-    if projection.regenerates:
+    if projection is not None and projection.regenerates:
         buffer_rows = max(batch_size, GRADIENT_BUFFER_BYTES // (4 * engine.num_params))
     features, qs, fs, pending = [], [], [], []
     pending_start = 0
     for start in range(0, len(order), batch_size):
         positions = order[start:start + batch_size]
         out = engine(load_batch(data, positions))
-        pending.append(out.grads)
+        pending.append(out.features if projection is None else out.grads)
         qs.append(out.q.cpu())
         fs.append(out.outputs.cpu())
         stop = start + len(positions)
         if stop - pending_start >= buffer_rows or stop == len(order):
-            projected = projection.project(pending[0] if len(pending) == 1 else torch.cat(pending)).cpu()
+            gathered = pending[0] if len(pending) == 1 else torch.cat(pending)
+            projected = (gathered if projection is None else projection.project(gathered)).cpu()
             finite = torch.isfinite(projected).all(dim=1) & torch.isfinite(torch.cat(fs[-len(pending):]))
             bad = order[pending_start:stop][~finite.numpy()]
             if len(bad):

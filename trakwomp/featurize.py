@@ -7,12 +7,14 @@ A unit of work is (model id, row chunk); see docs/store.md for the layout.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from trakwomp.bindings import bind_training_inputs, stored_dataset, stored_task
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
-from trakwomp.features import DTYPES, FeatureSettings, FeaturizeReport, write_features
+from trakwomp.factored import covered_parameters, factored_layers
+from trakwomp.features import DTYPES, FeatureSettings, FeaturizeReport, batch_size_that_fits, write_features
 from trakwomp.gradients import count_parameters, select_parameters
 from trakwomp.models import ModelSpec, check_model_fits_data
 from trakwomp.projectors import ProjectorSpec
@@ -20,6 +22,16 @@ from trakwomp.registry import read_checkpoints, register_models
 from trakwomp.runtime import NoProgress, Progress, Shard, plan_work, resolve_device
 from trakwomp.store import Store, layout
 from trakwomp.tasks import Classification, Task
+
+
+FACTORED_FROM_PARAMS = 20_000_000
+
+
+def default_projector(num_params: int) -> ProjectorSpec:
+    """`sjlt` at 16 x 1,024 up to FACTORED_FROM_PARAMS differentiated parameters, `factored` at
+    32 x 32 per layer beyond, where `sjlt`'s tables (12 bytes per parameter and block: 3.8 GB at
+    20M) and per-example gradients outgrow a machine (docs/performance.md gives the numbers)."""
+    return ProjectorSpec("factored" if num_params > FACTORED_FROM_PARAMS else "sjlt")
 
 
 def featurize(
@@ -34,6 +46,7 @@ def featurize(
     parameters: list[str] | None = None,
     chunk_rows: int | None = None,
     batch_size: int = 64,
+    memory_limit: int | None = None,
     device: str = "cpu",
     shard: Shard = Shard(),
     progress: Progress | None = None,
@@ -43,8 +56,11 @@ def featurize(
     `task`: default the store's (classification for a new store).
     `parameters`: glob patterns of parameter names to take gradients for (all by default).
     `projector`, `dtype`, `parameters` and `chunk_rows` default to the store's, once it has
-    features, else to ProjectorSpec(), float32, all parameters and 1024 rows. Everything is
-    checked before the store is first written (or created)."""
+    features, else to `default_projector` of the model, float32, all parameters and 1024 rows. Everything is
+    checked before the store is first written (or created), memory included: the batch size is
+    lowered (report.batch_size) if the estimate of trakwomp.memory exceeds `memory_limit` bytes
+    (the most the process may hold; default: what it holds now plus what is free), and the call
+    refused if one example does not fit."""
     progress = progress or NoProgress()
     if checkpoints and (data is None or model is None):
         raise UserError("--checkpoint needs --data and --model (the train set and the architecture)")
@@ -54,8 +70,8 @@ def featurize(
         raise UserError(f"no trakwomp store at {str(store)!r}; make one with `trakwomp train`, or pass --data, "
                         "--model and --checkpoint")
     recorded = handle.manifest.get("featurize", {}) if handle else {}
-    if projector is None:
-        projector = ProjectorSpec(**recorded["projector"]) if recorded else ProjectorSpec()
+    if projector is None and recorded:
+        projector = ProjectorSpec(**recorded["projector"])
     dtype = dtype or recorded.get("dtype", "float32")
     parameters = parameters if parameters is not None else recorded.get("parameters")
     chunk_rows = chunk_rows if chunk_rows is not None else recorded.get("chunk_rows", 1024)
@@ -81,28 +97,42 @@ def featurize(
     check_model_fits_data(net, data, torch_device, model, task, output_size)
     parameter_names = select_parameters(net, parameters)
     num_params = count_parameters(net, parameter_names)
+    projector = projector or default_projector(num_params)
     if projector.kind == "identity" and projector.dim != num_params:
         raise UserError(f"the identity projector keeps all {num_params} gradient coordinates: pass --blocks B and "
                         f"--block-dim D with B x D = {num_params}")
+    layers = ()
+    if projector.kind == "factored":
+        layers = tuple(factored_layers(net, parameter_names, projector.block_dim))
+        if not layers:
+            raise UserError("none of the chosen parameters is the weight of a layer factored projections support "
+                            "(Linear, Conv2d, Embedding, GPT-2 Conv1D); use --projector sjlt")
+        projector = replace(projector, blocks=len(layers))
+    settings = FeatureSettings(projector, dtype, parameter_names, num_params, layers)
+    fitted = batch_size_that_fits(net, data, task, settings, batch_size, chunk_rows, torch_device, memory_limit,
+                                  "featurize")
     states = read_checkpoints(model, output_size, checkpoints) if checkpoints else []
     if not states and (handle is None or not handle.done_units("train", "reference")):
         raise UserError(f"store {str(store)!r} has no trained reference models; run `trakwomp train` first or pass "
                         "--checkpoint")
     handle = handle or Store.open(store, create=True)
     bind_training_inputs(handle, data, model, task)
-    handle.bind("featurize", {"projector": projector.as_dict(), "dtype": dtype, "parameters": parameters,
-                              "num_params": num_params, "chunk_rows": chunk_rows},
-                "featurize with the store's projector settings, or use a new store")
+    record = {"projector": projector.as_dict(), "dtype": dtype, "parameters": parameters, "num_params": num_params,
+              "chunk_rows": chunk_rows}
+    if layers:
+        record["layers"] = [layer.as_dict() for layer in layers]
+    handle.bind("featurize", record, "featurize with the store's projector settings, or use a new store")
     model_ids = register_models(handle, states)
 
-    settings = FeatureSettings(projector, dtype, parameter_names, num_params)
     num_chunks = math.ceil(len(data) / chunk_rows)
     units, todo = plan_work(handle, "featurize", [(m, c) for m in model_ids for c in range(num_chunks)],
                             lambda u: layout.unit(*u), shard, progress, "featurize (model, row chunk) units",
                             ["features", "done/featurize"])
-    report = write_features(handle, data, model, task, settings, todo, chunk_rows, batch_size, torch_device, progress,
+    report = write_features(handle, data, model, task, settings, todo, chunk_rows, fitted, torch_device, progress,
                             prefix="", stage="featurize")
     report.model_ids, report.units_skipped = model_ids, len(units) - len(todo)
+    if layers:
+        report.left_out = sorted(set(parameter_names) - set(covered_parameters(layers)))
     return report
 
 

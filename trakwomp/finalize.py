@@ -3,7 +3,8 @@
 
 A unit of work is (view, model, block): it reads only that block's column chunks, holds one
 chunk and one Gram matrix in memory, and writes inverse[b] of the (B, w, w) float64 array
-`finalize/<view>/<model>/inverse` (one chunk per block, split by rows beyond 512 MiB).
+`finalize/<view>/<model>/inverse` (one chunk per block, split by rows beyond 512 MiB; w is the
+widest block, and a narrower block w_b fills inverse[b, :w_b, :w_b], zeros around it).
 """
 
 from __future__ import annotations
@@ -70,21 +71,26 @@ def finalize(
                             f"finalize {view.key} (model, block) units", [f"finalize/{view.key}", f"done/finalize/{view.key}"])
     report = FinalizeReport(view, model_ids, units_skipped=len(units) - len(todo))
     start = time.perf_counter()
-    w = view.block_width
+    w = view.max_width
+    layers = handle.manifest["featurize"].get("layers") if view.layer_widths else None
     for model_id, block in todo:
-        name = f"model {model_id} block {block}"
+        name = f"model {model_id} block {block}" + (f" (layer {layers[block]['name']})" if layers else "")
         progress.unit_started(name, 1)
         phi = handle.array(f"{layout.features(model_id)}/phi")
         try:
             inverse = regularized_inverse(block_gram(phi, view.columns(block), chunk_rows, torch_device), view.ridge)
         except UserError as e:
-            raise UserError(f"{name} of view {view.key}: {e}") from None
+            hint = (" (a classifier's output layer kept exactly on its class side always is: the margin's gradient "
+                    "sums to zero over the classes)") if layers else ""
+            raise UserError(f"{name} of view {view.key}: {e}{hint}") from None
         out = handle.require_array(layout.inverse(view.key, model_id), (view.blocks, w, w), "float64",
                                    inverse_chunks(w))
-        out[block] = inverse.cpu().numpy()
+        padded = torch.zeros(w, w, dtype=torch.float64)
+        padded[:len(inverse), :len(inverse)] = inverse.cpu()
+        out[block] = padded.numpy()
         handle.mark_done("finalize", layout.unit(view.key, model_id, block))
         report.units_done += 1
         progress.advance(1)
-        progress.unit_finished(name, f"{w} x {w} inverse")
+        progress.unit_finished(name, f"{len(inverse)} x {len(inverse)} inverse")
     report.seconds = time.perf_counter() - start
     return report

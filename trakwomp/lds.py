@@ -180,7 +180,8 @@ class LdsReport:
 def view_name(view, num_models: int) -> str:
     method = "TRAK" if view.blocks == 1 else "TRAK-WOMP"
     ridge = f" ridge={view.ridge:g}" if view.ridge else ""
-    return f"{method} d={view.dims} B={view.blocks}{ridge} M={num_models}"
+    blocks = f"{view.blocks} layers" if view.layer_widths else f"B={view.blocks}"
+    return f"{method} d={view.dims} {blocks}{ridge} M={num_models}"
 
 
 def pair_views(dims: list[int], blocks: list[int], ridges: list[float] = ()) -> list[ViewSpec]:

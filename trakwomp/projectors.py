@@ -16,6 +16,8 @@ coordinate goes to one output coordinate, drawn uniformly, with a random sign; u
 E <P_b^T u, P_b^T v> = <u, v> already; it costs O(p) per example and block instead of O(p d)), and
 `identity` (no projection: block b is coordinates [b * d_block, (b + 1) * d_block) of the
 gradient, so B * d_block must equal the number of parameters; exact TRAK for small models).
+The fifth kind, `factored`, projects each layer on its own without building per-example
+gradients; see trakwomp/factored.py (there `blocks` is the number of layers).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import numpy as np
 import torch
 
 from trakwomp.errors import UserError
+from trakwomp.factored import side_dim
 
-KINDS = ("gaussian", "rademacher", "sjlt", "identity")
+KINDS = ("gaussian", "rademacher", "sjlt", "identity", "factored")
 TILE_ROWS = 4096
 
 
@@ -46,6 +49,8 @@ class ProjectorSpec:
             raise UserError(f"unknown --projector {self.kind!r}: expected one of {', '.join(KINDS)}")
         if self.blocks < 1 or self.block_dim < 1 or self.tile_rows < 1:
             raise UserError("--blocks and --block-dim must be at least 1")
+        if self.kind == "factored":
+            side_dim(self.block_dim)
 
     @property
     def dim(self) -> int:

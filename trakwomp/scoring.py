@@ -24,13 +24,13 @@ from trakwomp.bindings import bind_model, bind_tokenizer, stored_task
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
 from trakwomp.estimator import View, ViewSpec
-from trakwomp.features import FeatureSettings, write_features
+from trakwomp.features import FeatureSettings, batch_size_that_fits, write_features
 from trakwomp.models import ModelSpec, check_model_fits_data
 from trakwomp.registry import load_registered_model
 from trakwomp.runtime import NoProgress, Progress, Shard, StepsOnly, plan_work, resolve_device
 from trakwomp.selection import featurized_models, store_view
 from trakwomp.store import Store, layout
-from trakwomp.stored_scores import scores_key
+from trakwomp.stored_scores import scores_key, view_record
 from trakwomp.tasks import Classification
 
 SCORE_PASS_BYTES = 256 << 20
@@ -46,6 +46,7 @@ class ScoreReport:
     chunks_done: int = 0
     chunks_skipped: int = 0
     seconds: float = 0.0
+    batch_size: int = 0  # the batch size used for the targets' features (lowered to fit in memory)
 
 
 def check_finalized(handle: Store, view: View, model_ids: list[int]) -> None:
@@ -75,9 +76,10 @@ def weighted_targets(handle: Store, view: View, model_id: int, target_prefix: st
         columns = view.columns(b)
         phi_b = [torch.from_numpy(target_phi[rows.start:rows.stop, columns]).to(device, torch.float64)
                  for rows in chunks]
-        products = [torch.zeros(len(rows), view.block_width, dtype=torch.float64, device=device) for rows in chunks]
-        for r in range(0, view.block_width, step):
-            piece = torch.from_numpy(inverse[b, r:r + step]).to(device)
+        width = view.widths[b]
+        products = [torch.zeros(len(rows), width, dtype=torch.float64, device=device) for rows in chunks]
+        for r in range(0, width, step):
+            piece = torch.from_numpy(inverse[b, r:min(r + step, width), :width]).to(device)
             for phi, product in zip(phi_b, products):
                 product.addmm_(phi[:, r:r + step], piece)
         for out, product in zip(weighted, products):
@@ -124,13 +126,15 @@ def score(
     model: ModelSpec | None = None,
     target_chunk_rows: int = 256,
     batch_size: int = 64,
+    memory_limit: int | None = None,
     device: str = "cpu",
     shard: Shard = Shard(),
     progress: Progress | None = None,
 ) -> ScoreReport:
     """Score every train example for every target at the view (dims, blocks, ridge); resumable by target chunk.
 
-    `model`: the store's model spec, needed if the store was made with a user factory."""
+    `model`: the store's model spec, needed if the store was made with a user factory.
+    `batch_size` is lowered to fit in `memory_limit` bytes (see `featurize`)."""
     progress = progress or NoProgress()
     if target_chunk_rows < 1 or batch_size < 1:
         raise UserError("--chunk-rows and --batch-size must be at least 1")
@@ -163,10 +167,14 @@ def score(
                               f"done/featurize_targets/{fingerprint.sha256[:16]}"])
     for model_id in model_ids if todo else []:  # their weights against their recorded hashes, before any write
         load_registered_model(handle, model_id, spec, output_size)
+    if todo:
+        batch_size = batch_size_that_fits(net, targets, task, settings, batch_size, target_chunk_rows, torch_device,
+                                          memory_limit, "score")
     handle.set_entry("targets", fingerprint.sha256[:16], {"spec": targets.spec, **fingerprint.as_dict()})
-    handle.set_entry("scores", key, {"view": [view.dims, view.blocks, view.ridge], "models": model_ids,
+    handle.set_entry("scores", key, {"view": view_record(view), "models": model_ids,
                                      "targets": fingerprint.sha256[:16]})
-    report = ScoreReport(key, view, model_ids, n_targets, n, chunks_skipped=len(chunks) - len(todo))
+    report = ScoreReport(key, view, model_ids, n_targets, n, chunks_skipped=len(chunks) - len(todo),
+                         batch_size=batch_size)
     train_chunk_rows = manifest["featurize"]["chunk_rows"]
     start = time.perf_counter()
     q_bar = mean_q(handle, model_ids)

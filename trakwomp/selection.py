@@ -51,6 +51,10 @@ def store_view(handle: Store, spec: ViewSpec) -> View:
     manifest = handle.manifest
     if "featurize" not in manifest:
         raise UserError(f"store {handle.location!r} has no features yet; run `trakwomp featurize` first")
-    projector = manifest["featurize"]["projector"]
+    recorded, num_train = manifest["featurize"], manifest["dataset"]["num_examples"]
+    if "layers" in recorded:
+        widths = [layer["rank_rows"] * layer["rank_cols"] for layer in recorded["layers"]]
+        return View.resolve_layers(widths, spec.dims, spec.blocks, spec.ridge, num_train)
+    projector = recorded["projector"]
     return View.resolve(projector["blocks"] * projector["block_dim"], projector["block_dim"], spec.dims, spec.blocks,
-                        spec.ridge, manifest["dataset"]["num_examples"])
+                        spec.ridge, num_train)

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from trakwomp.estimator import View
+from trakwomp.estimator import blocks_of_key
 from trakwomp.store import Store, layout
 from trakwomp.tasks import task_of_store
 
@@ -70,7 +70,7 @@ def status(store: str | Path) -> StoreStatus:
     for view in handle.children("done/finalize"):  # views of stores made before "asked" recorded them
         views.setdefault(view, [int(m) for m in handle.children(f"done/finalize/{view}")])
     for view, model_ids in sorted(views.items()):
-        blocks = View.from_key(view).blocks
+        blocks = blocks_of_key(view)
         for model_id in model_ids:
             done = len(handle.done_units("finalize", layout.unit(view, model_id)))
             report.stages.append(StageProgress("finalize", f"view {view} model {model_id} blocks", done, blocks))

@@ -30,10 +30,15 @@ def scores_key(view: View, model_ids: list[int], targets_sha: str) -> str:
     return f"{view.key}_m{compact_ids(model_ids)}_t{targets_sha[:16]}"
 
 
+def view_record(view: View) -> list:
+    """How a score entry records its view: [dims, blocks, ridge], and "layers" for per-layer blocks."""
+    return [view.dims, view.blocks, view.ridge] + (["layers"] if view.layer_widths else [])
+
+
 def find_scores(handle: Store, view: View, model_ids: list[int], targets_sha: str | None) -> str:
     """The key of finished scores for the view and models (and targets, if given)."""
     scored = handle.manifest.get("scores", {})
-    candidates = [k for k, v in scored.items() if v["view"] == [view.dims, view.blocks, view.ridge]
+    candidates = [k for k, v in scored.items() if v["view"] == view_record(view)
                   and v["models"] == model_ids and (targets_sha is None or v["targets"] == targets_sha[:16])]
     if len(candidates) > 1:
         raise UserError(f"several target sets are scored at view {view.key}; pass --targets to choose one")

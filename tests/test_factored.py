@@ -1,0 +1,233 @@
+"""Factored per-layer projections: exact against the Kronecker projection of autograd's per-example
+gradients, through the store with per-layer blocks, and memory refused or fitted before any work."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from trakwomp.data import load_batch, load_dataset
+from trakwomp.errors import UserError
+from trakwomp.factored import FactoredFeatures, factored_layers, side_projection
+from trakwomp.featurize import featurize
+from trakwomp.finalize import finalize
+from trakwomp.estimator import ViewSpec
+from trakwomp.gradients import select_parameters
+from trakwomp.models import GPT, ModelSpec
+from trakwomp.projectors import ProjectorSpec
+from trakwomp.scoring import score
+from trakwomp.store import Store
+from trakwomp.tasks import Batch, CausalLM, Classification
+from trakwomp.training import Recipe, train
+
+from conftest import plain, write_tiny_images
+from test_text import write_hf_folder, fortunes
+
+CPU = torch.device("cpu")
+
+
+def kronecker_features(net, layers, gradients, seed=0, model_id=0):
+    """(P_R kron P_C)^T vec(dW) per layer from one example's autograd gradients {name: tensor},
+    the bias appended as a column (a row for GPT-2's Conv1D, whose bias sits on its C side)."""
+    modules = {id(m.weight): m for m in net.modules() if hasattr(m, "weight")}
+    params = dict(net.named_parameters())
+    out = []
+    for layer in layers:
+        weight = gradients[layer.name].reshape(gradients[layer.name].shape[0], -1)
+        if layer.bias:
+            conv1d = type(modules[id(params[layer.name])]).__name__ == "Conv1D"
+            bias = gradients[layer.bias]
+            weight = torch.cat([weight, bias.view(1, -1)], 0) if conv1d else torch.cat([weight, bias.view(-1, 1)], 1)
+        p_rows = side_projection(seed, model_id, layer.name, 0, layer.rows, layer.rank_rows)
+        p_cols = side_projection(seed, model_id, layer.name, 1, layer.cols, layer.rank_cols)
+        out.append(weight.reshape(-1).double() @ torch.kron(p_rows, p_cols).double())
+    return torch.cat(out)
+
+
+def per_example_reference(net, layers, batches, task):
+    """Each example alone (unpadded) through plain autograd, then the dense Kronecker projection."""
+    params = dict(net.named_parameters())
+    rows, outputs = [], []
+    for one in batches:
+        f = task.outputs(net(*one.inputs), one).sum()
+        gradients = dict(zip(params, torch.autograd.grad(f, list(params.values()))))
+        rows.append(kronecker_features(net, layers, gradients))
+        outputs.append(float(f.detach()))
+    return torch.stack(rows), torch.tensor(outputs)
+
+
+def small_conv_net() -> nn.Module:
+    """Convolutions with and without bias, strided and padded, BatchNorm (eval, non-trivial
+    statistics), a linear layer with bias."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Conv2d(6, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def test_factored_features_of_a_conv_net_with_batchnorm_equal_the_kronecker_projection():
+    net = small_conv_net()
+    layers = factored_layers(net, select_parameters(net, None), 16)
+    # conv 6 x (3*9 + bias) and 8 x 54 projected 4 x 4; linear 5 x (8 + bias): 4 x 4 too
+    assert [(l.rows, l.cols, l.width) for l in layers] == [(6, 28, 16), (8, 54, 16), (5, 9, 16)]
+    x, y = torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4])
+    out = FactoredFeatures(net, layers, 0, 0, CPU, Classification())(Batch((x,), y))
+    expected, f = per_example_reference(net, layers, [Batch((x[i:i + 1],), y[i:i + 1]) for i in range(5)],
+                                        Classification())
+    torch.testing.assert_close(out.features.double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("output", ["sequence", "token"])
+def test_factored_features_of_the_gpt_with_padding_equal_the_kronecker_projection(output):
+    data = load_dataset("fortunes-mini:train")
+    torch.manual_seed(0)
+    net = GPT(data.vocab_size, 16, 1, 2).eval()
+    layers = factored_layers(net, select_parameters(net, None), 64)
+    assert [l.name for l in layers][:2] == ["tokens.weight", "positions.weight"]  # layer norms are left out
+    positions = [0, 5, 7, 11]  # texts of different lengths: all but the longest are padded
+    assert len(set(data.lengths[positions])) == len(positions)
+    task = CausalLM(output)
+    out = FactoredFeatures(net, layers, 0, 0, CPU, task)(load_batch(data, positions))
+    expected, f = per_example_reference(net, layers, [load_batch(data, [i]) for i in positions], task)
+    torch.testing.assert_close(out.features.double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_factored_features_of_hugging_face_gpt2_with_tied_embeddings_equal_the_kronecker_projection(tmp_path):
+    folder = write_hf_folder(tmp_path / "hf", [r["text"] for r in fortunes("train", 300)])
+    data = load_dataset("fortunes-mini:test", tokenizer=f"hf:{folder}")
+    net = ModelSpec.parse(f"hf:{folder}").build(data.vocab_size)
+    layers = factored_layers(net, select_parameters(net, None), 64)
+    names = [l.name for l in layers]
+    assert "model.lm_head.weight" not in names and names[0] == "model.transformer.wte.weight"  # tied: one layer
+    assert any(l.bias and l.rows == 17 for l in layers)  # a Conv1D's bias is a row: 16 inputs + 1
+    positions = [0, 1, 2]
+    out = FactoredFeatures(net, layers, 0, 0, CPU, CausalLM())(load_batch(data, positions))
+    expected, f = per_example_reference(net, layers, [load_batch(data, [i]) for i in positions], CausalLM())
+    torch.testing.assert_close(out.features.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_side_projections_are_seeded_by_layer_name_and_keep_narrow_sides_exactly():
+    a = side_projection(3, 1, "blocks.0.mlp.0.weight", 0, 100, 8)
+    torch.testing.assert_close(a, side_projection(3, 1, "blocks.0.mlp.0.weight", 0, 100, 8))
+    assert not torch.equal(a, side_projection(3, 1, "blocks.0.mlp.2.weight", 0, 100, 8))
+    assert not torch.equal(a, side_projection(3, 2, "blocks.0.mlp.0.weight", 0, 100, 8))
+    assert abs(float(a.pow(2).sum(0).mean()) - 100 / 8) < 3  # entries N(0, 1/8): column norms about 100/8
+    torch.testing.assert_close(side_projection(3, 1, "x", 1, 6, 6), torch.eye(6))
+
+
+TINY = ModelSpec.parse("resnet9", 1 / 16)
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    root = tmp_path_factory.mktemp("factored")
+    data = load_dataset(f"npz:{write_tiny_images(root / 'tiny.npz')}")
+    train(root / "store", data, TINY, num_models=2, recipe=Recipe(epochs=1, batch_size=16, lr=0.05))
+    return root
+
+
+def block_diagonal_scores(handle: Store, widths: list[int], target_prefix: str, ridge: float) -> np.ndarray:
+    """tau = [(1/M^2) sum_m q_m] * sum_m sum_b phi_m,b(z) (G_m,b + r I)^-1 Phi_m,b^T, dense in float64,
+    G_m,b = Phi_m,b^T Phi_m,b and r = ridge * mean(diag G_m,b)."""
+    edges = np.cumsum([0] + widths)
+    total, q_sum = 0, 0
+    for m in (0, 1):
+        phi = handle.array(f"features/{m:06d}/phi")[...].astype(np.float64)
+        target = handle.array(f"{target_prefix}features/{m:06d}/phi")[...].astype(np.float64)
+        q_sum = q_sum + handle.array(f"features/{m:06d}/q")[...].astype(np.float64)
+        for start, stop in zip(edges[:-1], edges[1:]):
+            block = phi[:, start:stop]
+            gram = block.T @ block
+            gram += ridge * np.diag(gram).mean() * np.eye(len(gram))
+            total = total + target[:, start:stop] @ np.linalg.inv(gram) @ block.T
+    return total * q_sum / 4
+
+
+def test_per_layer_blocks_of_different_widths_through_finalize_and_score(trained_once, tmp_path):
+    store = shutil.copytree(trained_once / "store", tmp_path / "store")
+    report = featurize(store, projector=ProjectorSpec("factored", seed=1, block_dim=36), chunk_rows=10, batch_size=7)
+    assert report.left_out and all("." in name for name in report.left_out)  # the batch norms
+    handle = Store.open(store)
+    widths = [l["rank_rows"] * l["rank_cols"] for l in handle.manifest["featurize"]["layers"]]
+    assert len(set(widths)) > 1 and handle.manifest["featurize"]["projector"]["blocks"] == len(widths)
+    targets = load_dataset(f"npz:{trained_once / 'tiny.npz'}", ).select(np.arange(6))
+    # the last layer's gradients span 3 of its 4 output directions (a margin's logit gradient sums to 0)
+    with pytest.raises(UserError, match=r"block 8 \(layer 10.weight\).*not positive definite.*sums to zero"):
+        finalize(store)
+    finalize(store, ViewSpec(ridge=1e-3))
+    layers = score(store, targets, ViewSpec(ridge=1e-3))
+    assert layers.view.key == f"d{sum(widths)}-layers{len(widths)}-ridge0.001"
+    handle = Store.open(store)
+    prefix = f"targets/{handle.manifest['scores'][layers.key]['targets']}/"
+    np.testing.assert_allclose(handle.array(f"scores/{layers.key}/tau")[...],
+                               block_diagonal_scores(handle, widths, prefix, 1e-3), rtol=1e-3, atol=1e-6)
+    # the same features regrouped into equal blocks: 2 blocks of half the dims
+    finalize(store, ViewSpec(blocks=2, ridge=1e-3))
+    equal = score(store, targets, ViewSpec(blocks=2, ridge=1e-3))
+    np.testing.assert_allclose(handle.array(f"scores/{equal.key}/tau")[...],
+                               block_diagonal_scores(handle, [sum(widths) // 2] * 2, prefix, 1e-3), rtol=1e-3, atol=1e-6)
+    with pytest.raises(UserError, match="must end on a layer"):
+        finalize(store, ViewSpec(dims=widths[0] + 1))
+
+
+@pytest.fixture
+def nothing_held(monkeypatch):
+    """The estimate without what the test process happens to hold already (pytest, other tests'
+    data), so that a limit set in the test is the estimate's alone."""
+    monkeypatch.setattr("trakwomp.memory.held_bytes", lambda device: 0)
+    monkeypatch.setattr("trakwomp.features.held_bytes", lambda device: 0)
+
+
+def test_a_model_too_large_for_the_memory_limit_is_refused_before_any_write(trained_once, tmp_path, cli, nothing_held):
+    store = shutil.copytree(trained_once / "store", tmp_path / "store")
+    before = Store.open(store).manifest
+    result = cli("featurize", store, "--projector", "sjlt", "--blocks", "64", "--block-dim", "64", "--max-memory", "5M")
+    assert result.exit_code == 2
+    lines = plain(result.stderr).strip().splitlines()
+    assert len(lines) == 1 and "sjlt tables (64 blocks)" in lines[0] and "--projector factored" in lines[0]
+    assert Store.open(store).manifest == before
+
+
+def test_the_batch_size_is_lowered_to_what_fits_and_features_do_not_change(trained_once, tmp_path, nothing_held):
+    small, big = (shutil.copytree(trained_once / "store", tmp_path / name) for name in ("small", "big"))
+    spec = ProjectorSpec("factored", seed=2, block_dim=16)
+    reference = featurize(big, projector=spec, chunk_rows=48, batch_size=48)
+    assert reference.batch_size == 48
+    from trakwomp.memory import featurize_need, saved_activation_bytes
+    net = TINY.build(4)
+    data = load_dataset(f"npz:{trained_once / 'tiny.npz'}")
+    layers = factored_layers(net, select_parameters(net, None), 16)
+    need = featurize_need(net, 0, spec, sum(l.width for l in layers), layers, 48,
+                          saved_activation_bytes(net, data, Classification(), CPU), CPU)
+    limit = need.total(5) + 1  # room for 5 examples per batch, not 6
+    report = featurize(small, projector=spec, chunk_rows=48, batch_size=48, memory_limit=limit)
+    assert report.batch_size == 5
+    np.testing.assert_allclose(Store.open(small).array("features/000000/phi")[...],
+                               Store.open(big).array("features/000000/phi")[...], rtol=1e-5, atol=1e-7)
+
+
+def test_without_projector_options_a_model_beyond_20m_parameters_gets_the_factored_projection(tmp_path, user_module,
+                                                                                              trained_once, cli):
+    user_module("bignets.wide", "import torch\n"
+                "def wide(classes):\n"
+                "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 26100), torch.nn.ReLU(),\n"
+                "                               torch.nn.Linear(26100, classes))\n")
+    torch.manual_seed(0)
+    big = torch.nn.Sequential(nn.Flatten(), nn.Linear(768, 26100), nn.ReLU(), nn.Linear(26100, 4))
+    assert sum(p.numel() for p in big.parameters()) > 20_000_000
+    torch.save(big.state_dict(), tmp_path / "big.pt")
+    data = ["--data", f"npz:{trained_once / 'tiny.npz'}", "--checkpoint", str(tmp_path / "big.pt"), "--quiet"]
+    assert cli("featurize", tmp_path / "big", "--model", "bignets.wide:wide", *data).exit_code == 0
+    assert Store.open(tmp_path / "big").manifest["featurize"]["projector"]["kind"] == "factored"
+    report = featurize(shutil.copytree(trained_once / "store", tmp_path / "small"))
+    assert Store.open(tmp_path / "small").manifest["featurize"]["projector"]["kind"] == "sjlt" and report.units_done
