@@ -3,6 +3,8 @@
 with the factored projection within 8 GiB, and what the `sjlt` path does on the same model.
 
     python bench/gpt2_small.py WORK [--train 300] [--targets 60] [--threads 2]
+    python bench/gpt2_small.py WORK --smoke     (the code path: the same steps on a one-layer,
+                                                width-32 GPT-2 of 257 tokens, 24 + 8 texts, 4 x 4 per layer)
 
 The model is Hugging Face's GPT2Config() (12 layers, width 768, 12 heads, vocabulary 50,257,
 context 1,024: 124,439,808 parameters) with seeded random weights, saved offline to WORK (the cost
@@ -34,8 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 TRAKWOMP = [sys.executable, "-m", "trakwomp.cli.main"]
 
 
-def make_model(work: Path) -> tuple[Path, Path]:
-    """GPT2Config() with seeded weights, saved as a Hugging Face folder and as a checkpoint."""
+def make_model(work: Path, smoke: bool) -> tuple[Path, Path]:
+    """GPT2Config() (for --smoke: one layer of width 32) with seeded weights, saved as a Hugging
+    Face folder and as a checkpoint."""
     import torch
     import transformers
 
@@ -44,7 +47,9 @@ def make_model(work: Path) -> tuple[Path, Path]:
     folder, checkpoint = work / "gpt2-small", work / "gpt2-small.pt"
     if not checkpoint.exists():
         torch.manual_seed(0)
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+        config = (transformers.GPT2Config(vocab_size=257, n_layer=1, n_embd=32, n_head=2) if smoke
+                  else transformers.GPT2Config())
+        model = transformers.GPT2LMHeadModel(config)
         model.save_pretrained(folder)
         torch.save(HuggingFaceCausalLM(model).state_dict(), checkpoint)
     return folder, checkpoint
@@ -82,7 +87,7 @@ def run(args: list[str], threads: int) -> dict:
         _, status, usage = os.wait4(process.pid, 0)
         messages.seek(0)
         lines = [line for line in messages.read().splitlines() if line.strip()]
-    report = json.loads(output.splitlines()[-1]) if output.strip() else {}
+    report = json.loads(output) if output.strip() else {}
     rate = report["examples"] / report["seconds"] if report.get("seconds") and "examples" in report else None
     return {"command": "trakwomp " + " ".join(args), "exit_code": os.waitstatus_to_exitcode(status),
             "seconds": time.perf_counter() - start, "peak_rss_bytes": usage.ru_maxrss * 1024,
@@ -95,9 +100,13 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=300)
     parser.add_argument("--targets", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
+    if args.smoke:
+        args.train, args.targets = 24, 8
+    block_dim = "16" if args.smoke else "256"
     args.work.mkdir(parents=True, exist_ok=True)
-    folder, checkpoint = make_model(args.work)
+    folder, checkpoint = make_model(args.work, args.smoke)
     train, targets = make_texts(args.work, args.train, args.targets)
     first16 = args.work / "first16.jsonl"
     first16.write_text("".join(train.read_text().splitlines(keepends=True)[:16]))
@@ -107,8 +116,8 @@ def main() -> None:
     for store in stores.values():
         subprocess.run(["rm", "-rf", str(store)], check=True)
     steps = {
-        "featurize factored 16 x 16 per layer": ["featurize", str(stores["factored"]), "--data", f"jsonl:{train}", *data,
-                                                 "--projector", "factored", "--block-dim", "256", "--batch-size", "8"],
+        f"featurize factored {'4 x 4' if args.smoke else '16 x 16'} per layer": ["featurize", str(stores["factored"]), "--data", f"jsonl:{train}", *data,
+                                                 "--projector", "factored", "--block-dim", block_dim, "--batch-size", "8"],
         "finalize (one block per layer)": ["finalize", str(stores["factored"])],
         "score": ["score", str(stores["factored"]), "--targets", f"jsonl:{targets}", "--max-length", "128",
                   "--batch-size", "8", "--max-memory", "8G"],
@@ -125,7 +134,8 @@ def main() -> None:
         results["steps"][name] = run(command, args.threads)
         print(f"{name}: {results['steps'][name]}", file=sys.stderr, flush=True)
     (args.work / "gpt2_small.json").write_text(json.dumps(results, indent=1))
-    lines = [f"GPT-2 small shape (124,439,808 parameters), {args.train} train and {args.targets} target sequences of "
+    shape = "a one-layer, width-32 GPT-2 of 257 tokens (--smoke)" if args.smoke else "GPT-2 small shape (124,439,808 parameters)"
+    lines = [f"{shape}, {args.train} train and {args.targets} target sequences of "
              f"128 tokens, {args.threads} threads, torch {results['torch']}, {results['date']}", "",
              "| step | exit | wall s | examples/s | peak RSS (GiB) | last line |", "| --- | ---: | ---: | ---: | ---: | --- |"]
     for name, r in results["steps"].items():

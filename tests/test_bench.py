@@ -88,3 +88,20 @@ def test_text_lds_smoke_chooses_on_the_even_half_and_reports_the_odd_half(tmp_pa
             rho = [spearmanr(outputs[:, t], predicted[:, t])[0] for t in range(tau.shape[0])]
             assert reported["lds"] == pytest.approx(np.mean(np.nan_to_num(rho)), abs=1e-6)
     assert "| token |" in (work / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpt2_small_smoke_featurizes_finalizes_and_scores_with_the_factored_projection(tmp_path):
+    work = tmp_path / "work"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpt2_small.py"), str(work), "--smoke"], cwd=REPO,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = json.loads((work / "gpt2_small.json").read_text())["steps"]
+    factored = [name for name in steps if name.startswith("featurize factored")]
+    assert len(factored) == 1 and steps[factored[0]]["examples_per_second"] > 0
+    for name in (*factored, "finalize (one block per layer)", "score"):
+        assert steps[name]["exit_code"] == 0, steps[name]
+        assert 0 < steps[name]["peak_rss_bytes"] < 8 << 30
+    group = zarr.open_group(str(work / "store-factored"), mode="r")
+    (key,) = dict(group["scores"].groups())
+    assert group[f"scores/{key}/tau"].shape == (8, 24) and np.isfinite(group[f"scores/{key}/tau"][...]).all()

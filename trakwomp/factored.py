@@ -95,28 +95,36 @@ def _shape(kind: str, module: nn.Module, with_bias: bool) -> tuple[int, int]:
     return rows, cols + int(with_bias)
 
 
+def weight_modules(model: nn.Module) -> list[tuple[nn.Module, str, str, str | None]]:
+    """(module, kind, weight name, bias name or None) of every module a factored rule applies to,
+    parameters named as `named_parameters` names them (a tied weight by its first name)."""
+    name_of: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        name_of.setdefault(id(p), name)
+    found = []
+    for module in model.modules():
+        kind = module_kind(module)
+        if kind and id(module.weight) in name_of:
+            found.append((module, kind, name_of[id(module.weight)], name_of.get(id(getattr(module, "bias", None)))))
+    return found
+
+
 def factored_layers(model: nn.Module, parameter_names: list[str], block_dim: int) -> list[FactoredLayer]:
     """The layers of `model` whose weights are among `parameter_names`, in parameter order, each
     with its bias if that is chosen too."""
     k = side_dim(block_dim)
-    name_of = {}
-    for name, p in model.named_parameters():
-        name_of.setdefault(id(p), name)
     chosen = set(parameter_names)
     found: dict[str, FactoredLayer] = {}
-    for module in model.modules():
-        kind = module_kind(module)
-        weight = name_of.get(id(getattr(module, "weight", None))) if kind else None
+    for module, kind, weight, bias in weight_modules(model):
         if weight not in chosen:
             continue
-        bias = name_of.get(id(getattr(module, "bias", None)))
         bias = bias if bias in chosen else None
         rows, cols = _shape(kind, module, bias is not None)
         layer = FactoredLayer(weight, bias, rows, cols, min(rows, k), min(cols, k))
         if found.setdefault(weight, layer) != layer:
             raise UserError(f"the weight {weight} is shared by modules with different biases, which factored "
                             "projections do not support; use --projector sjlt")
-    order = {name: i for i, name in enumerate(name_of.values())}
+    order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
     return sorted(found.values(), key=lambda layer: order[layer.name])
 
 
@@ -149,16 +157,10 @@ class FactoredFeatures:
     def __init__(self, model: nn.Module, layers: list[FactoredLayer], seed: int, model_id: int,
                  device: torch.device, task: Task):
         self.model, self.task, self.device = model.to(device).eval(), task, device
-        self.layers = layers
         self.dims = sum(layer.width for layer in layers)
-        name_of = {}
-        for name, p in self.model.named_parameters():
-            name_of.setdefault(id(p), name)
         index = {layer.name: i for i, layer in enumerate(layers)}
         self.modules = {}  # module -> (kind, layer index)
-        for module in self.model.modules():
-            kind = module_kind(module)
-            weight = name_of.get(id(getattr(module, "weight", None))) if kind else None
+        for module, kind, weight, _ in weight_modules(self.model):
             if weight in index:
                 self.modules[module] = (kind, index[weight])
                 module.weight.requires_grad_(True)  # the graph must reach every hooked output

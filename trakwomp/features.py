@@ -18,7 +18,7 @@ from trakwomp.factored import FactoredFeatures, FactoredLayer, factored_layers
 from trakwomp.memory import featurize_need, fit_batch_size, free_bytes, held_bytes, saved_activation_bytes
 from trakwomp.gradients import PerExampleGradients, count_parameters, select_parameters
 from trakwomp.models import ModelSpec
-from trakwomp.projectors import DenseProjector, ProjectorSpec, SparseProjector, make_projector
+from trakwomp.projectors import GRADIENT_BUFFER_BYTES, DenseProjector, ProjectorSpec, SparseProjector, make_projector
 from trakwomp.registry import load_registered_model
 from trakwomp.runtime import Progress
 from trakwomp.store import Store, layout
@@ -26,7 +26,6 @@ from trakwomp.tasks import Task
 
 
 DTYPES = ("float32", "float16")
-GRADIENT_BUFFER_BYTES = 1 << 30
 
 
 @dataclass

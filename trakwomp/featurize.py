@@ -56,8 +56,8 @@ def featurize(
     `task`: default the store's (classification for a new store).
     `parameters`: glob patterns of parameter names to take gradients for (all by default).
     `projector`, `dtype`, `parameters` and `chunk_rows` default to the store's, once it has
-    features, else to `default_projector` of the model, float32, all parameters and 1024 rows. Everything is
-    checked before the store is first written (or created), memory included: the batch size is
+    features, else to `default_projector` of the model, float32, all parameters and 1024 rows.
+    Everything is checked before the store is first written (or created), memory included: the batch size is
     lowered (report.batch_size) if the estimate of trakwomp.memory exceeds `memory_limit` bytes
     (the most the process may hold; default: what it holds now plus what is free), and the call
     refused if one example does not fit."""

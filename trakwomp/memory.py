@@ -12,8 +12,8 @@ The estimate adds up what the featurizing loop holds at its peak:
   longest example, times the batch (times 2 for `factored`, whose hooks also hold the gradient
   at every layer output);
 - the projection: `sjlt` index tables (12 bytes per parameter and block, plus 8 bytes per
-  projected dim and tile of parameters), a `gaussian`/`rademacher` matrix cache (up to 2 GiB),
-  or the factored side matrices;
+  projected dim and tile of parameters), a `gaussian`/`rademacher` matrix cache (up to 2 GiB,
+  and a 1 GiB gradient buffer beyond), or the factored side matrices;
 - the row chunk of features being gathered (3 copies of rows x dims floats), on the CPU.
 
 The budget (`--max-memory`) is the most the process may hold: by default what it holds now
@@ -33,10 +33,9 @@ from torch import nn
 
 from trakwomp.data import Dataset, load_batch
 from trakwomp.errors import UserError
-from trakwomp.projectors import ProjectorSpec
+from trakwomp.projectors import GRADIENT_BUFFER_BYTES, TILE_CACHE_BYTES, ProjectorSpec
 from trakwomp.tasks import Task
 
-DENSE_CACHE_BYTES = 2 << 30
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -113,7 +112,7 @@ class MemoryNeed:
 def featurize_need(model: nn.Module, num_params: int, projector: ProjectorSpec, dims: int, layers, chunk_rows: int,
                    activations: int, device: torch.device) -> MemoryNeed:
     """The estimate described in the module docstring, for one model's featurization; on a GPU,
-    of its memory only (one model copy, no row chunk)."""
+    of its memory only (one more model copy, no row chunk)."""
     model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     need = MemoryNeed()
     need.fixed["memory the process holds now"] = (held_bytes(device), "use a machine with more memory")
@@ -132,7 +131,9 @@ def featurize_need(model: nn.Module, num_params: int, projector: ProjectorSpec, 
         tables = 12 * projector.blocks * num_params + 8 * tiles * (dims + 1)
         need.fixed[f"sjlt tables ({projector.blocks} blocks)"] = (tables, "pass --projector factored, or fewer --blocks")
     else:
-        need.fixed["projection matrix cache"] = (min(4 * num_params * dims, DENSE_CACHE_BYTES), "pass --projector factored")
+        matrix = 4 * num_params * dims
+        buffer = GRADIENT_BUFFER_BYTES if matrix > TILE_CACHE_BYTES else 0  # regenerating: gradients gathered
+        need.fixed["projection matrix cache"] = (min(matrix, TILE_CACHE_BYTES) + buffer, "pass --projector factored")
     need.per_example["per-example gradients"] = (3 * 4 * num_params, "pass --projector factored")
     need.per_example["activations"] = (activations, "lower --batch-size")
     return need

@@ -34,6 +34,8 @@ from trakwomp.factored import side_dim
 
 KINDS = ("gaussian", "rademacher", "sjlt", "identity", "factored")
 TILE_ROWS = 4096
+TILE_CACHE_BYTES = 2 << 30  # a dense projector keeps its tiles up to this size, else regenerates them per call
+GRADIENT_BUFFER_BYTES = 1 << 30  # gradient rows gathered per call of a projector that regenerates
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ class DenseProjector:
     rows per call."""
 
     def __init__(self, spec: ProjectorSpec, model_id: int, num_params: int, device: torch.device,
-                 cache_bytes: int = 2 << 30):
+                 cache_bytes: int = TILE_CACHE_BYTES):
         self.spec, self.model_id, self.num_params, self.device = spec, model_id, num_params, device
         self.num_tiles = math.ceil(num_params / spec.tile_rows)
         self._cache: dict[int, torch.Tensor] = {}
