@@ -2,8 +2,10 @@
 # Are layers better blocks than random groups of dimensions? LDS at M = 1 of the factored
 # projection (one block per layer) against `sjlt` at the same total d, on a main job's store.
 #
-#   scripts/demo.sh MAIN        && bench/factored_lds.sh MAIN WORK            (cifar10-mini)
-#   scripts/demo-text.sh MAIN   && bench/factored_lds.sh MAIN WORK --text     (fortunes-mini)
+#   scripts/demo.sh MAIN        && bench/factored_lds.sh MAIN WORK                 (cifar10-mini)
+#   scripts/demo-text.sh MAIN   && bench/factored_lds.sh MAIN WORK --text          (fortunes-mini)
+#   bench/factored_lds.sh MAIN WORK --images FOLDER   (a store trained on imagefolder:FOLDER/train
+#                                                     with targets imagefolder:FOLDER/test)
 #
 # The main job's reference model 0 is featurized again, as a checkpoint, into three new stores in
 # WORK: `factored` at 32 x 32 per layer (d = the sum of the layers' blocks: 7,920 for the width-0.25
@@ -25,6 +27,9 @@ python="$(dirname "$trakwomp")/python"
 if [ "${3:-}" = "--text" ]; then
     data=(--data fortunes-mini:train --model gpt --task causal-lm); targets=fortunes-mini:test; outputs=257
     layers=11; d=11264
+elif [ "${3:-}" = "--images" ]; then
+    data=(--data "imagefolder:$4/train" --model resnet9 --width 0.25); targets="imagefolder:$4/test"; outputs=10
+    layers=9; d=7920
 else
     data=(--data cifar10-mini:train --model resnet9 --width 0.25); targets=cifar10-mini:test; outputs=10
     layers=9; d=7920

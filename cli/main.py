@@ -260,7 +260,7 @@ def featurize(
 
 
 DimsOpt = typer.Option(None, "--dims", help="Use the first D featurized dims (default: all).")
-BlocksOpt = typer.Option(None, "--blocks", help="Split the D dims into B blocks (default: the stored blocks; 1 is plain TRAK).")
+BlocksOpt = typer.Option(None, "--blocks", help="Split the D dims into B equal blocks (default: the stored blocks, one per layer for factored features; 1 is plain TRAK).")
 RidgeOpt = typer.Option(0.0, "--ridge", help="Ridge added to each block Gram matrix, relative to the mean of its diagonal.")
 ModelsOpt = typer.Option(None, "--models", help="Model ids to use, e.g. 0,2,5-7 (default: all featurized).")
 

@@ -15,6 +15,7 @@ from trakwomp.featurize import featurize
 from trakwomp.finalize import finalize
 from trakwomp.estimator import ViewSpec
 from trakwomp.gradients import select_parameters
+from trakwomp.memory import featurize_need, saved_activation_bytes
 from trakwomp.models import GPT, ModelSpec
 from trakwomp.projectors import ProjectorSpec
 from trakwomp.scoring import score
@@ -160,7 +161,7 @@ def test_per_layer_blocks_of_different_widths_through_finalize_and_score(trained
     handle = Store.open(store)
     widths = [l["rank_rows"] * l["rank_cols"] for l in handle.manifest["featurize"]["layers"]]
     assert len(set(widths)) > 1 and handle.manifest["featurize"]["projector"]["blocks"] == len(widths)
-    targets = load_dataset(f"npz:{trained_once / 'tiny.npz'}", ).select(np.arange(6))
+    targets = load_dataset(f"npz:{trained_once / 'tiny.npz'}").select(np.arange(6))
     # the last layer's gradients span 3 of its 4 output directions (a margin's logit gradient sums to 0)
     with pytest.raises(UserError, match=r"block 8 \(layer 10.weight\).*not positive definite.*sums to zero"):
         finalize(store)
@@ -203,7 +204,6 @@ def test_the_batch_size_is_lowered_to_what_fits_and_features_do_not_change(train
     spec = ProjectorSpec("factored", seed=2, block_dim=16)
     reference = featurize(big, projector=spec, chunk_rows=48, batch_size=48)
     assert reference.batch_size == 48
-    from trakwomp.memory import featurize_need, saved_activation_bytes
     net = TINY.build(4)
     data = load_dataset(f"npz:{trained_once / 'tiny.npz'}")
     layers = factored_layers(net, select_parameters(net, None), 16)

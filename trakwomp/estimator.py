@@ -6,7 +6,8 @@ q_m,i = 1 - p_m,i, a view (D, B) splits the D dims into B blocks of w = D / B an
     tau_i(z) = [(1/M^2) sum_m q_m,i] * [sum_m sum_b phi_m,b(z) (Phi_m,b^T Phi_m,b + r_m,b I)^-1 Phi_m,b^T]_i
 
 (eq. 3; B = 1 is TRAK's eq. 2). Equivalently phi_m(z) K_m^-1 Phi_m^T with K_m block-diagonal
-(eq. 5). Blocks are equal, or, for factored features, the layers (blocks of different widths). The ridge is relative: r_m,b = ridge * mean(diag(Phi_m,b^T Phi_m,b)).
+(eq. 5). Blocks are equal, or, for factored features, the layers (blocks of different widths).
+The ridge is relative: r_m,b = ridge * mean(diag(Phi_m,b^T Phi_m,b)).
 The soft threshold S(v, t) = sign(v) max(|v| - t, 0) is applied on export, never to stored scores.
 """
 
