@@ -6,7 +6,7 @@ f(x), computed for row chunks of a dataset and written to the store, for train e
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -68,17 +68,26 @@ class FeatureSettings:
             projector = ProjectorSpec(**recorded["projector"])
         except TypeError as e:
             raise handle.damaged(f"its projector record {recorded['projector']} does not read ({e})") from None
-        names = select_parameters(net, recorded["parameters"])
-        num_params = count_parameters(net, names)
-        if num_params != recorded["num_params"]:
-            raise UserError(f"the model differentiates {num_params} parameters, but the store's features were made "
-                            f"from {recorded['num_params']}")
+        settings = cls.for_model(projector, recorded["dtype"], net, select_parameters(net, recorded["parameters"]))
+        if settings.num_params != recorded["num_params"]:
+            raise UserError(f"the model differentiates {settings.num_params} parameters, but the store's features were "
+                            f"made from {recorded['num_params']}")
+        if [layer.as_dict() for layer in settings.layers] != recorded.get("layers", []):
+            raise UserError("the model's layers differ from those the store's factored features were made from")
+        return settings
+
+    @classmethod
+    def for_model(cls, projector: ProjectorSpec, dtype: str, net: nn.Module, names: list[str]) -> "FeatureSettings":
+        """The settings for differentiating the parameters `names` of `net`: for a factored
+        projector, its layers among them (one block each)."""
         layers = ()
         if projector.kind == "factored":
             layers = tuple(factored_layers(net, names, projector.block_dim))
-            if [layer.as_dict() for layer in layers] != recorded["layers"]:
-                raise UserError("the model's layers differ from those the store's factored features were made from")
-        return cls(projector, recorded["dtype"], names, num_params, layers)
+            if not layers:
+                raise UserError("none of the chosen parameters is the weight of a layer factored projections support "
+                                "(Linear, Conv2d, Embedding, GPT-2 Conv1D); use --projector sjlt")
+            projector = replace(projector, blocks=len(layers))
+        return cls(projector, dtype, names, count_parameters(net, names), layers)
 
 
 def batch_size_that_fits(net: nn.Module, data: Dataset, task: Task, settings: FeatureSettings, batch_size: int,

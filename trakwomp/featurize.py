@@ -7,13 +7,12 @@ A unit of work is (model id, row chunk); see docs/store.md for the layout.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 
 from trakwomp.bindings import bind_training_inputs, stored_dataset, stored_task
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
-from trakwomp.factored import covered_parameters, factored_layers
+from trakwomp.factored import covered_parameters
 from trakwomp.features import DTYPES, FeatureSettings, FeaturizeReport, batch_size_that_fits, write_features
 from trakwomp.gradients import count_parameters, select_parameters
 from trakwomp.models import ModelSpec, check_model_fits_data
@@ -101,14 +100,7 @@ def featurize(
     if projector.kind == "identity" and projector.dim != num_params:
         raise UserError(f"the identity projector keeps all {num_params} gradient coordinates: pass --blocks B and "
                         f"--block-dim D with B x D = {num_params}")
-    layers = ()
-    if projector.kind == "factored":
-        layers = tuple(factored_layers(net, parameter_names, projector.block_dim))
-        if not layers:
-            raise UserError("none of the chosen parameters is the weight of a layer factored projections support "
-                            "(Linear, Conv2d, Embedding, GPT-2 Conv1D); use --projector sjlt")
-        projector = replace(projector, blocks=len(layers))
-    settings = FeatureSettings(projector, dtype, parameter_names, num_params, layers)
+    settings = FeatureSettings.for_model(projector, dtype, net, parameter_names)
     fitted = batch_size_that_fits(net, data, task, settings, batch_size, chunk_rows, torch_device, memory_limit,
                                   "featurize")
     states = read_checkpoints(model, output_size, checkpoints) if checkpoints else []
@@ -117,10 +109,10 @@ def featurize(
                         "--checkpoint")
     handle = handle or Store.open(store, create=True)
     bind_training_inputs(handle, data, model, task)
-    record = {"projector": projector.as_dict(), "dtype": dtype, "parameters": parameters, "num_params": num_params,
-              "chunk_rows": chunk_rows}
-    if layers:
-        record["layers"] = [layer.as_dict() for layer in layers]
+    record = {"projector": settings.projector.as_dict(), "dtype": dtype, "parameters": parameters,
+              "num_params": num_params, "chunk_rows": chunk_rows}
+    if settings.layers:
+        record["layers"] = [layer.as_dict() for layer in settings.layers]
     handle.bind("featurize", record, "featurize with the store's projector settings, or use a new store")
     model_ids = register_models(handle, states)
 
@@ -131,8 +123,8 @@ def featurize(
     report = write_features(handle, data, model, task, settings, todo, chunk_rows, fitted, torch_device, progress,
                             prefix="", stage="featurize")
     report.model_ids, report.units_skipped = model_ids, len(units) - len(todo)
-    if layers:
-        report.left_out = sorted(set(parameter_names) - set(covered_parameters(layers)))
+    if settings.layers:
+        report.left_out = sorted(set(parameter_names) - set(covered_parameters(settings.layers)))
     return report
 
 
