@@ -24,10 +24,11 @@ from trakwomp.data import SPEC_HELP, load_dataset, load_indices
 from trakwomp.errors import UserError
 from trakwomp.featurize import featurize as featurize_models
 from trakwomp.finalize import finalize as finalize_view
+from trakwomp.groups import GROUPS_HELP, group_scores, parse_group_names, predict_groups
 from trakwomp.selection import parse_model_ids
 from trakwomp.estimator import ViewSpec
 from trakwomp.lds import lds as lds_report, pair_views
-from trakwomp.show import default_show_file, show as show_target
+from trakwomp.show import default_show_file, show as show_target, show_groups
 from trakwomp.status import status as store_status
 from trakwomp.export import export_scores, top_k_rows, write_table
 from trakwomp.predict import predict as predict_margins
@@ -93,6 +94,7 @@ def root(
     """Data attribution with TRAK and TRAK-WOMP: which training examples made a model behave as it does."""
 
 
+GroupsOpt = typer.Option(None, "--groups", help=f"The train examples' groups: {GROUPS_HELP} [default: the store's, else the sources of text data].")
 StoreArg = typer.Argument(..., help="The store: a folder, or an fsspec URL such as s3://bucket/store (created if missing).")
 DeviceOpt = typer.Option("cpu", "--device", envvar="TRAKWOMP_DEVICE",
                          help="cpu, cuda or cuda:N (under torchrun, cuda is cuda:LOCAL_RANK).")
@@ -149,6 +151,9 @@ def train(
     tokenizer: Optional[str] = TokenizerOpt,
     max_length: Optional[int] = MaxLengthOpt,
     download: bool = typer.Option(False, "--download", help="Let cifar10:ROOT specs download CIFAR-10 into ROOT."),
+    groups: Optional[Path] = GroupsOpt,
+    group_alpha: Optional[float] = typer.Option(None, "--group-alpha", help="With --role lds: train each model on the examples of a random group_alpha-fraction of the groups (group LDS models, kept apart from the others; --alpha does not apply)."),
+    exclude_groups: list[str] = typer.Option([], "--exclude-groups", help="Groups (comma-separated or repeated) whose examples no model sees; subsets are drawn from the rest."),
     json_out: bool = JsonOpt,
 ):
     """Train reference models (or LDS evaluation models) on random alpha-subsets of --data."""
@@ -156,7 +161,8 @@ def train(
     chosen_task = make_task(task.value, lm_output)
     spec = ModelSpec.parse(model or chosen_task.default_model, width, layers, heads)
     recipe = Recipe.for_task(chosen_task, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                             threads=threads)
+                             threads=threads, group_alpha=group_alpha,
+                             exclude_groups=tuple(parse_group_names(exclude_groups)))
     if target_indices is not None and targets is None:
         raise UserError("--target-indices needs --targets")
     train_set = load_dataset(data, indices, transform, download, tokenizer, max_length)
@@ -165,11 +171,13 @@ def train(
     report_truncation(target_set, "--targets")
     with progress_for(quiet) as progress:
         report = train_models(store, train_set, spec, task=chosen_task, role=role.value, num_models=num_models,
-                              targets=target_set, recipe=recipe, device=device, shard=shard_spec, progress=progress)
+                              targets=target_set, recipe=recipe, device=device, shard=shard_spec, progress=progress,
+                              groups=groups)
     if json_out:
         print_json(report)
     if not quiet:
-        console.print(f"{len(report.trained)} {role.value} model(s) trained, {len(report.skipped)} already done, in {store}")
+        kind = "group LDS" if group_alpha is not None else role.value
+        console.print(f"{len(report.trained)} {kind} model(s) trained, {len(report.skipped)} already done, in {store}")
 
 
 def expand_checkpoints(patterns: list[str]) -> list[str]:
@@ -262,6 +270,9 @@ def featurize(
 DimsOpt = typer.Option(None, "--dims", help="Use the first D featurized dims (default: all).")
 BlocksOpt = typer.Option(None, "--blocks", help="Split the D dims into B equal blocks (default: the stored blocks, one per layer for factored features; 1 is plain TRAK).")
 RidgeOpt = typer.Option(0.0, "--ridge", help="Ridge added to each block Gram matrix, relative to the mean of its diagonal.")
+ScoredTargetsOpt = typer.Option(None, "--targets", help="Which scored targets (needed if several are scored).")
+TargetIndicesOpt = typer.Option(None, "--target-indices", help="The --target-indices they were scored with.")
+ThresholdOpt = typer.Option(0.0, "--threshold", help="Soft threshold of the scores, in units of each target's RMS score.")
 ModelsOpt = typer.Option(None, "--models", help="Model ids to use, e.g. 0,2,5-7 (default: all featurized).")
 
 
@@ -377,25 +388,55 @@ def show_top_k(rows: list[dict], title: str) -> None:
 @reports_errors
 def predict(
     store: str = typer.Argument(..., help="A store with scores."),
-    subset: Path = typer.Option(..., "--subset", help="An .npy boolean mask over the train set, or train indices."),
-    targets: Optional[str] = typer.Option(None, "--targets", help="Which scored targets (needed if several are scored)."),
-    target_indices: Optional[Path] = typer.Option(None, "--target-indices"),
+    subset: Optional[Path] = typer.Option(None, "--subset", help="An .npy boolean mask over the train set, or train indices."),
+    drop_group: list[str] = typer.Option([], "--drop-group", help="Instead of --subset: groups to remove from the train set (comma-separated or repeated)."),
+    keep_groups: list[str] = typer.Option([], "--keep-groups", help="Instead of --subset: the only groups to keep (comma-separated or repeated)."),
+    groups: Optional[Path] = GroupsOpt,
+    targets: Optional[str] = ScoredTargetsOpt,
+    target_indices: Optional[Path] = TargetIndicesOpt,
     dims: Optional[int] = DimsOpt,
     blocks: Optional[int] = BlocksOpt,
     ridge: float = RidgeOpt,
     models: Optional[str] = ModelsOpt,
-    threshold: float = typer.Option(0.0, "--threshold"),
+    threshold: float = ThresholdOpt,
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
-    """Predicted margin of a model trained on --subset, per target: sum of the subset's scores."""
+    """Predicted output of each target for a train subset, or its change without some groups.
+
+    --subset: the predicted margin of a model trained on the subset (the sum of its scores, up
+    to a constant). --drop-group or --keep-groups: the predicted change of each target's output
+    if the groups were removed, or if only those were kept (minus the removed groups' scores)."""
+    by_group = bool(drop_group or keep_groups)
+    if by_group == (subset is not None):
+        raise UserError("give --subset, or groups to drop (--drop-group) or keep (--keep-groups)")
+    if groups is not None and not by_group:
+        raise UserError("--groups goes with --drop-group or --keep-groups")
     target_set = load_store_data(store, targets, target_indices) if targets else None
-    key, predictions = predict_margins(store, load_indices(subset, what="--subset"), target_set,
-                                       ViewSpec(dims, blocks, ridge), parse_model_ids(models), threshold)
+    view = ViewSpec(dims, blocks, ridge)
+    if by_group:
+        prediction = predict_groups(store, parse_group_names(drop_group), parse_group_names(keep_groups), groups,
+                                    target_set, view, parse_model_ids(models), threshold)
+        if json_out:
+            typer.echo(json.dumps(prediction.as_dict()))
+            return
+        calibrated = prediction.calibrated_mean_change
+        note = f"calibrated: {calibrated:+.4f} ({prediction.calibration.describe()})" if calibrated is not None else \
+            calibration_note(prediction.calibration)[0]
+        show_predictions(prediction.change, "predicted change of the output",
+                         f"datamodel predictions from scores/{prediction.scores}, if the train set were changed so",
+                         f"mean over the {len(prediction.change)} targets: {prediction.mean_change:+.4f}; {note}")
+        return
+    key, predictions = predict_margins(store, load_indices(subset, what="--subset"), target_set, view,
+                                       parse_model_ids(models), threshold)
     if json_out:
         typer.echo(json.dumps({"scores": key, "predicted_margin": predictions.tolist()}))
         return
-    table = Table("target", "predicted margin (up to a constant)", title=f"datamodel predictions from scores/{key}")
-    for t, value in enumerate(predictions):
+    show_predictions(predictions, "predicted margin (up to a constant)", f"datamodel predictions from scores/{key}")
+
+
+def show_predictions(values, what: str, title: str, caption: str | None = None) -> None:
+    table = Table("target", what, title=title, caption=caption)
+    for t, value in enumerate(values):
         table.add_row(str(t), f"{value:+.4f}")
     Console().print(table)
 
@@ -414,18 +455,19 @@ def lds(
     half: Optional[int] = typer.Option(None, "--half", help="Use only half of the LDS models: 0 = those at even positions (0, 2, ...), 1 = odd "
                                        "(choose views on one half, report on the other)."),
     resamples: int = typer.Option(2000, "--bootstrap", help="Bootstrap resamples of the targets for the 95% intervals."),
+    by_group: bool = typer.Option(False, "--by-group", help="Against the group LDS models (train --role lds --group-alpha): the group-level LDS."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ):
     """Linear datamodeling score of the scores against the store's LDS models, with 95% intervals."""
     views = pair_views(dims, blocks, ridge) if (dims or blocks or ridge or not scores) else []
     report = lds_report(store, views, parse_model_ids(models), scores, threshold=threshold,
-                        tune_threshold=tune_threshold, half=half, resamples=resamples)
+                        tune_threshold=tune_threshold, half=half, resamples=resamples, by_group=by_group)
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=1))
         return
     tuned = any(r.selected_on_half for r in report.results)
     table = Table("scores", "LDS", "95% interval", "targets", "LDS models", "threshold",
-                  title="Linear datamodeling score (mean Spearman correlation over targets)",
+                  title=f"{'Group-level l' if by_group else 'L'}inear datamodeling score (mean Spearman correlation over targets)",
                   caption="tuned: threshold chosen on the other half of the LDS models" if tuned else None)
     for r in report.results:
         chosen = " tuned" if r.selected_on_half else ""
@@ -436,33 +478,49 @@ def lds(
     Console().print(table)
 
 
+TargetSetOpt = typer.Option(None, "--target-set", help="An .npy of scored target positions, or a boolean mask over them: the target set [default: all scored targets].")
+
+
 @app.command()
 @reports_errors
 def show(
     store: str = typer.Argument(..., help="A store with scores."),
-    target: int = typer.Option(..., "--target", help="Which target (its position in the scored targets, from 0)."),
-    k: int = typer.Option(8, "--k", help="How many supporting and how many opposing train examples."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Images: a PNG grid, the target and its supporting examples, then its opposing ones [default: show.png]. Text: an HTML page [default: show.html]."),
+    target: Optional[int] = typer.Option(None, "--target", help="Which target (its position in the scored targets, from 0); with --by-group, default all."),
+    k: Optional[int] = typer.Option(None, "--k", help="How many supporting and how many opposing train examples [default: 8]; with --by-group, how many groups [default: 12]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Images: a PNG grid, the target and its supporting examples, then its opposing ones [default: show.png]. Text: an HTML page [default: show.html]. --by-group: a PNG bar chart [default: groups.png]."),
     table: Optional[Path] = typer.Option(None, "--table", help="Also write the rows to this .csv or .json file."),
+    by_group: bool = typer.Option(False, "--by-group", help="Draw the strongest groups (sums of their members' scores) for --target or --target-set as a bar chart."),
+    target_set: Optional[Path] = TargetSetOpt,
+    groups: Optional[Path] = GroupsOpt,
     targets: Optional[str] = typer.Option(None, "--targets", help="Which scored targets (default: the only ones, from their stored spec)."),
-    target_indices: Optional[Path] = typer.Option(None, "--target-indices"),
+    target_indices: Optional[Path] = TargetIndicesOpt,
     dims: Optional[int] = DimsOpt,
     blocks: Optional[int] = BlocksOpt,
     ridge: float = RidgeOpt,
     models: Optional[str] = ModelsOpt,
-    threshold: float = typer.Option(0.0, "--threshold"),
+    threshold: float = ThresholdOpt,
     json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing; only write the files."),
 ):
-    """The train examples that most support and oppose one target: a PNG grid of images, or an
-    HTML page of texts, with labels or sources and scores."""
-    out = out or Path(default_show_file(store))
+    """The train examples (or groups) that most support and oppose a target.
+
+    A PNG grid of images, or an HTML page of texts, with labels or sources and scores; with
+    --by-group, the strongest groups for a target or a target set, as a PNG bar chart."""
+    if not by_group and (target is None or target_set is not None or groups is not None):
+        raise UserError("show needs --target; --target-set and --groups go with --by-group")
+    out = out or Path("groups.png" if by_group else default_show_file(store))
     for flag, path in (("--out", out), ("--table", table)):
         if path is not None and not path.parent.is_dir():
             raise UserError(f"{flag} {str(path)!r}: there is no folder {str(path.parent)!r}")
-    target_set = load_store_data(store, targets, target_indices) if targets else None
-    rows = show_target(store, target, k, out, target_set, ViewSpec(dims, blocks, ridge), parse_model_ids(models),
-                       threshold)
+    target_set_data = load_store_data(store, targets, target_indices) if targets else None
+    view = ViewSpec(dims, blocks, ridge)
+    k = (12 if by_group else 8) if k is None else k
+    if by_group:
+        scores = show_groups(store, k, out, None if target is None else [target], target_set, groups,
+                             target_set_data, view, parse_model_ids(models), threshold)
+        rows = [row for row in scores.rows() if row["group"] in {scores.names[g] for g in scores.strongest(k)}]
+    else:
+        rows = show_target(store, target, k, out, target_set_data, view, parse_model_ids(models), threshold)
     if table is not None:
         write_table(rows, table)
     if json_out:
@@ -470,9 +528,80 @@ def show(
     if json_out or quiet:
         return
     console.print(f"wrote {out}" + (f" and {table}" if table else ""))
+    if by_group:
+        show_group_rows(rows, group_title(scores), calibration_note(scores.calibration))
+        return
     if rows and "target_text" in rows[0]:
         Console().print(f"target {target} ({escape(rows[0]['target_source'] or 'no source')}):\n{escape(rows[0]['target_text'])}")
     show_top_k(rows, f"Train examples that most support and oppose target {target}")
+
+
+def group_title(scores) -> str:
+    which = f"target {scores.targets[0]}" if len(scores.targets) == 1 else f"the mean over {len(scores.targets)} targets"
+    return f"Group scores for {which} (groups: {scores.origin}; scores/{scores.scores})"
+
+
+def show_group_rows(rows: list[dict], title: str, notes: list[str]) -> None:
+    """A table of groups: size, score, score per example, predicted change if removed (and that
+    change calibrated, where the rows have it)."""
+    calibrated = bool(rows) and "calibrated_change_if_removed" in rows[0]
+    table = Table("rank", "group", "examples", "score", "per example", "change if removed",
+                  *(["calibrated change"] if calibrated else []), title=escape(title), caption="\n".join(notes) or None)
+    for row in rows:
+        table.add_row(str(row["rank"]), escape(row["group"]), str(row["examples"]), f"{row['score']:+.4g}",
+                      f"{row['score_per_example']:+.3g}", f"{row['change_if_removed']:+.4g}",
+                      *([f"{row['calibrated_change_if_removed']:+.4g}"] if calibrated else []))
+    Console().print(table)
+
+
+def calibration_note(calibration) -> list[str]:
+    if calibration is None:
+        return ["change if removed: in score units (no LDS models on these targets to calibrate it)"]
+    if not calibration.usable:
+        return [f"change if removed: in score units; not calibrated: the {calibration.describe()} is not "
+                "positive at p < 0.05 on these targets"]
+    return [f"calibrated change: the change x {calibration.describe()} on these targets"]
+
+
+@app.command("groups")
+@reports_errors
+def groups_command(
+    store: str = typer.Argument(..., help="A store with scores."),
+    target: list[int] = typer.Option([], "--target", help="A target (its position in the scored targets); repeat for a set [default: all]."),
+    target_set: Optional[Path] = TargetSetOpt,
+    groups: Optional[Path] = GroupsOpt,
+    top: int = typer.Option(20, "--top", help="Show the N groups of largest |score| (0: all); --table and --json hold all."),
+    table: Optional[Path] = typer.Option(None, "--table", help="Write every group's row to this .csv or .json file."),
+    targets: Optional[str] = ScoredTargetsOpt,
+    target_indices: Optional[Path] = TargetIndicesOpt,
+    dims: Optional[int] = DimsOpt,
+    blocks: Optional[int] = BlocksOpt,
+    ridge: float = RidgeOpt,
+    models: Optional[str] = ModelsOpt,
+    threshold: float = ThresholdOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print every group's row, and its score per target, as JSON on stdout."),
+):
+    """Each group's score for a target or a target set, ranked: which source did the heavy lifting.
+
+    A group's score is the sum of its members' scores (over a target set, its mean over the
+    targets); the predicted change of the targets' mean output if it were removed is minus that."""
+    if top < 0:
+        raise UserError("--top must be >= 0")
+    if table is not None and not table.parent.is_dir():
+        raise UserError(f"--table {str(table)!r}: there is no folder {str(table.parent)!r}")
+    target_set_data = load_store_data(store, targets, target_indices) if targets else None
+    scores = group_scores(store, groups, target_set_data, ViewSpec(dims, blocks, ridge), parse_model_ids(models),
+                          target or None, target_set, threshold)
+    if table is not None:
+        write_table(scores.rows(), table)
+    if json_out:
+        typer.echo(json.dumps(scores.as_dict(), indent=1))
+        return
+    shown = {scores.names[g] for g in scores.strongest(top or len(scores.names))}
+    rows = [row for row in scores.rows() if row["group"] in shown]
+    left = len(scores.names) - len(rows)
+    shown_note = [f"the {len(rows)} strongest of {len(scores.names)} groups; --top 0 for all"] if left else []
+    show_group_rows(rows, group_title(scores), shown_note + calibration_note(scores.calibration))
 
 
 INCOMPLETE = 3

@@ -106,7 +106,9 @@ class Store:
     def open_existing(cls, location: str | Path) -> "Store | None":
         """The store at `location`, or None if there is none yet (nothing there, or an empty folder)."""
         _, exists, empty = _backend(str(location))
-        return cls.open(location) if exists or not empty else None
+        if not exists and not empty:
+            raise StoreError(f"{str(location)!r} is a non-empty folder that is not a trakwomp store")
+        return cls.open(location) if exists else None
 
     @property
     def manifest(self) -> dict:

@@ -20,6 +20,7 @@ from trakwomp.cli.main import app
 from trakwomp.data import load_dataset
 from trakwomp.featurize import featurize
 from trakwomp.finalize import finalize
+from trakwomp.groups import group_scores
 from trakwomp.models import ModelSpec
 from trakwomp.projectors import ProjectorSpec
 from trakwomp.scoring import score
@@ -54,6 +55,13 @@ def root(tmp_path_factory) -> Path:
             shutil.copytree(root / STAGES[i - 1], root / stage)
         step(root / stage)
     write_text_inputs(root)
+    shutil.copytree(root / "full", root / "grouped")
+    labels = np.array([f"g{i % 4}" for i in range(48)])
+    np.save(root / "groups.npy", labels)
+    group_scores(root / "grouped", root / "groups.npy")
+    np.save(root / "groups-short.npy", labels[:40])
+    np.save(root / "groups-other.npy", np.roll(labels, 1))
+    (root / "groups-missing.csv").write_text("index,group\n" + "".join(f"{i},g{i % 4}\n" for i in range(47)))
     shutil.copytree(root / "trained", root / "factored")
     featurize(root / "factored", projector=ProjectorSpec("factored", 0, block_dim=16), chunk_rows=16)
 
@@ -303,6 +311,28 @@ CASES = [
          "more than the 1.0 MiB available"),
     Case("score-beyond-max-memory", "finalized", ["score", "S", *TARGETS, "--max-memory", "100K"],
          "more than the 0.1 MiB available"),
+    # groups
+    Case("drop-unknown-group", "grouped", ["predict", "S", "--drop-group", "g1,nosuch"], "unknown group 'nosuch'"),
+    Case("exclude-unknown-group", None, [*TRAIN, "--groups", "F/groups.npy", "--exclude-groups", "nosuch"],
+         "unknown group 'nosuch': the 4 groups are g0, g1, g2, g3"),
+    Case("exclude-every-group", None, [*TRAIN, "--groups", "F/groups.npy", "--exclude-groups", "g0,g1,g2,g3"],
+         "--exclude-groups names every group"),
+    Case("groups-file-too-short", "scored", ["groups", "S", "--groups", "F/groups-short.npy"],
+         "has 40 labels for the 48 train examples"),
+    Case("groups-file-with-missing-entries", "scored", ["groups", "S", "--groups", "F/groups-missing.csv"],
+         "no group for 1 of the 48 train examples (first: 47)"),
+    Case("groups-other-than-the-store's", "grouped", ["groups", "S", "--groups", "F/groups-other.npy"],
+         "differ from those store"),
+    Case("groups-of-data-without-sources", "scored", ["groups", "S"], "has no sources; pass --groups FILE"),
+    Case("group-alpha-for-reference-models", None, [*TRAIN, "--groups", "F/groups.npy", "--group-alpha", "0.5"],
+         "--group-alpha is for --role lds"),
+    Case("group-alpha-out-of-range", None, [*TRAIN, "--role", "lds", *TARGETS, "--group-alpha", "1.5"],
+         "--group-alpha must lie in (0, 1)"),
+    Case("group-lds-without-group-models", "full", ["lds", "S", "--by-group"], "has no group LDS models"),
+    Case("group-chart-not-png", "grouped", ["show", "S", "--by-group", "--out", "F/chart.svg"], "give --out a .png name"),
+    Case("predict-without-subset-or-groups", "grouped", ["predict", "S"], "give --subset, or groups to drop"),
+    Case("target-set-beyond-the-targets", "grouped", ["groups", "S", "--target-set", "F/beyond.npy"],
+         "target 9 is out of range"),
 ]
 
 
@@ -342,7 +372,7 @@ def test_bad_input_is_refused_in_one_line_and_leaves_the_store_unchanged(root, t
     if case.id == "cuda-not-available" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     args = [str(store) if a == "S" else a.replace("F/", f"{root}/") for a in case.args]
-    if args[0] not in ("lds", "predict", "show"):
+    if args[0] not in ("lds", "predict", "show", "groups"):
         args.append("--quiet")
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, SystemExit) and result.exit_code == 2, (result.exit_code, result.output, result.exception)

@@ -105,3 +105,61 @@ def test_gpt2_small_smoke_featurizes_finalizes_and_scores_with_the_factored_proj
     group = zarr.open_group(str(work / "store-factored"), mode="r")
     (key,) = dict(group["scores"].groups())
     assert group[f"scores/{key}/tau"].shape == (8, 24) and np.isfinite(group[f"scores/{key}/tau"][...]).all()
+
+
+@pytest.mark.slow
+def test_group_benchmarks_measure_the_change_without_a_group_and_the_partial_correlation_given_size(tmp_path):
+    """bench/group_counterfactual.py: the actual change is the seed-by-seed difference of the
+    stored outputs of models trained with and without the group (read here from Zarr), and the
+    models without it never saw its examples; bench/group_lds.py: the partial Spearman
+    correlation equals the textbook partial correlation of the Spearman correlations."""
+    from conftest import write_tiny_images
+    from test_train import TINY
+    from trakwomp.data import load_dataset
+    from trakwomp.featurize import featurize
+    from trakwomp.finalize import finalize
+    from trakwomp.projectors import ProjectorSpec
+    from trakwomp.scoring import score
+    from trakwomp.training import Recipe, train
+
+    data = load_dataset(f"npz:{write_tiny_images(tmp_path / 'train.npz')}")
+    targets = load_dataset(f"npz:{write_tiny_images(tmp_path / 'targets.npz', n=9, seed=1)}")
+    labels = np.array([f"g{i % 5}" for i in range(48)])
+    np.save(tmp_path / "groups.npy", labels)
+    store, work = tmp_path / "store", tmp_path / "work"
+    recipe = Recipe(epochs=1, batch_size=16, lr=0.05)
+    train(store, data, TINY, recipe=recipe)
+    featurize(store, projector=ProjectorSpec("sjlt", 0, 2, 8), chunk_rows=16)
+    finalize(store)
+    score(store, targets)
+    train(store, data, TINY, role="lds", num_models=6, targets=targets, groups=tmp_path / "groups.npy",
+          recipe=Recipe(epochs=1, batch_size=16, lr=0.05, group_alpha=0.5))
+
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "group_counterfactual.py"), str(store), str(work),
+                             "--seeds", "2", "--top", "2", "--jobs", "1"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((work / "counterfactual-all.json").read_text())
+    everything = np.stack([zarr.open_array(str(work / f"all/models/lds/{j:06d}/margins"))[:] for j in (0, 1)])
+    assert [len(r["actual_per_seed"]) for r in report["groups"]] == [2, 2]
+    for row in report["groups"]:
+        folder = work / f"without-{row['group']}"
+        without = np.stack([zarr.open_array(str(folder / f"models/lds/{j:06d}/margins"))[:] for j in (0, 1)])
+        np.testing.assert_allclose(row["actual_per_seed"], (without - everything).mean(axis=1), rtol=1e-5)
+        mask = zarr.open_array(str(folder / "models/lds/000000/mask"))[:]
+        assert mask.tolist() == (labels != row["group"]).tolist()
+
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "group_lds.py"), str(store)], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    partial = next(iter(json.loads(result.stdout)["partial_spearman_given_size"].values()))
+    group = zarr.open_group(str(store), mode="r")
+    masks = np.stack([group[f"models/lds-groups/{j:06d}/mask"][:] for j in range(6)])
+    margins = np.stack([group[f"models/lds-groups/{j:06d}/margins"][:] for j in range(6)]).astype(np.float64)
+    tau = next(group[f"scores/{key}/tau"][:] for key in group["scores"].group_keys()).astype(np.float64)
+    size, predicted = masks.sum(axis=1), masks @ tau.T
+    expected = []
+    for t in range(9):
+        r_ap, r_as, r_ps = (spearmanr(a, b).statistic for a, b in
+                            ((margins[:, t], predicted[:, t]), (margins[:, t], size), (predicted[:, t], size)))
+        expected.append((r_ap - r_as * r_ps) / np.sqrt((1 - r_as ** 2) * (1 - r_ps ** 2)))
+    assert partial["mean"] == pytest.approx(np.mean(expected), rel=1e-6)

@@ -20,11 +20,13 @@ from scipy.stats import rankdata
 from trakwomp.data import read_npy
 from trakwomp.errors import UserError
 from trakwomp.estimator import ViewSpec, relative_soft_threshold
+from trakwomp.lds_models import GroundTruth
 from trakwomp.selection import featurized_models, store_view
 from trakwomp.stored_scores import find_scores, iterate_scores
-from trakwomp.store import Store, layout
+from trakwomp.store import Store
 
 THRESHOLD_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+SIZE_BASELINE = "examples kept (baseline)"
 
 
 def spearman_columns(actual: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -49,29 +51,6 @@ def bootstrap_interval(values: np.ndarray, resamples: int = 2000, seed: int = 0,
         means[start:start + len(idx)] = values[idx].mean(axis=1)
     alpha = (1 - level) / 2
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
-
-
-@dataclass
-class GroundTruth:
-    """LDS models' subset masks (J x n) and actual margins (J x n_targets)."""
-
-    masks: np.ndarray
-    margins: np.ndarray
-    targets_sha: str
-
-    @classmethod
-    def from_store(cls, handle: Store) -> "GroundTruth":
-        names = handle.done_units("train", "lds")
-        if not names or "lds_targets" not in handle.manifest:
-            raise UserError(f"store {handle.location!r} has no LDS models; run `trakwomp train --role lds "
-                            "--targets SPEC --num-models 100` first")
-        masks = np.stack([handle.read_array(f"{layout.trained_model('lds', name)}/mask") for name in names])
-        margins = np.stack([handle.read_array(f"{layout.trained_model('lds', name)}/margins") for name in names])
-        return cls(masks, margins.astype(np.float64), handle.manifest["lds_targets"]["sha256"])
-
-    def split(self, part: int) -> "GroundTruth":
-        """Half `part` (0 or 1) of the LDS models: those at even or odd positions."""
-        return GroundTruth(self.masks[part::2], self.margins[part::2], self.targets_sha)
 
 
 def lds_per_target(chunks: Iterable[tuple[range, np.ndarray]], truth: GroundTruth) -> np.ndarray:
@@ -111,6 +90,16 @@ class PairedDifference:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "baseline": self.baseline, "difference": self.mean, "ci95": [self.low, self.high]}
+
+
+def size_baseline(num_targets: int, num_train: int, chunk_rows: int = 256) -> "ScoreSource":
+    """Every score 1: each model's prediction is the number of examples it was trained on."""
+    def chunks():
+        for start in range(0, num_targets, chunk_rows):
+            rows = range(start, min(start + chunk_rows, num_targets))
+            yield rows, np.ones((len(rows), num_train), np.float32)
+
+    return ScoreSource(SIZE_BASELINE, chunks, num_targets, num_train)
 
 
 class ScoreSource:
@@ -212,16 +201,21 @@ def lds(
     half: int | None = None,
     resamples: int = 2000,
     seed: int = 0,
+    by_group: bool = False,
 ) -> LdsReport:
     """LDS of the store's scores at each of `views` (default: the default view, unless score
     files are given), and of each score file, against the store's LDS models (or `half` 0 or 1 of
-    them, see `GroundTruth.split`); paired differences are taken against the first."""
+    them, see `GroundTruth.split`); paired differences are taken against the first. `by_group`:
+    against the group LDS models, each trained on a random half of the groups, so that the
+    prediction sum_{i in D_j} tau_i(z) is a sum of group scores (the group LDS); a last row
+    gives the LDS of predicting by the number of examples kept (`size_baseline`), which the
+    varying sizes of the groups let reach a high group LDS with no attribution at all."""
     if half is not None and (half not in (0, 1) or tune_threshold):
         raise UserError("--half must be 0 or 1, and cannot go with --tune-threshold (which uses both halves)")
     if resamples < 1 or threshold < 0:
         raise UserError("--bootstrap must be at least 1 and --threshold >= 0")
     handle = Store.open(store)
-    truth = GroundTruth.from_store(handle)
+    truth = GroundTruth.from_store(handle, by_group)
     if half is not None:
         truth = truth.split(half)
     sources = []
@@ -236,4 +230,7 @@ def lds(
             sources.append(ScoreSource(view_name(view, len(model_ids)), lambda key=key: iterate_scores(handle, key), *shape))
     sources.extend(ScoreSource.from_file(path) for path in score_files)
     results = [evaluate(s, truth, threshold, tune_threshold, resamples, seed) for s in sources]
+    if by_group and sources:  # on the LDS models the others are reported on, never thresholded
+        baseline = size_baseline(sources[0].num_targets, sources[0].num_train)
+        results.append(evaluate(baseline, truth.split(1) if tune_threshold else truth, resamples=resamples, seed=seed))
     return LdsReport(results, [paired_difference(r, results[0], resamples, seed) for r in results[1:]])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
@@ -21,12 +22,15 @@ from trakwomp.data import Dataset
 from trakwomp.errors import UserError
 from trakwomp.estimator import ViewSpec, relative_soft_threshold
 from trakwomp.export import strongest_rows
+from trakwomp.groups import GroupScores, Groups, group_scores
 from trakwomp.store import Store
 from trakwomp.stored_scores import find_view_scores
 from trakwomp.text import TextDataset
 
 TILE = 96  # pixels per image side in the grid
 CAPTION = 28  # pixels of caption under each image
+CHART_WIDTH, CHART_LABELS, CHART_ROW = 960, 250, 22  # pixels: the group chart, its names column, a bar's row
+SUPPORTS, OPPOSES = (59, 111, 182), (217, 130, 43)
 
 
 def show(
@@ -69,6 +73,65 @@ def show(
         else:
             draw_grid(rows, targets, train, k, out)
     return rows
+
+
+def show_groups(
+    store: str | Path,
+    k: int = 12,
+    out: str | Path | None = None,
+    chosen_targets: list[int] | None = None,
+    target_set: str | Path | None = None,
+    groups: Groups | str | Path | None = None,
+    targets: Dataset | None = None,
+    view: ViewSpec = ViewSpec(),
+    models: list[int] | None = None,
+    threshold: float = 0.0,
+) -> GroupScores:
+    """The k groups of largest |score| for the chosen targets (default: all scored targets), drawn
+    to `out` (a PNG bar chart) if given; see `group_scores`."""
+    if k < 1:
+        raise UserError("--k must be at least 1")
+    if out is not None and Path(out).suffix.lower() != ".png":
+        raise UserError(f"show --by-group draws a PNG bar chart: give --out a .png name, not {str(out)!r}")
+    scores = group_scores(store, groups, targets, view, models, chosen_targets, target_set, threshold)
+    if out is not None:
+        draw_group_chart(scores, k, out)
+    return scores
+
+
+def draw_group_chart(scores: GroupScores, k: int, png: str | Path) -> None:
+    """Horizontal bars of the k strongest groups' scores, supporting (blue, right of zero) above
+    opposing (orange, left), each with its name, size and value."""
+    strongest = scores.strongest(k)
+    values = scores.over_targets[strongest]
+    scale = max(float(np.abs(values).max()), 1e-30)
+    left = CHART_LABELS + 60 if (values < 0).any() else CHART_LABELS
+    span = CHART_WIDTH - left - 80
+    zero = left + (span // 2 if (values < 0).any() and (values > 0).any() else (span if (values < 0).all() else 0))
+    unit = (span // 2 if (values < 0).any() and (values > 0).any() else span) / scale
+    top = 52
+    image = Image.new("RGB", (CHART_WIDTH, top + CHART_ROW * len(strongest) + 40), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    which = f"target {scores.targets[0]}" if len(scores.targets) == 1 else f"mean over {len(scores.targets)} targets"
+    draw.text((8, 6), f"Strongest {len(strongest)} of {len(scores.names)} groups ({scores.origin}), {which}",
+              fill="black", font=font)
+    draw.text((8, 22), f"score: the sum of a group's train scores; scores/{scores.scores}", fill="black", font=font)
+    for row, (g, value) in enumerate(zip(strongest, values)):
+        y = top + row * CHART_ROW
+        end = zero + value * unit
+        draw.rectangle([min(zero, end), y + 3, max(zero, end), y + CHART_ROW - 3],
+                       fill=SUPPORTS if value >= 0 else OPPOSES)
+        draw.text((8, y + 5), f"{scores.names[g][:34]} ({scores.sizes[g]})", fill="black", font=font)
+        draw.text((max(zero, end) + 4 if value >= 0 else min(zero, end) - 56, y + 5), f"{value:+.3g}",
+                  fill="black", font=font)
+    bottom = top + CHART_ROW * len(strongest)
+    draw.line([zero, top - 4, zero, bottom + 2], fill="black")
+    draw.text((8, bottom + 12), "blue: removing the group lowers the output; orange: raises it (as predicted)",
+              fill="black", font=font)
+    try:
+        image.save(png)
+    except OSError as e:
+        raise UserError(f"cannot write {str(png)!r}: {e.strerror or e}") from None
 
 
 def default_show_file(store: str | Path) -> str:

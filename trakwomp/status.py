@@ -16,6 +16,7 @@ from pathlib import Path
 from trakwomp.estimator import blocks_of_key
 from trakwomp.store import Store, layout
 from trakwomp.tasks import task_of_store
+from trakwomp.training import ROLES
 
 
 @dataclass
@@ -57,7 +58,7 @@ def status(store: str | Path) -> StoreStatus:
     asked = manifest.get("asked", {})
     report = StoreStatus(handle.location, manifest["format_version"], handle.size_bytes(), manifest.get("dataset"),
                          manifest.get("model"), str(task_of_store(manifest.get("task"))), len(handle.temporaries()))
-    for role in ("reference", "lds"):
+    for role in ROLES:
         done = len(handle.done_units("train", role))
         if done or f"train/{role}" in asked:
             report.stages.append(StageProgress("train", f"{role} models", done, max(done, asked.get(f"train/{role}", 0))))

@@ -22,12 +22,13 @@ from torch import nn
 from trakwomp.bindings import bind_model, bind_training_inputs
 from trakwomp.data import Dataset, length_sorted, load_batch
 from trakwomp.errors import UserError
+from trakwomp.groups import Groups, bind_groups, check_groups, choose_groups
 from trakwomp.models import ModelSpec, check_model_fits_data
 from trakwomp.runtime import NoProgress, Progress, Shard, plan_work, resolve_device
 from trakwomp.store import Store, layout
 from trakwomp.tasks import Batch, CausalLM, Classification, Task
 
-ROLES = {"reference": 0, "lds": 1}
+ROLES = {"reference": 0, "lds": 1, "lds-groups": 2}  # lds-groups: LDS models on random halves of the groups
 
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -49,7 +50,11 @@ class Recipe:
 
     `threads`: the CPU threads torch uses while a model trains and records its outputs. A CPU
     sums in an order that depends on the thread count, so the same recipe trained with 1 and
-    with 2 threads gives different weights; recording the count makes every rerun use it."""
+    with 2 threads gives different weights; recording the count makes every rerun use it.
+
+    `exclude_groups`: groups whose examples no model sees (the subsets are drawn from the rest).
+    `group_alpha`: each model trains on the examples of round(group_alpha x G) of the G groups
+    (not excluded), chosen at random, instead of on an alpha-subset of the examples."""
 
     alpha: float = 0.5
     epochs: int = 24
@@ -62,6 +67,8 @@ class Recipe:
     augment: bool = True
     threads: int = 1
     optimizer: str = "sgd"
+    group_alpha: float | None = None
+    exclude_groups: tuple[str, ...] = ()
 
     @classmethod
     def for_task(cls, task: Task, **given) -> "Recipe":
@@ -81,11 +88,19 @@ class Recipe:
             raise UserError(f"--threads must be at least 1, got {self.threads}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        object.__setattr__(self, "exclude_groups", tuple(sorted(set(self.exclude_groups))))
+        if self.group_alpha is not None and not 0 < self.group_alpha < 1:
+            raise UserError(f"--group-alpha must lie in (0, 1), got {self.group_alpha}")
 
     def as_recorded(self, recorded: dict | None) -> dict:
         """The recipe as a store's manifest records it; a store made before `threads` and
-        `optimizer` were recorded (by trakwomp 0.1, SGD only) is matched without them."""
+        `optimizer` were recorded (by trakwomp 0.1, SGD only) is matched without them. Group
+        options are recorded only when set."""
         recipe = asdict(self)
+        recipe["exclude_groups"] = list(self.exclude_groups)
+        for optional in ("group_alpha", "exclude_groups"):
+            if not recipe[optional]:
+                recipe.pop(optional)
         for added in ("threads", "optimizer"):
             if recorded is not None and added not in recorded and (added == "threads" or recipe[added] == "sgd"):
                 recipe.pop(added)
@@ -126,11 +141,26 @@ def unit_generators(seed: int, role: str, index: int) -> tuple[np.random.Generat
     return np.random.default_rng(mask_sequence), torch_seed
 
 
-def subset_mask(num_examples: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
-    """A boolean mask selecting exactly round(alpha * n) examples uniformly at random."""
+def subset_mask(num_examples: int, alpha: float, rng: np.random.Generator,
+                pool: np.ndarray | None = None) -> np.ndarray:
+    """A boolean mask selecting exactly round(alpha * m) of the m examples `pool` (default: all
+    n) uniformly at random."""
+    pool = np.arange(num_examples) if pool is None else pool
     mask = np.zeros(num_examples, dtype=bool)
-    mask[rng.permutation(num_examples)[: max(1, round(alpha * num_examples))]] = True
+    mask[pool[rng.permutation(len(pool))[: max(1, round(alpha * len(pool)))]]] = True
     return mask
+
+
+def training_mask(num_examples: int, recipe: Recipe, rng: np.random.Generator, groups: Groups | None) -> np.ndarray:
+    """A model's train subset: an alpha-subset of the examples outside the excluded groups, or,
+    with `group_alpha`, the members of round(group_alpha x G) of the G other groups at random."""
+    if groups is None:
+        return subset_mask(num_examples, recipe.alpha, rng)
+    excluded = groups.positions(list(recipe.exclude_groups))
+    if recipe.group_alpha is None:
+        return subset_mask(num_examples, recipe.alpha, rng, np.flatnonzero(~groups.members(excluded)))
+    kept = np.setdiff1d(np.arange(len(groups.names)), excluded)
+    return groups.members(kept[rng.permutation(len(kept))[: max(1, round(recipe.group_alpha * len(kept)))]])
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -240,17 +270,23 @@ def train(
     device: str = "cpu",
     shard: Shard = Shard(),
     progress: Progress | None = None,
+    groups: Groups | str | Path | None = None,
 ) -> TrainReport:
     """Train models 0..num_models-1 of `role` into `store`, skipping finished ones.
 
     role "reference": store each model's subset mask and weights.
-    role "lds": store each model's subset mask and its outputs f on `targets` (the LDS ground truth).
-    `recipe`: default `Recipe.for_task(task)`.
+    role "lds": store each model's subset mask and its outputs f on `targets` (the LDS ground
+    truth); with `recipe.group_alpha`, these are group LDS models, kept apart as role "lds-groups".
+    `recipe`: default `Recipe.for_task(task)`. `groups` (Groups, or a groups file): the groups
+    that `recipe.group_alpha` and `recipe.exclude_groups` refer to, recorded in the store;
+    default the store's, else the sources of `data`.
     """
     progress = progress or NoProgress()
     recipe = recipe or Recipe.for_task(task)
-    if role not in ROLES:
-        raise UserError(f"unknown --role {role!r}: expected one of {', '.join(ROLES)}")
+    if role not in ("reference", "lds"):
+        raise UserError(f"unknown --role {role!r}: expected reference or lds")
+    if recipe.group_alpha is not None and role != "lds":
+        raise UserError("--group-alpha is for --role lds (LDS models on random halves of the groups)")
     if num_models < 1:
         raise UserError("--num-models must be at least 1")
     if role == "lds" and targets is None:
@@ -266,8 +302,20 @@ def train(
     if targets is not None and getattr(targets, "tokenizer", None) is not None and \
             targets.tokenizer.record() != data.tokenizer.record():
         raise UserError("--targets must be read with the train set's tokenizer")
+    existing = Store.open_existing(store)
+    chosen_groups = None
+    if groups is not None or recipe.group_alpha is not None or recipe.exclude_groups:
+        chosen_groups = choose_groups(existing, groups, data)
+        if len(chosen_groups.positions(list(recipe.exclude_groups))) == len(chosen_groups.names):
+            raise UserError("--exclude-groups names every group: no example is left to train on")
+        if existing is not None and "dataset" in existing.manifest:
+            check_groups(existing, chosen_groups)
+    if recipe.group_alpha is not None:
+        role = "lds-groups"
     handle = Store.open(store, create=True)
     bind_training_inputs(handle, data, model, task)
+    if chosen_groups is not None:
+        bind_groups(handle, chosen_groups)
     handle.bind(f"train_{role}", recipe.as_recorded(handle.manifest.get(f"train_{role}")), "pass the same recipe flags as before, or use a new store")
     handle.ask(f"train/{role}", num_models)
     if targets is not None:
@@ -282,7 +330,7 @@ def train(
     report.skipped = [j for j in units if j not in todo]
     for j in todo:
         rng, torch_seed = unit_generators(recipe.seed, role, j)
-        mask = subset_mask(len(data), recipe.alpha, rng)
+        mask = training_mask(len(data), recipe, rng, chosen_groups)
         generator = torch.Generator().manual_seed(torch_seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)
@@ -290,7 +338,7 @@ def train(
         progress.unit_started(f"{role} model {j}", recipe.epochs * _examples_per_epoch(int(mask.sum()), recipe))
         with torch_threads(recipe.threads):
             fit(net, data, np.flatnonzero(mask), recipe, task, generator, torch_device, progress)
-            if role == "lds":
+            if role != "reference":
                 target_outputs, summary = evaluate(net, targets, task, torch_device)
         path = layout.trained_model(role, j)
         handle.write_array(f"{path}/mask", mask)

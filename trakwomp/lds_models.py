@@ -1,0 +1,38 @@
+"""The LDS models of a store: their train subsets and their outputs on the LDS targets, the
+ground truth of the linear datamodeling score and of the calibration of group predictions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from trakwomp.errors import UserError
+from trakwomp.store import Store, layout
+
+
+@dataclass
+class GroundTruth:
+    """LDS models' subset masks (J x n) and actual margins (J x n_targets)."""
+
+    masks: np.ndarray
+    margins: np.ndarray
+    targets_sha: str
+
+    @classmethod
+    def from_store(cls, handle: Store, by_group: bool = False) -> "GroundTruth":
+        """The LDS models of a store: those on random alpha-subsets of the examples, or with
+        `by_group` those on random halves of the groups (`train --group-alpha`)."""
+        role = "lds-groups" if by_group else "lds"
+        names = handle.done_units("train", role)
+        if not names or "lds_targets" not in handle.manifest:
+            flag = " --group-alpha 0.5" if by_group else ""
+            raise UserError(f"store {handle.location!r} has no {'group ' if by_group else ''}LDS models; run "
+                            f"`trakwomp train --role lds{flag} --targets SPEC --num-models 100` first")
+        masks = np.stack([handle.read_array(f"{layout.trained_model(role, name)}/mask") for name in names])
+        margins = np.stack([handle.read_array(f"{layout.trained_model(role, name)}/margins") for name in names])
+        return cls(masks, margins.astype(np.float64), handle.manifest["lds_targets"]["sha256"])
+
+    def split(self, part: int) -> "GroundTruth":
+        """Half `part` (0 or 1) of the LDS models: those at even or odd positions."""
+        return GroundTruth(self.masks[part::2], self.margins[part::2], self.targets_sha)
