@@ -518,7 +518,7 @@ def show(
     if by_group:
         scores = show_groups(store, k, out, None if target is None else [target], target_set, groups,
                              target_set_data, view, parse_model_ids(models), threshold)
-        rows = [row for row in scores.rows() if row["group"] in {scores.names[g] for g in scores.strongest(k)}]
+        rows = scores.strongest_rows(k)
     else:
         rows = show_target(store, target, k, out, target_set_data, view, parse_model_ids(models), threshold)
     if table is not None:
@@ -597,10 +597,9 @@ def groups_command(
     if json_out:
         typer.echo(json.dumps(scores.as_dict(), indent=1))
         return
-    shown = {scores.names[g] for g in scores.strongest(top or len(scores.names))}
-    rows = [row for row in scores.rows() if row["group"] in shown]
-    left = len(scores.names) - len(rows)
-    shown_note = [f"the {len(rows)} strongest of {len(scores.names)} groups; --top 0 for all"] if left else []
+    rows = scores.strongest_rows(top or len(scores.names))
+    shown_note = [f"the {len(rows)} strongest of {len(scores.names)} groups; --top 0 for all"] \
+        if len(rows) < len(scores.names) else []
     show_group_rows(rows, group_title(scores), shown_note + calibration_note(scores.calibration))
 
 

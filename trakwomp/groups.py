@@ -18,6 +18,7 @@ import csv
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import scipy.sparse
@@ -176,24 +177,23 @@ def bind_groups(handle: Store, groups: Groups) -> None:
         handle.set_section("groups", groups.record())
 
 
-def choose_groups(handle: Store | None, given: Groups | str | Path | None, data: Dataset) -> Groups:
-    """The groups to use for the train set `data`: `given` (Groups, or a groups file) if any,
-    else those the store records, else the sources of `data`. Nothing is recorded."""
+def choose_groups(handle: Store | None, given: Groups | str | Path | None, num_examples: int,
+                  data: Callable[[], Dataset]) -> Groups:
+    """The groups of a train set of `num_examples`: `given` (Groups, or a groups file) if any,
+    else those the store records, else the sources of the train set (`data()`, called only
+    then). Nothing is recorded."""
     if isinstance(given, (str, Path)):
-        return read_groups_file(given, len(data))
+        return read_groups_file(given, num_examples)
     if given is not None:
         return given
     recorded = stored_groups(handle) if handle is not None else None
-    return recorded if recorded is not None else sources_of(data)
+    return recorded if recorded is not None else sources_of(data())
 
 
 def resolve_groups(handle: Store, given: Groups | str | Path | None) -> Groups:
     """The groups of a store's train set (see `choose_groups`), recorded in the store."""
-    if given is None and "groups" in handle.manifest:
-        return stored_groups(handle)
-    if isinstance(given, (str, Path)):
-        given = read_groups_file(given, handle.manifest["dataset"]["num_examples"])
-    groups = given if given is not None else sources_of(stored_dataset(handle, verify=False))
+    groups = choose_groups(handle, given, handle.manifest["dataset"]["num_examples"],
+                           lambda: stored_dataset(handle, verify=False))
     bind_groups(handle, groups)
     return groups
 
@@ -305,6 +305,11 @@ class GroupScores:
         top = np.argsort(-np.abs(self.over_targets), kind="stable")[:k]
         return sorted((int(g) for g in top), key=lambda g: -self.over_targets[g])
 
+    def strongest_rows(self, k: int) -> list[dict]:
+        """The rows (see `rows`) of the k groups of largest |score|, ranked."""
+        shown = {self.names[g] for g in self.strongest(k)}
+        return [row for row in self.rows() if row["group"] in shown]
+
     def rows(self) -> list[dict]:
         """One row per group, ranked: its size, score over the targets (the mean over them of
         the sum of its members' scores), mean score per member, the predicted change of the
@@ -341,18 +346,18 @@ def group_scores(
     handle = Store.open(store)
     key = find_view_scores(handle, targets, view, models)
     chosen = resolve_groups(handle, groups)
-    rows = target_rows(handle.array(f"scores/{key}/tau").shape[0], chosen_targets, target_set)
-    membership, (truth, by_group) = chosen.membership(), calibration_truth(handle, key)
-    totals, predicted = [], []
-    for _, block in iterate_scores(handle, key, threshold):
+    num_targets = handle.array(f"scores/{key}/tau").shape[0]
+    rows = target_rows(num_targets, chosen_targets, target_set)
+    membership, chosen_rows = chosen.membership(), np.isin(np.arange(num_targets), rows)
+    totals, row_sum = [], np.zeros(len(chosen.codes))
+    for block_rows, block in iterate_scores(handle, key, threshold):
         block = block.astype(np.float64)
         totals.append(membership.T.dot(block.T).T)
-        if truth is not None:
-            predicted.append(truth.masks.astype(np.float64) @ block.T)
+        row_sum += block[chosen_rows[block_rows.start:block_rows.stop]].sum(axis=0)
+    truth, by_group = calibration_truth(handle, key)
     calibration = None
-    if truth is not None:
-        calibration = Calibration.fit(np.concatenate(predicted, axis=1)[:, rows].mean(axis=1),
-                                      truth.margins[:, rows].mean(axis=1), by_group)
+    if truth is not None:  # model j's prediction, averaged over the chosen targets: mask_j . (their mean scores)
+        calibration = Calibration.fit(truth.masks @ (row_sum / len(rows)), truth.margins[:, rows].mean(axis=1), by_group)
     return GroupScores(key, chosen.origin, rows.tolist(), list(chosen.names), chosen.sizes().tolist(),
                        np.concatenate(totals)[rows], calibration)
 

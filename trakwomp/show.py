@@ -105,10 +105,12 @@ def draw_group_chart(scores: GroupScores, k: int, png: str | Path) -> None:
     strongest = scores.strongest(k)
     values = scores.over_targets[strongest]
     scale = max(float(np.abs(values).max()), 1e-30)
-    left = CHART_LABELS + 60 if (values < 0).any() else CHART_LABELS
+    some_negative, all_negative = bool((values < 0).any()), bool((values < 0).all())
+    left = CHART_LABELS + 60 if some_negative else CHART_LABELS
     span = CHART_WIDTH - left - 80
-    zero = left + (span // 2 if (values < 0).any() and (values > 0).any() else (span if (values < 0).all() else 0))
-    unit = (span // 2 if (values < 0).any() and (values > 0).any() else span) / scale
+    both_signs = some_negative and bool((values > 0).any())
+    zero = left + (span // 2 if both_signs else (span if all_negative else 0))  # x of the zero line
+    unit = (span // 2 if both_signs else span) / scale
     top = 52
     image = Image.new("RGB", (CHART_WIDTH, top + CHART_ROW * len(strongest) + 40), "white")
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()

@@ -305,7 +305,7 @@ def train(
     existing = Store.open_existing(store)
     chosen_groups = None
     if groups is not None or recipe.group_alpha is not None or recipe.exclude_groups:
-        chosen_groups = choose_groups(existing, groups, data)
+        chosen_groups = choose_groups(existing, groups, len(data), lambda: data)
         if len(chosen_groups.positions(list(recipe.exclude_groups))) == len(chosen_groups.names):
             raise UserError("--exclude-groups names every group: no example is left to train on")
         if existing is not None and "dataset" in existing.manifest:
