@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("work", type=Path)
     parser.add_argument("--groups", help="a groups file, if the store records none and its data has no sources")
     parser.add_argument("--target-set", help="an .npy of target positions or a mask over the targets [default: all]")
-    parser.add_argument("--view", action="append", default=[], help="DIMS,BLOCKS of scored views; the first picks the groups")
+    parser.add_argument("--view", action="append", default=[], help="DIMS,BLOCKS[,RIDGE] of scored views (ridge default auto; docs/results.md used 0); the first picks the groups")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--top", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)

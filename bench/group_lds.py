@@ -45,7 +45,7 @@ def partial_spearman_given_size(truth: GroundTruth, tau: np.ndarray) -> np.ndarr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store")
-    parser.add_argument("--view", action="append", default=[], help="DIMS,BLOCKS of a scored view; repeatable")
+    parser.add_argument("--view", action="append", default=[], help="DIMS,BLOCKS[,RIDGE] of a scored view (ridge default auto; docs/results.md used 0); repeatable")
     args = parser.parse_args()
     views = [ViewSpec(*map(int, v.split(","))) for v in args.view] or [ViewSpec()]
     handle = Store.open(args.store)

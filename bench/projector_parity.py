@@ -52,8 +52,8 @@ def per_target_lds(work: Path, config: tuple[str, str], seed: int, truth: Ground
               projector=ProjectorSpec(kind, seed, BLOCKS, BLOCK_DIM), dtype=dtype)
     out = {}
     for dims, blocks in VIEWS:
-        finalize(store, ViewSpec(dims, blocks))
-        score(store, targets, ViewSpec(dims, blocks))
+        finalize(store, ViewSpec(dims, blocks, 0.0))  # no ridge, as documented
+        score(store, targets, ViewSpec(dims, blocks, 0.0))
         handle = Store.open(store)
         key = find_scores(handle, View(dims, blocks, 0.0), [0], truth.targets_sha)
         out[(dims, blocks)] = lds_per_target(iterate_scores(handle, key), truth)

@@ -26,7 +26,7 @@ from trakwomp.featurize import featurize as featurize_models
 from trakwomp.finalize import finalize as finalize_view
 from trakwomp.groups import GROUPS_HELP, group_scores, parse_group_names, predict_groups
 from trakwomp.selection import parse_model_ids
-from trakwomp.estimator import ViewSpec
+from trakwomp.estimator import AUTO, ViewSpec
 from trakwomp.lds import lds as lds_report, pair_views
 from trakwomp.show import default_show_file, show as show_target, show_groups
 from trakwomp.status import status as store_status
@@ -154,6 +154,7 @@ def train(
     groups: Optional[Path] = GroupsOpt,
     group_alpha: Optional[float] = typer.Option(None, "--group-alpha", help="With --role lds: train each model on the examples of a random group_alpha-fraction of the groups (group LDS models, kept apart from the others; --alpha does not apply)."),
     exclude_groups: list[str] = typer.Option([], "--exclude-groups", help="Groups (comma-separated or repeated) whose examples no model sees; subsets are drawn from the rest."),
+    save_checkpoints: int = typer.Option(1, "--save-checkpoints", help="K: keep K checkpoints along each reference model's run (after epochs floor(kE/K), the last being the model); featurize makes each a member of TRAK's ensemble."),
     json_out: bool = JsonOpt,
 ):
     """Train reference models (or LDS evaluation models) on random alpha-subsets of --data."""
@@ -161,7 +162,7 @@ def train(
     chosen_task = make_task(task.value, lm_output)
     spec = ModelSpec.parse(model or chosen_task.default_model, width, layers, heads)
     recipe = Recipe.for_task(chosen_task, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                             threads=threads, group_alpha=group_alpha,
+                             threads=threads, group_alpha=group_alpha, save_checkpoints=save_checkpoints,
                              exclude_groups=tuple(parse_group_names(exclude_groups)))
     if target_indices is not None and targets is None:
         raise UserError("--target-indices needs --targets")
@@ -213,7 +214,8 @@ def featurize(
     heads: Optional[int] = HeadsOpt,
     task: Optional[TaskName] = typer.Option(None, "--task", help="With --checkpoint in a new store: classification or causal-lm [default: the store's, else classification]."),
     lm_output: Optional[str] = typer.Option(None, "--lm-output", help="With --task causal-lm: sequence or token."),
-    checkpoint: list[str] = typer.Option([], "--checkpoint", help="A state_dict file or a glob; repeatable. Default: the store's trained reference models."),
+    checkpoint: list[str] = typer.Option([], "--checkpoint", help="A state_dict file or a glob; repeatable. Default: the store's trained reference models and the checkpoints kept along their runs."),
+    run: Optional[str] = typer.Option(None, "--run", help="Name of the one training run the --checkpoint files come from: they become members of one model's ensemble [default: each file its own run]."),
     blocks: Optional[int] = typer.Option(None, "--blocks", help=f"Number of projection blocks B [default: the store's, else {ProjectorSpec.blocks}]."),
     block_dim: Optional[int] = typer.Option(None, "--block-dim", help=f"Dimensions per block; d = B x block dim [default: the store's, else {ProjectorSpec.block_dim}]."),
     projector: Optional[str] = typer.Option(None, "--projector", help="sjlt (sparse, O(p) per block), gaussian, rademacher, identity (no projection) or factored (one k x k block per layer from hooks, no per-example gradients; block dim k x k) [default: the store's, else sjlt up to 20M parameters and factored beyond]."),
@@ -250,7 +252,7 @@ def featurize(
     train_set = load_store_data(store, data, indices, transform, tokenizer, max_length) if data else None
     report_truncation(train_set, "--data")
     with progress_for(quiet) as progress:
-        report = featurize_models(store, train_set, spec, expand_checkpoints(checkpoint), task=chosen_task,
+        report = featurize_models(store, train_set, spec, expand_checkpoints(checkpoint), run=run, task=chosen_task,
                                   projector=projector_spec,
                                   dtype=dtype, parameters=parameters or None, chunk_rows=chunk_rows,
                                   batch_size=batch_size, memory_limit=parse_size(max_memory) if max_memory else None,
@@ -269,7 +271,7 @@ def featurize(
 
 DimsOpt = typer.Option(None, "--dims", help="Use the first D featurized dims (default: all).")
 BlocksOpt = typer.Option(None, "--blocks", help="Split the D dims into B equal blocks (default: the stored blocks, one per layer for factored features; 1 is plain TRAK).")
-RidgeOpt = typer.Option(0.0, "--ridge", help="Ridge added to each block Gram matrix, relative to the mean of its diagonal.")
+RidgeOpt = typer.Option(AUTO, "--ridge", help="Ridge added to each block Gram matrix, relative to the mean of its diagonal, or auto: scale / sqrt(B) times the train examples' mean squared block-feature norm (no LDS models needed; docs/method.md).")
 ScoredTargetsOpt = typer.Option(None, "--targets", help="Which scored targets (needed if several are scored).")
 TargetIndicesOpt = typer.Option(None, "--target-indices", help="The --target-indices they were scored with.")
 ThresholdOpt = typer.Option(0.0, "--threshold", help="Soft threshold of the scores, in units of each target's RMS score.")
@@ -282,7 +284,7 @@ def finalize(
     store: str = typer.Argument(..., help="A store with features."),
     dims: Optional[int] = DimsOpt,
     blocks: Optional[int] = BlocksOpt,
-    ridge: float = RidgeOpt,
+    ridge: str = RidgeOpt,
     models: Optional[str] = ModelsOpt,
     device: str = DeviceOpt,
     shard: str = ShardOpt,
@@ -308,7 +310,7 @@ def score(
     targets: str = typer.Option(..., "--targets", help=f"The examples to attribute ({SPEC_HELP})."),
     dims: Optional[int] = DimsOpt,
     blocks: Optional[int] = BlocksOpt,
-    ridge: float = RidgeOpt,
+    ridge: str = RidgeOpt,
     models: Optional[str] = ModelsOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Write the (n_targets, n_train) scores to this .npy file."),
     threshold: float = typer.Option(0.0, "--threshold", help="Soft threshold for --out and --top-k, in units of each target's RMS score."),
@@ -396,7 +398,7 @@ def predict(
     target_indices: Optional[Path] = TargetIndicesOpt,
     dims: Optional[int] = DimsOpt,
     blocks: Optional[int] = BlocksOpt,
-    ridge: float = RidgeOpt,
+    ridge: str = RidgeOpt,
     models: Optional[str] = ModelsOpt,
     threshold: float = ThresholdOpt,
     json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
@@ -447,7 +449,7 @@ def lds(
     store: str = typer.Argument(..., help="A store with LDS models and scores on their targets."),
     dims: list[int] = typer.Option([], "--dims", help="View dims; repeat with --blocks to compare views (paired by position)."),
     blocks: list[int] = typer.Option([], "--blocks", help="View blocks; repeat to compare views (e.g. --blocks 1 --blocks 16)."),
-    ridge: list[float] = typer.Option([], "--ridge", help="View ridge (relative, as in finalize); repeat to pair with --dims/--blocks."),
+    ridge: list[str] = typer.Option([], "--ridge", help="View ridge (auto or relative, as in finalize); repeat to pair with --dims/--blocks."),
     models: Optional[str] = ModelsOpt,
     scores: list[Path] = typer.Option([], "--scores", help="An .npy (n_targets, n_train) score matrix to evaluate; repeatable."),
     threshold: float = typer.Option(0.0, "--threshold", help="Soft threshold, in units of each target's RMS score."),
@@ -496,7 +498,7 @@ def show(
     target_indices: Optional[Path] = TargetIndicesOpt,
     dims: Optional[int] = DimsOpt,
     blocks: Optional[int] = BlocksOpt,
-    ridge: float = RidgeOpt,
+    ridge: str = RidgeOpt,
     models: Optional[str] = ModelsOpt,
     threshold: float = ThresholdOpt,
     json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
@@ -576,7 +578,7 @@ def groups_command(
     target_indices: Optional[Path] = TargetIndicesOpt,
     dims: Optional[int] = DimsOpt,
     blocks: Optional[int] = BlocksOpt,
-    ridge: float = RidgeOpt,
+    ridge: str = RidgeOpt,
     models: Optional[str] = ModelsOpt,
     threshold: float = ThresholdOpt,
     json_out: bool = typer.Option(False, "--json", help="Print every group's row, and its score per target, as JSON on stdout."),
@@ -629,6 +631,10 @@ def status(
         for p in report.stages:
             table.add_row(p.stage, p.what, f"{p.done}/{p.total}", "" if p.complete else f"[yellow]{p.total - p.done}[/]")
         Console().print(table)
+        if report.runs:
+            members = sum(len(ids) for ids in report.runs.values())
+            console.print(f"{members} registered model(s) from {len(report.runs)} training run(s); each is a member of "
+                          "TRAK's ensemble (M counts members)")
         if report.temporary_files:
             console.print(f"{report.temporary_files} temporary file(s) (*.partial): writes in flight, or left by killed "
                           "writes; the next run of their stage removes those untouched for a minute")

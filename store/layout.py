@@ -31,3 +31,9 @@ def inverse(view_key: str, model_id: int) -> str:
 def trained_model(role: str, index: int) -> str:
     """The folder of model `index` of `role`: its mask, and its weights or its target outputs."""
     return f"models/{role}/{unit(index)}"
+
+
+def checkpoint(role: str, index: int, epoch: int) -> str:
+    """The folder of a checkpoint kept along model `index`'s run, after epoch `epoch` (the last
+    epoch's is the model itself, `trained_model`)."""
+    return f"{trained_model(role, index)}/checkpoints/{unit(epoch)}"

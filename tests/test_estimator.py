@@ -11,7 +11,7 @@ import zarr
 
 from trakwomp.data import load_dataset
 from trakwomp.errors import UserError
-from trakwomp.estimator import View, ViewSpec, regularized_inverse, relative_soft_threshold, soft_threshold
+from trakwomp.estimator import AUTO_RIDGE_SCALE, View, ViewSpec, regularized_inverse, relative_soft_threshold, soft_threshold
 from trakwomp.featurize import featurize
 from trakwomp.finalize import finalize
 from trakwomp.models import ModelSpec
@@ -64,6 +64,9 @@ def test_view_refuses_what_the_features_cannot_give(dims, blocks, ridge, n, mess
 
 def test_view_defaults_and_groupings():
     assert View.resolve(16384, 1024, None, None, 0, 50000) == View(16384, 16, 0.0)
+    automatic = View.resolve(16384, 1024, None, 4, "auto", 5000)
+    assert automatic.key == "d16384-b4-ridgeauto"
+    assert automatic.block_ridge(0, 5000) == pytest.approx(AUTO_RIDGE_SCALE * np.sqrt(4096 * 5000) / 4 ** 0.75)
     assert View.resolve(16384, 1024, 4096, 1, 0, 50000).widths == (4096,)
     assert View.resolve(16384, 1024, None, 4, 0, 50000).columns(2) == slice(8192, 12288)
     assert View.resolve(4096, 1024, None, 1, 1e-3, 2000).ridge == 1e-3
@@ -108,14 +111,16 @@ def model_features(store, target_key, models):
 
 def dense_scores(store, blocks, ridge, target_key, models=(0, 1)):
     """eq. 3 in numpy from the stored features: per model and block, phi_b(z) (Phi_b^T Phi_b + r I)^-1 Phi_b^T,
-    summed, times (1/M^2) sum_m q_m."""
+    summed, times (1/M^2) sum_m q_m; r = ridge x the mean diagonal, with ridge "auto" = the scale x
+    sqrt(w n) / B^(3/4)."""
     total, q_sum = 0.0, 0.0
     for phi, target, q in model_features(store, target_key, models):
         w = phi.shape[1] // blocks
         for b in range(blocks):
             cols = slice(b * w, (b + 1) * w)
             gram = phi[:, cols].T @ phi[:, cols]
-            gram += ridge * np.mean(np.diag(gram)) * np.eye(w)
+            relative = AUTO_RIDGE_SCALE * np.sqrt(w * len(phi)) / blocks ** 0.75 if ridge == "auto" else ridge
+            gram += relative * np.trace(gram) / w * np.eye(w)
             total = total + target[:, cols] @ np.linalg.inv(gram) @ phi[:, cols].T
         q_sum = q_sum + q
     return q_sum / len(models) ** 2 * total
@@ -146,7 +151,7 @@ def test_a_model_set_with_a_gap_in_any_order_is_one_set_scored_as_eq3(model_stor
     assert len(keys) == 1
     key = keys.pop()
     tau = stored(copy, f"scores/{key}/tau")
-    expected = dense_scores(copy, 4, 0.0, key.rsplit("_t", 1)[1], models=(0, 2))
+    expected = dense_scores(copy, 4, "auto", key.rsplit("_t", 1)[1], models=(0, 2))
     np.testing.assert_allclose(tau, expected, rtol=2e-4, atol=1e-6 * np.abs(expected).max())
     subset = np.arange(48) % 3 == 0
     for given in ([2, 0], [0, 2]):
@@ -209,12 +214,12 @@ def test_agrees_with_traker_without_projection(tmp_path, user_module):
     store = tmp_path / "store"
     spec = ModelSpec.parse("linear_trak_model:build")
     featurize(store, data, spec, [tmp_path / "m0.pt", tmp_path / "m1.pt"], projector=ProjectorSpec("identity", 0, 1, 14))
-    finalize(store, ViewSpec(blocks=1))
+    finalize(store, ViewSpec(blocks=1, ridge=0.0))
     with pytest.raises(UserError, match="imports code only when you name it: pass --model linear_trak_model:build"):
-        score(store, targets, ViewSpec(blocks=1))  # the store names a user module: not imported unless the user names it
+        score(store, targets, ViewSpec(blocks=1, ridge=0.0))  # the store names a user module: not imported unless the user names it
     ours = {}
     for models in ([0], [1], [0, 1]):
-        ours[tuple(models)] = stored(store, f"scores/{score(store, targets, ViewSpec(blocks=1), models=models, model=spec).key}/tau")
+        ours[tuple(models)] = stored(store, f"scores/{score(store, targets, ViewSpec(blocks=1, ridge=0.0), models=models, model=spec).key}/tau")
     p = 14
     q = [stored(store, f"features/00000{m}/q") for m in (0, 1)]
     mean_abs_inverse = [np.abs(stored(store, f"finalize/d14-b1-ridge0/00000{m}/inverse")).mean() for m in (0, 1)]

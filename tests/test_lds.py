@@ -75,9 +75,9 @@ def test_threshold_chosen_on_one_half_reported_on_the_other(hand_made, tmp_path)
 
 def test_views_pair_by_position_or_broadcast():
     V = ViewSpec
-    assert pair_views([], []) == [V(None, None, 0.0)]
-    assert pair_views([], [1, 16]) == [V(None, 1, 0.0), V(None, 16, 0.0)]
-    assert pair_views([1024, 16384], [1, 16]) == [V(1024, 1, 0.0), V(16384, 16, 0.0)]
+    assert pair_views([], []) == [V(None, None, "auto")]
+    assert pair_views([], [1, 16]) == [V(None, 1, "auto"), V(None, 16, "auto")]
+    assert pair_views([1024, 16384], [1, 16], ["0", "auto"]) == [V(1024, 1, 0.0), V(16384, 16, "auto")]
     assert pair_views([4096], [1, 4], [0.01]) == [V(4096, 1, 0.01), V(4096, 4, 0.01)]
     assert pair_views([16384], [1, 2, 64], [0.1, 0.01, 0.0]) == [V(16384, 1, 0.1), V(16384, 2, 0.01), V(16384, 64, 0.0)]
     with pytest.raises(UserError, match="one of each per view"):

@@ -66,7 +66,7 @@ def test_train_featurize_finalize_score_lds_predict(cli, tmp_path):
         assert result["lds"] == pytest.approx(scipy_lds(blocks, range(8)).mean(), abs=1e-6)
     per_target = scipy_lds("4", range(8)) - scipy_lds("1", range(8))
     assert report["paired_differences"][0]["difference"] == pytest.approx(per_target.mean(), abs=1e-6)
-    half = json.loads(ok("lds", store, "--blocks", "4", "--ridge", "0", "--half", "1", "--json").stdout)["results"][0]
+    half = json.loads(ok("lds", store, "--blocks", "4", "--ridge", "auto", "--half", "1", "--json").stdout)["results"][0]
     assert half["models"] == 4 and half["lds"] == pytest.approx(scipy_lds("4", range(1, 8, 2)).mean(), abs=1e-6)
     fails("cannot go with --tune-threshold", "lds", store, "--half", "0", "--tune-threshold")
 

@@ -45,15 +45,15 @@ def test_status_counts_what_is_done_and_left_and_exits_0_only_when_complete(tmp_
 
     # 2 models x 3 row chunks of 16; shard 0/2 takes units 0, 2, 4: (0, 0), (0, 2), (1, 1)
     featurize(store, projector=ProjectorSpec("sjlt", 0, 2, 8), chunk_rows=16, shard=Shard(0, 2))
-    assert progress(store)[("featurize", "model 0 row chunks")] == (2, 3)
-    assert progress(store)[("featurize", "model 1 row chunks")] == (1, 3)
+    assert progress(store)[("featurize", "model 0 (train:reference/000000) row chunks")] == (2, 3)
+    assert progress(store)[("featurize", "model 1 (train:reference/000001) row chunks")] == (1, 3)
     featurize(store, shard=Shard(1, 2))
 
-    finalize(store, models=[0], shard=Shard(0, 2))  # view d16-b2-ridge0: block 0 of 2 for model 0
-    assert progress(store)[("finalize", "view d16-b2-ridge0 model 0 blocks")] == (1, 2)
+    finalize(store, models=[0], shard=Shard(0, 2))  # view d16-b2-ridgeauto: block 0 of 2 for model 0
+    assert progress(store)[("finalize", "view d16-b2-ridgeauto model 0 blocks")] == (1, 2)
     finalize(store, models=[0])
     finalize(store, ViewSpec(blocks=1), models=[1])
-    assert progress(store)[("finalize", "view d16-b1-ridge0 model 1 blocks")] == (1, 1)
+    assert progress(store)[("finalize", "view d16-b1-ridgeauto model 1 blocks")] == (1, 1)
 
     score(store, targets, models=[0], target_chunk_rows=4, shard=Shard(0, 3))  # 3 chunks of 9 targets
     key = next(k for stage, k in progress(store) if stage == "score")

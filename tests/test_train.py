@@ -208,3 +208,35 @@ def test_training_uses_the_recorded_threads_whatever_the_process_uses(tmp_path):
         torch.set_num_threads(before)
     assert weights[1, 1] == weights[2, 1]
     assert weights[2, 1] != weights[2, 2]
+
+
+def test_checkpoints_along_a_run_are_members_of_its_ensemble(tmp_path, tiny_npz):
+    """--save-checkpoints 3 over 3 epochs keeps the weights after epochs 1 and 2 and the model;
+    keeping them does not change training (the model equals one trained without checkpoints, bit
+    for bit), and featurize registers each as a member of its run, in epoch order, the others
+    differing from the model."""
+    from trakwomp.featurize import featurize
+    from trakwomp.projectors import ProjectorSpec
+    from trakwomp.store import Store
+    from trakwomp.training import load_reference_model
+
+    data = load_dataset(f"npz:{tiny_npz}")
+    recipe = Recipe(epochs=3, batch_size=16, lr=0.05)
+    assert Recipe(epochs=8, save_checkpoints=3).checkpoint_epochs == [2, 5, 8]
+    train(tmp_path / "plain", data, TINY, num_models=2, recipe=recipe)
+    train(tmp_path / "kept", data, TINY, num_models=2, recipe=Recipe(epochs=3, batch_size=16, lr=0.05,
+                                                                        save_checkpoints=3))
+    featurize(tmp_path / "kept", projector=ProjectorSpec("gaussian", 0, 2, 4))
+    registry = Store.open(tmp_path / "kept").manifest["models"]
+    assert [(e["id"], e["run"], e.get("epoch")) for e in registry] == [
+        (3 * j + k, f"train:reference/00000{j}", k + 1) for j in (0, 1) for k in range(3)]
+    for j in (0, 1):
+        final = load_reference_model(tmp_path / "kept", j, 4).state_dict()
+        plain = load_reference_model(tmp_path / "plain", j, 4).state_dict()
+        assert all(torch.equal(final[k], plain[k]) for k in final)
+        stored = [zarr.open_group(str(tmp_path / "kept" / e["weights"]), mode="r") for e in registry[3 * j:3 * j + 3]]
+        assert all(np.array_equal(stored[2][k][...], final[k].numpy()) for k in final)
+        assert not np.array_equal(stored[0]["1.0.weight"][...], stored[1]["1.0.weight"][...])
+    with pytest.raises(StoreError, match="save_checkpoints"):
+        train(tmp_path / "plain", data, TINY, num_models=2, recipe=Recipe(epochs=3, batch_size=16, lr=0.05,
+                                                                           save_checkpoints=3))

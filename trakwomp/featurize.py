@@ -39,6 +39,7 @@ def featurize(
     model: ModelSpec | None = None,
     checkpoints: list[str] | None = None,
     *,
+    run: str | None = None,
     task: Task | None = None,
     projector: ProjectorSpec | None = None,
     dtype: str | None = None,
@@ -50,8 +51,11 @@ def featurize(
     shard: Shard = Shard(),
     progress: Progress | None = None,
 ) -> FeaturizeReport:
-    """Featurize the store's trained reference models, or the given checkpoints, on the train set.
+    """Featurize the store's trained reference models (with the checkpoints kept along their runs),
+    or the given checkpoints, on the train set.
 
+    `run`: the name of the one training run the `checkpoints` come from (so that the store records
+    them as members of one model's ensemble); default: each checkpoint is its own run.
     `task`: default the store's (classification for a new store).
     `parameters`: glob patterns of parameter names to take gradients for (all by default).
     `projector`, `dtype`, `parameters` and `chunk_rows` default to the store's, once it has
@@ -63,6 +67,8 @@ def featurize(
     progress = progress or NoProgress()
     if checkpoints and (data is None or model is None):
         raise UserError("--checkpoint needs --data and --model (the train set and the architecture)")
+    if run is not None and not checkpoints:
+        raise UserError("--run names the training run of the --checkpoint files; pass them too")
     torch_device = resolve_device(device)
     handle = Store.open_existing(store)
     if handle is None and data is None:
@@ -114,7 +120,7 @@ def featurize(
     if settings.layers:
         record["layers"] = [layer.as_dict() for layer in settings.layers]
     handle.bind("featurize", record, "featurize with the store's projector settings, or use a new store")
-    model_ids = register_models(handle, states)
+    model_ids = register_models(handle, states, run)
 
     num_chunks = math.ceil(len(data) / chunk_rows)
     units, todo = plan_work(handle, "featurize", [(m, c) for m in model_ids for c in range(num_chunks)],

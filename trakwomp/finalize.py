@@ -78,7 +78,8 @@ def finalize(
         progress.unit_started(name, 1)
         phi = handle.array(f"{layout.features(model_id)}/phi")
         try:
-            inverse = regularized_inverse(block_gram(phi, view.columns(block), chunk_rows, torch_device), view.ridge)
+            inverse = regularized_inverse(block_gram(phi, view.columns(block), chunk_rows, torch_device),
+                                          view.block_ridge(block, phi.shape[0]))
         except UserError as e:
             hint = (" (a classifier's output layer kept exactly on its class side always is: the margin's gradient "
                     "sums to zero over the classes)") if layers else ""

@@ -19,7 +19,7 @@ from scipy.stats import rankdata
 
 from trakwomp.data import read_npy
 from trakwomp.errors import UserError
-from trakwomp.estimator import ViewSpec, relative_soft_threshold
+from trakwomp.estimator import AUTO, ViewSpec, check_ridge, relative_soft_threshold
 from trakwomp.lds_models import GroundTruth
 from trakwomp.selection import featurized_models, store_view
 from trakwomp.stored_scores import find_scores, iterate_scores
@@ -168,12 +168,12 @@ class LdsReport:
 
 def view_name(view, num_models: int) -> str:
     method = "TRAK" if view.blocks == 1 else "TRAK-WOMP"
-    ridge = f" ridge={view.ridge:g}" if view.ridge else ""
+    ridge = "" if view.ridge == AUTO else f" ridge={view.ridge:g}"
     blocks = f"{view.blocks} layers" if view.layer_widths else f"B={view.blocks}"
     return f"{method} d={view.dims} {blocks}{ridge} M={num_models}"
 
 
-def pair_views(dims: list[int], blocks: list[int], ridges: list[float] = ()) -> list[ViewSpec]:
+def pair_views(dims: list[int], blocks: list[int], ridges: list[float | str] = ()) -> list[ViewSpec]:
     """Views from repeated --dims, --blocks and --ridge: paired by position, a single value (or
     none) applying to every view."""
     lists = {"--dims": list(dims), "--blocks": list(blocks), "--ridge": list(ridges)}
@@ -186,7 +186,7 @@ def pair_views(dims: list[int], blocks: list[int], ridges: list[float] = ()) -> 
     def pick(values: list, i: int, default):
         return values[i] if len(values) > 1 else (values[0] if values else default)
 
-    return [ViewSpec(pick(lists["--dims"], i, None), pick(lists["--blocks"], i, None), pick(lists["--ridge"], i, 0.0))
+    return [ViewSpec(pick(lists["--dims"], i, None), pick(lists["--blocks"], i, None), check_ridge(pick(lists["--ridge"], i, AUTO)))
             for i in range(max(count, 1))]
 
 

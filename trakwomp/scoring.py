@@ -23,7 +23,7 @@ import torch
 from trakwomp.bindings import bind_model, bind_tokenizer, stored_task
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
-from trakwomp.estimator import View, ViewSpec
+from trakwomp.estimator import View, ViewSpec, ridge_text
 from trakwomp.features import FeatureSettings, batch_size_that_fits, write_features
 from trakwomp.models import ModelSpec, check_model_fits_data
 from trakwomp.registry import load_registered_model
@@ -55,7 +55,7 @@ def check_finalized(handle: Store, view: View, model_ids: list[int]) -> None:
         if done < view.blocks:
             raise UserError(f"view {view.key} of model {model_id} is finalized in {done} of {view.blocks} blocks; "
                             f"run `trakwomp finalize {handle.location} --dims {view.dims} --blocks {view.blocks}"
-                            f"{f' --ridge {view.ridge:g}' if view.ridge else ''}` first")
+                            f" --ridge {ridge_text(view.ridge)}` first")
 
 
 def mean_q(handle: Store, model_ids: list[int]) -> torch.Tensor:

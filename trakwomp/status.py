@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from trakwomp.estimator import blocks_of_key
+from trakwomp.registry import run_of
 from trakwomp.store import Store, layout
 from trakwomp.tasks import task_of_store
 from trakwomp.training import ROLES
@@ -41,6 +42,7 @@ class StoreStatus:
     task: str
     temporary_files: int
     stages: list[StageProgress] = field(default_factory=list)
+    runs: dict[str, list[int]] = field(default_factory=dict)  # training run -> ids of its registered models
 
     @property
     def complete(self) -> bool:
@@ -66,7 +68,9 @@ def status(store: str | Path) -> StoreStatus:
         chunks = math.ceil(manifest["dataset"]["num_examples"] / manifest["featurize"]["chunk_rows"])
         for entry in manifest.get("models", []):
             done = len(handle.done_units("featurize", layout.unit(entry["id"])))
-            report.stages.append(StageProgress("featurize", f"model {entry['id']} row chunks", done, chunks))
+            report.stages.append(StageProgress("featurize", f"model {entry['id']} ({entry['source']}) row chunks",
+                                               done, chunks))
+            report.runs.setdefault(run_of(entry), []).append(entry["id"])
     views = {work.removeprefix("finalize/"): ids for work, ids in asked.items() if work.startswith("finalize/")}
     for view in handle.children("done/finalize"):  # views of stores made before "asked" recorded them
         views.setdefault(view, [int(m) for m in handle.children(f"done/finalize/{view}")])

@@ -11,6 +11,7 @@ thread count (`Recipe.threads`). Other CPUs, torch versions or CUDA round differ
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,9 @@ class Recipe:
     sums in an order that depends on the thread count, so the same recipe trained with 1 and
     with 2 threads gives different weights; recording the count makes every rerun use it.
 
+    `save_checkpoints`: K, the number of checkpoints a reference model keeps along its run, at
+    the ends of epochs floor(k E / K) for k = 1..K (the last is the trained model); featurize
+    makes each a member of the run's ensemble (TRAK's M counts members).
     `exclude_groups`: groups whose examples no model sees (the subsets are drawn from the rest).
     `group_alpha`: each model trains on the examples of round(group_alpha x G) of the G groups
     (not excluded), chosen at random, instead of on an alpha-subset of the examples."""
@@ -69,6 +73,7 @@ class Recipe:
     optimizer: str = "sgd"
     group_alpha: float | None = None
     exclude_groups: tuple[str, ...] = ()
+    save_checkpoints: int = 1
 
     @classmethod
     def for_task(cls, task: Task, **given) -> "Recipe":
@@ -91,15 +96,23 @@ class Recipe:
         object.__setattr__(self, "exclude_groups", tuple(sorted(set(self.exclude_groups))))
         if self.group_alpha is not None and not 0 < self.group_alpha < 1:
             raise UserError(f"--group-alpha must lie in (0, 1), got {self.group_alpha}")
+        if not 1 <= self.save_checkpoints <= self.epochs:
+            raise UserError(f"--save-checkpoints must lie between 1 and --epochs ({self.epochs}), "
+                            f"got {self.save_checkpoints}")
+
+    @property
+    def checkpoint_epochs(self) -> list[int]:
+        """The epochs after which a reference model's checkpoints are kept: floor(k E / K), k = 1..K."""
+        return [k * self.epochs // self.save_checkpoints for k in range(1, self.save_checkpoints + 1)]
 
     def as_recorded(self, recorded: dict | None) -> dict:
         """The recipe as a store's manifest records it; a store made before `threads` and
         `optimizer` were recorded (by trakwomp 0.1, SGD only) is matched without them. Group
-        options are recorded only when set."""
+        options and checkpoints are recorded only when set."""
         recipe = asdict(self)
         recipe["exclude_groups"] = list(self.exclude_groups)
-        for optional in ("group_alpha", "exclude_groups"):
-            if not recipe[optional]:
+        for optional in ("group_alpha", "exclude_groups", "save_checkpoints"):
+            if not recipe[optional] or optional == "save_checkpoints" and recipe[optional] == 1:
                 recipe.pop(optional)
         for added in ("threads", "optimizer"):
             if recorded is not None and added not in recorded and (added == "threads" or recipe[added] == "sgd"):
@@ -212,8 +225,10 @@ def epoch_batches(dataset: Dataset, positions: torch.Tensor, batch_size: int,
 
 
 def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recipe, task: Task,
-        generator: torch.Generator, device: torch.device, progress: Progress) -> nn.Module:
-    """Train `model` on the examples `positions` of `dataset` with `recipe` and the task's loss."""
+        generator: torch.Generator, device: torch.device, progress: Progress,
+        epoch_done: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+    """Train `model` on the examples `positions` of `dataset` with `recipe` and the task's loss;
+    `epoch_done(epoch, model)` is called after each epoch (counted from 1) but the last."""
     model.to(device).train()
     optimizer = recipe.make_optimizer(model)
     positions = torch.as_tensor(positions)
@@ -234,6 +249,8 @@ def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recip
                 torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
             optimizer.step()
             progress.advance(len(batch))
+        if epoch_done is not None and epoch + 1 < recipe.epochs:
+            epoch_done(epoch + 1, model)
     return model.eval()
 
 
@@ -287,6 +304,8 @@ def train(
         raise UserError(f"unknown --role {role!r}: expected reference or lds")
     if recipe.group_alpha is not None and role != "lds":
         raise UserError("--group-alpha is for --role lds (LDS models on random halves of the groups)")
+    if recipe.save_checkpoints > 1 and role != "reference":
+        raise UserError("--save-checkpoints is for reference models (LDS models keep only their outputs)")
     if num_models < 1:
         raise UserError("--num-models must be at least 1")
     if role == "lds" and targets is None:
@@ -336,15 +355,23 @@ def train(
             torch.manual_seed(torch_seed)
             net = model.build(output_size)
         progress.unit_started(f"{role} model {j}", recipe.epochs * _examples_per_epoch(int(mask.sum()), recipe))
+        path = layout.trained_model(role, j)
+        keep = set(recipe.checkpoint_epochs) if role == "reference" else set()
+
+        def keep_checkpoint(epoch: int, net: nn.Module) -> None:
+            if epoch in keep:
+                handle.write_arrays(f"{layout.checkpoint(role, j, epoch)}/weights", _state_arrays(net))
+
         with torch_threads(recipe.threads):
-            fit(net, data, np.flatnonzero(mask), recipe, task, generator, torch_device, progress)
+            fit(net, data, np.flatnonzero(mask), recipe, task, generator, torch_device, progress, keep_checkpoint)
             if role != "reference":
                 target_outputs, summary = evaluate(net, targets, task, torch_device)
-        path = layout.trained_model(role, j)
         handle.write_array(f"{path}/mask", mask)
         info: dict = {"num_examples": int(mask.sum())}
         if role == "reference":
-            handle.write_arrays(f"{path}/weights", {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
+            handle.write_arrays(f"{path}/weights", _state_arrays(net))
+            if recipe.save_checkpoints > 1:
+                info["checkpoint_epochs"] = recipe.checkpoint_epochs
         else:
             handle.write_array(f"{path}/margins", target_outputs)
             info.update(summary)
@@ -354,6 +381,10 @@ def train(
         report.trained.append(j)
         progress.unit_finished(f"{role} model {j}", _summary(info))
     return report
+
+
+def _state_arrays(net: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
 
 
 def _examples_per_epoch(n: int, recipe: Recipe) -> int:
