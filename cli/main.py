@@ -271,7 +271,7 @@ def featurize(
 
 DimsOpt = typer.Option(None, "--dims", help="Use the first D featurized dims (default: all).")
 BlocksOpt = typer.Option(None, "--blocks", help="Split the D dims into B equal blocks (default: the stored blocks, one per layer for factored features; 1 is plain TRAK).")
-RidgeOpt = typer.Option(AUTO, "--ridge", help="Ridge added to each block Gram matrix, relative to the mean of its diagonal, or auto: scale / sqrt(B) times the train examples' mean squared block-feature norm (no LDS models needed; docs/method.md).")
+RidgeOpt = typer.Option(AUTO, "--ridge", help="Ridge added to each block Gram matrix, relative to the mean of its diagonal, or auto: 7.5e-4 sqrt(w n) / B^(3/4) for B blocks of w dims and n train examples (needs no LDS models; docs/method.md); 0 for none.")
 ScoredTargetsOpt = typer.Option(None, "--targets", help="Which scored targets (needed if several are scored).")
 TargetIndicesOpt = typer.Option(None, "--target-indices", help="The --target-indices they were scored with.")
 ThresholdOpt = typer.Option(0.0, "--threshold", help="Soft threshold of the scores, in units of each target's RMS score.")

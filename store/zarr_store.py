@@ -191,7 +191,12 @@ class Store:
         The data are made durable first, then the marker."""
         attributes = json.loads(json.dumps({"unit": unit, **(info or {})}))
         self._durable.sync()
-        self._group.create_group(self._checked(f"done/{stage}/{unit}"), attributes=attributes, overwrite=True)
+        path = self._checked(f"done/{stage}/{unit}")
+        try:
+            self._group.create_group(path, attributes=attributes, overwrite=True)
+        except FileNotFoundError:  # another process replaced the same marker meanwhile (both did the unit)
+            if self.done_info(stage, unit) is None:
+                self._group.create_group(path, attributes=attributes, overwrite=True)
         self._durable.sync()
 
     def done_info(self, stage: str, unit: str) -> dict | None:

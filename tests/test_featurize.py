@@ -148,6 +148,7 @@ def test_user_model_and_checkpoints_from_outside_the_package(cli, tmp_path, tiny
     group = zarr.open_group(str(tmp_path / "store"), mode="r")
     registry = group.attrs["trakwomp"]["models"]
     assert [e["source"] for e in registry] == [str(tmp_path / "model1.pt"), str(tmp_path / "model2.pt")]
+    assert [e["run"] for e in registry] == [e["source"] for e in registry]  # without --run, each file its own run
     data = load_dataset(f"npz:{tiny_npz}")
     x, y = data[5]
     for model_id, net in enumerate(nets):
@@ -162,6 +163,14 @@ def test_user_model_and_checkpoints_from_outside_the_package(cli, tmp_path, tiny
     again = cli("featurize", tmp_path / "store", "--data", f"npz:{tiny_npz}", "--model", "mypkg.models:build",
                 "--checkpoint", tmp_path / "model2.pt", "--blocks", "2", "--block-dim", "8", "--dtype", "float16")
     assert again.exit_code == 0 and "models [1]" in plain(again.stderr)
+    for seed in (3, 4):  # two checkpoints of one run
+        torch.manual_seed(seed)
+        torch.save(build(4).state_dict(), tmp_path / f"late{seed}.pt")
+    one_run = cli("featurize", tmp_path / "store", "--data", f"npz:{tiny_npz}", "--model", "mypkg.models:build",
+                  "--checkpoint", tmp_path / "late*.pt", "--run", "mine", "--quiet")
+    assert one_run.exit_code == 0, one_run.output
+    registry = zarr.open_group(str(tmp_path / "store"), mode="r").attrs["trakwomp"]["models"]
+    assert [(e["id"], e["run"]) for e in registry[2:]] == [(2, "mine"), (3, "mine")]
 
 
 def test_featurize_bad_inputs(cli, tmp_path, tiny_npz, trained):

@@ -40,13 +40,15 @@ def register_models(handle: Store, checkpoints: list[tuple[str, dict]], run: str
             candidates.append((digest, {"source": path, "weights": weights, "run": run or path}))
     else:
         for name in handle.done_units("train", "reference"):
-            run = f"train:reference/{name}"
+            trained_run = f"train:reference/{name}"
             epochs = handle.done_info("train", layout.unit("reference", name)).get("checkpoint_epochs") or [None]
             for epoch in epochs:
                 last = epoch == epochs[-1]
-                weights = f"{layout.trained_model('reference', name) if last else layout.checkpoint('reference', name, epoch)}/weights"
+                folder = layout.trained_model("reference", name) if last else layout.checkpoint("reference", name, epoch)
+                weights = f"{folder}/weights"
                 digest = state_hash({k: torch.from_numpy(v) for k, v in handle.read_arrays(weights).items()})
-                entry = {"source": run if last else f"{run}@epoch{epoch}", "weights": weights, "run": run}
+                entry = {"source": trained_run if last else f"{trained_run}@epoch{epoch}", "weights": weights,
+                         "run": trained_run}
                 candidates.append((digest, entry if epoch is None else {**entry, "epoch": epoch}))
 
     def assign_ids(manifest: dict) -> list[int]:
