@@ -52,15 +52,20 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _DAMAGE = (ValueError, RuntimeError, TypeError, KeyError, OSError)
 
 
+_UNSET = object()
+
+
 def _describe_difference(name: str, stored: Any, given: Any) -> str:
     if isinstance(stored, dict) and isinstance(given, dict):
         for key in sorted(set(stored) | set(given)):
-            if stored.get(key) != given.get(key):
-                return _describe_difference(f"{name}.{key}", stored.get(key), given.get(key))
+            if stored.get(key, _UNSET) != given.get(key, _UNSET):
+                return _describe_difference(f"{name}.{key}", stored.get(key, _UNSET), given.get(key, _UNSET))
     return f"{name} is {_short(stored)} in the store but {_short(given)} here"
 
 
 def _short(value: Any) -> str:
+    if value is _UNSET:
+        return "not set"
     text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
 

@@ -47,6 +47,14 @@ def test_regularized_inverse_with_relative_ridge():
     singular = dependent.T @ dependent
     with pytest.raises(UserError, match="--ridge"):
         regularized_inverse(singular, 0.0)
+    # features that sum to zero (as a margin's logit gradients do): singular, though rounding
+    # leaves a Cholesky pivot of 3e-16 of the largest diagonal entry, so the factorization succeeds
+    dependent[:, 5] = -g[:, :5].sum(1)
+    rounded = dependent.T @ dependent
+    assert torch.linalg.cholesky_ex(rounded)[1].item() == 0
+    with pytest.raises(UserError, match="not positive definite"):
+        regularized_inverse(rounded, 0.0)
+    assert np.isfinite(regularized_inverse(rounded, 1e-6).numpy()).all()
 
 
 @pytest.mark.parametrize("dims, blocks, ridge, n, message", [

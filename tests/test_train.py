@@ -237,6 +237,6 @@ def test_checkpoints_along_a_run_are_members_of_its_ensemble(tmp_path, tiny_npz)
         stored = [zarr.open_group(str(tmp_path / "kept" / e["weights"]), mode="r") for e in registry[3 * j:3 * j + 3]]
         assert all(np.array_equal(stored[2][k][...], final[k].numpy()) for k in final)
         assert not np.array_equal(stored[0]["1.0.weight"][...], stored[1]["1.0.weight"][...])
-    with pytest.raises(StoreError, match="save_checkpoints"):
+    with pytest.raises(StoreError, match="save_checkpoints is not set in the store but 3 here"):
         train(tmp_path / "plain", data, TINY, num_models=2, recipe=Recipe(epochs=3, batch_size=16, lr=0.05,
                                                                            save_checkpoints=3))

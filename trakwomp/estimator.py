@@ -141,12 +141,17 @@ def ridge_text(ridge: float | str) -> str:
 
 
 def regularized_inverse(gram: torch.Tensor, ridge: float) -> torch.Tensor:
-    """(G + ridge * mean(diag G) * I)^-1 by a Cholesky factorization, in float64."""
+    """(G + ridge * mean(diag G) * I)^-1 by a Cholesky factorization G = L L^T, in float64.
+
+    Refused as singular when a pivot L_ii^2 falls to w * eps * max(diag G) (w the width, eps
+    float64's machine epsilon), the usual numerical-rank tolerance: below it the inverse is
+    rounding noise, and whether the factorization fails outright depends on the CPU."""
     gram = gram.double()
     if ridge:
         gram = gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     factor, info = torch.linalg.cholesky_ex(gram)
-    if info.item() != 0:
+    tolerance = len(gram) * torch.finfo(gram.dtype).eps * gram.diagonal().max()
+    if info.item() != 0 or not bool((factor.diagonal() ** 2 > tolerance).all()):
         raise UserError("a Gram matrix is not positive definite (its features are linearly dependent); "
                         "pass --ridge > 0, e.g. 1e-3")
     return torch.cholesky_inverse(factor)
