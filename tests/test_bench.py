@@ -163,3 +163,42 @@ def test_group_benchmarks_measure_the_change_without_a_group_and_the_partial_cor
                             ((margins[:, t], predicted[:, t]), (margins[:, t], size), (predicted[:, t], size)))
         expected.append((r_ap - r_as * r_ps) / np.sqrt((1 - r_as ** 2) * (1 - r_ps ** 2)))
     assert partial["mean"] == pytest.approx(np.mean(expected), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_ridge_study_lds_equals_finalize_score_and_lds_at_every_view_and_ridge(tmp_path):
+    """bench/ridge_study.py computes every (view, ridge) LDS from one eigendecomposition per block;
+    the pipeline computes each from a Cholesky inverse per block and its own scores. Per half of
+    the LDS models and per target, the two agree, the auto ridge included."""
+    from conftest import write_tiny_images
+    from test_train import TINY
+    from trakwomp.data import load_dataset
+    from trakwomp.estimator import ViewSpec
+    from trakwomp.featurize import featurize
+    from trakwomp.finalize import finalize
+    from trakwomp.lds import lds
+    from trakwomp.projectors import ProjectorSpec
+    from trakwomp.scoring import score
+    from trakwomp.training import Recipe, train
+
+    data = load_dataset(f"npz:{write_tiny_images(tmp_path / 'train.npz')}")
+    targets = load_dataset(f"npz:{write_tiny_images(tmp_path / 'targets.npz', n=9, seed=1)}")
+    store, recipe = tmp_path / "store", Recipe(epochs=1, batch_size=16, lr=0.05)
+    train(store, data, TINY, num_models=2, recipe=recipe)
+    train(store, data, TINY, role="lds", num_models=8, targets=targets, recipe=recipe)
+    featurize(store, projector=ProjectorSpec("sjlt", 0, 2, 8), chunk_rows=16)
+    views, ridges = [(16, 1), (16, 2), (8, 1)], [0.0, 0.1, "auto"]
+    for dims, blocks in views:
+        for ridge in ridges:
+            finalize(store, ViewSpec(dims, blocks, ridge))
+            score(store, targets, ViewSpec(dims, blocks, ridge))
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "ridge_study.py"), str(store), str(tmp_path / "out.npz"),
+                             "--models", "0-1", "--ridges", "0,0.1", *[f"--view={d}x{b}" for d, b in views]],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    study = np.load(tmp_path / "out.npz")["lds"]
+    for v, (dims, blocks) in enumerate(views):
+        for r, ridge in enumerate(ridges):
+            for half in (0, 1):
+                expected = lds(store, [ViewSpec(dims, blocks, ridge)], half=half, resamples=1).results[0].per_target
+                np.testing.assert_allclose(study[v, r, half], expected, atol=1e-5)
