@@ -91,7 +91,8 @@ class Run:
             log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\t{name}\t{time.perf_counter() - start:.1f}\n")
 
     def lds(self, views: list[tuple[int, int, float]], models: int, half: int, files: list[Path] = ()) -> dict:
-        command = [TRAKWOMP, "lds", self.store, "--models", f"0-{models - 1}", "--half", str(half), "--json"]
+        command = [TRAKWOMP, "lds", self.store, "--models", f"0-{models - 1}", "--half", str(half), "--threshold", "0",
+                   "--json"]  # the claims compare the estimators without the soft threshold
         for d, b, r in views:
             command += ["--dims", str(d), "--blocks", str(b), "--ridge", f"{r:g}"]
         for path in files:

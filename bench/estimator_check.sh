@@ -21,7 +21,7 @@ targets="imagefolder:$work/cifar5k/test"
 "$trakwomp" train "$store" "${train[@]}" --role lds --num-models 52 --targets "$targets" --quiet
 "$trakwomp" featurize "$store" --projector sjlt --quiet
 "$trakwomp" finalize "$store" --quiet
-"$trakwomp" score "$store" --targets "$targets" --quiet --out "$work/trakwomp.npy"
+"$trakwomp" score "$store" --targets "$targets" --quiet --threshold 0 --out "$work/trakwomp.npy"  # raw, as traker's
 "$python" -c "import sys, torch; from trakwomp import load_reference_model; \
 torch.save(load_reference_model(sys.argv[1], 0, 10).state_dict(), sys.argv[2])" "$store" "$work/reference.pt"
 [ -f "$work/traker.npy" ] || "$python" "$repo/bench/traker_scores.py" "imagefolder:$work/cifar5k/train" "$targets" \

@@ -51,7 +51,7 @@ featurize sjlt-layers --projector sjlt --blocks "$layers" --block-dim $((d / lay
 score() {  # STORE OUT VIEW-FLAGS...
     local store="$work/$1" out="$work/$2"; shift 2
     "$trakwomp" finalize "$store" --ridge 1e-3 "$@" --quiet
-    "$trakwomp" score "$store" --targets "$targets" --ridge 1e-3 "$@" --out "$out" --quiet
+    "$trakwomp" score "$store" --targets "$targets" --ridge 1e-3 "$@" --threshold 0 --out "$out" --quiet
 }
 score sjlt-16 sjlt-16.npy
 score factored factored-layers.npy

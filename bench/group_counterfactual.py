@@ -27,7 +27,7 @@ import numpy as np
 from scipy import stats
 
 from trakwomp.bindings import load_store_data, stored_dataset, stored_task
-from trakwomp.estimator import ViewSpec
+from trakwomp.estimator import DEFAULT_THRESHOLD, ViewSpec
 from trakwomp.groups import group_scores, resolve_groups
 from trakwomp.lds import view_name
 from trakwomp.models import ModelSpec
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--groups", help="a groups file, if the store records none and its data has no sources")
     parser.add_argument("--target-set", help="an .npy of target positions or a mask over the targets [default: all]")
     parser.add_argument("--view", action="append", default=[], help="DIMS,BLOCKS[,RIDGE] of scored views (ridge default auto; docs/results.md used 0); the first picks the groups")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="soft threshold (as groups; docs/results.md used 0)")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--top", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
@@ -78,7 +79,7 @@ def main() -> None:
     views = [ViewSpec(*map(int, v.split(","))) for v in args.view] or [ViewSpec()]
     handle = Store.open(args.store)
     names = [view_name(store_view(handle, v), 1) for v in views]
-    predicted = [group_scores(args.store, args.groups, view=v, target_set=args.target_set) for v in views]
+    predicted = [group_scores(args.store, args.groups, view=v, target_set=args.target_set, threshold=args.threshold) for v in views]
     chosen = predicted[0].strongest(args.top)
     groups = [None] + [predicted[0].names[g] for g in chosen]
     args.work.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import json
 import numpy as np
 from scipy.stats import rankdata
 
-from trakwomp.estimator import ViewSpec
+from trakwomp.estimator import DEFAULT_THRESHOLD, ViewSpec
 from trakwomp.lds import bootstrap_interval, lds, view_name
 from trakwomp.lds_models import GroundTruth
 from trakwomp.selection import featurized_models, store_view
@@ -46,16 +46,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store")
     parser.add_argument("--view", action="append", default=[], help="DIMS,BLOCKS[,RIDGE] of a scored view (ridge default auto; docs/results.md used 0); repeatable")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="soft threshold (as lds; docs/results.md used 0)")
     args = parser.parse_args()
     views = [ViewSpec(*map(int, v.split(","))) for v in args.view] or [ViewSpec()]
     handle = Store.open(args.store)
     truth = GroundTruth.from_store(handle, by_group=True)
-    report = lds(args.store, views, by_group=True)
+    report = lds(args.store, views, by_group=True, threshold=args.threshold)
     partial = {}
     for spec in views:
         view = store_view(handle, spec)
         key = find_scores(handle, view, featurized_models(handle, None), truth.targets_sha)
-        tau = np.concatenate([block for _, block in iterate_scores(handle, key)]).astype(np.float64)
+        tau = np.concatenate([block for _, block in iterate_scores(handle, key, args.threshold)]).astype(np.float64)
         partial[view_name(view, 1)] = partial_spearman_given_size(truth, tau)
     first = next(iter(partial.values()))
     out = {"group_lds": report.as_dict(), "partial_spearman_given_size": {

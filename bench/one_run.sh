@@ -48,10 +48,10 @@ views=(); for v in 16384x1 16384x2 16384x4 16384x8 16384x16 16384x32 16384x64 16
     --view 16384x4 --view 16384x16 --view 16384x32 --view 16384x64 --view 1024x1 --view 512x1 \
     --ridges 0,0.01,0.03,0.1,0.3,1,3,10
 
-scored() {  # STORE MODELS OUT VIEW-FLAGS...: finalize and score, exported to WORK/OUT.npy
+scored() {  # STORE MODELS OUT VIEW-FLAGS...: finalize and score, exported raw to WORK/OUT.npy
     local store="$work/$1" models="$2" out="$work/$3.npy"; shift 3
     "$trakwomp" finalize "$store" --models "$models" "$@" --quiet
-    "$trakwomp" score "$store" --targets "$targets" --models "$models" "$@" --out "$out" --quiet
+    "$trakwomp" score "$store" --targets "$targets" --models "$models" "$@" --threshold 0 --out "$out" --quiet
     files+=(--scores "$out")
 }
 files=()

@@ -88,8 +88,8 @@ def score_all(work: Path, s: dict) -> dict[str, dict[tuple[int, int], Path]]:
         for d, b in dict.fromkeys(views(s)):
             out = work / f"{name}-d{d}-b{b}.npy"
             print(f"finalize and score {name} d={d} B={b}", flush=True)
-            finalize(work / name, ViewSpec(d, b, 0.0))  # no ridge, as documented
-            export_scores(work / name, score(work / name, targets, ViewSpec(d, b, 0.0)).key, out)
+            finalize(work / name, ViewSpec(d, b, 0.0))  # no ridge and no threshold, as documented
+            export_scores(work / name, score(work / name, targets, ViewSpec(d, b, 0.0)).key, out, threshold=0.0)
             files[name][(d, b)] = out
     return files
 

@@ -26,7 +26,7 @@ from trakwomp.featurize import featurize as featurize_models
 from trakwomp.finalize import finalize as finalize_view
 from trakwomp.groups import GROUPS_HELP, group_scores, parse_group_names, predict_groups
 from trakwomp.selection import parse_model_ids
-from trakwomp.estimator import AUTO, ViewSpec
+from trakwomp.estimator import AUTO, DEFAULT_THRESHOLD, ViewSpec
 from trakwomp.lds import lds as lds_report, pair_views
 from trakwomp.show import default_show_file, show as show_target, show_groups
 from trakwomp.status import status as store_status
@@ -274,7 +274,7 @@ BlocksOpt = typer.Option(None, "--blocks", help="Split the D dims into B equal b
 RidgeOpt = typer.Option(AUTO, "--ridge", help="Ridge added to each block Gram matrix, relative to the mean of its diagonal, or auto: 7.5e-4 sqrt(w n) / B^(3/4) for B blocks of w dims and n train examples (needs no LDS models; docs/method.md); 0 for none.")
 ScoredTargetsOpt = typer.Option(None, "--targets", help="Which scored targets (needed if several are scored).")
 TargetIndicesOpt = typer.Option(None, "--target-indices", help="The --target-indices they were scored with.")
-ThresholdOpt = typer.Option(0.0, "--threshold", help="Soft threshold of the scores, in units of each target's RMS score.")
+ThresholdOpt = typer.Option(DEFAULT_THRESHOLD, "--threshold", help="Soft threshold of the scores, in units of each target's RMS score (0 for the raw scores; docs/method.md).")
 ModelsOpt = typer.Option(None, "--models", help="Model ids to use, e.g. 0,2,5-7 (default: all featurized).")
 
 
@@ -313,7 +313,7 @@ def score(
     ridge: str = RidgeOpt,
     models: Optional[str] = ModelsOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="Write the (n_targets, n_train) scores to this .npy file."),
-    threshold: float = typer.Option(0.0, "--threshold", help="Soft threshold for --out and --top-k, in units of each target's RMS score."),
+    threshold: float = typer.Option(DEFAULT_THRESHOLD, "--threshold", help="Soft threshold for --out and --top-k, in units of each target's RMS score (0 for the raw scores, as the store holds them)."),
     top_k: int = typer.Option(0, "--top-k", help="Write the K most supporting and opposing train examples per target."),
     top_k_out: Path = typer.Option(Path("top-k.csv"), "--top-k-out", help="Where --top-k goes (.csv or .json)."),
     chunk_rows: int = typer.Option(256, "--chunk-rows", help="Targets per unit of work."),
@@ -452,7 +452,7 @@ def lds(
     ridge: list[str] = typer.Option([], "--ridge", help="View ridge (auto or relative, as in finalize); repeat to pair with --dims/--blocks."),
     models: Optional[str] = ModelsOpt,
     scores: list[Path] = typer.Option([], "--scores", help="An .npy (n_targets, n_train) score matrix to evaluate; repeatable."),
-    threshold: float = typer.Option(0.0, "--threshold", help="Soft threshold, in units of each target's RMS score."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help=f"Soft threshold, in units of each target's RMS score [default: {DEFAULT_THRESHOLD:g} for the store's scores, 0 for --scores files, which may be thresholded already]."),
     tune_threshold: bool = typer.Option(False, "--tune-threshold", help="Pick the threshold on half of the LDS models, report on the other half."),
     half: Optional[int] = typer.Option(None, "--half", help="Use only half of the LDS models: 0 = those at even positions (0, 2, ...), 1 = odd "
                                        "(choose views on one half, report on the other)."),

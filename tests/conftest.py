@@ -62,3 +62,11 @@ def cli():
 def plain(text: str) -> str:
     """Text without ANSI colour codes."""
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def soft_thresholded(tau: np.ndarray, threshold: float = 0.25) -> np.ndarray:
+    """S(tau, T x each row's RMS) in numpy, T = 0.25 by default: the scores that lds, predict,
+    groups, show and score's exports use unless told --threshold 0."""
+    tau = np.asarray(tau, dtype=np.float64)
+    rms = np.sqrt((tau ** 2).mean(axis=1, keepdims=True))
+    return np.sign(tau) * np.maximum(np.abs(tau) - threshold * rms, 0)

@@ -113,7 +113,7 @@ def test_group_benchmarks_measure_the_change_without_a_group_and_the_partial_cor
     stored outputs of models trained with and without the group (read here from Zarr), and the
     models without it never saw its examples; bench/group_lds.py: the partial Spearman
     correlation equals the textbook partial correlation of the Spearman correlations."""
-    from conftest import write_tiny_images
+    from conftest import soft_thresholded, write_tiny_images
     from test_train import TINY
     from trakwomp.data import load_dataset
     from trakwomp.featurize import featurize
@@ -155,7 +155,7 @@ def test_group_benchmarks_measure_the_change_without_a_group_and_the_partial_cor
     group = zarr.open_group(str(store), mode="r")
     masks = np.stack([group[f"models/lds-groups/{j:06d}/mask"][:] for j in range(6)])
     margins = np.stack([group[f"models/lds-groups/{j:06d}/margins"][:] for j in range(6)]).astype(np.float64)
-    tau = next(group[f"scores/{key}/tau"][:] for key in group["scores"].group_keys()).astype(np.float64)
+    tau = soft_thresholded(next(group[f"scores/{key}/tau"][:] for key in group["scores"].group_keys()))  # the default threshold
     size, predicted = masks.sum(axis=1), masks @ tau.T
     expected = []
     for t in range(9):
@@ -200,5 +200,6 @@ def test_ridge_study_lds_equals_finalize_score_and_lds_at_every_view_and_ridge(t
     for v, (dims, blocks) in enumerate(views):
         for r, ridge in enumerate(ridges):
             for half in (0, 1):
-                expected = lds(store, [ViewSpec(dims, blocks, ridge)], half=half, resamples=1).results[0].per_target
+                expected = lds(store, [ViewSpec(dims, blocks, ridge)], half=half, threshold=0.0,
+                           resamples=1).results[0].per_target
                 np.testing.assert_allclose(study[v, r, half], expected, atol=1e-5)

@@ -30,7 +30,7 @@ from trakwomp.status import status
 from trakwomp.store import StoreError
 from trakwomp.training import Recipe, train
 
-from conftest import write_tiny_images
+from conftest import soft_thresholded, write_tiny_images
 from test_text import fortunes, write_jsonl
 from test_train import TINY
 
@@ -65,8 +65,9 @@ def grouped(tmp_path_factory):
     train(store, data, TINY, role="lds", num_models=6, targets=targets, recipe=RECIPE)
     train(store, data, TINY, role="lds", num_models=8, targets=targets, groups=groups_file,
           recipe=Recipe(epochs=1, batch_size=16, lr=0.05, group_alpha=0.5))
-    tau = zarr.open_group(str(store), mode="r")[f"scores/{key}/tau"][:].astype(np.float64)
-    return {"root": root, "store": store, "data": data, "targets": targets, "groups": groups_file, "tau": tau}
+    raw = zarr.open_group(str(store), mode="r")[f"scores/{key}/tau"][:]
+    return {"root": root, "store": store, "data": data, "targets": targets, "groups": groups_file,
+            "raw": raw.astype(np.float64), "tau": soft_thresholded(raw)}  # tau: at the default --threshold
 
 
 def member_sum(tau: np.ndarray, names: list[str]) -> np.ndarray:
@@ -168,10 +169,10 @@ def test_group_lds_models_train_on_half_the_groups_and_are_scored_like_scipy(gro
     example_masks = np.stack([store[f"models/lds/{j:06d}/mask"][:] for j in range(6)])
     assert all(m.sum() == 24 and len(set(labels[m])) > 3 for m in example_masks)
 
-    predicted = masks.astype(np.float64) @ grouped["tau"].astype(np.float32).astype(np.float64).T
+    predicted = masks.astype(np.float64) @ grouped["raw"].T
     expected = np.mean([spearmanr(margins[:, t], predicted[:, t]).statistic if np.ptp(predicted[:, t]) else 0.0
                         for t in range(9)])
-    report = lds(grouped["store"], by_group=True, resamples=200)
+    report = lds(grouped["store"], by_group=True, threshold=0.0, resamples=200)
     assert report.results[0].num_models == 8
     assert report.results[0].mean == pytest.approx(expected, abs=1e-9)
     by_size = np.mean([spearmanr(margins[:, t], masks.sum(axis=1)).statistic for t in range(9)])

@@ -8,7 +8,7 @@ import pytest
 import zarr
 from scipy.stats import spearmanr
 
-from conftest import plain, write_tiny_images
+from conftest import plain, soft_thresholded, write_tiny_images
 
 COMMON = ["--width", "0.0625", "--epochs", "2", "--batch-size", "16", "--lr", "0.05", "--quiet"]
 
@@ -45,6 +45,14 @@ def test_train_featurize_finalize_score_lds_predict(cli, tmp_path):
            "--out", tmp_path / f"scores{blocks}.npy", "--top-k", "2", "--top-k-out", tmp_path / f"top{blocks}.csv")
     scores = np.load(tmp_path / "scores4.npy")
     assert scores.shape == (10, 48) and np.isfinite(scores).all()
+    # the store holds the raw scores; exports soft-threshold them at 0.25 x each target's RMS by default
+    stored = zarr.open_group(str(store), mode="r")["scores"]
+    raw = next(stored[f"{key}/tau"][...] for key in stored.group_keys() if "-b4-" in key)
+    np.testing.assert_allclose(scores, soft_thresholded(raw), rtol=1e-5, atol=1e-7)
+    assert (scores == 0).mean() > 0.1
+    ok("score", store, "--targets", targets, "--blocks", "4", "--quiet", "--chunk-rows", "4", "--threshold", "0",
+       "--out", tmp_path / "scoresraw.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "scoresraw.npy"), raw)
     rows = list(csv.DictReader(open(tmp_path / "top4.csv")))
     assert len(rows) == 10 * 2 * 2
     first = [r for r in rows if r["target"] == "0" and r["direction"] == "supports"]
@@ -55,7 +63,8 @@ def test_train_featurize_finalize_score_lds_predict(cli, tmp_path):
     lds_models = zarr.open_group(str(store), mode="r")["models/lds"]
 
     def scipy_lds(blocks, models):
-        """Per-target Spearman correlations of the LDS models' margins with their predicted sums."""
+        """Per-target Spearman correlations of the LDS models' margins with their predicted sums
+        by the exported scores{blocks}.npy."""
         exported = np.load(tmp_path / f"scores{blocks}.npy")
         masks = np.stack([lds_models[f"{j:06d}/mask"][...] for j in models]).astype(float)
         margins = np.stack([lds_models[f"{j:06d}/margins"][...] for j in models])
@@ -66,6 +75,14 @@ def test_train_featurize_finalize_score_lds_predict(cli, tmp_path):
         assert result["lds"] == pytest.approx(scipy_lds(blocks, range(8)).mean(), abs=1e-6)
     per_target = scipy_lds("4", range(8)) - scipy_lds("1", range(8))
     assert report["paired_differences"][0]["difference"] == pytest.approx(per_target.mean(), abs=1e-6)
+    # score files are evaluated as given (an export is thresholded already), unless --threshold says otherwise
+    files = json.loads(ok("lds", store, "--scores", tmp_path / "scores4.npy", "--scores", tmp_path / "scoresraw.npy",
+                          "--json").stdout)["results"]
+    assert [r["threshold"] for r in files] == [0, 0]
+    assert files[0]["lds"] == pytest.approx(report["results"][1]["lds"], abs=1e-6)
+    assert files[1]["lds"] == pytest.approx(scipy_lds("raw", range(8)).mean(), abs=1e-6)
+    again = json.loads(ok("lds", store, "--scores", tmp_path / "scoresraw.npy", "--threshold", "0.25", "--json").stdout)
+    assert again["results"][0]["lds"] == pytest.approx(report["results"][1]["lds"], abs=1e-6)
     half = json.loads(ok("lds", store, "--blocks", "4", "--ridge", "auto", "--half", "1", "--json").stdout)["results"][0]
     assert half["models"] == 4 and half["lds"] == pytest.approx(scipy_lds("4", range(1, 8, 2)).mean(), abs=1e-6)
     fails("cannot go with --tune-threshold", "lds", store, "--half", "0", "--tune-threshold")

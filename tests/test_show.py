@@ -4,6 +4,7 @@ straight from the Zarr array), and the PNG holds the target and those train imag
 import json
 
 import numpy as np
+import pytest
 import torch
 import zarr
 from PIL import Image
@@ -18,7 +19,7 @@ from trakwomp.scoring import score
 from trakwomp.show import CAPTION, TILE
 from trakwomp.training import Recipe, train
 
-from conftest import write_tiny_images
+from conftest import soft_thresholded, write_tiny_images
 from test_train import TINY
 
 
@@ -40,7 +41,8 @@ def test_show_draws_the_target_with_its_strongest_train_examples(tmp_path):
     order = sorted(range(len(tau)), key=lambda i: (-tau[i], i))
     assert [r["train_index"] for r in rows if r["direction"] == "supports"] == order[:k]
     assert [r["train_index"] for r in rows if r["direction"] == "opposes"] == sorted(range(len(tau)), key=lambda i: (tau[i], i))[:k]
-    assert all(r["score"] == float(tau[r["train_index"]]) for r in rows)
+    shown = soft_thresholded(tau[None])[0]  # the default --threshold 0.25 keeps the order
+    assert [r["score"] for r in rows] == pytest.approx([shown[r["train_index"]] for r in rows], rel=1e-5)
 
     grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
     pad = 4

@@ -28,6 +28,10 @@ from trakwomp.errors import UserError
 
 AUTO = "auto"
 AUTO_RIDGE_SCALE = 7.5e-4
+# The soft threshold S where scores are used, in units of each target's RMS score: fixed at 0.25
+# with no LDS models, it raised the example-level and group LDS in every setting measured
+# (docs/results.md, "The soft threshold").
+DEFAULT_THRESHOLD = 0.25
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,13 @@ import numpy as np
 from trakwomp.bindings import stored_dataset
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
+from trakwomp.estimator import DEFAULT_THRESHOLD
 from trakwomp.store import Store
 from trakwomp.stored_scores import find_scores_by_key, iterate_scores
 from trakwomp.text import TextDataset
 
 
-def export_scores(store: str | Path, key: str, out: str | Path, threshold: float = 0.0) -> tuple[int, int]:
+def export_scores(store: str | Path, key: str, out: str | Path, threshold: float = DEFAULT_THRESHOLD) -> tuple[int, int]:
     """Write the (n_targets, n_train) scores `key`, soft-thresholded, to an .npy file, streaming."""
     handle = Store.open(store)
     find_scores_by_key(handle, key)
@@ -31,7 +32,7 @@ def export_scores(store: str | Path, key: str, out: str | Path, threshold: float
     return tau.shape
 
 
-def top_k_rows(store: str | Path, key: str, targets: Dataset, k: int, threshold: float = 0.0) -> list[dict]:
+def top_k_rows(store: str | Path, key: str, targets: Dataset, k: int, threshold: float = DEFAULT_THRESHOLD) -> list[dict]:
     """For each target, its k most positive and k most negative train examples of scores `key`."""
     handle = Store.open(store)
     find_scores_by_key(handle, key)

@@ -27,7 +27,7 @@ import scipy.stats
 from trakwomp.bindings import stored_dataset
 from trakwomp.data import Dataset, load_indices, read_npy
 from trakwomp.errors import UserError
-from trakwomp.estimator import ViewSpec
+from trakwomp.estimator import DEFAULT_THRESHOLD, ViewSpec
 from trakwomp.lds_models import GroundTruth
 from trakwomp.store import Store
 from trakwomp.stored_scores import find_view_scores, iterate_scores
@@ -337,7 +337,7 @@ def group_scores(
     models: list[int] | None = None,
     chosen_targets: list[int] | None = None,
     target_set: str | Path | None = None,
-    threshold: float = 0.0,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> GroupScores:
     """Each group's score for each chosen target (default: every scored target), from the stored
     scores of the view and models (`targets`: which scored target set, if several are), and the
@@ -405,7 +405,7 @@ def predict_groups(
     targets: Dataset | None = None,
     view: ViewSpec = ViewSpec(),
     models: list[int] | None = None,
-    threshold: float = 0.0,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> GroupPrediction:
     """The predicted change of every scored target's output if the groups `drop` were removed
     from the train set, or if only the groups `keep` were kept."""

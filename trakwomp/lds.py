@@ -19,7 +19,7 @@ from scipy.stats import rankdata
 
 from trakwomp.data import read_npy
 from trakwomp.errors import UserError
-from trakwomp.estimator import AUTO, ViewSpec, check_ridge, relative_soft_threshold
+from trakwomp.estimator import AUTO, DEFAULT_THRESHOLD, ViewSpec, check_ridge, relative_soft_threshold
 from trakwomp.lds_models import GroundTruth
 from trakwomp.selection import featurized_models, store_view
 from trakwomp.stored_scores import find_scores, iterate_scores
@@ -196,7 +196,7 @@ def lds(
     models: list[int] | None = None,
     score_files: list[str | Path] = (),
     *,
-    threshold: float = 0.0,
+    threshold: float | None = None,
     tune_threshold: bool = False,
     half: int | None = None,
     resamples: int = 2000,
@@ -205,20 +205,22 @@ def lds(
 ) -> LdsReport:
     """LDS of the store's scores at each of `views` (default: the default view, unless score
     files are given), and of each score file, against the store's LDS models (or `half` 0 or 1 of
-    them, see `GroundTruth.split`); paired differences are taken against the first. `by_group`:
+    them, see `GroundTruth.split`); paired differences are taken against the first. `threshold`
+    soft-thresholds every source (default: the store's views at DEFAULT_THRESHOLD, score files as
+    given, since they may have been thresholded when exported). `by_group`:
     against the group LDS models, each trained on a random half of the groups, so that the
     prediction sum_{i in D_j} tau_i(z) is a sum of group scores (the group LDS); a last row
     gives the LDS of predicting by the number of examples kept (`size_baseline`), which the
     varying sizes of the groups let reach a high group LDS with no attribution at all."""
     if half is not None and (half not in (0, 1) or tune_threshold):
         raise UserError("--half must be 0 or 1, and cannot go with --tune-threshold (which uses both halves)")
-    if resamples < 1 or threshold < 0:
+    if resamples < 1 or threshold is not None and threshold < 0:
         raise UserError("--bootstrap must be at least 1 and --threshold >= 0")
     handle = Store.open(store)
     truth = GroundTruth.from_store(handle, by_group)
     if half is not None:
         truth = truth.split(half)
-    sources = []
+    sources, thresholds = [], []
     if views is None:
         views = [] if score_files else [ViewSpec()]
     if views:
@@ -228,8 +230,11 @@ def lds(
             key = find_scores(handle, view, model_ids, truth.targets_sha)
             shape = handle.array(f"scores/{key}/tau").shape
             sources.append(ScoreSource(view_name(view, len(model_ids)), lambda key=key: iterate_scores(handle, key), *shape))
-    sources.extend(ScoreSource.from_file(path) for path in score_files)
-    results = [evaluate(s, truth, threshold, tune_threshold, resamples, seed) for s in sources]
+            thresholds.append(DEFAULT_THRESHOLD if threshold is None else threshold)
+    for path in score_files:
+        sources.append(ScoreSource.from_file(path))
+        thresholds.append(0.0 if threshold is None else threshold)
+    results = [evaluate(s, truth, t, tune_threshold, resamples, seed) for s, t in zip(sources, thresholds)]
     if by_group and sources:  # on the LDS models the others are reported on, never thresholded
         baseline = size_baseline(sources[0].num_targets, sources[0].num_train)
         results.append(evaluate(baseline, truth.split(1) if tune_threshold else truth, resamples=resamples, seed=seed))

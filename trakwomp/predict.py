@@ -8,7 +8,7 @@ import numpy as np
 
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
-from trakwomp.estimator import ViewSpec
+from trakwomp.estimator import DEFAULT_THRESHOLD, ViewSpec
 from trakwomp.store import Store
 from trakwomp.stored_scores import find_view_scores, iterate_scores
 
@@ -19,7 +19,7 @@ def predict(
     targets: Dataset | None = None,
     view: ViewSpec = ViewSpec(),
     models: list[int] | None = None,
-    threshold: float = 0.0,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> tuple[str, np.ndarray]:
     """The datamodel prediction sum_{i in S} tau_i(z) for every scored target z, for a train
     subset S (a boolean mask over the train set, or train indices), from the stored scores of the

@@ -20,7 +20,7 @@ from torchvision.utils import make_grid, save_image
 from trakwomp.bindings import load_store_data, stored_dataset
 from trakwomp.data import Dataset
 from trakwomp.errors import UserError
-from trakwomp.estimator import ViewSpec, relative_soft_threshold
+from trakwomp.estimator import DEFAULT_THRESHOLD, ViewSpec, relative_soft_threshold
 from trakwomp.export import strongest_rows
 from trakwomp.groups import GroupScores, Groups, group_scores
 from trakwomp.store import Store
@@ -41,7 +41,7 @@ def show(
     targets: Dataset | None = None,
     view: ViewSpec = ViewSpec(),
     models: list[int] | None = None,
-    threshold: float = 0.0,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> list[dict]:
     """The k train examples that most support and most oppose target `target` of the stored
     scores of the view and models (`targets`: which scored target set, needed if several are,
@@ -85,7 +85,7 @@ def show_groups(
     targets: Dataset | None = None,
     view: ViewSpec = ViewSpec(),
     models: list[int] | None = None,
-    threshold: float = 0.0,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> GroupScores:
     """The k groups of largest |score| for the chosen targets (default: all scored targets), drawn
     to `out` (a PNG bar chart) if given; see `group_scores`."""
