@@ -51,13 +51,13 @@ def spectral_pieces(train: torch.Tensor, targets: torch.Tensor, weighted_masks: 
 
 
 def study(store: Store, truth: GroundTruth, members: list[int], views: list[tuple[int, int]],
-          ridges: tuple[float, ...]) -> np.ndarray:
-    """LDS per (view, ridge, half, target); a last ridge, per view, is `--ridge auto`'s."""
+          ridges: tuple[float, ...], automatic: list[float]) -> np.ndarray:
+    """LDS per (view, ridge, half, target); a last ridge, per view, is `automatic[view]`
+    (`--ridge auto`'s)."""
     sha = truth.targets_sha[:16]
     q = sum(torch.from_numpy(store.read_array(f"{layout.features(m)}/q")).double() for m in members)
     weighted_masks = torch.from_numpy(truth.masks.astype(np.float64)) * q
     n = truth.masks.shape[1]
-    automatic = [View(dims, blocks).block_ridge(0, n) for dims, blocks in views]
     out = np.empty((len(views), len(ridges) + 1, 2, truth.margins.shape[1]))
     predicted = torch.zeros(len(views), len(ridges) + 1, len(truth.masks), truth.margins.shape[1], dtype=torch.float64)
     for m in members:
@@ -100,9 +100,9 @@ def main() -> None:
     views = [tuple(int(x) for x in v.split("x")) for v in args.view]
     ridges = tuple(float(r) for r in args.ridges.split(","))
     members = parse_model_ids(args.models)
-    with torch.no_grad():
-        lds = study(store, truth, members, views, ridges)
     automatic = [View(dims, blocks).block_ridge(0, truth.masks.shape[1]) for dims, blocks in views]
+    with torch.no_grad():
+        lds = study(store, truth, members, views, ridges, automatic)
     np.savez(args.out, lds=lds, views=np.array(views), ridges=np.array(ridges), members=np.array(members),
              automatic=np.array(automatic))
     print("view \\ ridge  " + "  ".join(f"{r:>12g}" for r in ridges) + "          auto")

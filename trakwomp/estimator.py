@@ -12,7 +12,8 @@ needs no LDS models: ridge = AUTO_RIDGE_SCALE * sqrt(w_b n) / B^(3/4) for a bloc
 n train examples and B blocks. The rule was fitted on half of the LDS models of an image and a
 text setting, over 17 and 14 views at M = 1 (docs/results.md, "A ridge that needs no tuning"):
 more ridge for wider blocks and larger train sets, less the more blocks are summed.
-The soft threshold S(v, t) = sign(v) max(|v| - t, 0) is applied on export, never to stored scores.
+The soft threshold S(v, t) = sign(v) max(|v| - t, 0) is applied where scores are read (by default
+at DEFAULT_THRESHOLD x each target's RMS score), never to stored scores.
 """
 
 from __future__ import annotations

@@ -111,8 +111,8 @@ class Recipe:
         options and checkpoints are recorded only when set."""
         recipe = asdict(self)
         recipe["exclude_groups"] = list(self.exclude_groups)
-        for optional in ("group_alpha", "exclude_groups", "save_checkpoints"):
-            if not recipe[optional] or optional == "save_checkpoints" and recipe[optional] == 1:
+        for optional, unset in (("group_alpha", None), ("exclude_groups", []), ("save_checkpoints", 1)):
+            if recipe[optional] == unset:
                 recipe.pop(optional)
         for added in ("threads", "optimizer"):
             if recorded is not None and added not in recorded and (added == "threads" or recipe[added] == "sgd"):
