@@ -37,7 +37,7 @@ fi
 mkdir -p "$work"
 "$python" - "$main" "$outputs" "$work/reference0.pt" <<'EOF'
 import sys, torch
-from trakwomp.training import load_reference_model
+from trakwomp.stages.train import load_reference_model
 torch.save(load_reference_model(sys.argv[1], 0, int(sys.argv[2])).state_dict(), sys.argv[3])
 EOF
 featurize() {  # STORE PROJECTOR-FLAGS...

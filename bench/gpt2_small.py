@@ -42,7 +42,7 @@ def make_model(work: Path, smoke: bool) -> tuple[Path, Path]:
     import torch
     import transformers
 
-    from trakwomp.models import HuggingFaceCausalLM
+    from trakwomp.models.huggingface import HuggingFaceCausalLM
 
     folder, checkpoint = work / "gpt2-small", work / "gpt2-small.pt"
     if not checkpoint.exists():
@@ -57,7 +57,7 @@ def make_model(work: Path, smoke: bool) -> tuple[Path, Path]:
 
 def make_texts(work: Path, train: int, targets: int) -> tuple[Path, Path]:
     """JSON-lines files of fortunes-mini train texts joined into texts of more than 200 bytes."""
-    from trakwomp.text import read_fortunes_mini
+    from trakwomp.data.text import read_fortunes_mini
 
     joined, current = [], ""
     for row in read_fortunes_mini("fortunes-mini:train", "train"):

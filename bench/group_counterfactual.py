@@ -25,16 +25,24 @@ from pathlib import Path
 
 import numpy as np
 from scipy import stats
-
-from trakwomp.bindings import load_store_data, stored_dataset, stored_task
-from trakwomp.estimator import DEFAULT_THRESHOLD, ViewSpec
-from trakwomp.groups import group_scores, resolve_groups
-from trakwomp.lds import view_name
-from trakwomp.models import ModelSpec
-from trakwomp.runtime import Shard
-from trakwomp.selection import store_view
 from trakwomp.store import Store, layout
-from trakwomp.training import Recipe, train
+
+from trakwomp.analysis.groups import group_scores
+from trakwomp.analysis.lds import view_name
+from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
+from trakwomp.estimator.view import ViewSpec
+from trakwomp.stages.stored_scores import Selection
+from trakwomp.models.spec import ModelSpec
+from trakwomp.runtime import Shard
+from trakwomp.stages.bindings import (
+    load_store_data,
+    resolve_groups,
+    stored_dataset,
+    stored_task,
+)
+from trakwomp.stages.recipe import Recipe
+from trakwomp.stages.selection import store_view
+from trakwomp.stages.train import train
 
 
 def variant_store(work: Path, group: str | None) -> Path:
@@ -79,7 +87,7 @@ def main() -> None:
     views = [ViewSpec(*map(int, v.split(","))) for v in args.view] or [ViewSpec()]
     handle = Store.open(args.store)
     names = [view_name(store_view(handle, v), 1) for v in views]
-    predicted = [group_scores(args.store, args.groups, view=v, target_set=args.target_set, threshold=args.threshold) for v in views]
+    predicted = [group_scores(args.store, args.groups, Selection(view=v, threshold=args.threshold), target_set=args.target_set) for v in views]
     chosen = predicted[0].strongest(args.top)
     groups = [None] + [predicted[0].names[g] for g in chosen]
     args.work.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,14 @@ import json
 
 import numpy as np
 from scipy.stats import rankdata
-
-from trakwomp.estimator import DEFAULT_THRESHOLD, ViewSpec
-from trakwomp.lds import bootstrap_interval, lds, view_name
-from trakwomp.lds_models import GroundTruth
-from trakwomp.selection import featurized_models, store_view
 from trakwomp.store import Store
-from trakwomp.stored_scores import find_scores, iterate_scores
+
+from trakwomp.analysis.ground_truth import GroundTruth
+from trakwomp.analysis.lds import bootstrap_interval, lds, view_name
+from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
+from trakwomp.estimator.view import ViewSpec
+from trakwomp.stages.selection import featurized_models, store_view
+from trakwomp.stages.stored_scores import find_scores, iterate_scores
 
 
 def partial_spearman_given_size(truth: GroundTruth, tau: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import csv
 
 import numpy as np
 
-from trakwomp.data import load_dataset
+from trakwomp.data.specs import load_dataset
 
 
 def made_up_sources(labels: np.ndarray, num_classes: int, sources: int, concentration: float, seed: int) -> np.ndarray:

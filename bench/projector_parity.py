@@ -22,17 +22,18 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from trakwomp.data import load_dataset
-from trakwomp.estimator import View, ViewSpec
-from trakwomp.featurize import featurize
-from trakwomp.finalize import finalize
-from trakwomp.lds import GroundTruth, bootstrap_interval, lds_per_target
-from trakwomp.models import ModelSpec
-from trakwomp.projectors import ProjectorSpec
-from trakwomp.scoring import score
-from trakwomp.stored_scores import find_scores, iterate_scores
 from trakwomp.store import Store
+
+from trakwomp.analysis.ground_truth import GroundTruth
+from trakwomp.analysis.lds import bootstrap_interval, lds_per_target
+from trakwomp.data.specs import load_dataset
+from trakwomp.estimator.view import View, ViewSpec
+from trakwomp.features.projectors import ProjectorSpec
+from trakwomp.models.spec import ModelSpec
+from trakwomp.stages.featurize import featurize
+from trakwomp.stages.finalize import finalize
+from trakwomp.stages.score import score
+from trakwomp.stages.stored_scores import find_scores, iterate_scores
 
 CONFIGS = (("gaussian", "float32"), ("sjlt", "float32"), ("sjlt", "float16"))
 COMPARISONS = ((("sjlt", "float32"), ("gaussian", "float32")), (("sjlt", "float16"), ("sjlt", "float32")))

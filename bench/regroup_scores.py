@@ -17,7 +17,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-
 from trakwomp.store import Store
 
 

@@ -30,11 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trakwomp.estimator import View  # noqa: E402
-from trakwomp.lds import spearman_columns  # noqa: E402
-from trakwomp.lds_models import GroundTruth  # noqa: E402
-from trakwomp.selection import parse_model_ids  # noqa: E402
 from trakwomp.store import Store, layout  # noqa: E402
+
+from trakwomp.analysis.ground_truth import GroundTruth  # noqa: E402
+from trakwomp.analysis.lds import spearman_columns  # noqa: E402
+from trakwomp.estimator.view import View  # noqa: E402
+from trakwomp.stages.selection import parse_model_ids  # noqa: E402
 
 RIDGES = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 

@@ -80,7 +80,7 @@ def views(s: dict) -> list[tuple[int, int]]:
 def score_all(work: Path, s: dict) -> dict[str, dict[tuple[int, int], Path]]:
     """Every view finalized and scored in both stores, its scores exported to an .npy file."""
     from trakwomp import ViewSpec, finalize, load_dataset, score
-    from trakwomp.export import export_scores
+    from trakwomp.stages.export import export_scores
 
     targets = load_dataset("fortunes-mini:test", indices=work / "targets.npy" if s["targets"] else None)
     files: dict[str, dict[tuple[int, int], Path]] = {name: {} for name in OUTPUTS}

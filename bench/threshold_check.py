@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from trakwomp.analysis.lds import lds, paired_difference  # noqa: E402
 from trakwomp.errors import UserError  # noqa: E402
-from trakwomp.estimator import ViewSpec  # noqa: E402
-from trakwomp.lds import lds, paired_difference  # noqa: E402
+from trakwomp.estimator.view import ViewSpec  # noqa: E402
 
 VIEWS = (ViewSpec(1024, 1), ViewSpec(16384, 16))
 THRESHOLDS = (0.25, 0.5)

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 from trak import TRAKer
 
-from trakwomp.data import load_dataset
-from trakwomp.models import ModelSpec, load_checkpoint
-from trakwomp.data import load_batch
+from trakwomp.data.base import load_batch
+from trakwomp.data.specs import load_dataset
+from trakwomp.models.checkpoints import load_checkpoint
+from trakwomp.models.spec import ModelSpec
 
 
 def main() -> None:

@@ -25,11 +25,10 @@ import os
 import signal
 from pathlib import Path
 
+from trakwomp.store.errors import StoreError
 from zarr.abc.store import Store
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore, WrapperStore
-
-from trakwomp.store.errors import StoreError
 
 FAULT_VARIABLE = "TRAKWOMP_FAULT"
 FAULT_MODES = ("kill", "torn", "enospc", "erofs")

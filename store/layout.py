@@ -2,10 +2,18 @@
 paths (docs/store.md draws the same tree).
 
 A unit of work is named by its parts joined with `/`, numbers as six digits (model 3, row chunk
-1: `000003/000001`), so that names sort as numbers do.
+1: `000003/000001`), so that names sort as numbers do. A unit is published by its done marker,
+`done/<stage>/<unit>`.
 """
 
 from __future__ import annotations
+
+TRAIN_INDICES = "data/train_indices"  # the --indices a store's train set was selected with
+GROUP_CODES = "groups/codes"  # each train example's group, by position in the recorded names
+FEATURES = "features"
+MODELS = "models"
+SCORES = "scores"
+FINALIZE = "finalize"
 
 
 def unit(*parts: int | str) -> str:
@@ -13,27 +21,80 @@ def unit(*parts: int | str) -> str:
     return "/".join(part if isinstance(part, str) else f"{part:06d}" for part in parts)
 
 
+def done(stage: str, unit_name: str = "") -> str:
+    """The done marker of a unit of `stage`, or (without a unit) the folder of the stage's markers."""
+    return f"done/{stage}/{unit_name}" if unit_name else f"done/{stage}"
+
+
+def short_id(sha256: str) -> str:
+    """The id of a content hash in store paths and keys: its first 16 hex digits."""
+    return sha256[:16]
+
+
 def features(model_id: int, prefix: str = "") -> str:
     """The folder of a model's phi, q and margins (the task's output f); `prefix` is that of a
     target set (`targets_prefix`), empty for the train set."""
-    return f"{prefix}features/{unit(model_id)}"
+    return f"{prefix}{FEATURES}/{unit(model_id)}"
 
 
 def targets_prefix(targets_id: str) -> str:
+    """Where a target set's features live: `targets/<id>/features/...`."""
     return f"targets/{targets_id}/"
+
+
+def target_features_stage(targets_id: str) -> str:
+    """The stage whose units are a target set's (model, chunk) features."""
+    return f"featurize_targets/{targets_id}"
+
+
+def view_folder(view_key: str) -> str:
+    return f"{FINALIZE}/{view_key}"
 
 
 def inverse(view_key: str, model_id: int) -> str:
     """A model's block Gram inverses at a view, (blocks, width, width) float64."""
-    return f"finalize/{view_key}/{unit(model_id)}/inverse"
+    return f"{view_folder(view_key)}/{unit(model_id)}/inverse"
+
+
+def scores_folder(key: str) -> str:
+    return f"{SCORES}/{key}"
+
+
+def scores(key: str) -> str:
+    """The raw scores `key`, (n_targets, n_train) float32."""
+    return f"{scores_folder(key)}/tau"
+
+
+def role_folder(role: str) -> str:
+    return f"{MODELS}/{role}"
 
 
 def trained_model(role: str, index: int) -> str:
     """The folder of model `index` of `role`: its mask, and its weights or its target outputs."""
-    return f"models/{role}/{unit(index)}"
+    return f"{role_folder(role)}/{unit(index)}"
 
 
 def checkpoint(role: str, index: int, epoch: int) -> str:
     """The folder of a checkpoint kept along model `index`'s run, after epoch `epoch` (the last
     epoch's is the model itself, `trained_model`)."""
     return f"{trained_model(role, index)}/checkpoints/{unit(epoch)}"
+
+
+def user_checkpoint(digest: str) -> str:
+    """The folder of a checkpoint file registered by `featurize --checkpoint`, by its weights' hash."""
+    return f"{MODELS}/checkpoints/{short_id(digest)}"
+
+
+def weights(folder: str) -> str:
+    """The state_dict arrays of the model or checkpoint in `folder`."""
+    return f"{folder}/weights"
+
+
+def asked_train(role: str) -> str:
+    """The manifest's "asked" entry of `train` for a role (the number of models asked for)."""
+    return f"train/{role}"
+
+
+def asked_finalize(view_key: str) -> str:
+    """The manifest's "asked" entry of `finalize` for a view (the models asked for)."""
+    return f"{FINALIZE}/{view_key}"

@@ -30,9 +30,8 @@ import threading
 import time
 import uuid
 
-from zarr.core.sync import sync
-
 from trakwomp.store.errors import StoreError
+from zarr.core.sync import sync
 
 LEASE_SECONDS = 30.0
 WAIT_SECONDS = 300.0

@@ -25,12 +25,12 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import zarr
 import zarr.codecs
-from zarr.core.sync import collect_aiterator, sync
-from zarr.storage import FsspecStore, LocalStore
-
+from trakwomp.store import layout
 from trakwomp.store.durable import DurableStore
 from trakwomp.store.errors import StoreError
 from trakwomp.store.lease import ObjectStoreLease
+from zarr.core.sync import collect_aiterator, sync
+from zarr.storage import FsspecStore, LocalStore
 
 # 2: every chunk carries a CRC-32C checksum. Version 1 stores still open; their chunks written
 # before have none, so damage that still decodes goes unseen there (docs/store.md).
@@ -196,7 +196,7 @@ class Store:
         The data are made durable first, then the marker."""
         attributes = json.loads(json.dumps({"unit": unit, **(info or {})}))
         self._durable.sync()
-        path = self._checked(f"done/{stage}/{unit}")
+        path = self._checked(layout.done(stage, unit))
         try:
             self._group.create_group(path, attributes=attributes, overwrite=True)
         except FileNotFoundError:  # another process replaced the same marker meanwhile (both did the unit)
@@ -207,7 +207,7 @@ class Store:
     def done_info(self, stage: str, unit: str) -> dict | None:
         """The info a finished unit was published with, or None if the unit is not finished."""
         try:
-            marker = self._group[self._checked(f"done/{stage}/{unit}")]
+            marker = self._group[self._checked(layout.done(stage, unit))]
             attributes = marker.attrs.asdict()
         except (KeyError, ValueError, zarr.errors.BaseZarrError):
             return None
@@ -248,7 +248,7 @@ class Store:
 
     def done_units(self, stage: str, prefix: str = "") -> list[str]:
         """Names of the finished units under `done/<stage>/<prefix>`, sorted."""
-        names = self.children(f"done/{stage}" + (f"/{prefix}" if prefix else ""))
+        names = self.children(layout.done(stage, prefix))
         return [n for n in names if self.done_info(stage, f"{prefix}/{n}" if prefix else n) is not None]
 
     def children(self, path: str) -> list[str]:

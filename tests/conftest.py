@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
 from trakwomp.cli.main import app
+from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,22 +14,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from trakwomp.cli.main import app
-from trakwomp.data import load_dataset
-from trakwomp.featurize import featurize
-from trakwomp.finalize import finalize
-from trakwomp.groups import group_scores
-from trakwomp.models import ModelSpec
-from trakwomp.projectors import ProjectorSpec
-from trakwomp.scoring import score
-from trakwomp.training import Recipe, train
-
 from conftest import plain, write_tiny_images
 from test_text import TINY_GPT, fortunes, write_hf_folder, write_jsonl
 from test_train import TINY
-from trakwomp.tasks import CausalLM
+from trakwomp.cli.main import app
+from typer.testing import CliRunner
+
+from trakwomp.analysis.groups import group_scores
+from trakwomp.data.specs import load_dataset
+from trakwomp.features.projectors import ProjectorSpec
+from trakwomp.models.spec import ModelSpec
+from trakwomp.stages.featurize import featurize
+from trakwomp.stages.finalize import finalize
+from trakwomp.stages.recipe import Recipe
+from trakwomp.stages.score import score
+from trakwomp.stages.train import train
+from trakwomp.tasks.causal_lm import CausalLM
 
 RECIPE = Recipe(epochs=1, batch_size=16, lr=0.05)
 STAGES = ("trained", "featurized", "finalized", "scored", "full")
@@ -308,7 +308,7 @@ CASES = [
     Case("layers-for-resnet9", None, [*TRAIN, "--layers", "2"], "--layers and --heads apply to the built-in gpt only"),
     # factored projections and memory
     Case("blocks-with-factored", "trained", ["featurize", "S", "--projector", "factored", "--blocks", "4"],
-         "--blocks does not go with --projector factored"),
+         "does not go with --projector factored"),
     Case("factored-block-dim-not-square", "trained", ["featurize", "S", "--projector", "factored", "--block-dim", "20"],
          "the block dim must be a square"),
     Case("factored-dims-not-on-a-layer", "factored", ["finalize", "S", "--dims", "20"], "must end on a layer"),

@@ -9,11 +9,9 @@ import tarfile
 import numpy as np
 import pytest
 import zarr
-from scipy.stats import spearmanr
-
-from PIL import Image
-
 from conftest import REPO
+from PIL import Image
+from scipy.stats import spearmanr
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -115,12 +113,14 @@ def test_group_benchmarks_measure_the_change_without_a_group_and_the_partial_cor
     correlation equals the textbook partial correlation of the Spearman correlations."""
     from conftest import soft_thresholded, write_tiny_images
     from test_train import TINY
-    from trakwomp.data import load_dataset
-    from trakwomp.featurize import featurize
-    from trakwomp.finalize import finalize
-    from trakwomp.projectors import ProjectorSpec
-    from trakwomp.scoring import score
-    from trakwomp.training import Recipe, train
+
+    from trakwomp.data.specs import load_dataset
+    from trakwomp.features.projectors import ProjectorSpec
+    from trakwomp.stages.featurize import featurize
+    from trakwomp.stages.finalize import finalize
+    from trakwomp.stages.recipe import Recipe
+    from trakwomp.stages.score import score
+    from trakwomp.stages.train import train
 
     data = load_dataset(f"npz:{write_tiny_images(tmp_path / 'train.npz')}")
     targets = load_dataset(f"npz:{write_tiny_images(tmp_path / 'targets.npz', n=9, seed=1)}")
@@ -172,14 +172,16 @@ def test_ridge_study_lds_equals_finalize_score_and_lds_at_every_view_and_ridge(t
     the LDS models and per target, the two agree, the auto ridge included."""
     from conftest import write_tiny_images
     from test_train import TINY
-    from trakwomp.data import load_dataset
-    from trakwomp.estimator import ViewSpec
-    from trakwomp.featurize import featurize
-    from trakwomp.finalize import finalize
-    from trakwomp.lds import lds
-    from trakwomp.projectors import ProjectorSpec
-    from trakwomp.scoring import score
-    from trakwomp.training import Recipe, train
+
+    from trakwomp.analysis.lds import lds
+    from trakwomp.data.specs import load_dataset
+    from trakwomp.estimator.view import ViewSpec
+    from trakwomp.features.projectors import ProjectorSpec
+    from trakwomp.stages.featurize import featurize
+    from trakwomp.stages.finalize import finalize
+    from trakwomp.stages.recipe import Recipe
+    from trakwomp.stages.score import score
+    from trakwomp.stages.train import train
 
     data = load_dataset(f"npz:{write_tiny_images(tmp_path / 'train.npz')}")
     targets = load_dataset(f"npz:{write_tiny_images(tmp_path / 'targets.npz', n=9, seed=1)}")

@@ -5,12 +5,9 @@ import sys
 
 import numpy as np
 import zarr
-
-from typer.testing import CliRunner
-
-from trakwomp.cli.main import app
-
 from conftest import REPO, plain
+from trakwomp.cli.main import app
+from typer.testing import CliRunner
 
 
 def test_train_then_lds_through_the_cli(cli, tmp_path, tiny_npz):
@@ -27,7 +24,7 @@ def test_train_then_lds_through_the_cli(cli, tmp_path, tiny_npz):
     assert group.attrs["trakwomp"]["lds_targets"]["num_examples"] == 3
     result = cli("train", tmp_path / "s", *common, "--num-models", "2", "--json")
     assert "2 already done" in plain(result.stderr)
-    assert json.loads(result.stdout) == {"trained": [], "skipped": [0, 1], "target_accuracy": {}, "target_token_loss": {}}
+    assert json.loads(result.stdout) == {"trained": [], "skipped": [0, 1], "summaries": {}}
     moved = tmp_path / "moved.npz"
     shutil.copy(tiny_npz, moved)
     result = cli("train", tmp_path / "s", *common, "--role", "lds", "--num-models", "3", "--targets",

@@ -2,13 +2,12 @@
 environment variables."""
 
 import pytest
+from conftest import plain
+from trakwomp.cli.main import app
 from typer.testing import CliRunner
 
-from trakwomp.cli.main import app
 from trakwomp.errors import UserError
 from trakwomp.runtime import Shard, resolve_device
-
-from conftest import plain
 
 
 @pytest.mark.parametrize("environ, expected", [

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trakwomp.data import load_dataset
+from trakwomp.data.specs import load_dataset
 from trakwomp.errors import UserError
 
 

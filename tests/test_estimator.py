@@ -4,26 +4,30 @@ TRAK library (`traker`), and the definitions of the soft threshold and ridge."""
 
 import importlib
 import shutil
+
 import numpy as np
 import pytest
 import torch
 import zarr
-
-from trakwomp.data import load_dataset
-from trakwomp.errors import UserError
-from trakwomp.estimator import AUTO_RIDGE_SCALE, View, ViewSpec, regularized_inverse, relative_soft_threshold, soft_threshold
-from trakwomp.featurize import featurize
-from trakwomp.finalize import finalize
-from trakwomp.models import ModelSpec
-from trakwomp.projectors import ProjectorSpec
-from trakwomp import scoring
-from trakwomp.predict import predict
-from trakwomp.scoring import score
-from trakwomp.selection import parse_model_ids
-from trakwomp.show import show
-from trakwomp.training import Recipe, train
-
 from conftest import soft_thresholded, write_tiny_images
+
+from trakwomp.analysis.predict import predict
+from trakwomp.analysis.show import show
+from trakwomp.data.specs import load_dataset
+from trakwomp.errors import UserError
+from trakwomp.estimator import scores as scoring
+from trakwomp.estimator.inverse import regularized_inverse
+from trakwomp.estimator.threshold import relative_soft_threshold, soft_threshold
+from trakwomp.estimator.view import AUTO_RIDGE_SCALE, View, ViewSpec
+from trakwomp.features.projectors import ProjectorSpec
+from trakwomp.models.spec import ModelSpec
+from trakwomp.stages.featurize import featurize
+from trakwomp.stages.finalize import finalize
+from trakwomp.stages.recipe import Recipe
+from trakwomp.stages.score import score
+from trakwomp.stages.selection import parse_model_ids
+from trakwomp.stages.stored_scores import Selection
+from trakwomp.stages.train import train
 
 
 def test_soft_threshold_matches_its_definition():
@@ -98,7 +102,7 @@ def model_store(tmp_path_factory):
     for (blocks, ridge), pass_bytes in zip(((1, 0.0), (4, 0.5), (4, 0.0)), (1, 4 * 48 * 4 * 2, None)):
         with pytest.MonkeyPatch.context() as patch:
             if blocks == 1:  # a block too big for one chunk is stored in row chunks (here 5 rows of 32)
-                patch.setattr(importlib.import_module("trakwomp.finalize"), "INVERSE_CHUNK_BYTES", 8 * 32 * 5)
+                patch.setattr(importlib.import_module("trakwomp.stages.finalize"), "INVERSE_CHUNK_BYTES", 8 * 32 * 5)
             finalize(store, ViewSpec(blocks=blocks, ridge=ridge))
             if pass_bytes:
                 patch.setattr(scoring, "SCORE_PASS_BYTES", pass_bytes)
@@ -163,8 +167,8 @@ def test_a_model_set_with_a_gap_in_any_order_is_one_set_scored_as_eq3(model_stor
     np.testing.assert_allclose(tau, expected, rtol=2e-4, atol=1e-6 * np.abs(expected).max())
     subset = np.arange(48) % 3 == 0
     for given in ([2, 0], [0, 2]):
-        assert predict(copy, subset, view=ViewSpec(blocks=4), models=given)[0] == key
-        assert show(copy, 0, k=2, view=ViewSpec(blocks=4), models=given)[0]["score"] == pytest.approx(
+        assert predict(copy, subset, Selection(ViewSpec(blocks=4), given))[0] == key
+        assert show(copy, 0, k=2, selection=Selection(ViewSpec(blocks=4), given))[0]["score"] == pytest.approx(
             soft_thresholded(tau)[0].max(), rel=1e-5)
 
 

@@ -6,25 +6,33 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-from trakwomp.data import load_batch, load_dataset
-from trakwomp.errors import UserError
-from trakwomp.factored import FactoredFeatures, factored_layers, side_projection
-from trakwomp.featurize import featurize
-from trakwomp.finalize import finalize
-from trakwomp.estimator import ViewSpec
-from trakwomp.gradients import select_parameters
-from trakwomp.memory import featurize_need, saved_activation_bytes
-from trakwomp.models import GPT, ModelSpec
-from trakwomp.projectors import ProjectorSpec
-from trakwomp.scoring import score
-from trakwomp.store import Store
-from trakwomp.tasks import Batch, CausalLM, Classification
-from trakwomp.training import Recipe, train
-
 from conftest import plain, write_tiny_images
-from test_text import write_hf_folder, fortunes
+from test_text import fortunes, write_hf_folder
+from torch import nn
+from trakwomp.store import Store
+
+from trakwomp.data.base import Batch, load_batch
+from trakwomp.data.specs import load_dataset
+from trakwomp.errors import UserError
+from trakwomp.estimator.view import ViewSpec
+from trakwomp.features.factored import (
+    FactoredFeatures,
+    factored_layers,
+    side_projection,
+)
+from trakwomp.features.gradients import select_parameters
+from trakwomp.features.memory import featurize_need, saved_activation_bytes
+from trakwomp.features.projectors import ProjectorSpec
+from trakwomp.features.writer import FeatureSettings
+from trakwomp.models.networks import GPT
+from trakwomp.models.spec import ModelSpec
+from trakwomp.stages.featurize import featurize
+from trakwomp.stages.finalize import finalize
+from trakwomp.stages.recipe import Recipe
+from trakwomp.stages.score import score
+from trakwomp.stages.train import train
+from trakwomp.tasks.causal_lm import CausalLM
+from trakwomp.tasks.classification import Classification
 
 CPU = torch.device("cpu")
 
@@ -83,7 +91,7 @@ def test_factored_features_of_a_conv_net_with_batchnorm_equal_the_kronecker_proj
     out = FactoredFeatures(net, layers, 0, 0, CPU, Classification())(Batch((x,), y))
     expected, f = per_example_reference(net, layers, [Batch((x[i:i + 1],), y[i:i + 1]) for i in range(5)],
                                         Classification())
-    torch.testing.assert_close(out.features.double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.rows.double(), expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
 
 
@@ -99,7 +107,7 @@ def test_factored_features_of_the_gpt_with_padding_equal_the_kronecker_projectio
     task = CausalLM(output)
     out = FactoredFeatures(net, layers, 0, 0, CPU, task)(load_batch(data, positions))
     expected, f = per_example_reference(net, layers, [load_batch(data, [i]) for i in positions], task)
-    torch.testing.assert_close(out.features.double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.rows.double(), expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
 
 
@@ -114,7 +122,7 @@ def test_factored_features_of_hugging_face_gpt2_with_tied_embeddings_equal_the_k
     positions = [0, 1, 2]
     out = FactoredFeatures(net, layers, 0, 0, CPU, CausalLM())(load_batch(data, positions))
     expected, f = per_example_reference(net, layers, [load_batch(data, [i]) for i in positions], CausalLM())
-    torch.testing.assert_close(out.features.double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.rows.double(), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_side_projections_are_seeded_by_layer_name_and_keep_narrow_sides_exactly():
@@ -185,8 +193,8 @@ def test_per_layer_blocks_of_different_widths_through_finalize_and_score(trained
 def nothing_held(monkeypatch):
     """The estimate without what the test process happens to hold already (pytest, other tests'
     data), so that a limit set in the test is the estimate's alone."""
-    monkeypatch.setattr("trakwomp.memory.held_bytes", lambda device: 0)
-    monkeypatch.setattr("trakwomp.features.held_bytes", lambda device: 0)
+    monkeypatch.setattr("trakwomp.features.memory.held_bytes", lambda device: 0)
+    monkeypatch.setattr("trakwomp.features.writer.held_bytes", lambda device: 0)
 
 
 def test_a_model_too_large_for_the_memory_limit_is_refused_before_any_write(trained_once, tmp_path, cli, nothing_held):
@@ -206,8 +214,8 @@ def test_the_batch_size_is_lowered_to_what_fits_and_features_do_not_change(train
     assert reference.batch_size == 48
     net = TINY.build(4)
     data = load_dataset(f"npz:{trained_once / 'tiny.npz'}")
-    layers = factored_layers(net, select_parameters(net, None), 16)
-    need = featurize_need(net, 0, spec, sum(l.width for l in layers), layers, 48,
+    settings = FeatureSettings.for_model(spec, "float32", net, select_parameters(net, None))
+    need = featurize_need(net, settings.method, settings.layout, settings.num_params, 48,
                           saved_activation_bytes(net, data, Classification(), CPU), CPU)
     limit = need.total(5) + 1  # room for 5 examples per batch, not 6
     report = featurize(small, projector=spec, chunk_rows=48, batch_size=48, memory_limit=limit)

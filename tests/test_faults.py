@@ -25,22 +25,21 @@ import warnings
 import numpy as np
 import pytest
 import zarr
-from typer.testing import CliRunner
-
-from trakwomp.cli.main import app
-
-from trakwomp.data import load_dataset
-from trakwomp.featurize import featurize
-from trakwomp.finalize import finalize
-from trakwomp.projectors import ProjectorSpec
-from trakwomp.scoring import score
-from trakwomp.store import durable
-from trakwomp.store.durable import FAULT_VARIABLE, FaultPlan
-from trakwomp.training import Recipe, train
-
 from conftest import REPO, plain, write_tiny_images
 from test_bad_inputs import tree_digest
 from test_train import TINY, read_store
+from trakwomp.cli.main import app
+from trakwomp.store import durable
+from trakwomp.store.durable import FAULT_VARIABLE, FaultPlan
+from typer.testing import CliRunner
+
+from trakwomp.data.specs import load_dataset
+from trakwomp.features.projectors import ProjectorSpec
+from trakwomp.stages.featurize import featurize
+from trakwomp.stages.finalize import finalize
+from trakwomp.stages.recipe import Recipe
+from trakwomp.stages.score import score
+from trakwomp.stages.train import train
 
 RECIPE = Recipe(epochs=1, batch_size=16, lr=0.05)
 PROJECTOR = ProjectorSpec("sjlt", 5, 2, 8)

@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
-from trakwomp.data import load_dataset
-from trakwomp.errors import UserError
-from trakwomp.featurize import featurize
-from trakwomp.finalize import finalize
-from trakwomp.models import ModelSpec
-from trakwomp.tasks import margins
-from trakwomp.projectors import ProjectorSpec, projection_block
-from trakwomp.runtime import Shard
-from trakwomp.scoring import score
-from trakwomp.store import StoreError
-from trakwomp.training import Recipe, train
-
 from conftest import REPO, plain, write_tiny_images
 from test_train import read_store
+from trakwomp.store import StoreError
+
+from trakwomp.data.specs import load_dataset
+from trakwomp.errors import UserError
+from trakwomp.features.projectors import ProjectorSpec, projection_block
+from trakwomp.models.spec import ModelSpec
+from trakwomp.runtime import Shard
+from trakwomp.stages.featurize import featurize
+from trakwomp.stages.finalize import finalize
+from trakwomp.stages.recipe import Recipe
+from trakwomp.stages.score import score
+from trakwomp.stages.train import train
+from trakwomp.tasks.classification import margins
 
 TINY = ModelSpec.parse("resnet9", 1 / 16)
 PROJECTOR = ProjectorSpec("gaussian", seed=3, blocks=4, block_dim=16)

@@ -1,8 +1,9 @@
 import torch
 from torch import nn
 
-from trakwomp.gradients import PerExampleGradients, select_parameters
-from trakwomp.tasks import Batch, Classification
+from trakwomp.data.base import Batch
+from trakwomp.features.gradients import PerExampleGradients, select_parameters
+from trakwomp.tasks.classification import Classification
 
 
 def margins(logits, labels):
@@ -42,8 +43,8 @@ def test_per_example_gradients_match_an_autograd_loop():
     names = select_parameters(net, None)
     out = PerExampleGradients(net, names, torch.device("cpu"), Classification())(Batch((x,), y))
     expected = autograd_loop(net, x, y, names)
-    assert out.grads.shape == (7, sum(p.numel() for p in net.parameters()))
-    torch.testing.assert_close(out.grads, expected, rtol=1e-5, atol=1e-6)
+    assert out.rows.shape == (7, sum(p.numel() for p in net.parameters()))
+    torch.testing.assert_close(out.rows, expected, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         logits = net(x)
     torch.testing.assert_close(out.outputs, margins(logits, y))
@@ -58,4 +59,4 @@ def test_gradients_for_a_parameter_subset():
     assert names == ["1.weight", "5.weight", "5.bias"]
     engine = PerExampleGradients(net, names, torch.device("cpu"), Classification())
     assert engine.num_params == 4 + 80 + 5
-    torch.testing.assert_close(engine(Batch((x,), y)).grads, autograd_loop(net, x, y, names), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(engine(Batch((x,), y)).rows, autograd_loop(net, x, y, names), rtol=1e-5, atol=1e-6)

@@ -11,28 +11,29 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import zarr
+from conftest import soft_thresholded, write_tiny_images
 from PIL import Image
 from scipy.stats import spearmanr
 from scipy.stats import t as student_t
-from typer.testing import CliRunner
-
-from trakwomp.cli.main import app
-from trakwomp.data import load_dataset
-from trakwomp.errors import UserError
-from trakwomp.featurize import featurize
-from trakwomp.finalize import finalize
-from trakwomp.groups import Groups, group_scores, predict_groups, read_groups_file, sources_of
-from trakwomp.lds import SIZE_BASELINE, lds
-from trakwomp.projectors import ProjectorSpec
-from trakwomp.scoring import score
-from trakwomp.show import CHART_ROW, OPPOSES, SUPPORTS, show_groups
-from trakwomp.status import status
-from trakwomp.store import StoreError
-from trakwomp.training import Recipe, train
-
-from conftest import soft_thresholded, write_tiny_images
 from test_text import fortunes, write_jsonl
 from test_train import TINY
+from trakwomp.cli.main import app
+from trakwomp.store import StoreError
+from typer.testing import CliRunner
+
+from trakwomp.analysis.groups import group_scores, predict_groups
+from trakwomp.analysis.lds import SIZE_BASELINE, lds
+from trakwomp.analysis.show import CHART_ROW, OPPOSES, SUPPORTS, show_groups
+from trakwomp.analysis.status import status
+from trakwomp.data.groups import Groups, read_groups_file, sources_of
+from trakwomp.data.specs import load_dataset
+from trakwomp.errors import UserError
+from trakwomp.features.projectors import ProjectorSpec
+from trakwomp.stages.featurize import featurize
+from trakwomp.stages.finalize import finalize
+from trakwomp.stages.recipe import Recipe
+from trakwomp.stages.score import score
+from trakwomp.stages.train import train
 
 RECIPE = Recipe(epochs=1, batch_size=16, lr=0.05)
 NAMES = ["alpha", "beta", "gamma", "delta", "eps", "zeta"]

@@ -4,17 +4,25 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from trakwomp.data import load_dataset
-from trakwomp.estimator import ViewSpec
-from trakwomp.featurize import featurize
-from trakwomp.finalize import finalize
+from trakwomp.analysis.ground_truth import GroundTruth
+from trakwomp.analysis.lds import (
+    THRESHOLD_GRID,
+    ScoreSource,
+    bootstrap_interval,
+    lds_of_source,
+    lds_per_target,
+    pair_views,
+    paired_difference,
+)
+from trakwomp.data.specs import load_dataset
 from trakwomp.errors import UserError
-from trakwomp.lds import (THRESHOLD_GRID, GroundTruth, ScoreSource, bootstrap_interval, evaluate, lds_per_target,
-                          pair_views, paired_difference)
-from trakwomp.models import ModelSpec
-from trakwomp.projectors import ProjectorSpec
-from trakwomp.export import export_scores
-from trakwomp.scoring import score
+from trakwomp.estimator.view import ViewSpec
+from trakwomp.features.projectors import ProjectorSpec
+from trakwomp.models.spec import ModelSpec
+from trakwomp.stages.export import export_scores
+from trakwomp.stages.featurize import featurize
+from trakwomp.stages.finalize import finalize
+from trakwomp.stages.score import score
 
 
 def soft(x, t):
@@ -54,7 +62,7 @@ def test_lds_matches_scipy(hand_made, tmp_path):
     got = lds_per_target(write_scores(tmp_path, scores).chunks(0.0), truth)
     np.testing.assert_allclose(got, scipy_lds(masks, margins, scores.astype(np.float32)), rtol=1e-10, atol=1e-12)
     assert got[2] == 0.0
-    result = evaluate(write_scores(tmp_path, scores), truth, resamples=500)
+    result = lds_of_source(write_scores(tmp_path, scores), truth, resamples=500)
     expected = scipy_lds(masks, margins, scores.astype(np.float32)).mean()
     assert result.mean == pytest.approx(expected, abs=1e-10) and result.low < result.mean < result.high
     assert (result.num_targets, result.num_models) == (7, 24)
@@ -66,7 +74,7 @@ def test_threshold_chosen_on_one_half_reported_on_the_other(hand_made, tmp_path)
     rms = np.sqrt((scores ** 2).mean(axis=1, keepdims=True))
     selection = [scipy_lds(masks[0::2], margins[0::2], soft(scores, t * rms)).mean() for t in THRESHOLD_GRID]
     chosen = THRESHOLD_GRID[int(np.argmax(selection))]
-    result = evaluate(write_scores(tmp_path, scores), GroundTruth(masks, margins, "sha"), tune_threshold=True,
+    result = lds_of_source(write_scores(tmp_path, scores), GroundTruth(masks, margins, "sha"), tune_threshold=True,
                       resamples=200)
     assert result.threshold == chosen and result.num_models == 12 and result.selected_on_half
     expected = scipy_lds(masks[1::2], margins[1::2], soft(scores, chosen * rms)).mean()
@@ -109,7 +117,7 @@ def test_paired_difference_is_taken_target_by_target(tmp_path):
     margins = masks.astype(float) @ signal.T + rng.normal(size=(30, 200)) * 4
     good, worse = signal + rng.normal(size=signal.shape), signal + rng.normal(size=signal.shape) * 1.5
     truth = GroundTruth(masks, margins, "sha")
-    results = [evaluate(write_scores(tmp_path, s), truth, resamples=200) for s in (good, worse)]
+    results = [lds_of_source(write_scores(tmp_path, s), truth, resamples=200) for s in (good, worse)]
     diff = paired_difference(*results, resamples=4000)
     per_target = scipy_lds(masks, margins, good.astype(np.float32)) - scipy_lds(masks, margins, worse.astype(np.float32))
     expected_low, expected_high, se = normal_interval(per_target)
@@ -179,7 +187,7 @@ def test_unprojected_trak_is_accurate_for_logistic_regression(tmp_path, user_mod
     finalize(store, ViewSpec(blocks=1))
     key = score(store, targets, ViewSpec(blocks=1), model=spec).key
     export_scores(store, key, tmp_path / "scores.npy")
-    result = evaluate(ScoreSource.from_file(tmp_path / "scores.npy"), truth, resamples=200)
+    result = lds_of_source(ScoreSource.from_file(tmp_path / "scores.npy"), truth, resamples=200)
     # Measured 0.94 here (60 LDS models, 20 targets); a broken estimator (wrong sign, wrong q, a
     # mis-indexed inverse) falls far below. 0.8 leaves room for platform noise.
     assert result.mean > 0.8, result.mean

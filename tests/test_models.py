@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from trakwomp.errors import UserError
-from trakwomp.models import ModelSpec, load_checkpoint, load_weights, resnet9, state_hash
-from trakwomp.tasks import margins
+from trakwomp.models.checkpoints import load_checkpoint, load_weights, state_hash
+from trakwomp.models.networks import resnet9
+from trakwomp.models.spec import ModelSpec
+from trakwomp.tasks.classification import margins
 
 
 def test_resnet9_parameter_count_matches_the_architecture():

@@ -12,19 +12,19 @@ import sys
 import numpy as np
 import pytest
 import zarr
-from moto.server import ThreadedMotoServer
-
-from trakwomp.data import load_dataset
-from trakwomp.featurize import featurize
-from trakwomp.finalize import finalize
-from trakwomp.lds import lds
-from trakwomp.projectors import ProjectorSpec
-from trakwomp.scoring import score
-from trakwomp.store import Store, StoreError
-from trakwomp.training import Recipe, train
-
 from conftest import REPO, write_tiny_images
+from moto.server import ThreadedMotoServer
 from test_store import STALE_LEASE
+from trakwomp.store import Store, StoreError
+
+from trakwomp.analysis.lds import lds
+from trakwomp.data.specs import load_dataset
+from trakwomp.features.projectors import ProjectorSpec
+from trakwomp.stages.featurize import featurize
+from trakwomp.stages.finalize import finalize
+from trakwomp.stages.recipe import Recipe
+from trakwomp.stages.score import score
+from trakwomp.stages.train import train
 
 pytestmark = pytest.mark.slow
 from test_train import TINY

@@ -5,7 +5,6 @@ import sys
 import zipfile
 
 import pytest
-
 from conftest import REPO
 
 
@@ -25,7 +24,7 @@ def test_wheel_installs_only_the_trakwomp_package(tmp_path):
     zipfile.ZipFile(wheel).extractall(site)
     probe = ("import trakwomp, trakwomp.cli.main, trakwomp.store; "
              "print(trakwomp.__file__); print(trakwomp.store.__file__); "
-             "from trakwomp.data import load_dataset; print(len(load_dataset('cifar10-mini:test'))); "
+             "from trakwomp.data.specs import load_dataset; print(len(load_dataset('cifar10-mini:test'))); "
              "print(len(load_dataset('fortunes-mini:test')))")
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(site), "PATH": ""})

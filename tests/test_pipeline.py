@@ -6,9 +6,8 @@ import json
 import numpy as np
 import pytest
 import zarr
-from scipy.stats import spearmanr
-
 from conftest import plain, soft_thresholded, write_tiny_images
+from scipy.stats import spearmanr
 
 COMMON = ["--width", "0.0625", "--epochs", "2", "--batch-size", "16", "--lr", "0.05", "--quiet"]
 

@@ -5,12 +5,17 @@ import numpy as np
 import pytest
 import torch
 
-from trakwomp.projectors import TILE_ROWS, ProjectorSpec, make_projector, projection_block
+from trakwomp.features.projectors import (
+    TILE_ROWS,
+    ProjectorSpec,
+    make_projector,
+    projection_block,
+)
 
 
 def test_blocks_regenerate_identically_in_another_process(tmp_path):
     spec = ProjectorSpec("gaussian", seed=11, blocks=4, block_dim=8)
-    code = ("import numpy as np; from trakwomp.projectors import ProjectorSpec, projection_block; "
+    code = ("import numpy as np; from trakwomp.features.projectors import ProjectorSpec, projection_block; "
             f"np.save({str(tmp_path / 'b.npy')!r}, projection_block(ProjectorSpec('gaussian', 11, 4, 8), 3, 2, 5000).numpy())")
     subprocess.run([sys.executable, "-c", code], check=True)
     np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), projection_block(spec, 3, 2, 5000).numpy())

@@ -7,20 +7,20 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import soft_thresholded, write_tiny_images
 from PIL import Image
+from test_train import TINY
+from trakwomp.cli.main import app
 from typer.testing import CliRunner
 
-from trakwomp.cli.main import app
-from trakwomp.data import load_dataset
-from trakwomp.featurize import featurize
-from trakwomp.finalize import finalize
-from trakwomp.projectors import ProjectorSpec
-from trakwomp.scoring import score
-from trakwomp.show import CAPTION, TILE
-from trakwomp.training import Recipe, train
-
-from conftest import soft_thresholded, write_tiny_images
-from test_train import TINY
+from trakwomp.analysis.show import CAPTION, TILE
+from trakwomp.data.specs import load_dataset
+from trakwomp.features.projectors import ProjectorSpec
+from trakwomp.stages.featurize import featurize
+from trakwomp.stages.finalize import finalize
+from trakwomp.stages.recipe import Recipe
+from trakwomp.stages.score import score
+from trakwomp.stages.train import train
 
 
 def test_show_draws_the_target_with_its_strongest_train_examples(tmp_path):

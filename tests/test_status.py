@@ -4,21 +4,22 @@ and exit code 0 only when everything asked for is done."""
 import json
 import os
 
-from typer.testing import CliRunner
-
-from trakwomp.cli.main import INCOMPLETE, app
-from trakwomp.data import load_dataset
-from trakwomp.estimator import ViewSpec
-from trakwomp.featurize import featurize
-from trakwomp.finalize import finalize
-from trakwomp.projectors import ProjectorSpec
-from trakwomp.runtime import Shard
-from trakwomp.scoring import score
-from trakwomp.status import status
-from trakwomp.training import Recipe, train
-
 from conftest import write_tiny_images
 from test_train import TINY
+from trakwomp.cli.main import app
+from trakwomp.cli.reading import INCOMPLETE
+from typer.testing import CliRunner
+
+from trakwomp.analysis.status import status
+from trakwomp.data.specs import load_dataset
+from trakwomp.estimator.view import ViewSpec
+from trakwomp.features.projectors import ProjectorSpec
+from trakwomp.runtime import Shard
+from trakwomp.stages.featurize import featurize
+from trakwomp.stages.finalize import finalize
+from trakwomp.stages.recipe import Recipe
+from trakwomp.stages.score import score
+from trakwomp.stages.train import train
 
 
 def progress(store) -> dict[tuple[str, str], tuple[int, int]]:

@@ -14,11 +14,11 @@ import pytest
 import zarr
 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from fsspec.implementations.local import LocalFileSystem
-
-from trakwomp.status import status
 from trakwomp.store import Store, StoreError
 from trakwomp.store import lease as lease_module
 from trakwomp.store.lease import ObjectStoreLease
+
+from trakwomp.analysis.status import status
 
 
 def add_entries(location, worker, count):

@@ -11,18 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from trakwomp.data import load_batch, load_dataset
-from trakwomp.featurize import featurize
-from trakwomp.gradients import PerExampleGradients, select_parameters
-from trakwomp.models import ModelSpec
-from trakwomp.projectors import ProjectorSpec
-from trakwomp.store import Store
-from trakwomp.tasks import Batch, CausalLM, Classification
-from trakwomp.text import read_fortunes_mini
-from trakwomp.training import load_reference_model, train
-
 from conftest import plain
+from trakwomp.store import Store
+
+from trakwomp.data.base import Batch, load_batch
+from trakwomp.data.specs import load_dataset
+from trakwomp.data.text import read_fortunes_mini
+from trakwomp.features.gradients import PerExampleGradients, select_parameters
+from trakwomp.features.projectors import ProjectorSpec
+from trakwomp.models.spec import ModelSpec
+from trakwomp.stages.featurize import featurize
+from trakwomp.stages.train import load_reference_model, train
+from trakwomp.tasks.causal_lm import CausalLM
+from trakwomp.tasks.classification import Classification
 
 TINY_GPT = ModelSpec.parse("gpt", 16, 1, 2)
 ASSET = Path(__file__).parents[1] / "trakwomp" / "assets" / "fortunes_mini.jsonl.gz"
@@ -136,7 +137,7 @@ def test_gpt_per_example_gradients_with_padding_match_single_examples(output):
     task = CausalLM(output)
     out = PerExampleGradients(net, names, torch.device("cpu"), task)(load_batch(data, positions))
     expected, f = autograd_loop(net, [data[i] for i in positions], task, names)
-    torch.testing.assert_close(out.grads, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.rows, expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.q, torch.sigmoid(-f.float()))
 
@@ -149,7 +150,7 @@ def test_hugging_face_gpt2_per_example_gradients_with_padding_match_single_examp
     names = select_parameters(net, None)
     out = PerExampleGradients(net, names, torch.device("cpu"), CausalLM())(load_batch(data, positions))
     expected, f = autograd_loop(net, [data[i] for i in positions], CausalLM(), names)
-    torch.testing.assert_close(out.grads, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.rows, expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
 
 
@@ -174,7 +175,7 @@ def test_a_text_classifier_by_factory_gets_margin_gradients(tmp_path, user_modul
     positions = list(range(6))
     out = PerExampleGradients(net, names, torch.device("cpu"), Classification())(load_batch(data, positions))
     expected, f = autograd_loop(net, [data[i] for i in positions], Classification(), names)
-    torch.testing.assert_close(out.grads, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.rows, expected, rtol=1e-4, atol=1e-6)
     report = train(tmp_path / "store", data, spec, num_models=1, recipe=None)
     assert report.trained == [0]
 

@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
-from trakwomp.data import load_dataset
-from trakwomp.errors import UserError
-from trakwomp.models import ModelSpec
-from trakwomp.runtime import Shard
-from trakwomp.store import StoreError
-from trakwomp.tasks import Classification
-from trakwomp.training import Recipe, evaluate, one_cycle_lr, train
-
 from conftest import REPO
+from trakwomp.store import StoreError
+
+from trakwomp.data.specs import load_dataset
+from trakwomp.errors import UserError
+from trakwomp.models.spec import ModelSpec
+from trakwomp.runtime import Shard
+from trakwomp.stages.fit import model_outputs
+from trakwomp.stages.recipe import Recipe, one_cycle_lr
+from trakwomp.stages.train import train
+from trakwomp.tasks.classification import Classification
 
 TINY = ModelSpec.parse("resnet9", 1 / 16)
 RECIPE = Recipe(epochs=2, batch_size=16, lr=0.05)
@@ -66,14 +67,14 @@ def test_alpha_and_roles_give_distinct_subsets(tmp_path, tiny_npz):
     margins = zarr.open_array(str(tmp_path / "s/models/lds/000000/margins"))[:]
     assert margins.shape == (len(data),) and margins.dtype == np.float32 and np.isfinite(margins).all()
     # correct (argmax = label) implies margin >= -log(C - 1); margin > 0 implies correct
-    assert np.mean(margins > 0) <= report.target_accuracy[0] <= np.mean(margins >= -np.log(data.num_classes - 1))
+    assert np.mean(margins > 0) <= report.summaries["target_accuracy"][0] <= np.mean(margins >= -np.log(data.num_classes - 1))
 
 
-def test_evaluate_gives_margins_and_top1_accuracy(tiny_npz):
+def test_model_outputs_gives_margins_and_top1_accuracy(tiny_npz):
     data = load_dataset(f"npz:{tiny_npz}")
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4)).eval()
-    got_margins, summary = evaluate(net, data, Classification(), torch.device("cpu"), batch_size=10)
+    got_margins, summary = model_outputs(net, data, Classification(), torch.device("cpu"), batch_size=10)
     x = torch.stack([data[i][0] for i in range(len(data))]).flatten(1).double()
     logits = (x @ net[1].weight.double().T + net[1].bias.double()).detach().numpy()
     y = data.labels
@@ -215,10 +216,11 @@ def test_checkpoints_along_a_run_are_members_of_its_ensemble(tmp_path, tiny_npz)
     keeping them does not change training (the model equals one trained without checkpoints, bit
     for bit), and featurize registers each as a member of its run, in epoch order, the others
     differing from the model."""
-    from trakwomp.featurize import featurize
-    from trakwomp.projectors import ProjectorSpec
     from trakwomp.store import Store
-    from trakwomp.training import load_reference_model
+
+    from trakwomp.features.projectors import ProjectorSpec
+    from trakwomp.stages.featurize import featurize
+    from trakwomp.stages.train import load_reference_model
 
     data = load_dataset(f"npz:{tiny_npz}")
     recipe = Recipe(epochs=3, batch_size=16, lr=0.05)

@@ -1,29 +1,38 @@
 """trakwomp: data attribution with TRAK and TRAK-WOMP (block-wise inverse TRAK)."""
 
-from trakwomp.data import Dataset, Fingerprint, load_dataset
+from trakwomp.analysis.groups import group_scores, predict_groups
+from trakwomp.analysis.lds import lds
+from trakwomp.analysis.predict import predict
+from trakwomp.analysis.show import show, show_groups
+from trakwomp.analysis.status import status
+from trakwomp.data.base import Dataset, Fingerprint
+from trakwomp.data.groups import Groups, read_groups_file
+from trakwomp.data.specs import load_dataset
+from trakwomp.data.text import TextDataset
 from trakwomp.errors import UserError
-from trakwomp.models import GPT, ModelSpec, load_checkpoint, resnet9
+from trakwomp.estimator.view import ViewSpec
+from trakwomp.features.projectors import ProjectorSpec
+from trakwomp.models.checkpoints import load_checkpoint
+from trakwomp.models.networks import GPT, resnet9
+from trakwomp.models.spec import ModelSpec
 from trakwomp.runtime import Shard
-from trakwomp.featurize import featurize
-from trakwomp.finalize import finalize
-from trakwomp.groups import Groups, group_scores, predict_groups, read_groups_file
-from trakwomp.lds import lds
-from trakwomp.estimator import ViewSpec
-from trakwomp.projectors import ProjectorSpec
-from trakwomp.predict import predict
-from trakwomp.scoring import score
-from trakwomp.show import show, show_groups
-from trakwomp.status import status
-from trakwomp.tasks import CausalLM, Classification, make_task, margins
-from trakwomp.text import TextDataset
-from trakwomp.training import Recipe, TrainReport, evaluate, load_reference_model, train
+from trakwomp.stages.stored_scores import Selection
+from trakwomp.stages.featurize import featurize
+from trakwomp.stages.finalize import finalize
+from trakwomp.stages.fit import model_outputs
+from trakwomp.stages.recipe import Recipe
+from trakwomp.stages.score import score
+from trakwomp.stages.train import TrainReport, load_reference_model, train
+from trakwomp.tasks.causal_lm import CausalLM
+from trakwomp.tasks.classification import Classification, margins
+from trakwomp.tasks.registry import make_task
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CausalLM", "Classification", "Dataset", "Fingerprint", "GPT", "Groups", "ModelSpec", "ProjectorSpec", "Recipe", "Shard",
+    "CausalLM", "Classification", "Dataset", "Fingerprint", "GPT", "Groups", "ModelSpec", "ProjectorSpec", "Recipe", "Selection", "Shard",
     "TrainReport", "UserError", "ViewSpec",
-    "evaluate", "featurize", "finalize", "group_scores", "lds", "load_checkpoint", "load_dataset",
+    "model_outputs", "featurize", "finalize", "group_scores", "lds", "load_checkpoint", "load_dataset",
     "load_reference_model", "make_task", "margins", "predict", "predict_groups", "read_groups_file", "resnet9",
     "score", "show", "show_groups", "status", "TextDataset", "train",
 ]

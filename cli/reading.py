@@ -1,0 +1,266 @@
+"""The commands that read a store's results: `predict`, `lds`, `show`, `groups`, `status`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from trakwomp.cli.common import (
+    BlocksOpt,
+    DimsOpt,
+    GroupsOpt,
+    JsonOpt,
+    ModelsOpt,
+    QuietOpt,
+    RidgeOpt,
+    ScoredTargetsOpt,
+    TargetIndicesOpt,
+    TargetSetOpt,
+    ThresholdOpt,
+    app,
+    reports_errors,
+    selection,
+)
+from trakwomp.cli.progress import console
+from trakwomp.cli.tables import (
+    calibration_note,
+    group_title,
+    show_group_rows,
+    show_predictions,
+    show_top_k,
+)
+
+from trakwomp.analysis.groups import group_scores, predict_groups
+from trakwomp.analysis.lds import lds as lds_report
+from trakwomp.analysis.lds import pair_views
+from trakwomp.analysis.predict import predict as predict_margins
+from trakwomp.analysis.show import default_show_file, show_groups
+from trakwomp.analysis.show import show as show_target
+from trakwomp.analysis.status import status as store_status
+from trakwomp.data.files import load_indices
+from trakwomp.data.groups import parse_group_names
+from trakwomp.errors import UserError
+from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
+from trakwomp.stages.export import write_table
+from trakwomp.stages.selection import parse_model_ids
+
+
+@app.command()
+@reports_errors
+def predict(
+    store: str = typer.Argument(..., help="A store with scores."),
+    subset: Optional[Path] = typer.Option(None, "--subset", help="An .npy boolean mask over the train set, or train indices."),
+    drop_group: list[str] = typer.Option([], "--drop-group", help="Instead of --subset: groups to remove from the train set (comma-separated or repeated)."),
+    keep_groups: list[str] = typer.Option([], "--keep-groups", help="Instead of --subset: the only groups to keep (comma-separated or repeated)."),
+    groups: Optional[Path] = GroupsOpt,
+    targets: Optional[str] = ScoredTargetsOpt,
+    target_indices: Optional[Path] = TargetIndicesOpt,
+    dims: Optional[int] = DimsOpt,
+    blocks: Optional[int] = BlocksOpt,
+    ridge: str = RidgeOpt,
+    models: Optional[str] = ModelsOpt,
+    threshold: float = ThresholdOpt,
+    json_out: bool = JsonOpt,
+):
+    """Predicted output of each target for a train subset, or its change without some groups.
+
+    --subset: the predicted margin of a model trained on the subset (the sum of its scores, up
+    to a constant). --drop-group or --keep-groups: the predicted change of each target's output
+    if the groups were removed, or if only those were kept (minus the removed groups' scores)."""
+    by_group = bool(drop_group or keep_groups)
+    if by_group == (subset is not None):
+        raise UserError("give --subset, or groups to drop (--drop-group) or keep (--keep-groups)")
+    if groups is not None and not by_group:
+        raise UserError("--groups goes with --drop-group or --keep-groups")
+    chosen = selection(store, targets, target_indices, dims, blocks, ridge, models, threshold)
+    if by_group:
+        prediction = predict_groups(store, parse_group_names(drop_group), parse_group_names(keep_groups), groups,
+                                    chosen)
+        if json_out:
+            typer.echo(json.dumps(prediction.as_dict()))
+            return
+        calibrated = prediction.calibrated_mean_change
+        note = f"calibrated: {calibrated:+.4f} ({prediction.calibration.describe()})" if calibrated is not None else \
+            calibration_note(prediction.calibration)[0]
+        show_predictions(prediction.change, "predicted change of the output",
+                         f"datamodel predictions from scores/{prediction.scores}, if the train set were changed so",
+                         f"mean over the {len(prediction.change)} targets: {prediction.mean_change:+.4f}; {note}")
+        return
+    key, predictions = predict_margins(store, load_indices(subset, what="--subset"), chosen)
+    if json_out:
+        typer.echo(json.dumps({"scores": key, "predicted_margin": predictions.tolist()}))
+        return
+    show_predictions(predictions, "predicted margin (up to a constant)", f"datamodel predictions from scores/{key}")
+
+
+@app.command()
+@reports_errors
+def lds(
+    store: str = typer.Argument(..., help="A store with LDS models and scores on their targets."),
+    dims: list[int] = typer.Option([], "--dims", help="View dims; repeat with --blocks to compare views (paired by position)."),
+    blocks: list[int] = typer.Option([], "--blocks", help="View blocks; repeat to compare views (e.g. --blocks 1 --blocks 16)."),
+    ridge: list[str] = typer.Option([], "--ridge", help="View ridge (auto or relative, as in finalize); repeat to pair with --dims/--blocks."),
+    models: Optional[str] = ModelsOpt,
+    scores: list[Path] = typer.Option([], "--scores", help="An .npy (n_targets, n_train) score matrix to evaluate; repeatable."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help=f"Soft threshold, in units of each target's RMS score [default: {DEFAULT_THRESHOLD:g} for the store's scores, 0 for --scores files, which may be thresholded already]."),
+    tune_threshold: bool = typer.Option(False, "--tune-threshold", help="Pick the threshold on half of the LDS models, report on the other half."),
+    half: Optional[int] = typer.Option(None, "--half", help="Use only half of the LDS models: 0 = those at even positions (0, 2, ...), 1 = odd "
+                                       "(choose views on one half, report on the other)."),
+    resamples: int = typer.Option(2000, "--bootstrap", help="Bootstrap resamples of the targets for the 95% intervals."),
+    by_group: bool = typer.Option(False, "--by-group", help="Against the group LDS models (train --role lds --group-alpha): the group-level LDS."),
+    json_out: bool = JsonOpt,
+):
+    """Linear datamodeling score of the scores against the store's LDS models, with 95% intervals."""
+    views = pair_views(dims, blocks, ridge) if (dims or blocks or ridge or not scores) else []
+    report = lds_report(store, views, parse_model_ids(models), scores, threshold=threshold,
+                        tune_threshold=tune_threshold, half=half, resamples=resamples, by_group=by_group)
+    if json_out:
+        typer.echo(json.dumps(report.as_dict(), indent=1))
+        return
+    tuned = any(r.selected_on_half for r in report.results)
+    table = Table("scores", "LDS", "95% interval", "targets", "LDS models", "threshold",
+                  title=f"{'Group-level l' if by_group else 'L'}inear datamodeling score (mean Spearman correlation over targets)",
+                  caption="tuned: threshold chosen on the other half of the LDS models" if tuned else None)
+    for r in report.results:
+        chosen = " tuned" if r.selected_on_half else ""
+        table.add_row(r.name, f"{r.mean:.4f}", f"[{r.low:.4f}, {r.high:.4f}]", str(r.num_targets), str(r.num_models),
+                      f"{r.threshold:g}{chosen}")
+    for d in report.differences:
+        table.add_row(f"{d.name} minus {d.baseline}", f"{d.mean:+.4f}", f"[{d.low:+.4f}, {d.high:+.4f}]", "paired", "", "")
+    Console().print(table)
+
+
+@app.command()
+@reports_errors
+def show(
+    store: str = typer.Argument(..., help="A store with scores."),
+    target: Optional[int] = typer.Option(None, "--target", help="Which target (its position in the scored targets, from 0); with --by-group, default all."),
+    k: Optional[int] = typer.Option(None, "--k", help="How many supporting and how many opposing train examples [default: 8]; with --by-group, how many groups [default: 12]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Images: a PNG grid, the target and its supporting examples, then its opposing ones [default: show.png]. Text: an HTML page [default: show.html]. --by-group: a PNG bar chart [default: groups.png]."),
+    table: Optional[Path] = typer.Option(None, "--table", help="Also write the rows to this .csv or .json file."),
+    by_group: bool = typer.Option(False, "--by-group", help="Draw the strongest groups (sums of their members' scores) for --target or --target-set as a bar chart."),
+    target_set: Optional[Path] = TargetSetOpt,
+    groups: Optional[Path] = GroupsOpt,
+    targets: Optional[str] = typer.Option(None, "--targets", help="Which scored targets (default: the only ones, from their stored spec)."),
+    target_indices: Optional[Path] = TargetIndicesOpt,
+    dims: Optional[int] = DimsOpt,
+    blocks: Optional[int] = BlocksOpt,
+    ridge: str = RidgeOpt,
+    models: Optional[str] = ModelsOpt,
+    threshold: float = ThresholdOpt,
+    json_out: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+):
+    """The train examples (or groups) that most support and oppose a target.
+
+    A PNG grid of images, or an HTML page of texts, with labels or sources and scores; with
+    --by-group, the strongest groups for a target or a target set, as a PNG bar chart."""
+    if not by_group and (target is None or target_set is not None or groups is not None):
+        raise UserError("show needs --target; --target-set and --groups go with --by-group")
+    out = out or Path("groups.png" if by_group else default_show_file(store))
+    for flag, path in (("--out", out), ("--table", table)):
+        if path is not None and not path.parent.is_dir():
+            raise UserError(f"{flag} {str(path)!r}: there is no folder {str(path.parent)!r}")
+    chosen = selection(store, targets, target_indices, dims, blocks, ridge, models, threshold)
+    k = (12 if by_group else 8) if k is None else k
+    if by_group:
+        scores = show_groups(store, k, out, None if target is None else [target], target_set, groups, chosen)
+        rows = scores.strongest_rows(k)
+    else:
+        rows = show_target(store, target, k, out, chosen)
+    if table is not None:
+        write_table(rows, table)
+    if json_out:
+        typer.echo(json.dumps(rows, indent=1))
+    if json_out or quiet:
+        return
+    console.print(f"wrote {out}" + (f" and {table}" if table else ""))
+    if by_group:
+        show_group_rows(rows, group_title(scores), calibration_note(scores.calibration))
+        return
+    if rows and "target_text" in rows[0]:
+        Console().print(f"target {target} ({escape(rows[0]['target_source'] or 'no source')}):\n{escape(rows[0]['target_text'])}")
+    show_top_k(rows, f"Train examples that most support and oppose target {target}")
+
+
+@app.command("groups")
+@reports_errors
+def groups_command(
+    store: str = typer.Argument(..., help="A store with scores."),
+    target: list[int] = typer.Option([], "--target", help="A target (its position in the scored targets); repeat for a set [default: all]."),
+    target_set: Optional[Path] = TargetSetOpt,
+    groups: Optional[Path] = GroupsOpt,
+    top: int = typer.Option(20, "--top", help="Show the N groups of largest |score| (0: all); --table and --json hold all."),
+    table: Optional[Path] = typer.Option(None, "--table", help="Write every group's row to this .csv or .json file."),
+    targets: Optional[str] = ScoredTargetsOpt,
+    target_indices: Optional[Path] = TargetIndicesOpt,
+    dims: Optional[int] = DimsOpt,
+    blocks: Optional[int] = BlocksOpt,
+    ridge: str = RidgeOpt,
+    models: Optional[str] = ModelsOpt,
+    threshold: float = ThresholdOpt,
+    json_out: bool = JsonOpt,
+):
+    """Each group's score for a target or a target set, ranked: which source did the heavy lifting.
+
+    A group's score is the sum of its members' scores (over a target set, its mean over the
+    targets); the predicted change of the targets' mean output if it were removed is minus that."""
+    if top < 0:
+        raise UserError("--top must be >= 0")
+    if table is not None and not table.parent.is_dir():
+        raise UserError(f"--table {str(table)!r}: there is no folder {str(table.parent)!r}")
+    chosen = selection(store, targets, target_indices, dims, blocks, ridge, models, threshold)
+    scores = group_scores(store, groups, chosen, target or None, target_set)
+    if table is not None:
+        write_table(scores.rows(), table)
+    if json_out:
+        typer.echo(json.dumps(scores.as_dict(), indent=1))
+        return
+    rows = scores.strongest_rows(top or len(scores.names))
+    shown_note = [f"the {len(rows)} strongest of {len(scores.names)} groups; --top 0 for all"] \
+        if len(rows) < len(scores.names) else []
+    show_group_rows(rows, group_title(scores), shown_note + calibration_note(scores.calibration))
+
+
+INCOMPLETE = 3
+
+
+@app.command()
+@reports_errors
+def status(
+    store: str = typer.Argument(..., help="A store."),
+    json_out: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+):
+    """What each stage has done and has left, per model, view and scores, and the store's size.
+
+    Exit code 0 when everything asked for is done, 3 when some of it is not (2: an error), so a
+    script can wait with `until trakwomp status STORE --quiet; do sleep 60; done`."""
+    report = store_status(store)
+    if json_out:
+        typer.echo(json.dumps(report.as_dict(), indent=1))
+    elif not quiet:
+        dataset = report.dataset or {}
+        model = report.model or {}
+        table = Table("stage", "what", "done", "left", title=f"{report.store}: {report.size_bytes / 2**20:,.1f} MiB, "
+                      f"{dataset.get('num_examples', '?')} train examples, model {model.get('name', '?')}"
+                      + (f" (width {model['width']:g})" if model.get("width") else "") + f", task {report.task}")
+        for p in report.stages:
+            table.add_row(p.stage, p.what, f"{p.done}/{p.total}", "" if p.complete else f"[yellow]{p.total - p.done}[/]")
+        Console().print(table)
+        if report.runs:
+            members = sum(len(ids) for ids in report.runs.values())
+            console.print(f"{members} registered model(s) from {len(report.runs)} training run(s); each is a member of "
+                          "TRAK's ensemble (M counts members)")
+        if report.temporary_files:
+            console.print(f"{report.temporary_files} temporary file(s) (*.partial): writes in flight, or left by killed "
+                          "writes; the next run of their stage removes those untouched for a minute")
+        console.print("complete" if report.complete else "[yellow]incomplete[/]: run the stages with work left again")
+    if not report.complete:
+        raise typer.Exit(INCOMPLETE)

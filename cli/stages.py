@@ -1,0 +1,276 @@
+"""The pipeline's commands: `train`, `featurize`, `finalize`, `score`. Each builds its stage's
+settings object from its options (the same object a Python user passes) and runs the stage."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Optional
+
+import typer
+from trakwomp.cli.common import (
+    BlocksOpt,
+    DeviceOpt,
+    DimsOpt,
+    GroupsOpt,
+    HeadsOpt,
+    IndicesOpt,
+    JsonOpt,
+    LayersOpt,
+    MaxLengthOpt,
+    MaxMemoryOpt,
+    ModelOpt,
+    ModelsOpt,
+    QuietOpt,
+    RidgeOpt,
+    Role,
+    ShardOpt,
+    StoreArg,
+    TokenizerOpt,
+    TransformOpt,
+    WidthOpt,
+    app,
+    print_json,
+    progress_for,
+    recipe_default,
+    report_batch_size,
+    report_truncation,
+    reports_errors,
+    setting,
+)
+from trakwomp.cli.progress import console
+from trakwomp.cli.tables import show_top_k
+
+from trakwomp.data.groups import parse_group_names
+from trakwomp.data.specs import SPEC_HELP, load_dataset
+from trakwomp.errors import UserError
+from trakwomp.estimator.view import ViewSpec
+from trakwomp.features.memory import parse_size
+from trakwomp.features.projectors import DEFAULT_BLOCKS, ProjectorSpec
+from trakwomp.models.spec import ModelSpec
+from trakwomp.runtime import Shard
+from trakwomp.stages.bindings import load_store_data
+from trakwomp.stages.featurize import Featurize, FeaturizeSettings
+from trakwomp.stages.finalize import Finalize, FinalizeSettings
+from trakwomp.stages.recipe import Recipe
+from trakwomp.stages.score import Score, ScoreSettings
+from trakwomp.stages.selection import parse_model_ids
+from trakwomp.stages.train import Train, TrainSettings
+from trakwomp.tasks.registry import TASKS, make_task
+
+LmOutputOpt = typer.Option(None, "--lm-output", help="causal-lm output f = log(p/(1-p)): token (p = exp(-L/T), T the "
+                           "predicted tokens) or sequence (p = exp(-L)) (default token).")
+
+
+@app.command()
+@reports_errors
+def train(
+    store: str = StoreArg,
+    data: str = typer.Option(..., "--data", help=f"Train set: {SPEC_HELP}."),
+    task: str = typer.Option("classification", "--task", help=f"One of {', '.join(TASKS)}: classification (margin of the label), causal-lm (next-token prediction on text) or regression (squared error on real-valued labels)."),
+    lm_output: Optional[str] = LmOutputOpt,
+    model: Optional[str] = ModelOpt,
+    width: Optional[float] = WidthOpt,
+    layers: Optional[int] = LayersOpt,
+    heads: Optional[int] = HeadsOpt,
+    role: Role = setting(TrainSettings, "role", "--role", default=Role.reference),
+    num_models: int = setting(TrainSettings, "num_models", "--num-models"),
+    targets: Optional[str] = typer.Option(None, "--targets", help="With --role lds: the examples to record outputs f on."),
+    alpha: float = setting(Recipe, "alpha", "--alpha"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=f"Epochs of training {recipe_default('epochs')}."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Examples per training batch {recipe_default('batch_size')}."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=f"Peak learning rate of the one-cycle schedule (SGD; causal-lm: AdamW) {recipe_default('lr')}."),
+    seed: int = setting(Recipe, "seed", "--seed"),
+    threads: int = setting(Recipe, "threads", "--threads"),
+    device: str = DeviceOpt,
+    shard: str = ShardOpt,
+    quiet: bool = QuietOpt,
+    indices: Optional[Path] = IndicesOpt,
+    target_indices: Optional[Path] = typer.Option(None, "--target-indices", help="An .npy of ints selecting a subset of --targets."),
+    transform: Optional[str] = TransformOpt,
+    tokenizer: Optional[str] = TokenizerOpt,
+    max_length: Optional[int] = MaxLengthOpt,
+    download: bool = typer.Option(False, "--download", help="Let cifar10:ROOT specs download CIFAR-10 into ROOT."),
+    groups: Optional[Path] = GroupsOpt,
+    group_alpha: Optional[float] = setting(Recipe, "group_alpha", "--group-alpha"),
+    exclude_groups: list[str] = setting(Recipe, "exclude_groups", "--exclude-groups", default=[]),
+    save_checkpoints: int = setting(Recipe, "save_checkpoints", "--save-checkpoints"),
+    json_out: bool = JsonOpt,
+):
+    """Train reference models (or LDS evaluation models) on random alpha-subsets of --data."""
+    chosen_task = make_task(task, lm_output)
+    spec = ModelSpec.parse(model or chosen_task.default_model, width, layers, heads)
+    recipe = Recipe.for_task(chosen_task, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                             threads=threads, group_alpha=group_alpha, save_checkpoints=save_checkpoints,
+                             exclude_groups=tuple(parse_group_names(exclude_groups)))
+    settings = TrainSettings(device, Shard.parse(shard), chosen_task, role.value, num_models, recipe, groups)
+    if target_indices is not None and targets is None:
+        raise UserError("--target-indices needs --targets")
+    train_set = load_dataset(data, indices, transform, download, tokenizer, max_length)
+    target_set = load_dataset(targets, target_indices, transform, download, tokenizer, max_length) if targets else None
+    report_truncation(train_set, "--data")
+    report_truncation(target_set, "--targets")
+    with progress_for(quiet) as progress:
+        report = Train(settings, train_set, spec, target_set).run(store, progress)
+    if json_out:
+        print_json(report)
+    if not quiet:
+        kind = "group LDS" if group_alpha is not None else role.value
+        console.print(f"{len(report.trained)} {kind} model(s) trained, {len(report.skipped)} already done, in {store}")
+
+
+def expand_checkpoints(patterns: list[str]) -> list[str]:
+    """Each --checkpoint value as given, or the sorted files matching it if it is a glob."""
+    paths = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise UserError(f"--checkpoint {pattern!r} matches no file")
+            paths.extend(matches)
+        else:
+            paths.append(pattern)
+    return paths
+
+
+def projector_of(kind: str | None, seed: int | None, blocks: int | None, block_dim: int | None) -> ProjectorSpec | None:
+    """The projector the options give (defaults for those not given), or None if none is given."""
+    given = {"kind": kind, "seed": seed, "blocks": blocks, "block_dim": block_dim}
+    if all(v is None for v in given.values()):
+        return None
+    return ProjectorSpec(**{k: v for k, v in given.items() if v is not None})
+
+
+@app.command()
+@reports_errors
+def featurize(
+    store: str = StoreArg,
+    data: Optional[str] = typer.Option(None, "--data", help=f"Train set ({SPEC_HELP}); default: the store's."),
+    model: Optional[str] = ModelOpt,
+    width: Optional[float] = WidthOpt,
+    layers: Optional[int] = LayersOpt,
+    heads: Optional[int] = HeadsOpt,
+    task: Optional[str] = typer.Option(None, "--task", help=f"With --checkpoint in a new store: one of {', '.join(TASKS)} (default: the store's, else classification)."),
+    lm_output: Optional[str] = LmOutputOpt,
+    checkpoint: list[str] = typer.Option([], "--checkpoint", help="A state_dict file or a glob; repeatable. Default: the store's trained reference models and the checkpoints kept along their runs."),
+    run: Optional[str] = setting(FeaturizeSettings, "run", "--run"),
+    blocks: Optional[int] = typer.Option(None, "--blocks", help=f"Number of projection blocks B (default: the store's, else {DEFAULT_BLOCKS}; factored: one per layer)."),
+    block_dim: Optional[int] = typer.Option(None, "--block-dim", help=f"Dimensions per block; d = B x block dim (default: the store's, else {ProjectorSpec.block_dim})."),
+    projector: Optional[str] = typer.Option(None, "--projector", help="sjlt (sparse, O(p) per block), gaussian, rademacher, identity (no projection) or factored (one k x k block per layer from hooks, no per-example gradients; block dim k x k) (default: the store's, else sjlt up to 20M parameters and factored beyond)."),
+    projector_seed: Optional[int] = typer.Option(None, "--projector-seed", help=f"(default: the store's, else {ProjectorSpec.seed})"),
+    dtype: Optional[str] = setting(FeaturizeSettings, "dtype", "--dtype"),
+    parameters: list[str] = setting(FeaturizeSettings, "parameters", "--params", default=[]),
+    chunk_rows: Optional[int] = setting(FeaturizeSettings, "chunk_rows", "--chunk-rows"),
+    batch_size: int = setting(FeaturizeSettings, "batch_size", "--batch-size"),
+    max_memory: Optional[str] = MaxMemoryOpt,
+    device: str = DeviceOpt,
+    shard: str = ShardOpt,
+    quiet: bool = QuietOpt,
+    indices: Optional[Path] = IndicesOpt,
+    transform: Optional[str] = TransformOpt,
+    tokenizer: Optional[str] = TokenizerOpt,
+    max_length: Optional[int] = MaxLengthOpt,
+    json_out: bool = JsonOpt,
+):
+    """Project per-example gradients of each model to d = B x block-dim dims and store them.
+
+    Projector options given replace all of the store's (defaults for those not given); none
+    given means the store's, so the same command resumes or adds checkpoints."""
+    settings = FeaturizeSettings(device, Shard.parse(shard), projector_of(projector, projector_seed, blocks, block_dim),
+                                 dtype, parameters or None, chunk_rows, batch_size,
+                                 parse_size(max_memory) if max_memory else None, run,
+                                 make_task(task, lm_output) if task else None)
+    spec = ModelSpec.parse(model, width, layers, heads) if model else None
+    if not data and (indices or transform or tokenizer or max_length):
+        raise UserError("--indices, --transform, --tokenizer and --max-length go with --data")
+    train_set = load_store_data(store, data, indices, transform, tokenizer, max_length) if data else None
+    report_truncation(train_set, "--data")
+    with progress_for(quiet) as progress:
+        report = Featurize(settings, train_set, spec, expand_checkpoints(checkpoint)).run(store, progress)
+    report_batch_size(batch_size, report.batch_size)
+    if json_out:
+        print_json(report)
+    if not quiet:
+        console.print(f"featurized {report.units_done} unit(s) of models {report.model_ids} "
+                      f"({report.examples_per_second:,.1f} examples/s), {report.units_skipped} already done")
+        if report.left_out:
+            shown = ", ".join(report.left_out[:4]) + (", ..." if len(report.left_out) > 4 else "")
+            console.print(f"the factored projection leaves out {len(report.left_out)} chosen parameter tensor(s) of "
+                          f"no supported layer: {shown}")
+
+
+@app.command()
+@reports_errors
+def finalize(
+    store: str = typer.Argument(..., help="A store with features."),
+    dims: Optional[int] = DimsOpt,
+    blocks: Optional[int] = BlocksOpt,
+    ridge: str = RidgeOpt,
+    models: Optional[str] = ModelsOpt,
+    device: str = DeviceOpt,
+    shard: str = ShardOpt,
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+):
+    """Invert each block's Gram matrix Phi_b^T Phi_b (+ ridge) for a view (D dims, B blocks)."""
+    settings = FinalizeSettings(device, Shard.parse(shard), ViewSpec(dims, blocks, ridge), parse_model_ids(models))
+    with progress_for(quiet) as progress:
+        report = Finalize(settings).run(store, progress)
+    if json_out:
+        print_json(report)
+    if not quiet:
+        console.print(f"finalized view {report.view.key} for models {report.model_ids}: {report.units_done} block(s) "
+                      f"inverted in {report.seconds:.1f}s, {report.units_skipped} already done")
+
+
+@app.command()
+@reports_errors
+def score(
+    store: str = typer.Argument(..., help="A finalized store."),
+    targets: str = typer.Option(..., "--targets", help=f"The examples to attribute ({SPEC_HELP})."),
+    dims: Optional[int] = DimsOpt,
+    blocks: Optional[int] = BlocksOpt,
+    ridge: str = RidgeOpt,
+    models: Optional[str] = ModelsOpt,
+    out: Optional[Path] = setting(ScoreSettings, "out", "--out"),
+    threshold: float = setting(ScoreSettings, "threshold", "--threshold"),
+    top_k: int = setting(ScoreSettings, "top_k", "--top-k"),
+    top_k_out: Path = setting(ScoreSettings, "top_k_out", "--top-k-out"),
+    chunk_rows: int = setting(ScoreSettings, "target_chunk_rows", "--chunk-rows"),
+    batch_size: int = setting(ScoreSettings, "batch_size", "--batch-size"),
+    max_memory: Optional[str] = MaxMemoryOpt,
+    device: str = DeviceOpt,
+    shard: str = ShardOpt,
+    quiet: bool = QuietOpt,
+    target_indices: Optional[Path] = typer.Option(None, "--target-indices", help="An .npy of ints selecting a subset of --targets."),
+    transform: Optional[str] = TransformOpt,
+    tokenizer: Optional[str] = TokenizerOpt,
+    max_length: Optional[int] = MaxLengthOpt,
+    model: Optional[str] = ModelOpt,
+    width: Optional[float] = WidthOpt,
+    layers: Optional[int] = LayersOpt,
+    heads: Optional[int] = HeadsOpt,
+    json_out: bool = JsonOpt,
+):
+    """Attribution scores tau(z) of every train example for every target (TRAK-WOMP eq. 3)."""
+    settings = ScoreSettings(device, Shard.parse(shard), ViewSpec(dims, blocks, ridge), parse_model_ids(models),
+                             ModelSpec.parse(model, width, layers, heads) if model else None, chunk_rows, batch_size,
+                             parse_size(max_memory) if max_memory else None, out, top_k, top_k_out, threshold)
+    target_set = load_store_data(store, targets, target_indices, transform, tokenizer, max_length)
+    report_truncation(target_set, "--targets")
+    with progress_for(quiet) as progress:
+        report = Score(settings, target_set).run(store, progress)
+    report_batch_size(batch_size, report.batch_size)
+    if json_out:
+        print_json(report)
+    if not quiet:
+        console.print(f"scored {report.num_targets} targets x {report.num_train} train examples at view "
+                      f"{report.view.key} with models {report.model_ids} ({report.chunks_done} chunk(s) in "
+                      f"{report.seconds:.1f}s, {report.chunks_skipped} already done); stored as scores/{report.key}")
+    if out:
+        console.print(f"wrote {report.num_targets} x {report.num_train} scores to {out}")
+    if top_k:
+        console.print(f"wrote the top {top_k} supporting and opposing train examples per target to {top_k_out}")
+        if not quiet:
+            show_top_k([r for r in report.top_k_rows if r["target"] < 3],
+                       "Train examples that most support and oppose the first 3 targets")

@@ -1,0 +1,62 @@
+"""Tables the commands print (rich): top-k rows, predictions, groups.
+"""
+
+from __future__ import annotations
+
+from textwrap import shorten
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+def show_top_k(rows: list[dict], title: str) -> None:
+    """A table of supporting and opposing train examples, target by target."""
+    text = "train_text" in (rows[0] if rows else {})
+    table = Table("target", "source" if text else "label", "", "train example", "source" if text else "label", "score",
+                  title=title)
+    for row in rows:
+        first = row["rank"] == 1
+        head = first and row["direction"] == "supports"
+        if text:
+            example = f"#{row['train_index']} {shorten(' '.join(row['train_text'].split()), 100, placeholder=' ...')}"
+            cells = (row["target_source"] if head else "", example, row["train_source"])
+        else:
+            cells = (row["target_label"] if head else "", row["train_path"] or str(row["train_index"]), row["train_label"])
+        table.add_row(str(row["target"]) if head else "", cells[0], row["direction"] if first else "", escape(cells[1]),
+                      cells[2], f"{row['score']:+.4g}")
+    Console().print(table)
+
+
+def show_predictions(values, what: str, title: str, caption: str | None = None) -> None:
+    table = Table("target", what, title=title, caption=caption)
+    for t, value in enumerate(values):
+        table.add_row(str(t), f"{value:+.4f}")
+    Console().print(table)
+
+
+def group_title(scores) -> str:
+    which = f"target {scores.targets[0]}" if len(scores.targets) == 1 else f"the mean over {len(scores.targets)} targets"
+    return f"Group scores for {which} (groups: {scores.origin}; scores/{scores.scores})"
+
+
+def show_group_rows(rows: list[dict], title: str, notes: list[str]) -> None:
+    """A table of groups: size, score, score per example, predicted change if removed (and that
+    change calibrated, where the rows have it)."""
+    calibrated = bool(rows) and "calibrated_change_if_removed" in rows[0]
+    table = Table("rank", "group", "examples", "score", "per example", "change if removed",
+                  *(["calibrated change"] if calibrated else []), title=escape(title), caption="\n".join(notes) or None)
+    for row in rows:
+        table.add_row(str(row["rank"]), escape(row["group"]), str(row["examples"]), f"{row['score']:+.4g}",
+                      f"{row['score_per_example']:+.3g}", f"{row['change_if_removed']:+.4g}",
+                      *([f"{row['calibrated_change_if_removed']:+.4g}"] if calibrated else []))
+    Console().print(table)
+
+
+def calibration_note(calibration) -> list[str]:
+    if calibration is None:
+        return ["change if removed: in score units (no LDS models on these targets to calibrate it)"]
+    if not calibration.usable:
+        return [f"change if removed: in score units; not calibrated: the {calibration.describe()} is not "
+                "positive at p < 0.05 on these targets"]
+    return [f"calibrated change: the change x {calibration.describe()} on these targets"]

@@ -1,0 +1,90 @@
+"""`status`: what each stage of a store has done and has left, per role, model, view and scores.
+
+What was asked for is what commands recorded: the number of models `train` was asked for per
+role, the models `featurize` registered, the models each `finalize` view was asked for, and the
+scores `score` started. A stage is complete when every unit of that is published.
+Temporary files (`*.partial`) are counted: writes in flight, or leftovers of killed writes that
+the next run of their stage removes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from trakwomp.estimator.view import blocks_of_key
+from trakwomp.models.registry import run_of
+from trakwomp.stages.train import ROLES
+from trakwomp.store import Store, layout
+from trakwomp.tasks.registry import task_of_store
+
+
+@dataclass
+class StageProgress:
+    stage: str
+    what: str
+    done: int
+    total: int
+
+    @property
+    def complete(self) -> bool:
+        return self.done >= self.total
+
+
+@dataclass
+class StoreStatus:
+    store: str
+    format_version: int
+    size_bytes: int
+    dataset: dict | None
+    model: dict | None
+    task: str
+    temporary_files: int
+    stages: list[StageProgress] = field(default_factory=list)
+    runs: dict[str, list[int]] = field(default_factory=dict)  # training run -> ids of its registered models
+
+    @property
+    def complete(self) -> bool:
+        return all(p.complete for p in self.stages)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "complete": self.complete,
+                "stages": [{**asdict(p), "complete": p.complete} for p in self.stages]}
+
+
+def status(store: str | Path) -> StoreStatus:
+    """Done and total units of every stage that the store was asked for."""
+    handle = Store.open(store)
+    manifest = handle.manifest
+    asked = manifest.get("asked", {})
+    report = StoreStatus(handle.location, manifest["format_version"], handle.size_bytes(), manifest.get("dataset"),
+                         manifest.get("model"), str(task_of_store(manifest.get("task"))), len(handle.temporaries()))
+    for role in ROLES:
+        done = len(handle.done_units("train", role))
+        if done or layout.asked_train(role) in asked:
+            total = max(done, asked.get(layout.asked_train(role), 0))
+            report.stages.append(StageProgress("train", f"{role} models", done, total))
+    if "featurize" in manifest:
+        chunks = math.ceil(manifest["dataset"]["num_examples"] / manifest["featurize"]["chunk_rows"])
+        for entry in manifest.get("models", []):
+            done = len(handle.done_units("featurize", layout.unit(entry["id"])))
+            report.stages.append(StageProgress("featurize", f"model {entry['id']} ({entry['source']}) row chunks",
+                                               done, chunks))
+            report.runs.setdefault(run_of(entry), []).append(entry["id"])
+    views = {work.removeprefix(layout.asked_finalize("")): ids for work, ids in asked.items()
+             if work.startswith(layout.asked_finalize(""))}
+    for view in handle.children(layout.done("finalize")):  # views of stores made before "asked" recorded them
+        views.setdefault(view, [int(m) for m in handle.children(layout.done("finalize", view))])
+    for view, model_ids in sorted(views.items()):
+        blocks = blocks_of_key(view)
+        for model_id in model_ids:
+            done = len(handle.done_units("finalize", layout.unit(view, model_id)))
+            report.stages.append(StageProgress("finalize", f"view {view} model {model_id} blocks", done, blocks))
+    for key, entry in sorted(manifest.get("scores", {}).items()):
+        done = len(handle.done_units("score", key))
+        n_targets = manifest["targets"][entry["targets"]]["num_examples"]
+        chunk_rows = handle.chunks_of(layout.scores(key))
+        total = math.ceil(n_targets / chunk_rows[0]) if chunk_rows else max(done, 1)
+        report.stages.append(StageProgress("score", f"scores {key} target chunks", done, total))
+    return report

@@ -1,0 +1,147 @@
+"""The dataset interface: what every dataset kind implements, the batch it collates, its
+content fingerprint, and helpers over any dataset.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trakwomp.errors import UserError
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What the model is called with (`model(*inputs)`) and, for classification, the labels."""
+
+    inputs: tuple[torch.Tensor, ...]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(tuple(t.to(device) for t in self.inputs), self.labels.to(device))
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Inputs then labels: what a per-example function is mapped over."""
+        return (*self.inputs, self.labels)
+
+    @classmethod
+    def of_tensors(cls, tensors: tuple[torch.Tensor, ...]) -> "Batch":
+        return cls(tuple(tensors[:-1]), tensors[-1])
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What identifies a dataset's content: later stages record it and refuse other data."""
+
+    num_examples: int
+    classes: tuple[str, ...]
+    sha256: str
+
+    def as_dict(self) -> dict:
+        return {"num_examples": self.num_examples, "classes": list(self.classes), "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fingerprint":
+        return cls(int(d["num_examples"]), tuple(d["classes"]), str(d["sha256"]))
+
+
+class Dataset(ABC, torch.utils.data.Dataset):
+    """The interface every dataset kind implements: an ordered dataset whose example i is
+    `(model input, label)`; the examples are `indices` of a source, whose labels index `classes`
+    (or, where `classes` is empty, are the values to predict or 0).
+
+    What a kind does not have, it leaves at the defaults here: images have no `lengths`,
+    `tokenizer` or `source`; texts have no `transform` and no `path`."""
+
+    spec: str
+    indices: np.ndarray
+    classes: tuple[str, ...]
+    has_explicit_indices: bool
+    _labels: np.ndarray
+    lengths: np.ndarray | None = None  # tokens per example, for data batched by length
+    tokenizer = None  # what turned texts into tokens (its `record()` is bound to a store)
+    max_length: int | None = None
+    truncated: int = 0  # how many examples `max_length` cut
+    transform = None  # a user's callable applied to every input tensor, and its spec
+    transform_spec: str | None = None
+    preview: str = "image"  # how `show` draws examples: "image" (a PNG grid) or "text" (an HTML page)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels[self.indices]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def real_valued(self) -> bool:
+        """Whether the labels are real values to predict (regression) rather than class indices."""
+        return self._labels.dtype.kind == "f"
+
+    def label_name(self, i: int) -> str | float | None:
+        """Example i's label as shown: its class name, its value, or None for data without labels."""
+        if self.real_valued:
+            return float(self.labels[i])
+        return self.classes[int(self.labels[i])] if self.classes else None
+
+    def source(self, i: int) -> str | None:
+        """Where example i came from (its group by default), or None if the data does not say."""
+        return None
+
+    @abstractmethod
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int | float]: ...
+
+    @abstractmethod
+    def collate(self, items: list[tuple[torch.Tensor, int | float]]) -> Batch:
+        """A batch of examples as the model is called with them."""
+
+    @abstractmethod
+    def select(self, indices: np.ndarray) -> "Dataset":
+        """The examples `indices` of this dataset, in that order."""
+
+    @abstractmethod
+    def fingerprint(self) -> Fingerprint:
+        """Number of examples, class names and a SHA-256 over every example's content and label."""
+
+    @abstractmethod
+    def source_record(self) -> dict:
+        """What, beyond the spec, is needed to load this data again (a store records it)."""
+
+    @abstractmethod
+    def describe(self, i: int) -> dict:
+        """What a table row says of example i: its label, and its path or its text and source."""
+
+
+def check_indices(spec: str, indices: np.ndarray, size: int) -> np.ndarray:
+    """`indices` if they are a non-empty 1-d integer array within [0, size)."""
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+        raise UserError(f"indices for {spec} must be a 1-d array of integers, got {indices.dtype} {indices.shape}")
+    if not len(indices):
+        raise UserError(f"indices for {spec} select no examples")
+    if indices.min() < 0 or indices.max() >= size:
+        raise UserError(f"indices for {spec} must lie in [0, {size}), got values from {indices.min()} to {indices.max()}")
+    return indices
+
+
+def load_batch(dataset: Dataset, positions) -> Batch:
+    return dataset.collate([dataset[int(i)] for i in positions])
+
+
+def length_sorted(dataset: Dataset, positions: np.ndarray) -> np.ndarray:
+    """`positions` ordered by token count (stable), so that batches cut from them pad little;
+    unchanged for data without lengths."""
+    positions = np.asarray(positions)
+    if dataset.lengths is None:
+        return positions
+    return positions[np.argsort(dataset.lengths[positions], kind="stable")]

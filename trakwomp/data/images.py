@@ -1,0 +1,186 @@
+"""Images and arrays, as (float32 tensor, label) examples with a content fingerprint.
+
+Specs:
+    cifar10-mini:train | cifar10-mini:test   the embedded class-balanced CIFAR-10 subset
+    cifar10:ROOT:train | cifar10:ROOT:test   torchvision's CIFAR-10 under ROOT (downloads only if asked)
+    imagefolder:PATH                         torchvision's ImageFolder, in its sorted order
+    npz:PATH                                 arrays `x` (N, ...) and `y` (N,) in an .npz file: integer
+                                             class labels, or float values to predict (regression)
+
+Images reach a model as ToTensor output (float32 in [0, 1], channels first); a user transform,
+if given, is applied after that, everywhere a model sees the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from trakwomp.data.base import Batch, Dataset, Fingerprint, check_indices
+from trakwomp.errors import UserError
+
+
+class ImageDataset(Dataset):
+    """Images or arrays: example i is `(x_i, y_i)`, with class names (or real-valued labels, to
+    predict by regression) and, where known, file paths.
+
+    `read_raw(j)` returns the stored example j of the source as a numpy array (uint8 HWC pixels
+    for images), `to_tensor` turns that into the model input before the user transform.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        labels: np.ndarray,
+        classes: Sequence[str],
+        read_raw: Callable[[int], np.ndarray],
+        to_tensor: Callable[[np.ndarray], torch.Tensor],
+        paths: Sequence[str] | None = None,
+        indices: np.ndarray | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        transform_spec: str | None = None,
+    ):
+        self.spec = spec
+        labels = np.asarray(labels)
+        self._labels = labels.astype(np.float64 if labels.dtype.kind == "f" else np.int64)
+        self.classes = tuple(classes)
+        self._read_raw = read_raw
+        self._to_tensor = to_tensor
+        self._paths = paths
+        self.has_explicit_indices = indices is not None
+        self.indices = np.arange(len(self._labels)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+        self.transform_spec = transform_spec
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int | float]:
+        j = int(self.indices[i])
+        x = self._to_tensor(self._read_raw(j))
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self._labels[j].item()
+
+    def path(self, i: int) -> str | None:
+        return None if self._paths is None else str(self._paths[int(self.indices[i])])
+
+    def describe(self, i: int) -> dict:
+        return {"label": self.label_name(i), "path": self.path(i)}
+
+    def collate(self, items: list[tuple[torch.Tensor, int | float]]) -> Batch:
+        """Images stacked, and labels as int64 classes or float32 values."""
+        labels = torch.tensor([y for _, y in items], dtype=torch.float32 if self.real_valued else torch.long)
+        return Batch((torch.stack([x for x, _ in items]),), labels)
+
+    def source_record(self) -> dict:
+        return {}
+
+    def select(self, indices: np.ndarray) -> "ImageDataset":
+        indices = check_indices(self.spec, np.asarray(indices), len(self))
+        return ImageDataset(self.spec, self._labels, self.classes, self._read_raw, self._to_tensor,
+                       self._paths, self.indices[indices], self.transform, self.transform_spec)
+
+    def fingerprint(self) -> Fingerprint:
+        """Number of examples, class names and a SHA-256 over the labels (int64, or float64 values)
+        and every example's shape and raw values."""
+        digest = hashlib.sha256()
+        digest.update(self._labels[self.indices].astype("<f8" if self.real_valued else "<i8").tobytes())
+        for j in self.indices:
+            raw = np.ascontiguousarray(self._read_raw(int(j)))
+            digest.update(f"{raw.dtype.str}{raw.shape}".encode())
+            digest.update(raw.tobytes())
+        return Fingerprint(len(self), self.classes, digest.hexdigest())
+
+
+def image_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, C) pixels to float32 (C, H, W) in [0, 1], as torchvision's ToTensor."""
+    return torch.tensor(pixels).permute(2, 0, 1).float().div_(255.0)
+
+
+def array_to_tensor(values: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(values, dtype=np.float32))
+
+
+def _split(spec: str, split: str) -> bool:
+    if split not in ("train", "test"):
+        raise UserError(f"dataset spec {spec!r}: the split must be 'train' or 'test', got {split!r}")
+    return split == "train"
+
+
+def _from_uint8_images(spec: str, images: np.ndarray, labels: np.ndarray, classes, paths=None) -> ImageDataset:
+    return ImageDataset(spec, labels, classes, images.__getitem__, image_to_tensor, paths)
+
+
+def _cifar10_mini(spec: str, split: str) -> ImageDataset:
+    _split(spec, split)
+    with resources.files("trakwomp").joinpath("assets/cifar10_mini.npz").open("rb") as f:
+        with np.load(f, allow_pickle=False) as z:
+            images, labels = z[f"x_{split}"], z[f"y_{split}"]
+            classes, files = [str(c) for c in z["classes"]], [str(p) for p in z[f"files_{split}"]]
+    return _from_uint8_images(spec, images, labels, classes, files)
+
+
+def _cifar10(spec: str, root: str, split: str, download: bool) -> ImageDataset:
+    train = _split(spec, split)
+    from torchvision.datasets import CIFAR10
+
+    if not download and not Path(root).is_dir():
+        raise UserError(f"dataset spec {spec!r}: no folder {root!r} (pass --download to fetch CIFAR-10 there)")
+    try:
+        ds = CIFAR10(root, train=train, download=download)
+    except RuntimeError as e:
+        raise UserError(f"dataset spec {spec!r}: {e} (pass --download to fetch it)") from None
+    return _from_uint8_images(spec, np.asarray(ds.data), np.asarray(ds.targets), ds.classes)
+
+
+def _imagefolder(spec: str, root: str) -> ImageDataset:
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    if not Path(root).is_dir():
+        raise UserError(f"dataset spec {spec!r}: no folder {root!r}")
+    try:
+        ds = ImageFolder(root)
+    except (FileNotFoundError, OSError) as e:
+        raise UserError(f"dataset spec {spec!r}: {e}") from None
+    paths = [p for p, _ in ds.samples]
+
+    def read(j: int) -> np.ndarray:
+        try:
+            with Image.open(paths[j]) as im:
+                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except OSError as e:
+            raise UserError(f"cannot read image {paths[j]}: {e}") from None
+
+    return ImageDataset(spec, np.asarray(ds.targets), ds.classes, read, image_to_tensor, paths)
+
+
+def _npz(spec: str, path: str) -> ImageDataset:
+    if not Path(path).is_file():
+        raise UserError(f"dataset spec {spec!r}: no file {path!r}")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"dataset spec {spec!r}: {path!r} is not an .npz file (not a zip archive)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z or "y" not in z:
+                raise UserError(f"dataset spec {spec!r}: the .npz must hold arrays 'x' and 'y', it holds {sorted(z.keys())}")
+            x, y = z["x"], z["y"]
+            classes = [str(c) for c in z["classes"]] if "classes" in z else None
+    except (ValueError, OSError) as e:
+        raise UserError(f"dataset spec {spec!r}: cannot read {path!r} as .npz: {e}") from None
+    if x.ndim < 1 or y.ndim != 1 or len(x) != len(y) or y.dtype.kind not in "iuf":
+        raise UserError(f"dataset spec {spec!r}: need x (N, ...) and integer or float y (N,), got x {x.shape} and "
+                        f"y {y.dtype} {y.shape}")
+    if y.dtype.kind == "f":  # values to predict (--task regression): no classes
+        if not np.isfinite(y).all():
+            raise UserError(f"dataset spec {spec!r}: y holds NaN or infinite values")
+        return ImageDataset(spec, y, (), x.__getitem__, array_to_tensor)
+    if len(y) and y.min() < 0:
+        raise UserError(f"dataset spec {spec!r}: labels must be >= 0")
+    if classes is None:
+        classes = [str(c) for c in range(int(y.max()) + 1 if len(y) else 0)]
+    return ImageDataset(spec, y, classes, x.__getitem__, array_to_tensor)

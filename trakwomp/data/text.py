@@ -1,0 +1,228 @@
+"""Text datasets: texts turned into token ids by a tokenizer, with optional labels and sources.
+
+Specs:
+    fortunes-mini:train | fortunes-mini:test   the embedded 2,000 + 200 fortunes (see assets/fortunes_mini.md)
+    jsonl:PATH                                 one JSON object per line: `text`, optional `label` and `source`
+
+Tokenizers: `bytes` (UTF-8 bytes 0..255 after a start token 256; needs no files) or `hf:DIR`
+(a Hugging Face tokenizer saved in a local folder). With `max_length`, longer texts are cut to
+their first `max_length` tokens and `truncated` counts them; without it, nothing is cut.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from trakwomp.data.base import Batch, Dataset, Fingerprint, check_indices
+from trakwomp.errors import UserError
+
+TEXT_SPEC_HELP = "fortunes-mini:train|test or jsonl:PATH"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, after a start token 256 (so the first byte is predicted too)."""
+
+    spec = "bytes"
+    vocab_size = 257
+    start = 256
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.concatenate([[self.start], np.frombuffer(t.encode("utf-8"), dtype=np.uint8)]).astype(np.int32)
+                for t in texts]
+
+    def record(self) -> dict:
+        return {"spec": self.spec}
+
+
+class HuggingFaceTokenizer:
+    """A Hugging Face tokenizer saved in a local folder (`save_pretrained`); nothing is downloaded."""
+
+    def __init__(self, folder: str):
+        self.spec = f"hf:{folder}"
+        path = Path(folder)
+        if not path.is_dir():
+            raise UserError(f"--tokenizer {self.spec}: no folder {folder!r}")
+        if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")):
+            raise UserError(f"--tokenizer {self.spec}: the folder holds no tokenizer files (tokenizer.json, "
+                            "vocab.json, tokenizer.model or vocab.txt); save one there with tokenizer.save_pretrained")
+        transformers = import_transformers(self.spec)
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--tokenizer {self.spec}: cannot load the tokenizer: {str(e).splitlines()[0]}") from None
+        self.vocab_size = len(self.tokenizer)
+        vocabulary = json.dumps(sorted(self.tokenizer.get_vocab().items()), ensure_ascii=False).encode("utf-8")
+        self._record = {"spec": "hf", "vocab_size": self.vocab_size, "sha256": hashlib.sha256(vocabulary).hexdigest()}
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int32) for ids in self.tokenizer(texts)["input_ids"]]
+
+    def record(self) -> dict:
+        """The vocabulary itself, by hash (computed once, on loading): the same tokenizer in
+        another folder is the same tokenizer."""
+        return self._record
+
+
+def import_transformers(what: str):
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(f"{what} needs the Hugging Face `transformers` package: pip install 'trakwomp[hf]'") from None
+    return transformers
+
+
+def make_tokenizer(spec: str) -> ByteTokenizer | HuggingFaceTokenizer:
+    if spec == "bytes":
+        return ByteTokenizer()
+    if spec.startswith("hf:") and len(spec) > 3:
+        return HuggingFaceTokenizer(spec[3:])
+    raise UserError(f"unknown --tokenizer {spec!r}: expected bytes or hf:DIR")
+
+
+class TextDataset(Dataset):
+    """An ordered text dataset: example i is `(token ids, label)`; `text(i)` and `source(i)` give
+    the text and where it came from. Labels index `classes` (the sorted distinct labels given);
+    texts without labels have label 0 and no classes."""
+
+    preview = "text"
+
+    def __init__(self, spec: str, texts: Sequence[str], sources: Sequence[str], labels: np.ndarray,
+                 classes: Sequence[str], tokenizer, max_length: int | None, tokens: list[np.ndarray] | None = None,
+                 indices: np.ndarray | None = None):
+        self.spec = spec
+        self._texts, self._sources, self._labels = list(texts), list(sources), np.asarray(labels, dtype=np.int64)
+        self.classes = tuple(classes)
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self._tokens = tokens if tokens is not None else tokenizer.encode(self._texts)
+        self.has_explicit_indices = indices is not None
+        self.indices = np.arange(len(self._texts)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self._lengths = np.array([len(t) for t in self._tokens], dtype=np.int64)
+
+    def _ids(self, j: int) -> np.ndarray:
+        return self._tokens[j][: self.max_length]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[i])
+        return torch.from_numpy(self._ids(j).astype(np.int64)), int(self._labels[j])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per example after truncation."""
+        full = self._lengths[self.indices]
+        return full if self.max_length is None else np.minimum(full, self.max_length)
+
+    @property
+    def truncated(self) -> int:
+        """How many examples `max_length` cut."""
+        return 0 if self.max_length is None else int((self._lengths[self.indices] > self.max_length).sum())
+
+    def text(self, i: int) -> str:
+        return self._texts[int(self.indices[i])]
+
+    def source(self, i: int) -> str:
+        return self._sources[int(self.indices[i])]
+
+    def describe(self, i: int) -> dict:
+        return {"label": self.label_name(i), "text": self.text(i), "source": self.source(i)}
+
+    def source_record(self) -> dict:
+        """How to load this data again: the spec, tokenizer and truncation."""
+        return {"tokenizer": self.tokenizer.spec, "max_length": self.max_length}
+
+    def collate(self, items: list[tuple[torch.Tensor, int]]) -> Batch:
+        """Token ids right-padded with 0 to the longest, and the mask of real tokens."""
+        longest = max(len(ids) for ids, _ in items)
+        ids = torch.zeros(len(items), longest, dtype=torch.long)
+        mask = torch.zeros(len(items), longest, dtype=torch.bool)
+        for row, (tokens, _) in enumerate(items):
+            ids[row, :len(tokens)] = tokens
+            mask[row, :len(tokens)] = True
+        return Batch((ids, mask), torch.tensor([y for _, y in items], dtype=torch.long))
+
+    def select(self, indices: np.ndarray) -> "TextDataset":
+        """The examples `indices` of this dataset, in that order."""
+        indices = check_indices(self.spec, np.asarray(indices), len(self))
+        return TextDataset(self.spec, self._texts, self._sources, self._labels, self.classes, self.tokenizer,
+                           self.max_length, self._tokens, self.indices[indices])
+
+    def fingerprint(self) -> Fingerprint:
+        """Number of examples, class names and a SHA-256 over the tokenizer and, per example, its
+        token ids (after truncation), text, source and label."""
+        digest = hashlib.sha256(json.dumps(self.tokenizer.record(), sort_keys=True).encode())
+        for j in self.indices:
+            j = int(j)
+            ids = self._ids(j).astype("<i4")
+            digest.update(f"{len(ids)}|{int(self._labels[j])}|{self._sources[j]}|".encode("utf-8"))
+            digest.update(ids.tobytes())
+            digest.update(self._texts[j].encode("utf-8") + b"\x00")
+        return Fingerprint(len(self), self.classes, digest.hexdigest())
+
+
+def read_jsonl(spec: str, path: str) -> list[dict]:
+    """The objects of a JSON-lines file, each checked to hold a non-empty string `text`."""
+    if not Path(path).is_file():
+        raise UserError(f"dataset spec {spec!r}: no file {path!r}")
+    rows = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{number}: not UTF-8 text (byte {e.start} of the line)") from None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict) or "text" not in row:
+                raise UserError(f"{path}:{number}: each line must be a JSON object with a \"text\" field")
+            if not isinstance(row["text"], str) or not row["text"]:
+                raise UserError(f"{path}:{number}: \"text\" must be a non-empty string")
+            for field in ("label", "source"):
+                if field in row and not isinstance(row[field], (str, int)):
+                    raise UserError(f"{path}:{number}: \"{field}\" must be a string or an integer")
+            rows.append(row)
+    if not rows:
+        raise UserError(f"dataset spec {spec!r}: {path!r} holds no texts")
+    return rows
+
+
+def read_fortunes_mini(spec: str, split: str) -> list[dict]:
+    if split not in ("train", "test"):
+        raise UserError(f"dataset spec {spec!r}: the split must be 'train' or 'test', got {split!r}")
+    with resources.files("trakwomp").joinpath("assets/fortunes_mini.jsonl.gz").open("rb") as f:
+        rows = [json.loads(line) for line in gzip.decompress(f.read()).decode("utf-8").splitlines()]
+    return [row for row in rows if row["split"] == split]
+
+
+def load_text_dataset(spec: str, tokenizer: str = "bytes", max_length: int | None = None) -> TextDataset:
+    kind, _, rest = spec.partition(":")
+    if kind == "fortunes-mini":
+        rows = read_fortunes_mini(spec, rest)
+    elif kind == "jsonl" and rest:
+        rows = read_jsonl(spec, rest)
+    else:
+        raise UserError(f"unknown text dataset spec {spec!r}; expected {TEXT_SPEC_HELP}")
+    if max_length is not None and max_length < 2:
+        raise UserError(f"--max-length must be at least 2 tokens, got {max_length}")
+    labels = [row.get("label") for row in rows]
+    given = [label for label in labels if label is not None]
+    if given and len(given) != len(labels):
+        raise UserError(f"dataset spec {spec!r}: {len(labels) - len(given)} of {len(labels)} texts have no \"label\"; "
+                        "give every text a label, or none")
+    classes = sorted({str(label) for label in given})
+    index = {name: i for i, name in enumerate(classes)}
+    label_ids = np.array([index[str(label)] for label in given] if given else np.zeros(len(rows)), dtype=np.int64)
+    return TextDataset(spec, [row["text"] for row in rows], [str(row.get("source", "")) for row in rows], label_ids,
+                       classes, make_tokenizer(tokenizer), max_length)

@@ -1,0 +1,69 @@
+"""x"""
+
+from __future__ import annotations
+
+import torch
+
+from trakwomp.estimator.view import View
+from trakwomp.store import Store, layout
+
+SCORE_PASS_BYTES = 256 << 20
+
+
+def mean_q(handle: Store, model_ids: list[int]) -> torch.Tensor:
+    """The train examples' weights (1/M^2) sum_m q_m,i, float32."""
+    q_sum = sum(torch.from_numpy(handle.array(f"{layout.features(m)}/q")[...]).double() for m in model_ids)
+    return (q_sum / len(model_ids) ** 2).float()
+
+
+def weighted_targets(handle: Store, view: View, model_id: int, target_prefix: str, chunks: list[range],
+                     device: torch.device) -> list[torch.Tensor]:
+    """phi_m(z)[:D] K_m^-1 for the targets of each range in `chunks`, float32 (rows x D), computed
+    in float64 block by block, reading each block's inverse once, in its stored row chunks."""
+    target_phi = handle.array(f"{layout.features(model_id, target_prefix)}/phi")
+    inverse = handle.array(layout.inverse(view.key, model_id))
+    step = inverse.chunks[1]
+    weighted = [torch.empty(len(rows), view.dims, dtype=torch.float32, device=device) for rows in chunks]
+    for b in range(view.blocks):
+        columns = view.columns(b)
+        phi_b = [torch.from_numpy(target_phi[rows.start:rows.stop, columns]).to(device, torch.float64)
+                 for rows in chunks]
+        width = view.widths[b]
+        products = [torch.zeros(len(rows), width, dtype=torch.float64, device=device) for rows in chunks]
+        for r in range(0, width, step):
+            piece = torch.from_numpy(inverse[b, r:min(r + step, width), :width]).to(device)
+            for phi, product in zip(phi_b, products):
+                product.addmm_(phi[:, r:r + step], piece)
+        for out, product in zip(weighted, products):
+            out[:, columns] = product.float()
+    return weighted
+
+
+def score_chunks(handle: Store, view: View, model_ids: list[int], q_bar: torch.Tensor, target_prefix: str,
+                 chunks: list[range], chunk_rows: int, device: torch.device) -> list[torch.Tensor]:
+    """tau for the targets of each range in `chunks` against every train example, as float32 CPU
+    tensors, in one pass over the train features; `q_bar` is `mean_q` of the models. Each chunk
+    gets its own products, so its scores do not depend on which chunks share its pass."""
+    n = len(q_bar)
+    scores = [torch.zeros(len(rows), n, dtype=torch.float32, device=device) for rows in chunks]
+    for model_id in model_ids:
+        weighted = weighted_targets(handle, view, model_id, target_prefix, chunks, device)
+        train_phi = handle.array(f"{layout.features(model_id)}/phi")
+        for start in range(0, n, chunk_rows):
+            block = torch.from_numpy(train_phi[start:start + chunk_rows, :view.dims]).to(device, torch.float32)
+            for out, w in zip(scores, weighted):
+                out[:, start:start + len(block)].addmm_(w, block.T)
+    return [out.mul_(q_bar.to(device)).cpu() for out in scores]
+
+
+def score_passes(chunks: list[int], chunk_rows: int, num_train: int) -> list[list[int]]:
+    """`chunks` (sorted target chunk numbers) in runs of consecutive chunks scored in one pass over
+    the train features: as many as keep the pass's scores within SCORE_PASS_BYTES."""
+    per_pass = max(1, SCORE_PASS_BYTES // (4 * num_train * chunk_rows))
+    passes: list[list[int]] = []
+    for chunk in chunks:
+        if passes and chunk == passes[-1][-1] + 1 and len(passes[-1]) < per_pass:
+            passes[-1].append(chunk)
+        else:
+            passes.append([chunk])
+    return passes

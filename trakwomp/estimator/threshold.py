@@ -1,0 +1,28 @@
+"""x"""
+
+from __future__ import annotations
+
+import torch
+
+from trakwomp.errors import UserError
+
+# The soft threshold S where scores are used, in units of each target's RMS score: fixed at 0.25
+# with no LDS models, it raised the example-level and group LDS in every setting measured
+# (docs/results.md, "The soft threshold").
+DEFAULT_THRESHOLD = 0.25
+
+
+def soft_threshold(values: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """S(v, t) = sign(v) * max(|v| - t, 0)."""
+    return values.sign() * (values.abs() - threshold).clamp_min(0)
+
+
+def relative_soft_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Soft-threshold each target's row at `threshold` times that row's root mean square score,
+    so that one threshold transfers across M, d and views (their raw scales differ)."""
+    if threshold < 0:
+        raise UserError(f"--threshold must be >= 0, got {threshold}")
+    if threshold == 0:
+        return scores
+    scale = scores.double().pow(2).mean(dim=1, keepdim=True).sqrt().to(scores.dtype)
+    return soft_threshold(scores, threshold * scale)

@@ -1,0 +1,199 @@
+"""Features: projected per-example gradients phi_m(x) = P_m^T grad f(x), q = 1 - p and margins
+f(x), computed for row chunks of a dataset and written to the store, for train examples
+(`featurize`) and for targets (`score`) alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from trakwomp.data.base import Dataset, length_sorted, load_batch
+from trakwomp.errors import UserError
+from trakwomp.features.base import FeatureLayout, FeatureMethod, GradientEngine
+from trakwomp.features.gradients import (
+    count_parameters,
+    select_parameters,
+)
+from trakwomp.features.memory import (
+    featurize_need,
+    fit_batch_size,
+    free_bytes,
+    held_bytes,
+    saved_activation_bytes,
+)
+from trakwomp.features.methods import feature_method
+from trakwomp.features.projectors import (
+    ProjectorSpec,
+)
+from trakwomp.models.registry import load_registered_model
+from trakwomp.models.spec import ModelSpec
+from trakwomp.runtime import Progress
+from trakwomp.store import Store, layout
+from trakwomp.tasks.base import Task
+
+DTYPES = ("float32", "float16")
+
+
+@dataclass
+class FeaturizeReport:
+    model_ids: list[int] = field(default_factory=list)
+    units_done: int = 0
+    units_skipped: int = 0
+    examples: int = 0
+    seconds: float = 0.0
+    left_out: list[str] = field(default_factory=list)  # chosen parameters a factored projection leaves out
+    batch_size: int = 0  # the batch size used: the one asked for, or a smaller one that fits in memory
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How features are made: the feature layout (projector and, per layer, the layers), the
+    storage dtype and the parameters differentiated."""
+
+    layout: FeatureLayout
+    dtype: str
+    parameter_names: list[str]
+    num_params: int
+
+    @property
+    def projector(self) -> ProjectorSpec:
+        return self.layout.projector
+
+    @property
+    def layers(self) -> tuple:
+        return self.layout.layers
+
+    @property
+    def dims(self) -> int:
+        return self.layout.dims
+
+    @property
+    def method(self) -> FeatureMethod:
+        return feature_method(self.projector)
+
+    @classmethod
+    def of_store(cls, handle: Store, net: nn.Module) -> "FeatureSettings":
+        """The settings the store's train features were made with (every recorded projector
+        setting, tile size included), for featurizing targets alike."""
+        recorded = handle.manifest.get("featurize")
+        if recorded is None:
+            raise UserError(f"store {handle.location!r} has no features yet; run `trakwomp featurize` first")
+        try:
+            projector = ProjectorSpec(**recorded["projector"])
+        except TypeError as e:
+            raise handle.damaged(f"its projector record {recorded['projector']} does not read ({e})") from None
+        settings = cls.for_model(projector, recorded["dtype"], net, select_parameters(net, recorded["parameters"]))
+        if settings.num_params != recorded["num_params"]:
+            raise UserError(f"the model differentiates {settings.num_params} parameters, but the store's features were "
+                            f"made from {recorded['num_params']}")
+        if [layer.as_dict() for layer in settings.layers] != recorded.get("layers", []):
+            raise UserError("the model's layers differ from those the store's factored features were made from")
+        return settings
+
+    @classmethod
+    def for_model(cls, projector: ProjectorSpec, dtype: str, net: nn.Module, names: list[str]) -> "FeatureSettings":
+        """The settings for differentiating the parameters `names` of `net` with `projector`'s method."""
+        layout = feature_method(projector).layout(projector, net, names)
+        return cls(layout, dtype, names, count_parameters(net, names))
+
+    def record(self, parameters: list[str] | None, chunk_rows: int) -> dict:
+        """What a store records of them (`parameters`: the patterns given, None for all)."""
+        recorded = {"projector": self.projector.as_dict(), "dtype": self.dtype, "parameters": parameters,
+                    "num_params": self.num_params, "chunk_rows": chunk_rows}
+        if self.layers:
+            recorded["layers"] = [layer.as_dict() for layer in self.layers]
+        return recorded
+
+    def left_out(self) -> list[str]:
+        """The chosen parameters the features leave out (factored: those of no supported layer)."""
+        return self.method.left_out(self.layout, self.parameter_names)
+
+
+def batch_size_that_fits(net: nn.Module, data: Dataset, task: Task, settings: FeatureSettings, batch_size: int,
+                         chunk_rows: int, device: torch.device, memory_limit: int | None, stage: str) -> int:
+    """`batch_size`, or a smaller one if featurizing `data` would not fit in `memory_limit` bytes
+    (the most the process may hold; default: what it holds now and what the device has free);
+    refused in one line if one example does not fit."""
+    free = free_bytes(device)
+    budget = memory_limit if memory_limit is not None else None if free is None else held_bytes(device) + free
+    chunk_rows = min(chunk_rows, len(data))
+    activations = saved_activation_bytes(net, data, task, device)
+    need = featurize_need(net, settings.method, settings.layout, settings.num_params, chunk_rows, activations, device)
+    return fit_batch_size(need, batch_size, budget, stage)
+
+
+def write_features(handle: Store, data: Dataset, model: ModelSpec, task: Task, settings: FeatureSettings,
+                   todo: list[tuple[int, int]], chunk_rows: int, batch_size: int, device: torch.device,
+                   progress: Progress, prefix: str, report: FeaturizeReport) -> Iterator[tuple[tuple[int, int], dict]]:
+    """Featurize the (model, row chunk) units `todo` of `data` into
+    `<prefix>features/<model>/{phi,q,margins}` (margins: the task's output f), yielding each unit
+    with its done marker's info once its rows are written (the caller publishes it)."""
+    n = len(data)
+    start = time.perf_counter()
+    for model_id in sorted({m for m, _ in todo}):
+        net = load_registered_model(handle, model_id, model, task.output_size(data))
+        engine = settings.method.engine(net, settings.layout, settings.parameter_names, settings.num_params, model_id,
+                                        device, task)
+        base = layout.features(model_id, prefix)
+        phi = handle.require_array(f"{base}/phi", (n, settings.dims), settings.dtype,
+                                   (chunk_rows, settings.projector.block_dim))
+        q = handle.require_array(f"{base}/q", (n,), "float32", (chunk_rows,))
+        f = handle.require_array(f"{base}/margins", (n,), "float32", (chunk_rows,))
+        for _, chunk in [u for u in todo if u[0] == model_id]:
+            rows = range(chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows))
+            name = f"model {model_id} rows {rows.start}-{rows.stop - 1}"
+            progress.unit_started(name, len(rows))
+            features, q_rows, f_rows = featurize_rows(data, rows, engine, batch_size, progress)
+            stored = features.numpy().astype(settings.dtype)
+            if not np.isfinite(stored).all():
+                raise UserError(f"{name}: projected features overflow {settings.dtype}; featurize with --dtype float32")
+            phi[rows.start:rows.stop] = stored
+            q[rows.start:rows.stop] = q_rows.numpy()
+            f[rows.start:rows.stop] = f_rows.numpy()
+            yield (model_id, chunk), {"rows": [rows.start, rows.stop]}
+            report.units_done += 1
+            report.examples += len(rows)
+            progress.unit_finished(name, f"{len(rows)} examples")
+    report.seconds = time.perf_counter() - start
+
+
+def featurize_rows(data: Dataset, rows: range, engine: GradientEngine, batch_size: int,
+                   progress: Progress) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projected gradients, q and outputs f of the examples `rows`, as CPU tensors in row order.
+
+    Texts are batched in order of length (so that batches pad little) and put back in row order.
+    The engine's rows are projected once `engine.rows_per_projection` of them are gathered."""
+    order = length_sorted(data, np.arange(rows.start, rows.stop))
+    buffer_rows = engine.rows_per_projection(batch_size)
+    features, qs, fs, pending = [], [], [], []
+    pending_start = 0
+    for start in range(0, len(order), batch_size):
+        positions = order[start:start + batch_size]
+        out = engine(load_batch(data, positions))
+        pending.append(out.rows)
+        qs.append(out.q.cpu())
+        fs.append(out.outputs.cpu())
+        stop = start + len(positions)
+        if stop - pending_start >= buffer_rows or stop == len(order):
+            gathered = pending[0] if len(pending) == 1 else torch.cat(pending)
+            projected = engine.project(gathered).cpu()
+            finite = torch.isfinite(projected).all(dim=1) & torch.isfinite(torch.cat(fs[-len(pending):]))
+            bad = order[pending_start:stop][~finite.numpy()]
+            if len(bad):
+                examples = ", ".join(str(int(i)) for i in sorted(bad)[:10])
+                raise UserError(f"non-finite gradients for example(s) {examples}; nothing of this chunk was published")
+            features.append(projected)
+            pending, pending_start = [], stop
+        progress.advance(len(positions))
+    back = torch.from_numpy(np.argsort(order, kind="stable"))
+    return torch.cat(features)[back], torch.cat(qs)[back], torch.cat(fs)[back]

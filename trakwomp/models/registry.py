@@ -1,0 +1,80 @@
+"""The store's model registry: the models that `featurize` attributes, each with an id, the source
+it came from (a reference model of `train`, one of the checkpoints kept along its run, or a
+checkpoint file), its weights and their hash, and the training run it belongs to.
+
+Every registered model is one member of TRAK's ensemble (M counts members); checkpoints of one
+run are members as independent runs are, and the registry records which run each came from."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trakwomp.errors import UserError
+from trakwomp.models.checkpoints import load_checkpoint, load_weights, state_hash
+from trakwomp.models.spec import ModelSpec
+from trakwomp.store import Store, layout
+
+
+def read_checkpoints(spec: ModelSpec, output_size: int, checkpoints: list[str]) -> list[tuple[str, dict]]:
+    """(path, state_dict) of each checkpoint file, checked to fit the model spec."""
+    return [(str(path), load_weights(spec.build(output_size), load_checkpoint(path), repr(str(path)), spec).state_dict())
+            for path in checkpoints]
+
+
+def register_models(handle: Store, checkpoints: list[tuple[str, dict]], run: str | None = None) -> list[int]:
+    """Register the models to featurize and return their ids, in registration order.
+
+    Without checkpoints: every finished reference model that `train` put in the store, each with
+    the checkpoints kept along its run (`train --save-checkpoints`), in epoch order; the run is
+    `train:reference/<index>`.
+    With checkpoints ((path, state_dict) from `read_checkpoints`): each copied into the store, all
+    members of `run` if given, else each its own run (named by its path)."""
+    candidates = []  # (sha256, entry without id), in order
+    if checkpoints:
+        for path, state in checkpoints:
+            digest = state_hash(state)
+            weights = layout.weights(layout.user_checkpoint(digest))
+            if handle.done_info("checkpoints", layout.short_id(digest)) is None:
+                handle.write_arrays(weights, {k: v.numpy() for k, v in state.items()})
+                handle.mark_done("checkpoints", layout.short_id(digest))
+            candidates.append((digest, {"source": path, "weights": weights, "run": run or path}))
+    else:
+        for name in handle.done_units("train", "reference"):
+            trained_run = f"train:reference/{name}"
+            epochs = handle.done_info("train", layout.unit("reference", name)).get("checkpoint_epochs") or [None]
+            for epoch in epochs:
+                last = epoch == epochs[-1]
+                folder = layout.trained_model("reference", name) if last else layout.checkpoint("reference", name, epoch)
+                weights = layout.weights(folder)
+                digest = state_hash({k: torch.from_numpy(v) for k, v in handle.read_arrays(weights).items()})
+                entry = {"source": trained_run if last else f"{trained_run}@epoch{epoch}", "weights": weights,
+                         "run": trained_run}
+                candidates.append((digest, entry if epoch is None else {**entry, "epoch": epoch}))
+
+    def assign_ids(manifest: dict) -> list[int]:
+        registry = manifest.setdefault("models", [])
+        by_hash = {entry["sha256"]: entry["id"] for entry in registry}
+        for digest, entry in candidates:
+            if digest not in by_hash:
+                by_hash[digest] = len(registry)
+                registry.append({"id": len(registry), **entry, "sha256": digest})
+        return [by_hash[digest] for digest, _ in candidates]
+
+    return handle.update(assign_ids)
+
+
+def run_of(entry: dict) -> str:
+    """The training run a registered model belongs to (stores from before runs were recorded:
+    each model its own run, named by its source)."""
+    return entry.get("run", entry["source"])
+
+
+def load_registered_model(handle: Store, model_id: int, spec: ModelSpec, output_size: int) -> nn.Module:
+    entry = handle.manifest["models"][model_id]
+    state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(entry["weights"]).items()}
+    if state_hash(state) != entry["sha256"]:
+        raise UserError(f"store {handle.location!r}: the weights of model {model_id} do not match their recorded hash")
+    net = spec.build(output_size)
+    net.load_state_dict(state)
+    return net.eval()

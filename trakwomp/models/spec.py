@@ -1,0 +1,123 @@
+"""Model specs: a built-in network with its size, a Hugging Face folder, or a user factory
+`package.module:factory`; and the check that a model suits the data and the task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trakwomp.data.base import load_batch
+from trakwomp.errors import UserError
+from trakwomp.imports import import_object, is_object_spec
+from trakwomp.models.huggingface import load_huggingface
+from trakwomp.models.networks import GPT, GPT_DEFAULTS, resnet9
+from trakwomp.tasks.base import Task, logits_of
+
+BUILTIN_MODELS = ("resnet9", "gpt")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A built-in model with its size (resnet9: width multiplier; gpt: width, layers, heads), a
+    Hugging Face causal LM in a local folder (`hf:DIR`), or a user factory `package.module:factory`."""
+
+    name: str
+    width: float | None = None
+    layers: int | None = None
+    heads: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str, width: float | None = None, layers: int | None = None,
+              heads: int | None = None) -> "ModelSpec":
+        if (layers is not None or heads is not None) and spec != "gpt":
+            raise UserError(f"--layers and --heads apply to the built-in gpt only, not to {spec!r}")
+        if spec == "gpt":
+            return cls._gpt(width, layers, heads)
+        if spec == "resnet9":
+            width = 1.0 if width is None else float(width)
+            if not width > 0:
+                raise UserError(f"--width must be positive, got {width}")
+            return cls(spec, width)
+        if not (is_object_spec(spec) or (spec.startswith("hf:") and len(spec) > 3)):
+            raise UserError(f"malformed model spec {spec!r}: expected one of {', '.join(BUILTIN_MODELS)}, hf:DIR or "
+                            "package.module:factory")
+        if width is not None:
+            raise UserError(f"--width applies to the built-in models only, not to {spec!r}")
+        return cls(spec)
+
+    @classmethod
+    def _gpt(cls, width, layers, heads) -> "ModelSpec":
+        width = GPT_DEFAULTS["width"] if width is None else width
+        layers = GPT_DEFAULTS["layers"] if layers is None else layers
+        heads = GPT_DEFAULTS["heads"] if heads is None else heads
+        if width != int(width) or width < 1 or layers < 1 or heads < 1 or int(width) % heads:
+            raise UserError(f"gpt needs a whole --width divisible by --heads and at least 1 layer, got width {width:g}, "
+                            f"{layers} layers, {heads} heads")
+        return cls("gpt", int(width), int(layers), int(heads))
+
+    def as_dict(self) -> dict:
+        recorded = {"name": self.name, "width": self.width}
+        if self.name == "gpt":
+            recorded.update(layers=self.layers, heads=self.heads)
+        return recorded
+
+    @classmethod
+    def of_store(cls, recorded: dict, location: str) -> "ModelSpec":
+        """The model a store records. A user factory is refused: trakwomp imports code only when
+        the user names it (--model), never because a store names it (a Hugging Face folder is
+        read as data: config and weights, no code)."""
+        name = recorded["name"]
+        if name not in BUILTIN_MODELS and not name.startswith("hf:"):
+            raise UserError(f"store {location!r} was made with the model {name!r}; trakwomp imports "
+                            f"code only when you name it: pass --model {name}")
+        return cls(name, recorded.get("width"), recorded.get("layers"), recorded.get("heads"))
+
+    def __str__(self) -> str:
+        if self.name == "gpt":
+            return f"gpt (width {self.width}, {self.layers} layers, {self.heads} heads)"
+        return self.name if self.width is None else f"{self.name} (width {self.width:g})"
+
+    def build(self, output_size: int) -> nn.Module:
+        """A freshly initialised model (a Hugging Face model: its saved weights) with
+        `output_size` outputs (classes, or the vocabulary of a language model); parameters are
+        drawn from torch's global generator."""
+        if self.name == "resnet9":
+            return resnet9(output_size, self.width)
+        if self.name == "gpt":
+            return GPT(output_size, self.width, self.layers, self.heads)
+        if self.name.startswith("hf:"):
+            return load_huggingface(self.name[3:])
+        factory = import_object(self.name, what="model")
+        model = factory(output_size)
+        if not isinstance(model, nn.Module):
+            raise UserError(f"model factory {self.name!r} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+
+@torch.no_grad()
+def check_model_fits_data(model: nn.Module, dataset, device: torch.device, spec: ModelSpec, task: Task,
+                          output_size: int) -> None:
+    """Refuse, with one clear message, data the task cannot use, and a model that cannot take
+    the data (a text longer than its context included) or does not give the task's output shape
+    with `output_size` outputs."""
+    task.check_data(dataset)
+    context = getattr(model, "context", None)
+    lengths = dataset.lengths
+    if context is not None and lengths is not None and lengths.max() > context:
+        i = int(lengths.argmax())
+        raise UserError(f"text {i} of {dataset.spec} has {lengths[i]} tokens, more than the context of model {spec} "
+                        f"({context}); pass --max-length {context} to cut longer texts")
+    batch = load_batch(dataset, range(min(2, len(dataset))))
+    model.to(device).eval()
+    try:
+        out = logits_of(model(*batch.to(device).inputs))
+    except (RuntimeError, IndexError) as e:
+        raise UserError(f"model {spec} fails on inputs of shape {tuple(batch.inputs[0].shape[1:])} from "
+                        f"{dataset.spec}: {str(e).splitlines()[0]}") from None
+    mismatch = task.output_mismatch(tuple(out.shape), batch, output_size)
+    if mismatch:
+        raise UserError(f"model {spec} returns outputs of shape {tuple(out.shape)} on {dataset.spec}: {mismatch} "
+                        f"for the {task} task")

@@ -1,0 +1,152 @@
+"""What a store is bound to: its task, its train set (by fingerprint and where it was found, with
+the tokenizer that read it) and its model spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from trakwomp.data.base import Dataset
+from trakwomp.data.groups import Groups, read_groups_file, sources_of
+from trakwomp.data.specs import TEXT_KINDS, load_dataset
+from trakwomp.errors import UserError
+from trakwomp.models.spec import ModelSpec
+from trakwomp.store import Store, layout
+from trakwomp.tasks.base import Task
+from trakwomp.tasks.registry import task_of_store
+
+BIND_HINT = "use a new store for other data or another model"
+
+
+def bind_model(store: Store, model: ModelSpec, transform: str | None) -> None:
+    """Record (or check) the model spec, and the transform of its inputs, that a store is made for."""
+    store.bind("model", {**model.as_dict(), "transform": transform}, BIND_HINT)
+
+
+def bind_tokenizer(store: Store, data: Dataset) -> None:
+    """Record (or check) the tokenizer of a store's text (its vocabulary, wherever it lies); a
+    store of images or arrays refuses text, and a store of text refuses anything else."""
+    tokenizer = data.tokenizer
+    recorded = store.manifest.get("tokenizer")
+    if tokenizer is None and recorded is None:
+        return
+    if tokenizer is None:
+        raise UserError(f"store {store.location!r} holds text read with the tokenizer {recorded['spec']!r}; "
+                        f"{data.spec} is not text")
+    if recorded is None and "dataset" in store.manifest:
+        raise UserError(f"store {store.location!r} holds images or arrays, not text; {data.spec} is text")
+    if recorded is not None and recorded != tokenizer.record():
+        size = f", a vocabulary of {recorded['vocab_size']}" if "vocab_size" in recorded else ""
+        raise UserError(f"the tokenizer {tokenizer.spec} differs from the one store {store.location!r} was made with "
+                        f"({recorded['spec']}{size}); pass --tokenizer as given to `trakwomp train`")
+    store.bind("tokenizer", tokenizer.record(), BIND_HINT)
+
+
+def bind_task(store: Store, task: Task) -> None:
+    """Record (or check) the task a store is made for; a store made before tasks were recorded
+    is a classification store."""
+    made = "task" in store.manifest or "dataset" in store.manifest
+    if made and stored_task(store) != task:
+        raise UserError(f"store {store.location!r} was made for the task {stored_task(store)}, not {task}; "
+                        "use a new store for another task")
+    store.bind("task", task.as_dict(), BIND_HINT)
+
+
+def bind_training_inputs(store: Store, data: Dataset, model: ModelSpec, task: Task) -> None:
+    """Record (or check) the task, train set and model spec that a store is made for."""
+    bind_task(store, task)
+    bind_tokenizer(store, data)
+    store.bind("dataset", data.fingerprint().as_dict(), BIND_HINT)
+    bind_model(store, model, data.transform_spec)
+    if "dataset_source" not in store.manifest:  # where the data was first found; a moved copy is the same data
+        store.set_section("dataset_source", {"spec": data.spec, "has_indices": data.has_explicit_indices,
+                                             **data.source_record()})
+    if data.has_explicit_indices and store.done_info("data", "train_indices") is None:
+        store.write_array(layout.TRAIN_INDICES, data.indices)
+        store.mark_done("data", "train_indices")
+
+
+def load_store_data(store: str, spec: str, indices=None, transform: str | None = None, tokenizer: str | None = None,
+                    max_length: int | None = None) -> Dataset:
+    """Data (train examples or targets) for the store `store`: text is read with the store's
+    tokenizer and cut at its --max-length unless others are given (and then checked against
+    the store's)."""
+    handle = Store.open_existing(store)
+    source = handle.manifest.get("dataset_source", {}) if handle is not None else {}
+    if spec.partition(":")[0] in TEXT_KINDS:
+        tokenizer = tokenizer or source.get("tokenizer")
+        max_length = max_length if max_length is not None else source.get("max_length")
+    return load_dataset(spec, indices, transform, tokenizer=tokenizer, max_length=max_length)
+
+
+def stored_task(handle: Store) -> Task:
+    return task_of_store(handle.manifest.get("task"))
+
+
+def stored_dataset(handle: Store, verify: bool = True) -> Dataset:
+    """The train set a store was made with (without its transform), reloaded from its recorded
+    spec (and tokenizer) and, if `verify`, checked by fingerprint (which reads every example)."""
+    manifest = handle.manifest
+    if "dataset_source" not in manifest:
+        raise UserError(f"store {handle.location!r} records no dataset yet; pass --data (and --model, --checkpoint)")
+    source = manifest["dataset_source"]
+    data = load_dataset(source["spec"], tokenizer=source.get("tokenizer"), max_length=source.get("max_length"))
+    if source["has_indices"]:
+        data = data.select(handle.read_array(layout.TRAIN_INDICES))
+    if len(data) != manifest["dataset"]["num_examples"] or (verify and data.fingerprint().as_dict() != manifest["dataset"]):
+        raise UserError(f"the data at {source['spec']!r} changed since the store was made (fingerprint differs); "
+                        "pass --data with the original data")
+    return data
+
+
+def stored_groups(handle: Store) -> Groups | None:
+    recorded = handle.manifest.get("groups")
+    if recorded is None:
+        return None
+    codes = handle.read_array(layout.GROUP_CODES)
+    groups = Groups(tuple(recorded["names"]), codes, recorded["origin"])
+    if groups.sha256 != recorded["sha256"]:
+        raise handle.damaged("its groups (groups/codes does not match the recorded SHA-256)")
+    return groups
+
+
+def check_groups(handle: Store, groups: Groups) -> None:
+    """Refuse `groups` that do not cover the store's train set or differ from those it records."""
+    recorded = handle.manifest.get("groups")
+    num_examples = handle.manifest.get("dataset", {}).get("num_examples", len(groups.codes))
+    if len(groups.codes) != num_examples:
+        raise UserError(f"the groups ({groups.origin}) cover {len(groups.codes)} examples, but the store's train set "
+                        f"has {num_examples}")
+    if recorded is not None and recorded["sha256"] != groups.sha256:
+        raise UserError(f"the groups of {groups.origin} ({len(groups.names)} groups) differ from those store "
+                        f"{handle.location!r} records ({recorded['origin']}, {len(recorded['names'])} groups); "
+                        "leave out --groups to use the store's, or use a new store")
+
+
+def bind_groups(handle: Store, groups: Groups) -> None:
+    """Record `groups` in the store, or check them against those it records."""
+    check_groups(handle, groups)
+    if "groups" not in handle.manifest:
+        handle.write_array(layout.GROUP_CODES, groups.codes)
+        handle.set_section("groups", groups.record())
+
+
+def choose_groups(handle: Store | None, given: Groups | str | Path | None, num_examples: int,
+                  data: Callable[[], Dataset]) -> Groups:
+    """The groups of a train set of `num_examples`: `given` (Groups, or a groups file) if any,
+    else those the store records, else the sources of the train set (`data()`, called only
+    then). Nothing is recorded."""
+    if isinstance(given, (str, Path)):
+        return read_groups_file(given, num_examples)
+    if given is not None:
+        return given
+    recorded = stored_groups(handle) if handle is not None else None
+    return recorded if recorded is not None else sources_of(data())
+
+
+def resolve_groups(handle: Store, given: Groups | str | Path | None) -> Groups:
+    """The groups of a store's train set (see `choose_groups`), recorded in the store."""
+    groups = choose_groups(handle, given, handle.manifest["dataset"]["num_examples"],
+                           lambda: stored_dataset(handle, verify=False))
+    bind_groups(handle, groups)
+    return groups

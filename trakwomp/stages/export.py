@@ -1,0 +1,81 @@
+"""Stored scores out of the store: an .npy matrix, and tables of each target's strongest train examples."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from trakwomp.data.base import Dataset
+from trakwomp.errors import UserError
+from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
+from trakwomp.stages.bindings import stored_dataset
+from trakwomp.stages.stored_scores import find_scores_by_key, iterate_scores
+from trakwomp.store import Store, layout
+
+
+def export_scores(store: str | Path, key: str, out: str | Path, threshold: float = DEFAULT_THRESHOLD) -> tuple[int, int]:
+    """Write the (n_targets, n_train) scores `key`, soft-thresholded, to an .npy file, streaming."""
+    handle = Store.open(store)
+    find_scores_by_key(handle, key)
+    tau = handle.array(layout.scores(key))
+    try:
+        array = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=tau.shape)
+        for rows, block in iterate_scores(handle, key, threshold):
+            array[rows.start:rows.stop] = block
+        array.flush()
+    except OSError as e:
+        raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
+    return tau.shape
+
+
+def top_k_rows(store: str | Path, key: str, targets: Dataset, k: int, threshold: float = DEFAULT_THRESHOLD) -> list[dict]:
+    """For each target, its k most positive and k most negative train examples of scores `key`."""
+    handle = Store.open(store)
+    find_scores_by_key(handle, key)
+    train = stored_dataset(handle, verify=False)
+    rows = []
+    for target_rows, block in iterate_scores(handle, key, threshold):
+        for local, t in enumerate(target_rows):
+            rows.extend(strongest_rows(targets, t, train, block[local], k))
+    return rows
+
+
+def strongest_rows(targets: Dataset, target: int, train: Dataset, scores: np.ndarray, k: int) -> list[dict]:
+    """Rows of the k train examples with the largest and the k with the smallest `scores` (one
+    target's row of tau), each describing the target, the train example and its score."""
+    head = {"target": target, **describe(targets, target, "target")}
+    return [{**head, "direction": direction, "rank": rank, "train_index": i, **describe(train, i, "train"),
+             "score": float(scores[i])} for direction, rank, i in strongest(scores, k)]
+
+
+def describe(data: Dataset, i: int, prefix: str) -> dict:
+    """What a row says of example i: its label (None if the data has no classes), and its path,
+    or its text and source."""
+    return {f"{prefix}_{key}": value for key, value in data.describe(i).items()}
+
+
+def strongest(scores: np.ndarray, k: int) -> list[tuple[str, int, int]]:
+    """(direction, rank, train index) of the k largest scores ("supports", largest first) and
+    the k smallest ("opposes", smallest first); ties keep the lower index first."""
+    order = np.argsort(scores, kind="stable")
+    supports = np.argsort(-scores, kind="stable")[:k]
+    return ([("supports", rank, int(i)) for rank, i in enumerate(supports, 1)]
+            + [("opposes", rank, int(i)) for rank, i in enumerate(order[:k], 1)])
+
+
+def write_table(rows: list[dict], out: str | Path) -> None:
+    """Rows as CSV, or as JSON if `out` ends in .json."""
+    out = Path(out)
+    try:
+        if out.suffix == ".json":
+            out.write_text(json.dumps(rows, indent=1))
+            return
+        with out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["target"])
+            writer.writeheader()
+            writer.writerows(rows)
+    except OSError as e:
+        raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None

@@ -1,0 +1,97 @@
+"""Fitting one model to a subset of the train set with a recipe and the task's loss, and its
+outputs f on targets afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trakwomp.data.base import Batch, Dataset, length_sorted, load_batch
+from trakwomp.runtime import Progress
+from trakwomp.stages.recipe import CLIP_NORM, Recipe, one_cycle_lr
+from trakwomp.tasks.base import Task
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random horizontal flips and random crops of the reflect-padded images, per example."""
+    n, c, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+    x = padded.gather(2, rows)
+    cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, c, h, w)
+    return x.gather(3, cols)
+
+
+def epoch_batches(dataset: Dataset, positions: torch.Tensor, batch_size: int,
+                  generator: torch.Generator) -> list[np.ndarray]:
+    """One epoch's batches: the examples in a random order, cut into full batches (the rest is
+    left out; a subset smaller than one batch is one batch). Texts are then sorted by length
+    within windows of 16 batches and the batches shuffled, so that a batch pads little."""
+    n = len(positions)
+    steps = n // batch_size if n > batch_size else 1
+    order = positions[torch.randperm(n, generator=generator)].numpy()
+    if dataset.lengths is None:
+        return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+    kept, window = order[:steps * batch_size], 16 * batch_size
+    grouped = np.concatenate([length_sorted(dataset, kept[w:w + window]) for w in range(0, len(kept), window)])
+    batches = [grouped[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+    return [batches[int(i)] for i in torch.randperm(steps, generator=generator)]
+
+
+def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recipe, task: Task,
+        generator: torch.Generator, device: torch.device, progress: Progress,
+        epoch_done: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+    """Train `model` on the examples `positions` of `dataset` with `recipe` and the task's loss;
+    `epoch_done(epoch, model)` is called after each epoch (counted from 1) but the last."""
+    model.to(device).train()
+    optimizer = recipe.make_optimizer(model)
+    positions = torch.as_tensor(positions)
+    steps_per_epoch = len(positions) // recipe.batch_size if len(positions) > recipe.batch_size else 1
+    total_steps = recipe.epochs * steps_per_epoch
+    for epoch in range(recipe.epochs):
+        for step, batch_positions in enumerate(epoch_batches(dataset, positions, recipe.batch_size, generator)):
+            for group in optimizer.param_groups:
+                group["lr"] = one_cycle_lr(epoch * steps_per_epoch + step, total_steps, recipe)
+            batch = load_batch(dataset, batch_positions)
+            if recipe.augment and batch.inputs[0].ndim == 4:
+                batch = Batch((augment(batch.inputs[0], generator),), batch.labels)
+            batch = batch.to(device)
+            loss = task.loss(model(*batch.inputs), batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.optimizer == "adamw":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+            optimizer.step()
+            progress.advance(len(batch))
+        if epoch_done is not None and epoch + 1 < recipe.epochs:
+            epoch_done(epoch + 1, model)
+    return model.eval()
+
+
+@torch.no_grad()
+def model_outputs(model: nn.Module, dataset: Dataset, task: Task, device: torch.device,
+             batch_size: int = 512) -> tuple[np.ndarray, dict]:
+    """The outputs f(z) (float32) of `model` in eval mode on every example of `dataset`, and the
+    task's summary of them (classification: top-1 accuracy; causal-lm: mean cross-entropy per
+    predicted token), as {task.summary_name: value}."""
+    model.to(device).eval()
+    order = length_sorted(dataset, np.arange(len(dataset)))
+    out = np.empty(len(dataset), dtype=np.float32)
+    numerator = denominator = 0.0
+    for start in range(0, len(order), batch_size):
+        positions = order[start:start + batch_size]
+        batch = load_batch(dataset, positions).to(device)
+        output = model(*batch.inputs)
+        out[positions] = task.outputs(output, batch).float().cpu().numpy()
+        terms = task.summary_terms(output, batch)
+        numerator, denominator = numerator + terms[0], denominator + terms[1]
+    return out, {task.summary_name: numerator / denominator}

@@ -1,0 +1,236 @@
+"""`score`: attribution scores tau(z) of every train example for targets z.
+
+Scores are computed per chunk of targets (the unit of work): first the targets' projected
+gradients for every model (same projector and checkpoints as the train features), then
+
+    tau(z) = [(1/M^2) sum_m q_m] * sum_m phi_m(z)[:D] K_m^-1 Phi_m[:, :D]^T
+
+with K_m^-1 the block-diagonal inverse from `finalize`, streaming the train features by row
+chunk; consecutive target chunks share one pass over the train features while their scores fit
+in SCORE_PASS_BYTES, so memory is that score block plus one feature chunk.
+Raw scores are stored as float32 `scores/<key>/tau` of shape (n_targets, n_train).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trakwomp.data.base import Dataset
+from trakwomp.errors import UserError
+from trakwomp.estimator.scores import mean_q, score_chunks, score_passes
+from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
+from trakwomp.estimator.view import View, ViewSpec, ridge_text
+from trakwomp.features.writer import (
+    FeatureSettings,
+    FeaturizeReport,
+    batch_size_that_fits,
+    write_features,
+)
+from trakwomp.models.registry import load_registered_model
+from trakwomp.models.spec import ModelSpec, check_model_fits_data
+from trakwomp.runtime import (
+    Progress,
+    Shard,
+    StepsOnly,
+)
+from trakwomp.settings import option
+from trakwomp.stages.bindings import bind_model, bind_tokenizer, stored_task
+from trakwomp.stages.export import export_scores, top_k_rows, write_table
+from trakwomp.stages.selection import featurized_models, store_view
+from trakwomp.stages.skeleton import RunSettings, Stage, Work
+from trakwomp.stages.stored_scores import scores_key, view_record
+from trakwomp.store import Store, layout
+
+
+@dataclass
+class ScoreReport:
+    key: str
+    view: View
+    model_ids: list[int]
+    num_targets: int
+    num_train: int
+    chunks_done: int = 0
+    chunks_skipped: int = 0
+    seconds: float = 0.0
+    batch_size: int = 0  # the batch size used for the targets' features (lowered to fit in memory)
+    exported: str | None = None  # the .npy the scores were written to
+    top_k_file: str | None = None  # the table of each target's strongest train examples
+    top_k_rows: list[dict] = field(default_factory=list, metadata={"json": False})
+
+
+def check_finalized(handle: Store, view: View, model_ids: list[int]) -> None:
+    for model_id in model_ids:
+        done = len(handle.done_units("finalize", layout.unit(view.key, model_id)))
+        if done < view.blocks:
+            raise UserError(f"view {view.key} of model {model_id} is finalized in {done} of {view.blocks} blocks; "
+                            f"run `trakwomp finalize {handle.location} --dims {view.dims} --blocks {view.blocks}"
+                            f" --ridge {ridge_text(view.ridge)}` first")
+
+
+@dataclass(frozen=True)
+class ScoreSettings(RunSettings):
+    """Which scores `score` computes, how, and what it writes out of the store once they are done."""
+
+    view: ViewSpec = option(ViewSpec(), "The view: its dims, blocks and ridge.")
+    models: list[int] | None = option(None, "Model ids to use, e.g. 0,2,5-7 (default: all featurized).")
+    model: ModelSpec | None = option(None, "The store's model; needed (and checked) if it is a package.module:factory.")
+    target_chunk_rows: int = option(256, "Targets per unit of work.")
+    batch_size: int = option(64, "Targets per gradient batch (lowered, and said, if it would not fit in memory).")
+    memory_limit: int | None = option(None, "The most memory the process may hold, in bytes (see featurize).")
+    out: Path | None = option(None, "Write the (n_targets, n_train) scores to this .npy file.")
+    top_k: int = option(0, "Write the K most supporting and opposing train examples per target.")
+    top_k_out: Path = option(Path("top-k.csv"), "Where --top-k goes (.csv or .json).")
+    threshold: float = option(DEFAULT_THRESHOLD, "Soft threshold for --out and --top-k, in units of each target's "
+                                                 "RMS score (0 for the raw scores, as the store holds them).")
+
+
+class Score(Stage[int, ScoreReport]):
+    """Units: chunks of targets, scored against every train example (see the module docstring)."""
+
+    stage = "score"
+
+    def __init__(self, settings: ScoreSettings, targets: Dataset):
+        super().__init__(settings)
+        self.targets = targets
+
+    def check(self, store: str | Path) -> Store:
+        self.check_settings()
+        handle, self.location = Store.open(store), store
+        self.view = store_view(handle, self.settings.view)
+        self.model_ids = featurized_models(handle, self.settings.models)
+        check_finalized(handle, self.view, self.model_ids)
+        self.check_targets(handle)
+        self.key = scores_key(self.view, self.model_ids, self.fingerprint.sha256)
+        self.targets_id = layout.short_id(self.fingerprint.sha256)
+        return handle
+
+    def check_settings(self) -> None:
+        given = self.settings
+        if given.target_chunk_rows < 1 or given.batch_size < 1:
+            raise UserError("--chunk-rows and --batch-size must be at least 1")
+        if (given.out or given.top_k) and given.shard.count > 1:
+            raise UserError("--out and --top-k need all shards' scores: run them without --shard once every shard is "
+                            "done")
+        if given.top_k < 0 or given.threshold < 0:
+            raise UserError("--top-k and --threshold must be >= 0")
+        for flag, path in (("--out", given.out), ("--top-k-out", given.top_k_out if given.top_k else None)):
+            if path is not None and not Path(path).parent.is_dir():
+                raise UserError(f"{flag} {str(path)!r}: there is no folder {str(Path(path).parent)!r}")
+
+    def check_targets(self, handle: Store) -> None:
+        """The targets against the store (transform, tokenizer, classes) and the model on them."""
+        manifest, targets = handle.manifest, self.targets
+        if targets.transform_spec != manifest["model"].get("transform"):
+            raise UserError(f"targets must be seen through the store's --transform "
+                            f"({manifest['model'].get('transform')}), not {targets.transform_spec}")
+        self.task = stored_task(handle)
+        bind_tokenizer(handle, targets)
+        self.fingerprint = targets.fingerprint()
+        self.model = self.settings.model or ModelSpec.of_store(manifest["model"], handle.location)
+        bind_model(handle, self.model, targets.transform_spec)
+        self.task.check_targets(targets, tuple(manifest["dataset"]["classes"]))
+        self.output_size = self.task.output_size(targets)
+        self.net = self.model.build(self.output_size)
+        check_model_fits_data(self.net, targets, self.device, self.model, self.task, self.output_size)
+        self.features = FeatureSettings.of_store(handle, self.net)
+
+    def work(self, handle: Store) -> Work[int]:
+        key, stage = self.key, layout.target_features_stage(self.targets_id)
+        return Work(list(range(math.ceil(len(self.targets) / self.settings.target_chunk_rows))),
+                    lambda c: layout.unit(key, c), f"score {key} target chunks",
+                    [layout.scores_folder(key), layout.done("score", key), layout.targets_prefix(self.targets_id),
+                     layout.done(stage)])
+
+    def start(self, handle: Store, owned: list[int], todo: list[int]) -> ScoreReport:
+        """Before the first write: the models' weights against their recorded hashes, and the
+        batch size that fits; then the targets and scores entries."""
+        batch_size = self.settings.batch_size
+        for model_id in self.model_ids if todo else []:
+            load_registered_model(handle, model_id, self.model, self.output_size)
+        if todo:
+            batch_size = batch_size_that_fits(self.net, self.targets, self.task, self.features, batch_size,
+                                              self.settings.target_chunk_rows, self.device, self.settings.memory_limit,
+                                              "score")
+        handle.set_entry("targets", self.targets_id, {"spec": self.targets.spec, **self.fingerprint.as_dict()})
+        handle.set_entry("scores", self.key, {"view": view_record(self.view), "models": self.model_ids,
+                                              "targets": self.targets_id})
+        return ScoreReport(self.key, self.view, self.model_ids, len(self.targets),
+                           handle.manifest["dataset"]["num_examples"], chunks_skipped=len(owned) - len(todo),
+                           batch_size=batch_size)
+
+    def do(self, handle: Store, todo: list[int], report: ScoreReport, progress: Progress):
+        """Consecutive target chunks share one pass over the train features (`score_passes`)."""
+        start, rows_per_chunk = time.perf_counter(), self.settings.target_chunk_rows
+        n, n_targets = report.num_train, report.num_targets
+        q_bar = mean_q(handle, self.model_ids)
+        out = handle.require_array(layout.scores(self.key), (n_targets, n), "float32", (rows_per_chunk, min(n, 8192)))
+        for group in score_passes(todo, rows_per_chunk, n):
+            ranges = [range(c * rows_per_chunk, min(n_targets, (c + 1) * rows_per_chunk)) for c in group]
+            name = f"targets {ranges[0].start}-{ranges[-1].stop - 1}"
+            progress.unit_started(name, (ranges[-1].stop - ranges[0].start) * len(self.model_ids))
+            self.featurize_targets(handle, group, report.batch_size, progress)
+            taus = score_chunks(handle, self.view, self.model_ids, q_bar, layout.targets_prefix(self.targets_id),
+                                ranges, handle.manifest["featurize"]["chunk_rows"], self.device)
+            for chunk, rows, tau in zip(group, ranges, taus):
+                out[rows.start:rows.stop] = tau.numpy()
+                yield chunk, {"rows": [rows.start, rows.stop]}
+                report.chunks_done += 1
+            progress.unit_finished(name, f"{ranges[-1].stop - ranges[0].start} targets scored", len(group))
+        report.seconds = time.perf_counter() - start
+
+    def featurize_targets(self, handle: Store, chunks: list[int], batch_size: int, progress: Progress) -> None:
+        """The targets' features of `chunks` for every model (those not yet published), made as the
+        train features were, each (model, chunk) published on its own."""
+        stage = layout.target_features_stage(self.targets_id)
+        todo = [(m, chunk) for m in self.model_ids for chunk in chunks
+                if handle.done_info(stage, layout.unit(m, chunk)) is None]
+        for unit, info in write_features(handle, self.targets, self.model, self.task, self.features, todo,
+                                         self.settings.target_chunk_rows, batch_size, self.device, StepsOnly(progress),
+                                         layout.targets_prefix(self.targets_id), FeaturizeReport()):
+            handle.mark_done(stage, layout.unit(*unit), info)
+
+    def finish(self, report: ScoreReport) -> ScoreReport:
+        """The exports asked for, from the finished scores (soft-thresholded at `threshold`)."""
+        given = self.settings
+        if given.out:
+            export_scores(self.location, report.key, given.out, given.threshold)
+            report.exported = str(given.out)
+        if given.top_k:
+            report.top_k_rows = top_k_rows(self.location, report.key, self.targets, given.top_k, given.threshold)
+            write_table(report.top_k_rows, given.top_k_out)
+            report.top_k_file = str(given.top_k_out)
+        return report
+
+
+
+def score(
+    store: str | Path,
+    targets: Dataset,
+    view: ViewSpec = ViewSpec(),
+    models: list[int] | None = None,
+    *,
+    model: ModelSpec | None = None,
+    target_chunk_rows: int = 256,
+    batch_size: int = 64,
+    memory_limit: int | None = None,
+    out: str | Path | None = None,
+    top_k: int = 0,
+    top_k_out: str | Path = "top-k.csv",
+    threshold: float = DEFAULT_THRESHOLD,
+    device: str = "cpu",
+    shard: Shard = Shard(),
+    progress: Progress | None = None,
+) -> ScoreReport:
+    """Score every train example for every target at the view (dims, blocks, ridge); resumable by
+    target chunk. Then, if asked, write the scores (soft-thresholded at `threshold`) to the .npy
+    `out`, and each target's `top_k` most supporting and opposing train examples to `top_k_out`
+    (.csv or .json; the rows are also in the report).
+
+    `model`: the store's model spec, needed if the store was made with a user factory.
+    `batch_size` is lowered to fit in `memory_limit` bytes (see `featurize`)."""
+    settings = ScoreSettings(device, shard, view, models, model, target_chunk_rows, batch_size, memory_limit,
+                             None if out is None else Path(out), top_k, Path(top_k_out), threshold)
+    return Score(settings, targets).run(store, progress)

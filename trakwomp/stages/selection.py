@@ -1,0 +1,60 @@
+"""Which models and which view of the stored features a command works on."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from trakwomp.errors import UserError
+from trakwomp.estimator.view import View, ViewSpec
+from trakwomp.store import Store, layout
+
+
+def parse_model_ids(text: str | None) -> list[int] | None:
+    """'0,2,5-7' -> [0, 2, 5, 6, 7]; None -> None (all models). Ids come back sorted: a set of
+    models is the same set in any order."""
+    if text is None:
+        return None
+    ids = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match:
+            raise UserError(f"malformed --models {text!r}: expected ids like 0,2,5-7")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        ids.extend(range(first, last + 1))
+    if len(set(ids)) != len(ids) or not ids:
+        raise UserError(f"--models {text!r} is empty or names a model twice")
+    return sorted(ids)
+
+
+def featurized_models(handle: Store, requested: list[int] | None) -> list[int]:
+    """Ids of the requested (default: all) registered models whose train features are complete,
+    sorted (the order a set of models is given in does not matter)."""
+    manifest = handle.manifest
+    if "featurize" not in manifest:
+        raise UserError(f"store {handle.location!r} has no features yet; run `trakwomp featurize` first")
+    registered = [entry["id"] for entry in manifest.get("models", [])]
+    num_chunks = math.ceil(manifest["dataset"]["num_examples"] / manifest["featurize"]["chunk_rows"])
+    ids = sorted(set(registered if requested is None else requested))
+    for model_id in ids:
+        if model_id not in registered:
+            raise UserError(f"model {model_id} is not in store {handle.location!r} (models: {registered})")
+        done = len(handle.done_units("featurize", layout.unit(model_id)))
+        if done < num_chunks:
+            raise UserError(f"model {model_id} is featurized in {done} of {num_chunks} row chunks; "
+                            "finish `trakwomp featurize` first")
+    return ids
+
+
+def store_view(handle: Store, spec: ViewSpec) -> View:
+    """The view `spec` asks for, checked against the store's features."""
+    manifest = handle.manifest
+    if "featurize" not in manifest:
+        raise UserError(f"store {handle.location!r} has no features yet; run `trakwomp featurize` first")
+    recorded, num_train = manifest["featurize"], manifest["dataset"]["num_examples"]
+    if "layers" in recorded:
+        widths = [layer["rank_rows"] * layer["rank_cols"] for layer in recorded["layers"]]
+        return View.resolve_layers(widths, spec.dims, spec.blocks, spec.ridge, num_train)
+    projector = recorded["projector"]
+    return View.resolve(projector["blocks"] * projector["block_dim"], projector["block_dim"], spec.dims, spec.blocks,
+                        spec.ridge, num_train)

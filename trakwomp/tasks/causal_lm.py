@@ -1,0 +1,97 @@
+"""Causal language modelling: next-token prediction, attributed through the log-odds of the
+probability of a text (or of its average token)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trakwomp.data.base import Batch, Dataset
+from trakwomp.errors import UserError
+from trakwomp.tasks.base import Task, log_odds_from_loss, logits_of
+
+LM_OUTPUTS = ("sequence", "token")
+
+
+@dataclass(frozen=True)
+class CausalLM(Task):
+    """Next-token prediction on a right-padded sequence z of T + 1 real tokens: token t + 1 is
+    predicted from tokens 0..t, and L(z) is the sum of the T token cross-entropies.
+
+    output "token" (default): p = exp(-L / T), the geometric-mean probability of one token;
+    output "sequence":        p = exp(-L), the probability of the whole sequence.
+    f = log(p / (1 - p)) in both; trained with the mean cross-entropy over the batch's real
+    predicted tokens. The model returns (batch, length, vocabulary) logits."""
+
+    output: str = "token"
+    name = "causal-lm"
+    default_model = "gpt"
+    summary_name = "target_token_loss"
+    recipe_defaults = {"optimizer": "adamw", "epochs": 8, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.1,
+                       "augment": False}
+
+    @classmethod
+    def create(cls, lm_output: str | None = None) -> "CausalLM":
+        """`lm_output`: the output function (default: token, the better of the two on
+        docs/results.md's benchmark)."""
+        return cls(lm_output or "token")
+
+    def __post_init__(self):
+        if self.output not in LM_OUTPUTS:
+            raise UserError(f"unknown --lm-output {self.output!r}: expected one of {', '.join(LM_OUTPUTS)}")
+
+    def token_losses(self, output, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, T) cross-entropies of the predicted tokens (0 at padding) and the float mask."""
+        ids, mask = batch.inputs
+        logits = logits_of(output)[:, :-1]
+        predicted = mask[:, 1:].to(logits.dtype)
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        return losses.view(predicted.shape) * predicted, predicted
+
+    def outputs(self, output, batch: Batch) -> torch.Tensor:
+        losses, predicted = self.token_losses(output, batch)
+        total = losses.sum(dim=1)
+        if self.output == "token":
+            total = total / predicted.sum(dim=1)
+        return log_odds_from_loss(total)
+
+    def loss(self, output, batch: Batch) -> torch.Tensor:
+        losses, predicted = self.token_losses(output, batch)
+        return losses.sum() / predicted.sum()
+
+    def summary_terms(self, output, batch: Batch) -> tuple[float, float]:
+        """(summed cross-entropy, predicted tokens): summed over batches, their ratio is the mean
+        cross-entropy per predicted token, in nats."""
+        losses, predicted = self.token_losses(output, batch)
+        return float(losses.sum()), float(predicted.sum())
+
+    def describe_summary(self, value: float) -> str:
+        return f"target loss {value:.3f} nats/token"
+
+    def output_size(self, dataset: Dataset) -> int:
+        """The vocabulary of `dataset`'s tokenizer (checked to be text)."""
+        self.check_data(dataset)
+        return dataset.tokenizer.vocab_size
+
+    def check_data(self, dataset: Dataset) -> None:
+        lengths = dataset.lengths
+        if dataset.tokenizer is None:
+            raise UserError(f"causal-lm needs text data (fortunes-mini:..., jsonl:PATH), not {dataset.spec}")
+        if lengths.min() < 2:
+            i = int(lengths.argmin())
+            raise UserError(f"text {i} of {dataset.spec} has {lengths[i]} token(s): a causal LM needs at least 2, "
+                            "one to predict from and one to predict")
+
+    def output_mismatch(self, shape: tuple[int, ...], batch: Batch, output_size: int) -> str | None:
+        ids = tuple(batch.inputs[0].shape)
+        if len(shape) == 3 and shape[:2] == ids and shape[2] >= output_size:
+            return None
+        return f"expected (batch, length, vocabulary) = ({ids[0]}, {ids[1]}, at least {output_size}) logits"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "output": self.output}
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.output})"
