@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Writes docs/cli.md, the command reference, from the Typer app itself (tests/test_docs.py checks
+# Writes docs/cli.md, the command reference, from the Typer app itself (tests/cli/test_docs.py checks
 # that the committed page is what this writes, so the reference cannot drift from the code).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,15 +1,26 @@
-"""Shared fixtures: tiny datasets written by the tests, and an in-process CLI runner."""
+"""Shared fixtures and helpers: tiny datasets written by the tests, tiny models, one trained store
+for the whole run, an in-process CLI runner, and independent computations that tests compare with."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import zarr
 from trakwomp.cli.main import app
 from typer.testing import CliRunner
+
+from trakwomp.data.text import read_fortunes_mini
+from trakwomp.data.specs import load_dataset
+from trakwomp.models.spec import ModelSpec
+from trakwomp.stages.recipe import Recipe
+from trakwomp.stages.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,6 +33,19 @@ def write_tiny_images(path: Path, n: int = 48, classes: int = 4, size: int = 16,
     x[np.arange(n), y % 3] += 0.5 * (y[:, None, None] / classes)
     np.savez(path, x=x, y=y)
     return path
+
+
+TINY_RECIPE = Recipe(epochs=1, batch_size=16, lr=0.05)
+
+
+@pytest.fixture(scope="session")
+def trained_once(tmp_path_factory) -> Path:
+    """One tiny trained store for the whole run, `store`: two reference models (TINY, one epoch)
+    on the 48 images of `tiny.npz` beside it (those of `tiny_npz`). Copy it before writing to it."""
+    root = tmp_path_factory.mktemp("trained")
+    data = load_dataset(f"npz:{write_tiny_images(root / 'tiny.npz')}")
+    train(root / "store", data, TINY, num_models=2, recipe=TINY_RECIPE)
+    return root
 
 
 @pytest.fixture
@@ -69,3 +93,102 @@ def soft_thresholded(tau: np.ndarray, threshold: float = 0.25) -> np.ndarray:
     tau = np.asarray(tau, dtype=np.float64)
     rms = np.sqrt((tau ** 2).mean(axis=1, keepdims=True))
     return np.sign(tau) * np.maximum(np.abs(tau) - threshold * rms, 0)
+
+
+def block_diagonal_scores(handle, widths: list[int], target_prefix: str, ridge: float) -> np.ndarray:
+    """tau = [(1/M^2) sum_m q_m] * sum_m sum_b phi_m,b(z) (G_m,b + r I)^-1 Phi_m,b^T, dense in float64
+    over every registered model, G_m,b = Phi_m,b^T Phi_m,b and r = ridge * mean(diag G_m,b): eq. 3
+    from the stored features, independently of the streaming score stage."""
+    edges = np.cumsum([0] + widths)
+    models = [entry["id"] for entry in handle.manifest["models"]]
+    total, q_sum = 0, 0
+    for m in models:
+        phi = handle.array(f"features/{m:06d}/phi")[...].astype(np.float64)
+        target = handle.array(f"{target_prefix}features/{m:06d}/phi")[...].astype(np.float64)
+        q_sum = q_sum + handle.array(f"features/{m:06d}/q")[...].astype(np.float64)
+        for start, stop in zip(edges[:-1], edges[1:]):
+            block = phi[:, start:stop]
+            gram = block.T @ block
+            gram += ridge * np.diag(gram).mean() * np.eye(len(gram))
+            total = total + target[:, start:stop] @ np.linalg.inv(gram) @ block.T
+    return total * q_sum / len(models) ** 2
+
+
+def independent_lds(handle, key: str, threshold: float = 0.25) -> float:
+    """The LDS of stored scores `key`, soft-thresholded, against the store's LDS models: Spearman
+    correlations by scipy, 0 where a target's predictions are all equal, averaged over targets."""
+    from scipy.stats import spearmanr
+
+    tau = soft_thresholded(handle.read_array(f"scores/{key}/tau"), threshold)
+    names = handle.done_units("train", "lds")
+    masks = np.stack([handle.read_array(f"models/lds/{n}/mask") for n in names]).astype(np.float64)
+    margins = np.stack([handle.read_array(f"models/lds/{n}/margins") for n in names]).astype(np.float64)
+    predicted = masks @ tau.T
+    rhos = [0.0 if np.ptp(predicted[:, t]) == 0 else spearmanr(margins[:, t], predicted[:, t]).statistic
+            for t in range(tau.shape[0])]
+    return float(np.mean(rhos))
+
+
+TINY_GPT = ModelSpec.parse("gpt", 16, 1, 2)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def fortunes(split: str, count: int, start: int = 0) -> list[dict]:
+    return [{"text": r["text"], "source": r["source"]} for r in read_fortunes_mini("x", split)[start:start + count]]
+
+
+def write_hf_folder(folder: Path, texts: list[str]) -> Path:
+    """A byte-level BPE tokenizer trained on `texts` and a tiny randomly initialised GPT-2 with its
+    vocabulary, both saved in `folder` as Hugging Face saves them."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=16, n_layer=1, n_head=2,
+                                     bos_token_id=None, eos_token_id=None)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+TINY = ModelSpec.parse("resnet9", 1 / 16)
+
+
+def read_store(path: Path) -> dict[str, bytes]:
+    """Every array of a store as bytes, keyed by its path, and every done marker's content."""
+    out = {}
+    group = zarr.open_group(str(path), mode="r")
+    for name, array in group.arrays():
+        out[name] = np.asarray(array[...]).tobytes()
+
+    def walk(g, prefix):
+        for name, array in g.arrays():
+            out[prefix + name] = np.asarray(array[...]).tobytes()
+        for name, sub in g.groups():
+            walk(sub, f"{prefix}{name}/")
+
+    walk(group, "")
+    for marker in sorted((path / "done").rglob("zarr.json")):
+        out[str(marker.relative_to(path))] = marker.read_bytes()
+    return out
+
+
+def tree_digest(path: Path, skip: set[str] = frozenset(), contents: bool = True) -> str:
+    """SHA-256 over every path under `path` (folders included) and, with `contents`, every
+    file's bytes, but the relative paths in `skip`."""
+    digest = hashlib.sha256()
+    for item in sorted(path.rglob("*")):
+        if str(item.relative_to(path)) in skip:
+            continue
+        digest.update(str(item.relative_to(path)).encode() + b"\0")
+        if contents and item.is_file():
+            digest.update(item.read_bytes())
+    return digest.hexdigest()

@@ -111,8 +111,7 @@ def test_group_benchmarks_measure_the_change_without_a_group_and_the_partial_cor
     stored outputs of models trained with and without the group (read here from Zarr), and the
     models without it never saw its examples; bench/group_lds.py: the partial Spearman
     correlation equals the textbook partial correlation of the Spearman correlations."""
-    from conftest import soft_thresholded, write_tiny_images
-    from test_train import TINY
+    from conftest import TINY, soft_thresholded, write_tiny_images
 
     from trakwomp.data.specs import load_dataset
     from trakwomp.features.projectors import ProjectorSpec
@@ -170,8 +169,7 @@ def test_ridge_study_lds_equals_finalize_score_and_lds_at_every_view_and_ridge(t
     """bench/ridge_study.py computes every (view, ridge) LDS from one eigendecomposition per block;
     the pipeline computes each from a Cholesky inverse per block and its own scores. Per half of
     the LDS models and per target, the two agree, the auto ridge included."""
-    from conftest import write_tiny_images
-    from test_train import TINY
+    from conftest import TINY, write_tiny_images
 
     from trakwomp.analysis.lds import lds
     from trakwomp.data.specs import load_dataset

@@ -11,12 +11,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import zarr
-from conftest import soft_thresholded, write_tiny_images
+from conftest import TINY, fortunes, soft_thresholded, write_jsonl, write_tiny_images
 from PIL import Image
 from scipy.stats import spearmanr
 from scipy.stats import t as student_t
-from test_text import fortunes, write_jsonl
-from test_train import TINY
 from trakwomp.cli.main import app
 from trakwomp.store import StoreError
 from typer.testing import CliRunner
@@ -225,8 +223,11 @@ def test_the_group_chart_draws_the_strongest_groups_with_their_signs(grouped, tm
         colours = {tuple(pixel) for pixel in image[52 + row * CHART_ROW + CHART_ROW // 2].tolist()}
         assert (SUPPORTS if scores[name] > 0 else OPPOSES) in colours
         assert (OPPOSES if scores[name] > 0 else SUPPORTS) not in colours
-    whole = show_groups(grouped["store"], k=2)
-    assert len(whole.targets) == 9 and len(whole.strongest(2)) == 2
+    whole = show_groups(grouped["store"], k=2)  # default: the mean over every scored target
+    means = {name: member_sum(grouped["tau"], [name]).mean() for name in NAMES}
+    assert whole.targets == list(range(9))
+    assert [whole.names[g] for g in whole.strongest(2)] == sorted(sorted(NAMES, key=lambda n: -abs(means[n]))[:2],
+                                                                  key=lambda n: -means[n])
 
 
 def test_the_groups_command_ranks_every_group(grouped, tmp_path):

@@ -4,8 +4,7 @@ and exit code 0 only when everything asked for is done."""
 import json
 import os
 
-from conftest import write_tiny_images
-from test_train import TINY
+from conftest import TINY, write_tiny_images
 from trakwomp.cli.main import app
 from trakwomp.cli.reading import INCOMPLETE
 from typer.testing import CliRunner

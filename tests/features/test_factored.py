@@ -6,8 +6,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import plain, write_tiny_images
-from test_text import fortunes, write_hf_folder
+from conftest import (
+    TINY,
+    block_diagonal_scores,
+    fortunes,
+    plain,
+    write_hf_folder,
+)
 from torch import nn
 from trakwomp.store import Store
 
@@ -28,9 +33,7 @@ from trakwomp.models.networks import GPT
 from trakwomp.models.spec import ModelSpec
 from trakwomp.stages.featurize import featurize
 from trakwomp.stages.finalize import finalize
-from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.score import score
-from trakwomp.stages.train import train
 from trakwomp.tasks.causal_lm import CausalLM
 from trakwomp.tasks.classification import Classification
 
@@ -125,41 +128,22 @@ def test_factored_features_of_hugging_face_gpt2_with_tied_embeddings_equal_the_k
     torch.testing.assert_close(out.rows.double(), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_side_projections_are_seeded_by_layer_name_and_keep_narrow_sides_exactly():
-    a = side_projection(3, 1, "blocks.0.mlp.0.weight", 0, 100, 8)
-    torch.testing.assert_close(a, side_projection(3, 1, "blocks.0.mlp.0.weight", 0, 100, 8))
-    assert not torch.equal(a, side_projection(3, 1, "blocks.0.mlp.2.weight", 0, 100, 8))
-    assert not torch.equal(a, side_projection(3, 2, "blocks.0.mlp.0.weight", 0, 100, 8))
-    assert abs(float(a.pow(2).sum(0).mean()) - 100 / 8) < 3  # entries N(0, 1/8): column norms about 100/8
+def test_side_projections_preserve_inner_products_in_expectation_and_keep_narrow_sides_exactly():
+    """E <P^T x, P^T y> = <x, y> for Gaussian entries N(0, 1/k): over S independent projections
+    (other seeds, models and layer names) the mean lies within 5 standard errors, the variance of
+    one draw being (|x|^2 |y|^2 + <x, y>^2) / k. A side of at most k coordinates is kept exactly."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(100, generator=generator, dtype=torch.float64), torch.randn(100, generator=generator, dtype=torch.float64)
+    y = y + 0.5 * x
+    draws = torch.tensor([float((side_projection(seed, model, name, 0, 100, 8).double().T @ x)
+                                @ (side_projection(seed, model, name, 0, 100, 8).double().T @ y))
+                          for seed in range(10) for model in range(5) for name in ("a.weight", "b.weight", "c.weight")])
+    variance = (x.dot(x) * y.dot(y) + x.dot(y) ** 2) / 8
+    assert abs(float(draws.mean() - x.dot(y))) < 5 * float((variance / len(draws)).sqrt())
+    assert len({round(float(d), 6) for d in draws}) == len(draws)  # each (seed, model, layer) its own projection
     torch.testing.assert_close(side_projection(3, 1, "x", 1, 6, 6), torch.eye(6))
 
 
-TINY = ModelSpec.parse("resnet9", 1 / 16)
-
-
-@pytest.fixture(scope="module")
-def trained_once(tmp_path_factory):
-    root = tmp_path_factory.mktemp("factored")
-    data = load_dataset(f"npz:{write_tiny_images(root / 'tiny.npz')}")
-    train(root / "store", data, TINY, num_models=2, recipe=Recipe(epochs=1, batch_size=16, lr=0.05))
-    return root
-
-
-def block_diagonal_scores(handle: Store, widths: list[int], target_prefix: str, ridge: float) -> np.ndarray:
-    """tau = [(1/M^2) sum_m q_m] * sum_m sum_b phi_m,b(z) (G_m,b + r I)^-1 Phi_m,b^T, dense in float64,
-    G_m,b = Phi_m,b^T Phi_m,b and r = ridge * mean(diag G_m,b)."""
-    edges = np.cumsum([0] + widths)
-    total, q_sum = 0, 0
-    for m in (0, 1):
-        phi = handle.array(f"features/{m:06d}/phi")[...].astype(np.float64)
-        target = handle.array(f"{target_prefix}features/{m:06d}/phi")[...].astype(np.float64)
-        q_sum = q_sum + handle.array(f"features/{m:06d}/q")[...].astype(np.float64)
-        for start, stop in zip(edges[:-1], edges[1:]):
-            block = phi[:, start:stop]
-            gram = block.T @ block
-            gram += ridge * np.diag(gram).mean() * np.eye(len(gram))
-            total = total + target[:, start:stop] @ np.linalg.inv(gram) @ block.T
-    return total * q_sum / 4
 
 
 def test_per_layer_blocks_of_different_widths_through_finalize_and_score(trained_once, tmp_path):

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import soft_thresholded, write_tiny_images
+from conftest import TINY, soft_thresholded, write_tiny_images
 from PIL import Image
-from test_train import TINY
 from trakwomp.cli.main import app
 from typer.testing import CliRunner
 

@@ -27,7 +27,7 @@ from trakwomp.stages.score import score
 from trakwomp.stages.train import train
 
 pytestmark = pytest.mark.slow
-from test_train import TINY
+from conftest import TINY
 
 FEATURIZE = ["--projector", "sjlt", "--projector-seed", "3", "--blocks", "2", "--block-dim", "8", "--chunk-rows", "8",
              "--batch-size", "8", "--quiet"]

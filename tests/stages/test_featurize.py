@@ -9,23 +9,18 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import REPO, plain, write_tiny_images
-from test_train import read_store
+from conftest import REPO, TINY, plain, read_store
 from trakwomp.store import StoreError
 
 from trakwomp.data.specs import load_dataset
 from trakwomp.errors import UserError
 from trakwomp.features.projectors import ProjectorSpec, projection_block
-from trakwomp.models.spec import ModelSpec
 from trakwomp.runtime import Shard
 from trakwomp.stages.featurize import featurize
 from trakwomp.stages.finalize import finalize
-from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.score import score
-from trakwomp.stages.train import train
 from trakwomp.tasks.classification import margins
 
-TINY = ModelSpec.parse("resnet9", 1 / 16)
 PROJECTOR = ProjectorSpec("gaussian", seed=3, blocks=4, block_dim=16)
 
 
@@ -34,18 +29,10 @@ def copy_store(src, dst):
     return dst
 
 
-@pytest.fixture(scope="module")
-def trained_once(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    data = load_dataset(f"npz:{write_tiny_images(root / 'tiny.npz')}")
-    train(root / "trained", data, TINY, num_models=2, recipe=Recipe(epochs=1, batch_size=16, lr=0.05))
-    return root / "trained"
-
-
 @pytest.fixture
 def trained(trained_once, tmp_path):
     """A store with two trained tiny reference models (on the images of `tiny_npz`), a copy per test."""
-    return copy_store(trained_once, tmp_path / "trained")
+    return copy_store(trained_once / "store", tmp_path / "trained")
 
 
 def featurize_command(store, *extra):

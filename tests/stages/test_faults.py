@@ -25,9 +25,7 @@ import warnings
 import numpy as np
 import pytest
 import zarr
-from conftest import REPO, plain, write_tiny_images
-from test_bad_inputs import tree_digest
-from test_train import TINY, read_store
+from conftest import REPO, TINY, plain, read_store, tree_digest, write_tiny_images
 from trakwomp.cli.main import app
 from trakwomp.store import durable
 from trakwomp.store.durable import FAULT_VARIABLE, FaultPlan

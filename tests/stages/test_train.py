@@ -1,13 +1,12 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import REPO
+from conftest import REPO, TINY, read_store
 from trakwomp.store import StoreError
 
 from trakwomp.data.specs import load_dataset
@@ -19,27 +18,9 @@ from trakwomp.stages.recipe import Recipe, one_cycle_lr
 from trakwomp.stages.train import train
 from trakwomp.tasks.classification import Classification
 
-TINY = ModelSpec.parse("resnet9", 1 / 16)
 RECIPE = Recipe(epochs=2, batch_size=16, lr=0.05)
 
 
-def read_store(path: Path) -> dict[str, bytes]:
-    """Every array of a store as bytes, keyed by its path, and every done marker's content."""
-    out = {}
-    group = zarr.open_group(str(path), mode="r")
-    for name, array in group.arrays():
-        out[name] = np.asarray(array[...]).tobytes()
-
-    def walk(g, prefix):
-        for name, array in g.arrays():
-            out[prefix + name] = np.asarray(array[...]).tobytes()
-        for name, sub in g.groups():
-            walk(sub, f"{prefix}{name}/")
-
-    walk(group, "")
-    for marker in sorted((path / "done").rglob("zarr.json")):
-        out[str(marker.relative_to(path))] = marker.read_bytes()
-    return out
 
 
 def test_same_seed_same_masks_and_bitwise_weights(tmp_path, tiny_npz):

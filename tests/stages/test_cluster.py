@@ -2,6 +2,7 @@
 environment variables."""
 
 import pytest
+import torch
 from conftest import plain
 from trakwomp.cli.main import app
 from typer.testing import CliRunner
@@ -36,14 +37,19 @@ def test_shard_auto_refuses_an_environment_it_cannot_read(environ, fragment):
         Shard.parse("auto", environ)
 
 
-def test_cuda_under_torchrun_is_the_local_rank_gpu():
+@pytest.mark.parametrize("gpus", [2, 1, 0])
+def test_cuda_under_torchrun_is_the_local_rank_gpu(monkeypatch, gpus):
+    """With the machine's GPUs stood in for: cuda is cuda:LOCAL_RANK, refused by that name when the
+    machine has too few (or no CUDA), and cpu stays cpu."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     assert resolve_device("cpu", {"LOCAL_RANK": "1"}).type == "cpu"
-    try:
-        device = resolve_device("cuda", {"LOCAL_RANK": "1"})
-    except UserError as e:  # a machine without (enough) CUDA devices names the device it resolved
-        assert "cuda:1" in str(e)
-    else:
-        assert device.index == 1
+    if gpus == 2:
+        assert resolve_device("cuda", {"LOCAL_RANK": "1"}) == torch.device("cuda", 1)
+        assert resolve_device("cuda", {}) == torch.device("cuda")
+        return
+    with pytest.raises(UserError, match="--device cuda:1: " + ("this machine has 1 CUDA device" if gpus else "CUDA is not available")):
+        resolve_device("cuda", {"LOCAL_RANK": "1"})
 
 
 @pytest.mark.parametrize("variable, value, fragment", [

@@ -11,12 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import plain
+from conftest import (
+    REPO,
+    TINY_GPT,
+    block_diagonal_scores,
+    fortunes,
+    independent_lds,
+    plain,
+    soft_thresholded,
+    write_hf_folder,
+    write_jsonl,
+)
 from trakwomp.store import Store
 
 from trakwomp.data.base import Batch, load_batch
 from trakwomp.data.specs import load_dataset
-from trakwomp.data.text import read_fortunes_mini
 from trakwomp.features.gradients import PerExampleGradients, select_parameters
 from trakwomp.features.projectors import ProjectorSpec
 from trakwomp.models.spec import ModelSpec
@@ -25,35 +34,13 @@ from trakwomp.stages.train import load_reference_model, train
 from trakwomp.tasks.causal_lm import CausalLM
 from trakwomp.tasks.classification import Classification
 
-TINY_GPT = ModelSpec.parse("gpt", 16, 1, 2)
-ASSET = Path(__file__).parents[1] / "trakwomp" / "assets" / "fortunes_mini.jsonl.gz"
+ASSET = REPO / "trakwomp" / "assets" / "fortunes_mini.jsonl.gz"
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
-def fortunes(split: str, count: int, start: int = 0) -> list[dict]:
-    return [{"text": r["text"], "source": r["source"]} for r in read_fortunes_mini("x", split)[start:start + count]]
 
 
-def write_hf_folder(folder: Path, texts: list[str]) -> Path:
-    """A byte-level BPE tokenizer trained on `texts` and a tiny randomly initialised GPT-2 with its
-    vocabulary, both saved in `folder` as Hugging Face saves them."""
-    tokenizers = pytest.importorskip("tokenizers")
-    transformers = pytest.importorskip("transformers")
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=16, n_layer=1, n_head=2,
-                                     bos_token_id=None, eos_token_id=None)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -213,10 +200,15 @@ def test_every_command_on_text_and_an_escaped_html_page(tmp_path, cli):
         assert cli("score", store, "--targets", f"jsonl:{targets_file}", "--blocks", blocks, "-q").exit_code == 0
     result = cli("lds", store, "--blocks", "1", "--blocks", "4", "--json")
     report = json.loads(result.stdout)
+    handle = Store.open(store)
+    keys = {blocks: next(k for k in handle.manifest["scores"] if f"-b{blocks}-" in k) for blocks in (1, 4)}
     assert [r["targets"] for r in report["results"]] == [6, 6] and report["results"][0]["models"] == 4
+    for result_row, blocks in zip(report["results"], (1, 4)):
+        assert result_row["lds"] == pytest.approx(independent_lds(handle, keys[blocks]), abs=1e-9)
     np.save(tmp_path / "subset.npy", np.arange(0, 48, 2))
     predicted = json.loads(cli("predict", store, "--subset", str(tmp_path / "subset.npy"), "--json").stdout)
-    assert len(predicted["predicted_margin"]) == 6
+    tau = soft_thresholded(handle.read_array(f"scores/{keys[4]}/tau"))
+    np.testing.assert_allclose(predicted["predicted_margin"], tau[:, ::2].sum(axis=1), rtol=1e-5, atol=1e-6)
     page = tmp_path / "show.html"
     result = cli("show", store, "--target", "0", "--k", "48", "--out", str(page), "--json")
     shown = json.loads(result.stdout)
@@ -227,6 +219,10 @@ def test_every_command_on_text_and_an_escaped_html_page(tmp_path, cli):
     assert shown[0]["target_text"] == fortunes("test", 1)[0]["text"] and "train_source" in shown[0]
     status = cli("status", store, "--json")
     assert status.exit_code == 0, plain(status.output)
+    stages = {(p["stage"], p["what"]): (p["done"], p["total"]) for p in json.loads(status.stdout)["stages"]}
+    assert stages[("train", "reference models")] == (1, 1) and stages[("train", "lds models")] == (4, 4)
+    assert stages[("featurize", "model 0 (train:reference/000000) row chunks")] == (3, 3)  # 48 texts, 20 a chunk
+    assert sorted(v for k, v in stages.items() if k[0] == "finalize") == [(1, 1), (4, 4)]
 
 
 def test_a_hugging_face_model_and_tokenizer_from_a_folder_through_the_pipeline(tmp_path, hf_folder, cli):
@@ -238,10 +234,15 @@ def test_a_hugging_face_model_and_tokenizer_from_a_folder_through_the_pipeline(t
                  "--epochs", "1", "--max-length", "24", "-q")
     assert result.exit_code == 0, plain(result.output)
     assert "cut" in plain(result.stderr) and "to --max-length 24 tokens" in plain(result.stderr)
-    for args in (["featurize", store, "--blocks", "2", "--block-dim", "8"], ["finalize", store],
-                 ["score", store, "--targets", f"jsonl:{targets_file}"]):  # the store's tokenizer and --max-length
+    for args in (["featurize", store, "--blocks", "2", "--block-dim", "8"], ["finalize", store, "--ridge", "0.01"],
+                 ["score", store, "--targets", f"jsonl:{targets_file}", "--ridge", "0.01"]):  # the store's tokenizer
         result = cli(*args, "-q")
         assert result.exit_code == 0, plain(result.output)
+    handle = Store.open(store)
+    (key, entry), = handle.manifest["scores"].items()
+    np.testing.assert_allclose(handle.read_array(f"scores/{key}/tau"),
+                               block_diagonal_scores(handle, [8, 8], f"targets/{entry['targets']}/", 0.01),
+                               rtol=1e-3, atol=1e-6)
     manifest = Store.open(store).manifest
     assert manifest["tokenizer"]["spec"] == "hf" and manifest["dataset_source"]["max_length"] == 24
     assert manifest["model"]["name"] == hf

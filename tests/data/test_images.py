@@ -1,9 +1,12 @@
+import io
 import pickle
+import tarfile
 from importlib import resources
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
 from trakwomp.data.specs import load_dataset
@@ -27,9 +30,29 @@ def test_cifar10_mini_shapes_labels_and_pixels():
     assert load_dataset("cifar10-mini:train").classes[:3] == ("airplane", "automobile", "bird")
 
 
-def test_cifar10_mini_asset_is_small():
-    with resources.as_file(resources.files("trakwomp") / "assets" / "cifar10_mini.npz") as path:
-        assert path.stat().st_size < 10 * 1024 * 1024
+SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.mark.skipif(not SHARED_CIFAR10.is_file(), reason="needs ../shared/data/cifar10-jpeg.tar.gz")
+def test_cifar10_mini_images_are_the_shared_cifar10_jpegs_they_name():
+    """Images of cifar10-mini are the pixels of the JPEG files of the shared CIFAR-10 archive
+    that they name, decoded by Pillow (scripts/build_cifar10_mini.py), with the class of their folder."""
+    chosen = {}
+    for split in ("train", "test"):
+        ds = load_dataset(f"cifar10-mini:{split}")
+        for i in (0, len(ds) // 3, len(ds) - 1):
+            chosen[ds.path(i)] = (ds, i)
+    with tarfile.open(SHARED_CIFAR10, "r:gz") as tar:
+        for member in tar:
+            name = member.name.lstrip("./")
+            if name in chosen:
+                ds, i = chosen.pop(name)
+                pixels = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
+                np.testing.assert_array_equal((ds[i][0].numpy() * 255).round().astype(np.uint8).transpose(1, 2, 0), pixels)
+                assert ds.classes[ds[i][1]] == name.split("/")[1]
+            if not chosen:
+                break
+    assert not chosen, f"not in the archive: {sorted(chosen)}"
 
 
 def _write_imagefolder(root, rng):
