@@ -56,8 +56,9 @@ from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.score import Score, ScoreSettings
 from trakwomp.stages.selection import parse_model_ids
 from trakwomp.stages.train import Train, TrainSettings
-from trakwomp.tasks.registry import TASKS, make_task
+from trakwomp.tasks.registry import DEFAULT_TASK, REGISTERED, TASKS, make_task
 
+TASK_HELP = "; ".join(f"{name}: {task.help}" for name, task in REGISTERED.items()) + "."
 LmOutputOpt = typer.Option(None, "--lm-output", help="causal-lm output f = log(p/(1-p)): token (p = exp(-L/T), T the "
                            "predicted tokens) or sequence (p = exp(-L)) (default token).")
 
@@ -67,7 +68,7 @@ LmOutputOpt = typer.Option(None, "--lm-output", help="causal-lm output f = log(p
 def train(
     store: str = StoreArg,
     data: str = typer.Option(..., "--data", help=f"Train set: {SPEC_HELP}."),
-    task: str = typer.Option("classification", "--task", help=f"One of {', '.join(TASKS)}: classification (margin of the label), causal-lm (next-token prediction on text) or regression (squared error on real-valued labels)."),
+    task: str = typer.Option(DEFAULT_TASK, "--task", help=TASK_HELP),
     lm_output: Optional[str] = LmOutputOpt,
     model: Optional[str] = ModelOpt,
     width: Optional[float] = WidthOpt,

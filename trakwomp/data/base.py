@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -121,6 +122,37 @@ class Dataset(ABC, torch.utils.data.Dataset):
     @abstractmethod
     def describe(self, i: int) -> dict:
         """What a table row says of example i: its label, and its path or its text and source."""
+
+
+KINDS: dict[str, "DatasetKind"] = {}  # spec prefix -> kind, filled by subclasses as they are defined
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to read a dataset: `download` (for kinds that can), and for text the tokenizer spec and
+    the length to cut texts at."""
+
+    download: bool = False
+    tokenizer: str | None = None
+    max_length: int | None = None
+
+
+class DatasetKind(ABC):
+    """A kind of dataset, named by the prefix of its spec (`npz:PATH`): a subclass with a `name`
+    is registered under it (trakwomp.data.specs imports every module of this package)."""
+
+    name: ClassVar[str]  # the spec prefix
+    usage: ClassVar[str]  # the spec as help shows it, e.g. "npz:PATH"
+    tokenized: ClassVar[bool] = False  # text read with a tokenizer (--tokenizer, --max-length; no --transform)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            KINDS[cls.name] = cls()
+
+    @abstractmethod
+    def load(self, spec: str, rest: str, options: LoadOptions) -> Dataset:
+        """The dataset of `spec` (`rest`: what follows the prefix and its colon)."""
 
 
 def check_indices(spec: str, indices: np.ndarray, size: int) -> np.ndarray:

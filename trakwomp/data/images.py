@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from trakwomp.data.base import Batch, Dataset, Fingerprint, check_indices
+from trakwomp.data.base import Batch, Dataset, DatasetKind, Fingerprint, LoadOptions, check_indices
 from trakwomp.errors import UserError
 
 
@@ -184,3 +184,34 @@ def _npz(spec: str, path: str) -> ImageDataset:
     if classes is None:
         classes = [str(c) for c in range(int(y.max()) + 1 if len(y) else 0)]
     return ImageDataset(spec, y, classes, x.__getitem__, array_to_tensor)
+
+
+class Cifar10Mini(DatasetKind):
+    name, usage = "cifar10-mini", "cifar10-mini:train|test"
+
+    def load(self, spec: str, rest: str, options: LoadOptions) -> ImageDataset:
+        return _cifar10_mini(spec, rest)
+
+
+class Cifar10(DatasetKind):
+    name, usage = "cifar10", "cifar10:ROOT:train|test"
+
+    def load(self, spec: str, rest: str, options: LoadOptions) -> ImageDataset:
+        root, _, split = rest.rpartition(":")
+        if not root:
+            raise UserError(f"dataset spec {spec!r}: expected cifar10:ROOT:train or cifar10:ROOT:test")
+        return _cifar10(spec, root, split, options.download)
+
+
+class ImageFolderKind(DatasetKind):
+    name, usage = "imagefolder", "imagefolder:PATH"
+
+    def load(self, spec: str, rest: str, options: LoadOptions) -> ImageDataset:
+        return _imagefolder(spec, rest)
+
+
+class Npz(DatasetKind):
+    name, usage = "npz", "npz:PATH"
+
+    def load(self, spec: str, rest: str, options: LoadOptions) -> ImageDataset:
+        return _npz(spec, rest)

@@ -21,10 +21,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from trakwomp.data.base import Batch, Dataset, Fingerprint, check_indices
+from trakwomp.data.base import Batch, Dataset, DatasetKind, Fingerprint, LoadOptions, check_indices
 from trakwomp.errors import UserError
 
-TEXT_SPEC_HELP = "fortunes-mini:train|test or jsonl:PATH"
 
 
 class ByteTokenizer:
@@ -206,14 +205,22 @@ def read_fortunes_mini(spec: str, split: str) -> list[dict]:
     return [row for row in rows if row["split"] == split]
 
 
-def load_text_dataset(spec: str, tokenizer: str = "bytes", max_length: int | None = None) -> TextDataset:
-    kind, _, rest = spec.partition(":")
-    if kind == "fortunes-mini":
-        rows = read_fortunes_mini(spec, rest)
-    elif kind == "jsonl" and rest:
-        rows = read_jsonl(spec, rest)
-    else:
-        raise UserError(f"unknown text dataset spec {spec!r}; expected {TEXT_SPEC_HELP}")
+class FortunesMini(DatasetKind):
+    name, usage, tokenized = "fortunes-mini", "fortunes-mini:train|test", True
+
+    def load(self, spec: str, rest: str, options: LoadOptions) -> TextDataset:
+        return text_dataset(spec, read_fortunes_mini(spec, rest), options.tokenizer or "bytes", options.max_length)
+
+
+class Jsonl(DatasetKind):
+    name, usage, tokenized = "jsonl", "jsonl:PATH", True
+
+    def load(self, spec: str, rest: str, options: LoadOptions) -> TextDataset:
+        return text_dataset(spec, read_jsonl(spec, rest), options.tokenizer or "bytes", options.max_length)
+
+
+def text_dataset(spec: str, rows: list[dict], tokenizer: str, max_length: int | None) -> TextDataset:
+    """The texts of `rows` (with their labels and sources), tokenized with `tokenizer`."""
     if max_length is not None and max_length < 2:
         raise UserError(f"--max-length must be at least 2 tokens, got {max_length}")
     labels = [row.get("label") for row in rows]

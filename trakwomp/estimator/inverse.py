@@ -1,4 +1,5 @@
-"""x"""
+"""Block Gram matrices Phi_b^T Phi_b (streamed over row chunks, in float64) and their
+regularized inverses (G + r I)^-1, the K_m^-1 of eq. 5, block by block."""
 
 from __future__ import annotations
 

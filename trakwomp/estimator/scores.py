@@ -1,4 +1,11 @@
-"""x"""
+"""Eq. 3 and eq. 5 on the stored features: for models m = 1..M with train features Phi_m
+(n x D), target features phi_m(z) (1 x D) and weights q_m,i, a view (D, B) scores
+
+    tau_i(z) = [(1/M^2) sum_m q_m,i] * [sum_m sum_b phi_m,b(z) (Phi_m,b^T Phi_m,b + r_m,b I)^-1 Phi_m,b^T]_i
+
+(eq. 3; B = 1 is TRAK's eq. 2), computed as phi_m(z) K_m^-1 Phi_m^T with K_m^-1 the
+block-diagonal inverse that `finalize` stores (eq. 5), streaming the train features by row chunk.
+"""
 
 from __future__ import annotations
 

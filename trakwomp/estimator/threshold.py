@@ -1,4 +1,5 @@
-"""x"""
+"""The soft threshold S(v, t) = sign(v) max(|v| - t, 0), applied where scores are read (by
+default at DEFAULT_THRESHOLD x each target's RMS score), never to stored scores."""
 
 from __future__ import annotations
 

@@ -31,7 +31,6 @@ import torch
 
 from trakwomp.errors import UserError
 
-KINDS = ("gaussian", "rademacher", "sjlt", "identity", "factored")
 TILE_ROWS = 4096
 TILE_CACHE_BYTES = 2 << 30  # a dense projector keeps its tiles up to this size, else regenerates them per call
 GRADIENT_BUFFER_BYTES = 1 << 30  # gradient rows gathered per call of a projector that regenerates
@@ -91,26 +90,42 @@ def sjlt_tile(spec: ProjectorSpec, model_id: int, block: int, tile: int, num_par
     return positions, signs
 
 
+def _sjlt_rows(spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int, num_params: int) -> torch.Tensor:
+    positions, signs = sjlt_tile(spec, model_id, block, tile, num_params)
+    out = torch.zeros(rows, spec.block_dim)
+    out[torch.arange(rows), positions] = signs
+    return out
+
+
+def _identity_rows(spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int, num_params: int) -> torch.Tensor:
+    columns = torch.arange(rows) + tile * spec.tile_rows - block * spec.block_dim
+    inside = (columns >= 0) & (columns < spec.block_dim)
+    out = torch.zeros(rows, spec.block_dim)
+    out[torch.arange(rows)[inside], columns[inside]] = 1.0
+    return out
+
+
+def _gaussian_rows(spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int, num_params: int) -> torch.Tensor:
+    generator = _tile_generator(spec.seed, model_id, block, tile)
+    return torch.randn(rows, spec.block_dim, generator=generator).mul_(1.0 / math.sqrt(spec.block_dim))
+
+
+def _rademacher_rows(spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int, num_params: int) -> torch.Tensor:
+    generator = _tile_generator(spec.seed, model_id, block, tile)
+    scale = 1.0 / math.sqrt(spec.block_dim)
+    signs = torch.randint(0, 2, (rows, spec.block_dim), generator=generator, dtype=torch.int8)
+    return signs.float().mul_(2 * scale).sub_(scale)
+
+
+TILES = {"gaussian": _gaussian_rows, "rademacher": _rademacher_rows, "sjlt": _sjlt_rows,
+         "identity": _identity_rows}  # a projection of per-example gradients: its rows, tile by tile
+KINDS = (*TILES, "factored")  # `factored` projects each layer from hooks: trakwomp.features.methods
+
+
 def projection_tile(spec: ProjectorSpec, model_id: int, block: int, tile: int, num_params: int) -> torch.Tensor:
     """Rows [tile * spec.tile_rows, ...) of block `block` of model `model_id`'s projection, float32 on CPU."""
     rows = min(spec.tile_rows, num_params - tile * spec.tile_rows)
-    if spec.kind == "sjlt":
-        positions, signs = sjlt_tile(spec, model_id, block, tile, num_params)
-        out = torch.zeros(rows, spec.block_dim)
-        out[torch.arange(rows), positions] = signs
-        return out
-    if spec.kind == "identity":
-        columns = torch.arange(rows) + tile * spec.tile_rows - block * spec.block_dim
-        inside = (columns >= 0) & (columns < spec.block_dim)
-        out = torch.zeros(rows, spec.block_dim)
-        out[torch.arange(rows)[inside], columns[inside]] = 1.0
-        return out
-    generator = _tile_generator(spec.seed, model_id, block, tile)
-    scale = 1.0 / math.sqrt(spec.block_dim)
-    if spec.kind == "gaussian":
-        return torch.randn(rows, spec.block_dim, generator=generator).mul_(scale)
-    signs = torch.randint(0, 2, (rows, spec.block_dim), generator=generator, dtype=torch.int8)
-    return signs.float().mul_(2 * scale).sub_(scale)
+    return TILES[spec.kind](spec, model_id, block, tile, rows, num_params)
 
 
 def projection_block(spec: ProjectorSpec, model_id: int, block: int, num_params: int) -> torch.Tensor:
@@ -203,8 +218,7 @@ class SparseProjector:
         return out.T
 
 
-PROJECTORS = {"sjlt": SparseProjector, "gaussian": DenseProjector, "rademacher": DenseProjector,
-              "identity": DenseProjector}  # projections of per-example gradients, by kind
+PROJECTORS = {kind: DenseProjector for kind in TILES} | {"sjlt": SparseProjector}  # by kind
 
 
 def make_projector(spec: ProjectorSpec, model_id: int, num_params: int, device: torch.device):

@@ -8,7 +8,7 @@ from typing import Callable
 
 from trakwomp.data.base import Dataset
 from trakwomp.data.groups import Groups, read_groups_file, sources_of
-from trakwomp.data.specs import TEXT_KINDS, load_dataset
+from trakwomp.data.specs import dataset_kind, load_dataset
 from trakwomp.errors import UserError
 from trakwomp.models.spec import ModelSpec
 from trakwomp.store import Store, layout
@@ -73,7 +73,7 @@ def load_store_data(store: str, spec: str, indices=None, transform: str | None =
     the store's)."""
     handle = Store.open_existing(store)
     source = handle.manifest.get("dataset_source", {}) if handle is not None else {}
-    if spec.partition(":")[0] in TEXT_KINDS:
+    if dataset_kind(spec).tokenized:
         tokenizer = tokenizer or source.get("tokenizer")
         max_length = max_length if max_length is not None else source.get("max_length")
     return load_dataset(spec, indices, transform, tokenizer=tokenizer, max_length=max_length)

@@ -42,6 +42,7 @@ class Task(ABC):
     """What a model's output means. Subclasses set the class attributes and implement the methods."""
 
     name: ClassVar[str]  # as given to --task and recorded in a store
+    help: ClassVar[str]  # what f is, in a few words, for --help
     default_model: ClassVar[str]  # the model spec `train` uses without --model
     summary_name: ClassVar[str]  # what `summary_terms` add up to, as recorded per LDS model
     recipe_defaults: ClassVar[dict] = {}  # training recipe values that differ from `Recipe`'s defaults

@@ -27,6 +27,7 @@ class CausalLM(Task):
 
     output: str = "token"
     name = "causal-lm"
+    help = "next-token prediction on text"
     default_model = "gpt"
     summary_name = "target_token_loss"
     recipe_defaults = {"optimizer": "adamw", "epochs": 8, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.1,

@@ -25,6 +25,7 @@ class Classification(Task):
     sigmoid(f), so q = 1 - p; trained with cross-entropy. The model returns (batch, classes) logits."""
 
     name = "classification"
+    help = "the margin of the label"
     default_model = "resnet9"
     summary_name = "target_accuracy"
 

@@ -24,6 +24,7 @@ class Regression(Task):
     the batch, halved; q = y - f. Labels are real values (an npz dataset with float `y`)."""
 
     name = "regression"
+    help = "the output, trained with the squared error on real-valued labels"
     default_model = "resnet9"
     summary_name = "target_squared_error"
     recipe_defaults = {"lr": 0.05}
