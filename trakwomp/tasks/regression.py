@@ -27,7 +27,6 @@ class Regression(Task):
     help = "the output, trained with the squared error on real-valued labels"
     default_model = "resnet9"
     summary_name = "target_squared_error"
-    recipe_defaults = {"lr": 0.05}
 
     def outputs(self, output, batch: Batch) -> torch.Tensor:
         return output.reshape(len(batch))
