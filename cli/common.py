@@ -64,11 +64,7 @@ def reports_errors(command):
 
 
 def print_json(report) -> None:
-    """A library call's report (a dataclass, or anything with `as_dict`) as JSON on stdout, less
-    the fields marked json=False."""
-    if not dataclasses.is_dataclass(report):
-        typer.echo(json.dumps(report, indent=1))
-        return
+    """A library call's report (a dataclass) as JSON on stdout, less the fields marked json=False."""
     left_out = [f.name for f in dataclasses.fields(report) if not f.metadata.get("json", True)]
     typer.echo(json.dumps({k: v for k, v in dataclasses.asdict(report).items() if k not in left_out}, indent=1))
 

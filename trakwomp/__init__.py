@@ -25,12 +25,14 @@ from trakwomp.stages.score import score
 from trakwomp.stages.train import TrainReport, load_reference_model, train
 from trakwomp.tasks.causal_lm import CausalLM
 from trakwomp.tasks.classification import Classification, margins
+from trakwomp.tasks.base import Task
+from trakwomp.tasks.regression import Regression
 from trakwomp.tasks.registry import make_task
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CausalLM", "Classification", "Dataset", "Fingerprint", "GPT", "Groups", "ModelSpec", "ProjectorSpec", "Recipe", "Selection", "Shard",
+    "CausalLM", "Classification", "Regression", "Task", "Dataset", "Fingerprint", "GPT", "Groups", "ModelSpec", "ProjectorSpec", "Recipe", "Selection", "Shard",
     "TrainReport", "UserError", "ViewSpec",
     "model_outputs", "featurize", "finalize", "group_scores", "lds", "load_checkpoint", "load_dataset",
     "load_reference_model", "make_task", "margins", "predict", "predict_groups", "read_groups_file", "resnet9",
