@@ -20,7 +20,6 @@ from torchvision.utils import make_grid, save_image
 from trakwomp.analysis.groups import GroupScores, group_scores
 from trakwomp.data.base import Dataset
 from trakwomp.data.groups import Groups
-from trakwomp.data.text import TextDataset
 from trakwomp.errors import UserError
 from trakwomp.estimator.threshold import relative_soft_threshold
 from trakwomp.stages.bindings import load_store_data, stored_dataset
@@ -62,14 +61,10 @@ def show(
     train = stored_dataset(handle, verify=False)
     rows = strongest_rows(targets, target, train, row, k)
     if out is not None:
-        text = isinstance(train, TextDataset)
-        if Path(out).suffix.lower() != (".html" if text else ".png"):
-            raise UserError(f"show draws {'texts as an HTML page' if text else 'images as a PNG grid'}: give --out a "
-                            f"{'.html' if text else '.png'} name, not {str(out)!r}")
-        if text:
-            write_page(rows, out)
-        else:
-            draw_grid(rows, targets, train, k, out)
+        suffix, what, draw = DRAWINGS[train.preview]
+        if Path(out).suffix.lower() != suffix:
+            raise UserError(f"show draws {what}: give --out a {suffix} name, not {str(out)!r}")
+        draw(rows, targets, train, k, out)
     return rows
 
 
@@ -137,7 +132,7 @@ def default_show_file(store: str | Path) -> str:
     return "show.html" if "tokenizer" in handle.manifest else "show.png"
 
 
-def write_page(rows: list[dict], out: str | Path) -> None:
+def write_page(rows: list[dict], targets: Dataset, train: Dataset, k: int, out: str | Path) -> None:
     """A self-contained HTML page: the target's text, then its supporting and opposing train
     texts with their sources and scores. Every text is escaped, so markup in a text shows as text."""
     def text_cell(text: str) -> str:
@@ -190,3 +185,7 @@ def tile(image: torch.Tensor, line1: str, line2: str) -> torch.Tensor:
     draw.text((2, TILE + 14), line2[:16], fill="black", font=font)
     return pil_to_tensor(canvas).float() / 255
 
+
+
+# How `show` draws the examples of a dataset, by its `preview`: (file suffix, what, drawing function).
+DRAWINGS = {"image": (".png", "images as a PNG grid", draw_grid), "text": (".html", "texts as an HTML page", write_page)}
