@@ -10,6 +10,14 @@ from rich.markup import escape
 from rich.table import Table
 
 
+def cell(value) -> str:
+    """A table cell of a value from the data (a label, a source, a path, a text): escaped, so that
+    text such as "[/x]" shows as written instead of being read as markup; a real value to 4 digits."""
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else escape(str(value))
+
+
 def show_top_k(rows: list[dict], title: str) -> None:
     """A table of supporting and opposing train examples, target by target."""
     text = "train_text" in (rows[0] if rows else {})
@@ -23,8 +31,8 @@ def show_top_k(rows: list[dict], title: str) -> None:
             cells = (row["target_source"] if head else "", example, row["train_source"])
         else:
             cells = (row["target_label"] if head else "", row["train_path"] or str(row["train_index"]), row["train_label"])
-        table.add_row(str(row["target"]) if head else "", cells[0], row["direction"] if first else "", escape(cells[1]),
-                      cells[2], f"{row['score']:+.4g}")
+        table.add_row(str(row["target"]) if head else "", *map(cell, (cells[0], row["direction"] if first else "",
+                                                                      cells[1], cells[2])), f"{row['score']:+.4g}")
     Console().print(table)
 
 

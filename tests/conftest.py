@@ -16,8 +16,8 @@ import zarr
 from trakwomp.cli.main import app
 from typer.testing import CliRunner
 
-from trakwomp.data.text import read_fortunes_mini
 from trakwomp.data.specs import load_dataset
+from trakwomp.data.text import read_fortunes_mini
 from trakwomp.models.spec import ModelSpec
 from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.train import train

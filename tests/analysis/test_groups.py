@@ -74,6 +74,17 @@ def member_sum(tau: np.ndarray, names: list[str]) -> np.ndarray:
     return np.array([sum(row[i] for i in range(48) if LABELS[i] in names) for row in tau])
 
 
+def rounding_bound(tau: np.ndarray, names: list[str]) -> np.ndarray:
+    """How far a sum of members' scores may lie from `member_sum` (float64 from the float64
+    threshold) when each score was soft-thresholded in float32: a few float32 roundings of each
+    member's |score| (the score, its target's RMS and the threshold), whatever the CPU."""
+    return 8 * np.finfo(np.float32).eps * member_sum(np.abs(tau), names)
+
+
+def assert_within(actual, expected, bound) -> None:
+    assert np.all(np.abs(np.asarray(actual) - expected) <= bound), np.max(np.abs(np.asarray(actual) - expected) - bound)
+
+
 def test_groups_files_of_every_form_give_the_same_groups(tmp_path):
     expected = {name: [i for i in range(48) if LABELS[i] == name] for name in NAMES}
     np.save(tmp_path / "text.npy", np.array(LABELS))
@@ -123,9 +134,10 @@ def test_group_scores_are_sums_of_their_members_scores(grouped):
     tau = grouped["tau"]
     every = group_scores(grouped["store"])
     expected = np.stack([member_sum(tau, [name]) for name in every.names], axis=1)
-    np.testing.assert_allclose(every.per_target, expected, rtol=1e-6, atol=1e-9)
+    bound = np.stack([rounding_bound(tau, [name]) for name in every.names], axis=1)
+    assert_within(every.per_target, expected, bound)
     chosen = group_scores(grouped["store"], chosen_targets=[4, 1])
-    np.testing.assert_allclose(chosen.per_target, expected[[4, 1]], rtol=1e-6, atol=1e-9)
+    assert_within(chosen.per_target, expected[[4, 1]], bound[[4, 1]])
     np.save(grouped["root"] / "mask.npy", np.arange(9) % 2 == 0)
     masked = group_scores(grouped["store"], target_set=grouped["root"] / "mask.npy")
     assert masked.targets == [0, 2, 4, 6, 8]
@@ -134,22 +146,25 @@ def test_group_scores_are_sums_of_their_members_scores(grouped):
     assert [r["group"] for r in rows] == [every.names[g] for g in np.argsort(-means)]
     for r in rows:
         g = every.names.index(r["group"])
-        assert r["examples"] == LABELS.count(r["group"]) and r["score"] == pytest.approx(means[g], rel=1e-6)
-        assert r["change_if_removed"] == pytest.approx(-means[g], rel=1e-6)
+        assert r["examples"] == LABELS.count(r["group"])
+        assert_within(r["score"], means[g], bound[[0, 2, 4, 6, 8], g].mean())
+        assert_within(r["change_if_removed"], -means[g], bound[[0, 2, 4, 6, 8], g].mean())
 
 
 def test_dropping_or_keeping_groups_predicts_minus_the_removed_scores(grouped):
     tau = grouped["tau"]
     dropped = predict_groups(grouped["store"], drop=["beta", "zeta"]).change
-    np.testing.assert_allclose(dropped, -member_sum(tau, ["beta", "zeta"]), rtol=1e-6, atol=1e-9)
+    assert_within(dropped, -member_sum(tau, ["beta", "zeta"]), rounding_bound(tau, ["beta", "zeta"]))
     kept = predict_groups(grouped["store"], keep=["alpha"]).change
-    np.testing.assert_allclose(kept, -member_sum(tau, [n for n in NAMES if n != "alpha"]), rtol=1e-6, atol=1e-9)
+    others = [n for n in NAMES if n != "alpha"]
+    assert_within(kept, -member_sum(tau, others), rounding_bound(tau, others))
     result = CliRunner().invoke(app, ["predict", str(grouped["store"]), "--keep-groups", "gamma,delta", "--json"])
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)
-    expected = -member_sum(tau, ["alpha", "beta", "eps", "zeta"])
-    np.testing.assert_allclose(answer["predicted_change"], expected, rtol=1e-5, atol=1e-8)
-    assert answer["mean_predicted_change"] == pytest.approx(expected.mean(), rel=1e-5)
+    removed = ["alpha", "beta", "eps", "zeta"]
+    expected, bound = -member_sum(tau, removed), rounding_bound(tau, removed)
+    assert_within(answer["predicted_change"], expected, bound)
+    assert_within(answer["mean_predicted_change"], expected.mean(), bound.mean())
     with pytest.raises(UserError, match="unknown group 'omega'"):
         predict_groups(grouped["store"], drop=["omega"])
     with pytest.raises(UserError, match="not both"):

@@ -2,14 +2,24 @@
 straight from the Zarr array), and the PNG holds the target and those train images."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import TINY, soft_thresholded, write_tiny_images
+from conftest import (
+    TINY,
+    TINY_GPT,
+    fortunes,
+    plain,
+    soft_thresholded,
+    write_jsonl,
+    write_tiny_images,
+)
 from PIL import Image
 from trakwomp.cli.main import app
+from trakwomp.store import Store
 from typer.testing import CliRunner
 
 from trakwomp.analysis.show import CAPTION, TILE
@@ -20,6 +30,7 @@ from trakwomp.stages.finalize import finalize
 from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.score import score
 from trakwomp.stages.train import train
+from trakwomp.tasks.causal_lm import CausalLM
 
 
 def test_show_draws_the_target_with_its_strongest_train_examples(tmp_path):
@@ -59,3 +70,36 @@ def test_show_draws_the_target_with_its_strongest_train_examples(tmp_path):
     assert np.abs(image_at(0, 0).astype(int) - upscaled(targets[target][0])).max() <= 1
     assert np.abs(image_at(0, 1).astype(int) - upscaled(data[order[0]][0])).max() <= 1
     assert np.abs(image_at(1, 1).astype(int) - upscaled(data[rows[k]["train_index"]][0])).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def text_store(tmp_path_factory):
+    """A scored text store on 24 fortunes of a jsonl file that a test may then edit."""
+    root = tmp_path_factory.mktemp("edited")
+    data = load_dataset(f"jsonl:{write_jsonl(root / 'train.jsonl', fortunes('train', 24))}")
+    targets = load_dataset(f"jsonl:{write_jsonl(root / 'targets.jsonl', fortunes('test', 4))}")
+    train(root / "store", data, TINY_GPT, task=CausalLM(), recipe=Recipe.for_task(CausalLM(), epochs=1))
+    featurize(root / "store", projector=ProjectorSpec("sjlt", 0, 2, 8))
+    finalize(root / "store")
+    score(root / "store", targets)
+    return root
+
+
+@pytest.mark.parametrize("edit", ["reordered", "one text edited"])
+def test_train_examples_are_never_shown_or_grouped_from_data_changed_since_the_store(text_store, tmp_path, edit):
+    """The same number of texts, two swapped or one changed: show, score --top-k and groups refuse
+    in one line instead of showing other texts under the stored scores (or recording their sources)."""
+    root = shutil.copytree(text_store, tmp_path / "copy")
+    rows = fortunes("train", 24)
+    rows[3], rows[4] = (rows[4], rows[3]) if edit == "reordered" else (dict(rows[3], text=rows[3]["text"] + "!"), rows[4])
+    write_jsonl(text_store / "train.jsonl", rows)  # where the store's recorded spec points
+    try:
+        for args in (["show", root / "store", "--target", "0", "--out", tmp_path / "page.html"],
+                     ["score", root / "store", "--targets", f"jsonl:{text_store / 'targets.jsonl'}", "--top-k", "2",
+                      "--top-k-out", tmp_path / "top.csv"],
+                     ["groups", root / "store"]):
+            result = CliRunner().invoke(app, [str(a) for a in args])
+            assert result.exit_code == 2 and "changed since the store was made" in plain(result.stderr), result.output
+        assert "groups" not in Store.open(root / "store").manifest and not (tmp_path / "page.html").exists()
+    finally:
+        write_jsonl(text_store / "train.jsonl", fortunes("train", 24))

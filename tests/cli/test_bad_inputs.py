@@ -7,6 +7,7 @@ tests/test_faults.py.
 
 import json
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from conftest import (
     write_jsonl,
     write_tiny_images,
 )
+from PIL import Image
 from trakwomp.cli.main import app
 from typer.testing import CliRunner
 
@@ -88,9 +90,38 @@ def root(tmp_path_factory) -> Path:
     torch.save({"layer": torch.nn.Linear(2, 2)}, root / "pickled.pt")
     (root / "images" / "cat").mkdir(parents=True)
     (root / "images" / "cat" / "0.png").write_bytes(b"not an image")
+    write_bad_images(root)
     (root / "folder").mkdir()
     (root / "folder" / "notes.txt").write_text("not a store")
     return root
+
+
+def write_bad_images(root: Path) -> None:
+    """Image folders of one bad image each (PostScript named .png, a decompression bomb, an image
+    beyond Pillow's pixel limit), of images of two sizes, and npz and groups files that broke
+    readers before: a header of 10^12 elements, a superscript index, labels that are not UTF-8."""
+    for name, write in (("postscript", lambda f: f.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
+                                                                  b"newpath 0 0 moveto 8 8 lineto stroke showpage\n")),
+                        ("bomb", lambda f: Image.new("1", (20000, 20000)).save(f)),
+                        ("huge", lambda f: Image.new("1", (12000, 12000)).save(f))):
+        (root / name / "cat").mkdir(parents=True)
+        write(root / name / "cat" / "0.png")
+    for label, size in (("cat", 8), ("dog", 9)):
+        (root / "mixed" / label).mkdir(parents=True)
+        Image.new("RGB", (size, size)).save(root / "mixed" / label / "0.png")
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10 ** 6, 10 ** 6)}
+    with zipfile.ZipFile(root / "huge-header.npz", "w") as z:
+        with z.open("x.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+        with z.open("y.npy", "w") as f:
+            np.save(f, np.zeros(2, np.int64))
+    (root / "groups-superscript.csv").write_text("index,group\n\u00b2,a\n")
+    np.save(root / "groups-latin1.npy", np.array([b"caf\xe9"] * 48))
+    (root / "surrogate.jsonl").write_text('{"text": "one"}\n{"text": "a \\ud800 b"}\n')
+    (root / "surrogate-source.jsonl").write_text('{"text": "one", "source": "\\udfff"}\n')
+    remote = shutil.copytree(root / "hf", root / "hf-remote")
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "mine.Model"}}))
 
 
 def write_text_inputs(root: Path) -> None:
@@ -168,6 +199,26 @@ CASES = [
     Case("data-file-missing", None, ["train", "S", "--data", "npz:F/missing.npz"], "no file"),
     Case("data-file-not-npz", "trained", ["score", "S", "--targets", "npz:F/garbage.npz"], "is not an .npz file"),
     Case("image-unreadable", "finalized", ["score", "S", "--targets", "imagefolder:F/images"], "cannot read image"),
+    Case("image-postscript-named-png", "finalized", ["score", "S", "--targets", "imagefolder:F/postscript"],
+         "trakwomp reads PNG, JPEG"),
+    Case("image-decompression-bomb", "finalized", ["score", "S", "--targets", "imagefolder:F/bomb"],
+         "could be decompression bomb"),
+    Case("image-beyond-the-pixel-limit", "finalized", ["score", "S", "--targets", "imagefolder:F/huge"],
+         "could be decompression bomb"),
+    Case("images-of-two-sizes", None, ["train", "S", "--data", "imagefolder:F/mixed", "--width", "0.0625"],
+         "holds examples of different shapes"),
+    Case("npz-header-of-a-trillion-elements", None, ["train", "S", "--data", "npz:F/huge-header.npz"],
+         "cannot read"),
+    Case("groups-csv-superscript-index", "full", ["groups", "S", "--groups", "F/groups-superscript.csv"],
+         "expected index,group"),
+    Case("groups-labels-not-utf8", "full", ["groups", "S", "--groups", "F/groups-latin1.npy"], "is not UTF-8 text"),
+    Case("jsonl-lone-surrogate", None, ["train", "S", "--task", "causal-lm", "--data", "jsonl:F/surrogate.jsonl"],
+         'surrogate.jsonl:2: "text" holds a lone surrogate'),
+    Case("jsonl-lone-surrogate-source", None, ["train", "S", "--task", "causal-lm", "--data",
+                                               "jsonl:F/surrogate-source.jsonl"], '"source" holds a lone surrogate'),
+    Case("model-folder-with-remote-code", None, ["train", "S", "--task", "causal-lm", "--data", "jsonl:F/texts.jsonl",
+                                                 "--model", "hf:F/hf-remote", "--tokenizer", "hf:F/hf"],
+         "names code of its own to run (auto_map)"),
     Case("data-folder-missing", None, ["train", "S", "--data", "imagefolder:F/missing"], "no folder"),
     Case("indices-file-missing", "finalized", ["score", "S", *TARGETS, "--target-indices", "F/missing.npy"],
          "cannot read indices file"),
@@ -278,8 +329,16 @@ CASES = [
     Case("lds-role-without-targets", None, [*TRAIN, "--role", "lds"], "--role lds needs --targets"),
     Case("alpha-above-one", None, [*TRAIN, "--alpha", "2"], "--alpha must lie in (0, 1]"),
     Case("zero-models", None, [*TRAIN[:-1], "0"], "--num-models must be at least 1"),
-    Case("negative-top-k", "scored", ["score", "S", *TARGETS, "--top-k", "-1"], "--top-k and --threshold must be >= 0"),
-    Case("negative-threshold", "full", ["lds", "S", "--threshold", "-0.5"], "--threshold >= 0"),
+    Case("negative-top-k", "scored", ["score", "S", *TARGETS, "--top-k", "-1"], "--top-k must be >= 0"),
+    Case("negative-threshold", "full", ["lds", "S", "--threshold", "-0.5"], "--threshold must be a finite number >= 0"),
+    Case("threshold-nan-score", "scored", ["score", "S", *TARGETS, "--out", "F/scores-out.npy", "--threshold", "nan"],
+         "--threshold must be a finite number >= 0, got nan"),
+    Case("threshold-infinite-lds", "full", ["lds", "S", "--threshold", "inf"], "--threshold must be a finite number"),
+    Case("threshold-nan-show", "scored", ["show", "S", "--target", "0", "--threshold", "nan"],
+         "--threshold must be a finite number"),
+    Case("threshold-nan-predict", "scored", ["predict", "S", "--subset", "F/beyond.npy", "--threshold", "nan"],
+         "--threshold must be a finite number"),
+    Case("ridge-nan", "featurized", ["finalize", "S", "--ridge", "nan"], "--ridge must be auto or a number >= 0"),
     Case("show-zero-k", "scored", ["show", "S", "--target", "0", "--k", "0", "--out", "F/show.png"], "--k must be at least 1"),
     Case("zero-bootstrap", "full", ["lds", "S", "--bootstrap", "0"], "--bootstrap must be at least 1"),
     Case("half-out-of-range", "full", ["lds", "S", "--half", "2"], "--half must be 0 or 1"),

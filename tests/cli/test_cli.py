@@ -7,6 +7,7 @@ import numpy as np
 import zarr
 from conftest import REPO, plain
 from trakwomp.cli.main import app
+from trakwomp.cli.tables import show_top_k
 from typer.testing import CliRunner
 
 
@@ -51,3 +52,17 @@ def test_shell_completion_completes_commands_and_options():
 
     assert complete("trakwomp fea", 1) == ["featurize"]
     assert complete("trakwomp featurize store --proj", 3) == ["--projector", "--projector-seed"]
+
+
+def test_tables_show_data_as_written_not_as_markup(capsys):
+    """Labels, sources and texts from the data are escaped: "[/x]" or "[bold]" print as they are
+    (rich would fail on a closing tag it never opened); a real-valued label prints as a number."""
+    rows = [{"target": 0, "target_label": 0.25, "direction": direction, "rank": 1, "train_index": i,
+             "train_path": f"[/x]/{i}.png", "train_label": "[bold]cat", "score": score}
+            for i, (direction, score) in enumerate((("supports", 0.5), ("opposes", -0.5)))]
+    show_top_k(rows, "t")
+    texts = [{**rows[0], "target_source": "[/x]", "train_text": "a [/b] text", "train_source": "[red]src"}]
+    show_top_k(texts, "t")
+    shown = capsys.readouterr().out
+    for written in ("[/x]/0.png", "[bold]cat", "0.25", "[/x]", "a [/b] text", "[red]src"):
+        assert written in shown

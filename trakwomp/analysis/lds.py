@@ -20,7 +20,7 @@ from scipy.stats import rankdata
 from trakwomp.analysis.ground_truth import GroundTruth
 from trakwomp.data.files import read_npy
 from trakwomp.errors import UserError
-from trakwomp.estimator.threshold import DEFAULT_THRESHOLD, relative_soft_threshold
+from trakwomp.estimator.threshold import DEFAULT_THRESHOLD, check_threshold, relative_soft_threshold
 from trakwomp.estimator.view import AUTO, ViewSpec, check_ridge
 from trakwomp.stages.selection import featurized_models, store_view
 from trakwomp.stages.stored_scores import find_scores, iterate_scores
@@ -215,8 +215,10 @@ def lds(
     varying sizes of the groups let reach a high group LDS with no attribution at all."""
     if half is not None and (half not in (0, 1) or tune_threshold):
         raise UserError("--half must be 0 or 1, and cannot go with --tune-threshold (which uses both halves)")
-    if resamples < 1 or threshold is not None and threshold < 0:
-        raise UserError("--bootstrap must be at least 1 and --threshold >= 0")
+    if resamples < 1:
+        raise UserError("--bootstrap must be at least 1")
+    if threshold is not None:
+        check_threshold(threshold)
     handle = Store.open(store)
     truth = GroundTruth.from_store(handle, by_group)
     if half is not None:

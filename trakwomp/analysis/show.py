@@ -58,7 +58,7 @@ def show(
     if not 0 <= target < tau.shape[0]:
         raise UserError(f"--target {target} is out of range: the scores hold targets 0 to {tau.shape[0] - 1}")
     row = relative_soft_threshold(torch.from_numpy(tau[target:target + 1]), selection.threshold).numpy()[0]
-    train = stored_dataset(handle, verify=False)
+    train = stored_dataset(handle)
     rows = strongest_rows(targets, target, train, row, k)
     if out is not None:
         suffix, what, draw = DRAWINGS[train.preview]

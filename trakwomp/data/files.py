@@ -17,7 +17,7 @@ def read_npy(path: str | Path, what: str, mmap_mode: str | None = None) -> np.nd
             if f.read(6) != b"\x93NUMPY":
                 raise UserError(f"{what} {str(path)!r} is not an .npy file")
         return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, MemoryError) as e:
         raise UserError(f"cannot read {what} {str(path)!r}: {e}") from None
 
 

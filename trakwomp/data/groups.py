@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def read_groups_file(path: str | Path, num_examples: int) -> Groups:
                             f"got {labels.dtype} {labels.shape}")
         if len(labels) != num_examples:
             raise UserError(f"groups file {str(path)!r} has {len(labels)} labels for the {num_examples} train examples")
-        labels = [label.decode() if isinstance(label, bytes) else label for label in labels.tolist()]
+        labels = [decoded(label, path, i) for i, label in enumerate(labels.tolist())]
         empty = [i for i, label in enumerate(labels) if str(label).strip() == ""]
     elif path.suffix.lower() == ".csv":
         labels, empty = read_groups_csv(path, num_examples)
@@ -96,15 +97,30 @@ def read_groups_file(path: str | Path, num_examples: int) -> Groups:
     return Groups.from_labels(labels, str(path))
 
 
+def is_whole_number(text: str) -> bool:
+    """Digits 0-9 with an optional minus sign (not '²', which str.isdigit takes and int refuses)."""
+    return re.fullmatch(r"-?[0-9]+", text.strip()) is not None
+
+
+def decoded(label, path: Path, i: int):
+    """A label of a groups .npy as text: byte strings must be UTF-8."""
+    if not isinstance(label, bytes):
+        return label
+    try:
+        return label.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"groups file {str(path)!r}: label {i} ({label[:20]!r}) is not UTF-8 text") from None
+
+
 def read_groups_csv(path: Path, num_examples: int) -> tuple[list[str], list[int]]:
     """(label per train example, the examples without one) from a CSV of index,group rows."""
     labels: list[str | None] = [None] * num_examples
     try:
         with open(path, newline="", encoding="utf-8") as f:
             for line, row in enumerate(csv.reader(f), start=1):
-                if line == 1 and row and not row[0].strip().lstrip("-").isdigit():
+                if line == 1 and row and not is_whole_number(row[0]):
                     continue  # a header
-                if len(row) != 2 or not row[0].strip().lstrip("-").isdigit():
+                if len(row) != 2 or not is_whole_number(row[0]):
                     raise UserError(f"groups file {str(path)!r} line {line}: expected index,group, got {','.join(row)!r}")
                 index = int(row[0])
                 if not 0 <= index < num_examples:

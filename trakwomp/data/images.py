@@ -14,6 +14,7 @@ if given, is applied after that, everywhere a model sees the data.
 from __future__ import annotations
 
 import hashlib
+import warnings
 import zipfile
 from importlib import resources
 from pathlib import Path
@@ -74,6 +75,10 @@ class ImageDataset(Dataset):
     def collate(self, items: list[tuple[torch.Tensor, int | float]]) -> Batch:
         """Images stacked, and labels as int64 classes or float32 values."""
         labels = torch.tensor([y for _, y in items], dtype=torch.float32 if self.real_valued else torch.long)
+        shapes = sorted({tuple(x.shape) for x, _ in items})
+        if len(shapes) > 1:
+            raise UserError(f"{self.spec} holds examples of different shapes ({', '.join(map(str, shapes[:3]))}); "
+                            "a model takes one size: resize the images (or give --transform)")
         return Batch((torch.stack([x for x, _ in items]),), labels)
 
     def source_record(self) -> dict:
@@ -138,7 +143,6 @@ def _cifar10(spec: str, root: str, split: str, download: bool) -> ImageDataset:
 
 
 def _imagefolder(spec: str, root: str) -> ImageDataset:
-    from PIL import Image
     from torchvision.datasets import ImageFolder
 
     if not Path(root).is_dir():
@@ -149,14 +153,26 @@ def _imagefolder(spec: str, root: str) -> ImageDataset:
         raise UserError(f"dataset spec {spec!r}: {e}") from None
     paths = [p for p, _ in ds.samples]
 
-    def read(j: int) -> np.ndarray:
-        try:
-            with Image.open(paths[j]) as im:
-                return np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except OSError as e:
-            raise UserError(f"cannot read image {paths[j]}: {e}") from None
+    return ImageDataset(spec, np.asarray(ds.targets), ds.classes, lambda j: read_image(paths[j]), image_to_tensor, paths)
 
-    return ImageDataset(spec, np.asarray(ds.targets), ds.classes, read, image_to_tensor, paths)
+
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+
+
+def read_image(path: str) -> np.ndarray:
+    """The RGB pixels of an image file in one of IMAGE_FORMATS, whatever its name says (a
+    PostScript file named .png is refused, never handed to Ghostscript), within Pillow's limit on
+    pixels (a larger image is refused before it is decoded)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=IMAGE_FORMATS) as im:
+                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"cannot read image {path}: {e} (trakwomp reads {', '.join(IMAGE_FORMATS)} files of at most "
+                        f"{Image.MAX_IMAGE_PIXELS:,} pixels)") from None
 
 
 def _npz(spec: str, path: str) -> ImageDataset:
@@ -170,8 +186,8 @@ def _npz(spec: str, path: str) -> ImageDataset:
                 raise UserError(f"dataset spec {spec!r}: the .npz must hold arrays 'x' and 'y', it holds {sorted(z.keys())}")
             x, y = z["x"], z["y"]
             classes = [str(c) for c in z["classes"]] if "classes" in z else None
-    except (ValueError, OSError) as e:
-        raise UserError(f"dataset spec {spec!r}: cannot read {path!r} as .npz: {e}") from None
+    except (ValueError, OSError, MemoryError) as e:
+        raise UserError(f"dataset spec {spec!r}: cannot read {path!r} as .npz: {type(e).__name__} {e}") from None
     if x.ndim < 1 or y.ndim != 1 or len(x) != len(y) or y.dtype.kind not in "iuf":
         raise UserError(f"dataset spec {spec!r}: need x (N, ...) and integer or float y (N,), got x {x.shape} and "
                         f"y {y.dtype} {y.shape}")

@@ -52,9 +52,11 @@ class HuggingFaceTokenizer:
         if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")):
             raise UserError(f"--tokenizer {self.spec}: the folder holds no tokenizer files (tokenizer.json, "
                             "vocab.json, tokenizer.model or vocab.txt); save one there with tokenizer.save_pretrained")
+        refuse_remote_code(path / "tokenizer_config.json", f"--tokenizer {self.spec}")
         transformers = import_transformers(self.spec)
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True,
+                                                                        trust_remote_code=False)
         except (OSError, ValueError) as e:
             raise UserError(f"--tokenizer {self.spec}: cannot load the tokenizer: {str(e).splitlines()[0]}") from None
         self.vocab_size = len(self.tokenizer)
@@ -76,6 +78,20 @@ def import_transformers(what: str):
     except ImportError:
         raise UserError(f"{what} needs the Hugging Face `transformers` package: pip install 'trakwomp[hf]'") from None
     return transformers
+
+
+def refuse_remote_code(config: Path, what: str) -> None:
+    """Refuse a Hugging Face folder whose config names code of its own to run (`auto_map`):
+    trakwomp runs no code that a folder brings, and transformers would otherwise stop to ask."""
+    if not config.is_file():
+        return
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what}: cannot read {config.name}: {e}") from None
+    if isinstance(settings, dict) and "auto_map" in settings:
+        raise UserError(f"{what}: {config.name} names code of its own to run (auto_map), which trakwomp does not run; "
+                        "save a model or tokenizer of a class that transformers ships")
 
 
 def make_tokenizer(spec: str) -> ByteTokenizer | HuggingFaceTokenizer:
@@ -191,10 +207,23 @@ def read_jsonl(spec: str, path: str) -> list[dict]:
             for field in ("label", "source"):
                 if field in row and not isinstance(row[field], (str, int)):
                     raise UserError(f"{path}:{number}: \"{field}\" must be a string or an integer")
+            for field in ("text", "label", "source"):
+                if isinstance(row.get(field), str) and not is_text(row[field]):
+                    raise UserError(f"{path}:{number}: \"{field}\" holds a lone surrogate (an escape such as "
+                                    "\\ud800 without its pair), which is not text")
             rows.append(row)
     if not rows:
         raise UserError(f"dataset spec {spec!r}: {path!r} holds no texts")
     return rows
+
+
+def is_text(value: str) -> bool:
+    """Whether `value` is text that UTF-8 can encode (JSON lets \\ud800 alone through)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_fortunes_mini(spec: str, split: str) -> list[dict]:

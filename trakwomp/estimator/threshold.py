@@ -3,6 +3,8 @@ default at DEFAULT_THRESHOLD x each target's RMS score), never to stored scores.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from trakwomp.errors import UserError
@@ -18,12 +20,17 @@ def soft_threshold(values: torch.Tensor, threshold: torch.Tensor | float) -> tor
     return values.sign() * (values.abs() - threshold).clamp_min(0)
 
 
+def check_threshold(threshold: float) -> float:
+    """`threshold` if it is a finite number >= 0 (NaN or infinity would turn every score into NaN or 0)."""
+    if not (math.isfinite(threshold) and threshold >= 0):
+        raise UserError(f"--threshold must be a finite number >= 0, got {threshold}")
+    return threshold
+
+
 def relative_soft_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """Soft-threshold each target's row at `threshold` times that row's root mean square score,
     so that one threshold transfers across M, d and views (their raw scales differ)."""
-    if threshold < 0:
-        raise UserError(f"--threshold must be >= 0, got {threshold}")
-    if threshold == 0:
+    if check_threshold(threshold) == 0:
         return scores
     scale = scores.double().pow(2).mean(dim=1, keepdim=True).sqrt().to(scores.dtype)
     return soft_threshold(scores, threshold * scale)

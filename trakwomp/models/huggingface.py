@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from trakwomp.data.text import import_transformers
+from trakwomp.data.text import import_transformers, refuse_remote_code
 from trakwomp.errors import UserError
 
 
@@ -36,11 +36,12 @@ def load_huggingface(folder: str) -> HuggingFaceCausalLM:
                         "model.save_pretrained(FOLDER)")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise UserError(f"--model hf:{folder}: the folder holds no weights ({' or '.join(WEIGHT_FILES[:2])})")
+    refuse_remote_code(path / "config.json", f"--model hf:{folder}")
     transformers = import_transformers(f"--model hf:{folder}")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
                                                                   attn_implementation="eager")
     except (OSError, ValueError) as e:
         raise UserError(f"--model hf:{folder}: cannot load the model: {str(e).splitlines()[0]}") from None

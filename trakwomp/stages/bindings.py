@@ -83,9 +83,10 @@ def stored_task(handle: Store) -> Task:
     return task_of_store(handle.manifest.get("task"))
 
 
-def stored_dataset(handle: Store, verify: bool = True) -> Dataset:
+def stored_dataset(handle: Store) -> Dataset:
     """The train set a store was made with (without its transform), reloaded from its recorded
-    spec (and tokenizer) and, if `verify`, checked by fingerprint (which reads every example)."""
+    spec (and tokenizer) and checked by fingerprint (which reads every example): data edited or
+    reordered since is refused, wherever train examples are featurized, shown or grouped."""
     manifest = handle.manifest
     if "dataset_source" not in manifest:
         raise UserError(f"store {handle.location!r} records no dataset yet; pass --data (and --model, --checkpoint)")
@@ -93,9 +94,9 @@ def stored_dataset(handle: Store, verify: bool = True) -> Dataset:
     data = load_dataset(source["spec"], tokenizer=source.get("tokenizer"), max_length=source.get("max_length"))
     if source["has_indices"]:
         data = data.select(handle.read_array(layout.TRAIN_INDICES))
-    if len(data) != manifest["dataset"]["num_examples"] or (verify and data.fingerprint().as_dict() != manifest["dataset"]):
+    if len(data) != manifest["dataset"]["num_examples"] or data.fingerprint().as_dict() != manifest["dataset"]:
         raise UserError(f"the data at {source['spec']!r} changed since the store was made (fingerprint differs); "
-                        "pass --data with the original data")
+                        "put the original data back there (featurize also takes it as --data)")
     return data
 
 
@@ -147,6 +148,6 @@ def choose_groups(handle: Store | None, given: Groups | str | Path | None, num_e
 def resolve_groups(handle: Store, given: Groups | str | Path | None) -> Groups:
     """The groups of a store's train set (see `choose_groups`), recorded in the store."""
     groups = choose_groups(handle, given, handle.manifest["dataset"]["num_examples"],
-                           lambda: stored_dataset(handle, verify=False))
+                           lambda: stored_dataset(handle))
     bind_groups(handle, groups)
     return groups

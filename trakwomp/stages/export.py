@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import json
 from pathlib import Path
 
@@ -17,25 +18,48 @@ from trakwomp.store import Store, layout
 
 
 def export_scores(store: str | Path, key: str, out: str | Path, threshold: float = DEFAULT_THRESHOLD) -> tuple[int, int]:
-    """Write the (n_targets, n_train) scores `key`, soft-thresholded, to an .npy file, streaming."""
+    """Write the (n_targets, n_train) scores `key`, soft-thresholded, to an .npy file, streaming.
+    The file appears whole or not at all: it is written to a temporary file beside `out`, made
+    durable, and renamed over `out` (a kill leaves `out` as it was, and at most the temporary)."""
     handle = Store.open(store)
     find_scores_by_key(handle, key)
     tau = handle.array(layout.scores(key))
+    out = Path(out)
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
-        array = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=tau.shape)
+        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=tau.shape)
         for rows, block in iterate_scores(handle, key, threshold):
             array[rows.start:rows.stop] = block
         array.flush()
+        del array
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, out)
+        fsync_folder(out.parent)
     except OSError as e:
         raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
+    finally:
+        partial.unlink(missing_ok=True)
     return tau.shape
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the platform lets a folder be opened)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def top_k_rows(store: str | Path, key: str, targets: Dataset, k: int, threshold: float = DEFAULT_THRESHOLD) -> list[dict]:
     """For each target, its k most positive and k most negative train examples of scores `key`."""
     handle = Store.open(store)
     find_scores_by_key(handle, key)
-    train = stored_dataset(handle, verify=False)
+    train = stored_dataset(handle)
     rows = []
     for target_rows, block in iterate_scores(handle, key, threshold):
         for local, t in enumerate(target_rows):

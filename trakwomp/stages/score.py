@@ -21,7 +21,7 @@ from pathlib import Path
 from trakwomp.data.base import Dataset
 from trakwomp.errors import UserError
 from trakwomp.estimator.scores import mean_q, score_chunks, score_passes
-from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
+from trakwomp.estimator.threshold import DEFAULT_THRESHOLD, check_threshold
 from trakwomp.estimator.view import View, ViewSpec, ridge_text
 from trakwomp.features.writer import (
     FeatureSettings,
@@ -114,8 +114,9 @@ class Score(Stage[int, ScoreReport]):
         if (given.out or given.top_k) and given.shard.count > 1:
             raise UserError("--out and --top-k need all shards' scores: run them without --shard once every shard is "
                             "done")
-        if given.top_k < 0 or given.threshold < 0:
-            raise UserError("--top-k and --threshold must be >= 0")
+        if given.top_k < 0:
+            raise UserError("--top-k must be >= 0")
+        check_threshold(given.threshold)
         for flag, path in (("--out", given.out), ("--top-k-out", given.top_k_out if given.top_k else None)):
             if path is not None and not Path(path).parent.is_dir():
                 raise UserError(f"{flag} {str(path)!r}: there is no folder {str(Path(path).parent)!r}")

@@ -9,7 +9,7 @@ import torch
 
 from trakwomp.data.base import Dataset
 from trakwomp.errors import UserError
-from trakwomp.estimator.threshold import DEFAULT_THRESHOLD, relative_soft_threshold
+from trakwomp.estimator.threshold import DEFAULT_THRESHOLD, check_threshold, relative_soft_threshold
 from trakwomp.estimator.view import View, ViewSpec
 from trakwomp.settings import option
 from trakwomp.stages.selection import featurized_models, store_view
@@ -62,6 +62,9 @@ class Selection:
     targets: Dataset | None = option(None, "Which scored targets (needed if several are scored).")
     threshold: float = option(DEFAULT_THRESHOLD, "Soft threshold of the scores, in units of each target's RMS score "
                                                  "(0 for the raw scores; docs/method.md).")
+
+    def __post_init__(self):
+        check_threshold(self.threshold)
 
     def key(self, handle: Store) -> str:
         """The key of the finished scores selected."""
