@@ -113,16 +113,26 @@ class DurableStore(WrapperStore[Store]):
         if path is not None:
             self._written.add(path)
 
+    def _folders_above(self, path: Path) -> list[Path]:
+        """The folders from `path`'s up to the store's root, both included."""
+        folders = [path.parent]
+        while folders[-1] != self.local_root and self.local_root in folders[-1].parents:
+            folders.append(folders[-1].parent)
+        return folders
+
     def _name(self) -> str:
         return str(self.local_root) if self.local_root else str(self._store)
 
     def sync(self) -> None:
-        """fsync every local file written since the last sync, then the folders that hold them."""
+        """fsync every local file written since the last sync, then every folder from theirs up to
+        the store's root, deepest first: zarr creates the folders above a chunk as it writes it
+        (mkdir with parents), and a folder's entry is durable only once the folder above it is."""
         written, self._written = self._written, set()
+        folders = {folder for path in written for folder in self._folders_above(path)}
         try:
             for path in written:
                 fsync_path(path)
-            for folder in {p.parent for p in written}:
+            for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
                 fsync_path(folder)
         except OSError as e:
             raise StoreError(f"cannot write to store {self._name()!r}: {e.strerror or e}") from None

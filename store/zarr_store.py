@@ -148,6 +148,7 @@ class Store:
             result = change(manifest)
             if manifest != before:
                 still_held()
+                self._durable.sync()  # data written before are durable before the manifest names them
                 self._group.attrs[MANIFEST_KEY] = json.loads(json.dumps(manifest))
                 self._durable.sync()
             return result
