@@ -7,12 +7,14 @@ import pytest
 import torch
 import zarr
 from conftest import REPO, TINY, read_store
-from trakwomp.store import StoreError
+from trakwomp.store import Store, StoreError, layout
 
 from trakwomp.data.specs import load_dataset
 from trakwomp.errors import UserError
+from trakwomp.features.projectors import ProjectorSpec
 from trakwomp.models.spec import ModelSpec
 from trakwomp.runtime import Shard
+from trakwomp.stages.featurize import featurize
 from trakwomp.stages.fit import model_outputs
 from trakwomp.stages.recipe import Recipe, one_cycle_lr
 from trakwomp.stages.train import train
@@ -223,3 +225,23 @@ def test_checkpoints_along_a_run_are_members_of_its_ensemble(tmp_path, tiny_npz)
     with pytest.raises(StoreError, match="save_checkpoints is not set in the store but 3 here"):
         train(tmp_path / "plain", data, TINY, num_models=2, recipe=Recipe(epochs=3, batch_size=16, lr=0.05,
                                                                            save_checkpoints=3))
+
+
+@pytest.mark.parametrize("mixed", ["the model", "a checkpoint"])
+def test_weights_that_two_runs_of_a_unit_wrote_are_refused(tmp_path, tiny_npz, mixed):
+    """Two runs of one unit (the same shard twice, on CUDA where kernels differ run to run) can
+    leave some of its arrays from each run; featurize checks the weights against the hash the
+    publishing run recorded and refuses a mix, naming the unit."""
+    data = load_dataset(f"npz:{tiny_npz}")
+    store = tmp_path / "store"
+    train(store, data, TINY, recipe=Recipe(epochs=2, batch_size=16, lr=0.05, save_checkpoints=2))
+    handle = Store.open(store)
+    folder = layout.trained_model("reference", 0)
+    if mixed == "a checkpoint":
+        folder = layout.checkpoint("reference", 0, 1)
+    weights = handle.read_arrays(layout.weights(folder))
+    name = sorted(weights)[0]
+    handle.write_array(f"{layout.weights(folder)}/{name}", weights[name] + 1e-3)  # another run's values
+    with pytest.raises(UserError, match=f"the weights in {folder} are not those its training run published"):
+        featurize(store, projector=ProjectorSpec("sjlt", 0, 2, 8))
+    assert "featurize" not in Store.open(store).manifest

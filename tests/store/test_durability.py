@@ -4,7 +4,6 @@ every fsync, and the order they come in is checked."""
 from __future__ import annotations
 
 import numpy as np
-
 from trakwomp.store import Store, durable
 
 

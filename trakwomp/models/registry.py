@@ -22,14 +22,16 @@ def read_checkpoints(spec: ModelSpec, output_size: int, checkpoints: list[str]) 
             for path in checkpoints]
 
 
-def register_models(handle: Store, checkpoints: list[tuple[str, dict]], run: str | None = None) -> list[int]:
+def register_models(handle: Store, checkpoints: list[tuple[str, dict]], run: str | None = None,
+                    trained: list[tuple[str, dict]] | None = None) -> list[int]:
     """Register the models to featurize and return their ids, in registration order.
 
     Without checkpoints: every finished reference model that `train` put in the store, each with
     the checkpoints kept along its run (`train --save-checkpoints`), in epoch order; the run is
     `train:reference/<index>`.
     With checkpoints ((path, state_dict) from `read_checkpoints`): each copied into the store, all
-    members of `run` if given, else each its own run (named by its path)."""
+    members of `run` if given, else each its own run (named by its path). `trained`: the store's
+    reference models as `trained_models` gave them (checked already), else they are read now."""
     candidates = []  # (sha256, entry without id), in order
     if checkpoints:
         for path, state in checkpoints:
@@ -40,17 +42,7 @@ def register_models(handle: Store, checkpoints: list[tuple[str, dict]], run: str
                 handle.mark_done("checkpoints", layout.short_id(digest))
             candidates.append((digest, {"source": path, "weights": weights, "run": run or path}))
     else:
-        for name in handle.done_units("train", "reference"):
-            trained_run = f"train:reference/{name}"
-            epochs = handle.done_info("train", layout.unit("reference", name)).get("checkpoint_epochs") or [None]
-            for epoch in epochs:
-                last = epoch == epochs[-1]
-                folder = layout.trained_model("reference", name) if last else layout.checkpoint("reference", name, epoch)
-                weights = layout.weights(folder)
-                digest = state_hash({k: torch.from_numpy(v) for k, v in handle.read_arrays(weights).items()})
-                entry = {"source": trained_run if last else f"{trained_run}@epoch{epoch}", "weights": weights,
-                         "run": trained_run}
-                candidates.append((digest, entry if epoch is None else {**entry, "epoch": epoch}))
+        candidates = trained if trained is not None else trained_models(handle)
 
     def assign_ids(manifest: dict) -> list[int]:
         registry = manifest.setdefault("models", [])
@@ -62,6 +54,37 @@ def register_models(handle: Store, checkpoints: list[tuple[str, dict]], run: str
         return [by_hash[digest] for digest, _ in candidates]
 
     return handle.update(assign_ids)
+
+
+def trained_models(handle: Store) -> list[tuple[str, dict]]:
+    """(sha256, registry entry) of every finished reference model of `train` and the checkpoints
+    kept along its run, each checked (see `trained_candidates`)."""
+    return [candidate for name in handle.done_units("train", "reference")
+            for candidate in trained_candidates(handle, name)]
+
+
+def trained_candidates(handle: Store, name: str) -> list[tuple[str, dict]]:
+    """(sha256, entry) of reference model `name` and the checkpoints kept along its run, in epoch
+    order, each checked against the hash its run published (stores of trakwomp 0.1 have none): a
+    unit whose arrays two runs of it wrote (the same shard run twice, on CUDA say) is refused."""
+    info = handle.done_info("train", layout.unit("reference", name))
+    trained_run = f"train:reference/{name}"
+    epochs = info.get("checkpoint_epochs") or [None]
+    candidates = []
+    for epoch in epochs:
+        last = epoch == epochs[-1]
+        folder = layout.trained_model("reference", name) if last else layout.checkpoint("reference", name, epoch)
+        weights = layout.weights(folder)
+        digest = state_hash({k: torch.from_numpy(v) for k, v in handle.read_arrays(weights).items()})
+        published = info.get("sha256") if last else info.get("checkpoint_sha256", {}).get(str(epoch))
+        if published is not None and published != digest:
+            raise UserError(f"store {handle.location!r}: the weights in {folder} are not those its training run "
+                            f"published (two runs of unit reference/{name} wrote them); remove {folder} and "
+                            f"{layout.done('train', layout.unit('reference', name))}, then train it again")
+        entry = {"source": trained_run if last else f"{trained_run}@epoch{epoch}", "weights": weights,
+                 "run": trained_run}
+        candidates.append((digest, entry if epoch is None else {**entry, "epoch": epoch}))
+    return candidates
 
 
 def run_of(entry: dict) -> str:

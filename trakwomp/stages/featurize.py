@@ -21,7 +21,7 @@ from trakwomp.features.writer import (
     batch_size_that_fits,
     write_features,
 )
-from trakwomp.models.registry import read_checkpoints, register_models
+from trakwomp.models.registry import read_checkpoints, register_models, trained_models
 from trakwomp.models.spec import ModelSpec, check_model_fits_data
 from trakwomp.runtime import Progress, Shard
 from trakwomp.settings import option
@@ -91,6 +91,7 @@ class Featurize(Stage[tuple[int, int], FeaturizeReport]):
         if not self.states and (handle is None or not handle.done_units("train", "reference")):
             raise UserError(f"store {str(store)!r} has no trained reference models; run `trakwomp train` first or "
                             "pass --checkpoint")
+        self.trained = None if self.states else trained_models(handle)  # their weights checked before any write
         return handle
 
     def resolve_settings(self, handle: Store | None) -> None:
@@ -138,7 +139,7 @@ class Featurize(Stage[tuple[int, int], FeaturizeReport]):
         bind_training_inputs(handle, self.data, self.model, self.task)
         handle.bind("featurize", self.features.record(self.parameters, self.chunk_rows),
                     "featurize with the store's projector settings, or use a new store")
-        self.model_ids = register_models(handle, self.states, self.settings.run)
+        self.model_ids = register_models(handle, self.states, self.settings.run, self.trained)
 
     def work(self, handle: Store) -> Work[tuple[int, int]]:
         chunks = range(math.ceil(len(self.data) / self.chunk_rows))

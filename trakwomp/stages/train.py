@@ -20,6 +20,7 @@ from torch import nn
 from trakwomp.data.base import Dataset
 from trakwomp.data.groups import Groups
 from trakwomp.errors import UserError
+from trakwomp.models.checkpoints import state_hash
 from trakwomp.models.spec import ModelSpec, check_model_fits_data
 from trakwomp.runtime import Progress, Shard
 from trakwomp.settings import option
@@ -187,10 +188,12 @@ class Train(Stage[int, TrainReport]):
             net = self.model.build(self.output_size)
         progress.unit_started(f"{role} model {j}", recipe.epochs * _examples_per_epoch(int(mask.sum()), recipe))
         keep = set(recipe.checkpoint_epochs) if role == "reference" else set()
+        kept: dict[str, str] = {}  # epoch -> the hash of the checkpoint's weights, published with the unit
 
         def keep_checkpoint(epoch: int, net: nn.Module) -> None:
             if epoch in keep:
                 handle.write_arrays(layout.weights(layout.checkpoint(role, j, epoch)), _state_arrays(net))
+                kept[str(epoch)] = state_hash(net.state_dict())
 
         with torch_threads(recipe.threads):
             fit(net, self.data, np.flatnonzero(mask), recipe, self.task, generator, self.device, progress,
@@ -201,8 +204,9 @@ class Train(Stage[int, TrainReport]):
         info: dict = {"num_examples": int(mask.sum())}
         if role == "reference":
             handle.write_arrays(layout.weights(path), _state_arrays(net))
+            info["sha256"] = state_hash(net.state_dict())
             if recipe.save_checkpoints > 1:
-                info["checkpoint_epochs"] = recipe.checkpoint_epochs
+                info.update(checkpoint_epochs=recipe.checkpoint_epochs, checkpoint_sha256=kept)
             return info
         handle.write_array(f"{path}/margins", target_outputs)
         for name, value in summary.items():
