@@ -223,3 +223,94 @@ def test_without_projector_options_a_model_beyond_20m_parameters_gets_the_factor
     assert Store.open(tmp_path / "big").manifest["featurize"]["projector"]["kind"] == "factored"
     report = featurize(shutil.copytree(trained_once / "store", tmp_path / "small"))
     assert Store.open(tmp_path / "small").manifest["featurize"]["projector"]["kind"] == "sjlt" and report.units_done
+
+
+class TiedHead(nn.Module):
+    """Token embedding, a linear layer, and an output layer tied to the embedding by F.linear: the
+    tied term reaches the embedding's weight outside any module's forward."""
+
+    def __init__(self, vocab=11, width=6):
+        super().__init__()
+        self.embedding, self.mix = nn.Embedding(vocab, width), nn.Linear(width, width)
+
+    def forward(self, ids, mask=None):
+        return nn.functional.linear(torch.tanh(self.mix(self.embedding(ids))), self.embedding.weight)
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention, whose out_proj weight its functional forward reads directly."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.attention, self.head = nn.MultiheadAttention(6, 2, batch_first=True), nn.Linear(6, classes)
+
+    def forward(self, x):
+        h = x.view(len(x), 4, 6)
+        return self.head(self.attention(h, h, h, need_weights=False)[0].mean(1))
+
+
+class ChangesItsInput(nn.Module):
+    """A linear layer whose input is scaled in place after the layer has read it."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.first, self.second = nn.Linear(24, 8), nn.Linear(24, classes)
+
+    def forward(self, x):
+        x = x.view(len(x), 24).clone()
+        h = self.first(x)
+        x.mul_(2)
+        return self.second(x) + h.sum(1, keepdim=True)
+
+
+def features_of(net, batch, task, block_dim=16):
+    torch.manual_seed(1)
+    layers = factored_layers(net, select_parameters(net, None), block_dim)
+    return FactoredFeatures(net, layers, 0, 0, CPU, task)(batch), layers
+
+
+def text_batch(vocab=11):
+    ids = torch.randint(0, vocab, (3, 5), generator=torch.Generator().manual_seed(0))
+    return Batch((ids, torch.ones_like(ids, dtype=torch.bool)), torch.zeros(3))
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("tied head", "layer embedding.weight: its factored features differ"),
+    ("scale_grad_by_freq", "layer embedding.weight: its factored features differ"),
+    ("multi-head attention", "layer attention.out_proj.weight: its factored features differ"),
+    ("input changed in place", "the input of layer first.weight is changed in place after the layer"),
+])
+def test_a_gradient_that_hooks_cannot_see_is_refused_naming_the_layer(case, fragment):
+    """On today's main each of these gave wrong features silently (the tied term, the frequency
+    scaling and the out_proj gradient missing, the input read after it changed)."""
+    torch.manual_seed(0)
+    images = Batch((torch.rand(3, 24),), torch.tensor([0, 1, 2]))
+    if case == "tied head":
+        net, batch, task = TiedHead(), text_batch(), CausalLM()
+    elif case == "scale_grad_by_freq":  # tokens repeated within an example: their rows are scaled down
+        net, task = TiedHead(), CausalLM()
+        net.embedding.scale_grad_by_freq = True
+        head = torch.randn(6, 11, generator=torch.Generator().manual_seed(2))  # a constant, not a parameter
+        net.forward = lambda ids, mask=None: net.mix(net.embedding(ids)) @ head
+        ids = torch.tensor([[1, 1, 2, 1, 3], [4, 4, 4, 5, 6], [7, 8, 7, 9, 7]])
+        batch = Batch((ids, torch.ones_like(ids, dtype=torch.bool)), torch.zeros(3))
+    elif case == "multi-head attention":
+        net, batch, task = Attention(), images, Classification()
+    else:
+        net, batch, task = ChangesItsInput(), images, Classification()
+    with pytest.raises(UserError, match=fragment):
+        features_of(net.eval(), batch, task)
+
+
+def test_an_output_changed_in_place_after_its_layer_is_handed_on_as_a_copy():
+    """ReLU(inplace=True) right after hooked layers (as in nearly every torchvision model): the
+    features are still the Kronecker projection of each example's autograd gradient."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(),
+                        nn.Linear(4 * 4 * 4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).eval()
+    batch = Batch((torch.rand(4, 3, 4, 4),), torch.tensor([0, 1, 2, 0]))
+    out, layers = features_of(net, batch, Classification())
+    expected, f = per_example_reference(net, layers, [Batch((batch.inputs[0][i:i + 1],), batch.labels[i:i + 1])
+                                                      for i in range(4)], Classification())
+    torch.testing.assert_close(out.rows.double(), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.outputs.double(), f.double(), rtol=1e-5, atol=1e-6)

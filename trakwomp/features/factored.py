@@ -137,13 +137,25 @@ def side_projection(seed: int, model_id: int, layer: str, side: int, size: int, 
     return torch.randn(size, rank, generator=generator).div_(math.sqrt(rank))
 
 
+VERIFY_EXAMPLES = 2  # examples of the first batch whose factored features are checked against autograd
+VERIFY_TOLERANCE = 1e-3  # relative error, far above float32 rounding, far below a missing term
+
+
 class FactoredFeatures(GradientEngine):
     """Projected gradients phi(x) = (P_R kron P_C)^T vec(dW) per layer, for batches, from one
-    batched forward and backward pass with hooks (no weight gradient is computed)."""
+    batched forward and backward pass with hooks (no weight gradient is computed).
+
+    Hooks see a layer's input and output only, so a weight used outside its module's forward
+    (nn.MultiheadAttention's out_proj, a head tied by F.linear(h, embedding.weight)) or a gradient
+    the module changes (Embedding(scale_grad_by_freq=True)) would go missing: on the first batch,
+    each layer's features of the first examples are checked against P_R^T dW P_C of the example's
+    own gradient (autograd on the example alone), and a layer that differs is refused by name.
+    An output changed in place after its layer (ReLU(inplace=True)) is handled by handing the next
+    module a copy from then on; an input changed in place after its layer is refused."""
 
     def __init__(self, model: nn.Module, layers: list[FactoredLayer], seed: int, model_id: int,
                  device: torch.device, task: Task):
-        self.model, self.task, self.device = model.to(device).eval(), task, device
+        self.model, self.task, self.device, self.layers = model.to(device).eval(), task, device, layers
         self.dims = sum(layer.width for layer in layers)
         index = {layer.name: i for i, layer in enumerate(layers)}
         self.modules = {}  # module -> (kind, layer index)
@@ -151,18 +163,52 @@ class FactoredFeatures(GradientEngine):
             if weight in index:
                 self.modules[module] = (kind, index[weight])
                 module.weight.requires_grad_(True)  # the graph must reach every hooked output
+        self.kinds = {i: kind for kind, i in self.modules.values()}
         self.projections = [
             tuple(side_projection(seed, model_id, layer.name, side, size, rank).to(device)
                   for side, (size, rank) in enumerate(((layer.rows, layer.rank_rows), (layer.cols, layer.rank_cols))))
             for layer in layers]
         self.offsets = np.cumsum([0] + [layer.width for layer in layers])
+        self.copy_outputs, self.verified = False, False
 
     def __call__(self, batch: Batch) -> BatchFeatures:
         batch = batch.to(self.device)
+        out = self._features(batch)
+        if out is None:  # an output was changed in place after its layer: hand on copies from now on
+            self.copy_outputs = True
+            out = self._features(batch)
+        if not self.verified:
+            self._verify(batch, out.rows)
+            self.verified = True
+        return out
+
+    def _features(self, batch: Batch) -> BatchFeatures | None:
+        """The batch's features, or None if a layer's output was changed in place (and not copied)."""
+        calls = self._forward_backward(batch)
+        if calls is None:
+            return None
+        f, calls = calls
+        features = torch.zeros(len(batch), self.dims, device=self.device)
+        for module, inputs, g in calls:
+            if g is None:
+                continue
+            if g.shape[0] != len(batch):
+                raise UserError(f"a {type(module).__name__} layer runs on inputs shared by the whole batch, which a "
+                                "factored projection cannot split by example; use --projector sjlt")
+            kind, i = self.modules[module]
+            u, v = self._factors(kind, module, inputs, g, *self.projections[i])
+            features[:, self.offsets[i]:self.offsets[i + 1]] += torch.bmm(u.transpose(1, 2), v).flatten(1)
+        f = f.detach().float()
+        return BatchFeatures(features, f, self.task.weights(f, batch))
+
+    def _forward_backward(self, batch: Batch):
+        """(f, [(module, its input, the gradient at its output)]) from one pass with hooks, or None
+        if an output was changed in place after its layer; an input changed so is refused."""
         calls = []
 
         def record(module, args, output):
-            calls.append((module, args[0], output, output._version))
+            calls.append((module, args[0], output, output._version, args[0]._version))
+            return output.clone() if self.copy_outputs else None
 
         def per_example_ids(module, args):
             """Ids shared by the whole batch (positions: (T,) or (1, T)), repeated for each example,
@@ -178,25 +224,52 @@ class FactoredFeatures(GradientEngine):
         try:
             with torch.enable_grad():
                 f = self.task.outputs(self.model(*batch.inputs), batch)
-                grads = torch.autograd.grad(f.sum(), [output for _, _, output, _ in calls], allow_unused=True)
+                if any(output._version != version for _, _, output, version, _ in calls):
+                    return None
+                for module, inputs, _, _, version in calls:
+                    if inputs._version != version:
+                        raise UserError(f"the input of layer {self.layers[self.modules[module][1]].name} is changed "
+                                        "in place after the layer, so hooks cannot read its gradient; use "
+                                        "--projector sjlt for this model")
+                grads = torch.autograd.grad(f.sum(), [output for _, _, output, _, _ in calls], allow_unused=True)
         finally:
             for hook in hooks:
                 hook.remove()
-        features = torch.zeros(len(batch), self.dims, device=self.device)
-        for (module, inputs, output, version), g in zip(calls, grads):
-            if output._version != version:
-                raise UserError(f"a {type(module).__name__} output is changed in place after the layer, so its "
-                                "gradient cannot be read by hooks; use --projector sjlt for this model")
-            if g is None:
-                continue
-            if g.shape[0] != len(batch):
-                raise UserError(f"a {type(module).__name__} layer runs on inputs shared by the whole batch, which a "
-                                "factored projection cannot split by example; use --projector sjlt")
-            kind, i = self.modules[module]
-            u, v = self._factors(kind, module, inputs, g, *self.projections[i])
-            features[:, self.offsets[i]:self.offsets[i + 1]] += torch.bmm(u.transpose(1, 2), v).flatten(1)
-        f = f.detach().float()
-        return BatchFeatures(features, f, self.task.weights(f, batch))
+        return f, [(module, inputs, g) for (module, inputs, _, _, _), g in zip(calls, grads)]
+
+    def _verify(self, batch: Batch, features: torch.Tensor) -> None:
+        """Each layer's features of the first VERIFY_EXAMPLES examples against P_R^T dW P_C of the
+        example's own gradient, taken by autograd on the example alone; a layer that differs by
+        more than VERIFY_TOLERANCE (relative) is refused by name."""
+        parameters = dict(self.model.named_parameters())
+        chosen = [name for layer in self.layers for name in (layer.name, layer.bias) if name]
+        for row in range(min(VERIFY_EXAMPLES, len(batch))):
+            one = Batch(tuple(t[row:row + 1] for t in batch.inputs), batch.labels[row:row + 1])
+            with torch.enable_grad():
+                f = self.task.outputs(self.model(*one.inputs), one).sum()
+                grads = torch.autograd.grad(f, [parameters[n] for n in chosen], allow_unused=True)
+            grads = {n: torch.zeros_like(parameters[n]) if g is None else g for n, g in zip(chosen, grads)}
+            expected = torch.cat([self._projected(i, layer, grads) for i, layer in enumerate(self.layers)])
+            floor = 1e-6 * float(expected.norm())
+            for i, layer in enumerate(self.layers):
+                got, want = features[row, self.offsets[i]:self.offsets[i + 1]], expected[self.offsets[i]:self.offsets[i + 1]]
+                error = float((got - want).norm()) / max(float(want.norm()), floor, 1e-30)
+                if error > VERIFY_TOLERANCE:
+                    raise UserError(f"layer {layer.name}: its factored features differ from the projection of its "
+                                    f"per-example gradient (relative error {error:.2g}): the weight is used outside "
+                                    "the layer's forward (nn.MultiheadAttention's out_proj, a weight tied by "
+                                    "F.linear), or the layer changes its gradient (Embedding(scale_grad_by_freq)); "
+                                    "use --projector sjlt for this model")
+
+    def _projected(self, i: int, layer: FactoredLayer, grads: dict) -> torch.Tensor:
+        """P_R^T dW P_C of one example's gradient, flattened: dW as R x C with the bias as one more
+        column (one more row for Conv1D, whose bias sits on its C side)."""
+        dw = grads[layer.name].reshape(len(grads[layer.name]), -1)
+        if layer.bias is not None:
+            bias = grads[layer.bias].reshape(-1)
+            dw = torch.cat([dw, bias[None, :]]) if self.kinds[i] == "conv1d" else torch.cat([dw, bias[:, None]], 1)
+        p_rows, p_cols = self.projections[i]
+        return (p_rows.T @ dw.float() @ p_cols).flatten()
 
     @staticmethod
     def _factors(kind: str, module: nn.Module, a: torch.Tensor, g: torch.Tensor, p_rows: torch.Tensor,

@@ -95,10 +95,13 @@ class Factored(FeatureMethod):
         return FeatureLayout(replace(projector, blocks=len(layers)), layers)
 
     def add_memory(self, need: MemoryNeed, layout: FeatureLayout, num_params: int, activations: int) -> None:
-        """The side matrices, and per example the activations and the gradients at every layer output."""
+        """The side matrices and one example's gradient (the coverage check on the first batch), and
+        per example the activations, the copies of outputs changed in place, and the gradients at
+        every layer output."""
         sides = sum(4 * (layer.rows * layer.rank_rows + layer.cols * layer.rank_cols) for layer in layout.layers)
         need.fixed["factored side projections"] = (sides, "lower --block-dim")
-        need.per_example["activations and their gradients"] = (2 * activations, "lower --batch-size")
+        need.fixed["coverage check (one example's gradient)"] = (4 * num_params, "pass --projector sjlt")
+        need.per_example["activations, copies and their gradients"] = (3 * activations, "lower --batch-size")
 
     def engine(self, net, layout, names, num_params, model_id, device, task) -> GradientEngine:
         return FactoredFeatures(net, list(layout.layers), layout.projector.seed, model_id, device, task)
