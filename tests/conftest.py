@@ -192,3 +192,21 @@ def tree_digest(path: Path, skip: set[str] = frozenset(), contents: bool = True)
         if contents and item.is_file():
             digest.update(item.read_bytes())
     return digest.hexdigest()
+
+
+def write_scored_text_store(root: Path, store: str, train_file: str, targets_file: str) -> Path:
+    """root/store: the tiny gpt trained one epoch on 24 fortunes (written to root/train_file),
+    featurized at 2 x 8 (sjlt), finalized and scored on 4 test fortunes (root/targets_file)."""
+    from trakwomp.features.projectors import ProjectorSpec
+    from trakwomp.stages.featurize import featurize
+    from trakwomp.stages.finalize import finalize
+    from trakwomp.stages.score import score
+    from trakwomp.tasks.causal_lm import CausalLM
+
+    texts = load_dataset(f"jsonl:{write_jsonl(root / train_file, fortunes('train', 24))}")
+    targets = load_dataset(f"jsonl:{write_jsonl(root / targets_file, fortunes('test', 4))}")
+    train(root / store, texts, TINY_GPT, task=CausalLM(), recipe=Recipe.for_task(CausalLM(), epochs=1))
+    featurize(root / store, projector=ProjectorSpec("sjlt", 0, 2, 8))
+    finalize(root / store)
+    score(root / store, targets)
+    return root / store

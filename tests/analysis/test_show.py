@@ -10,11 +10,11 @@ import torch
 import zarr
 from conftest import (
     TINY,
-    TINY_GPT,
     fortunes,
     plain,
     soft_thresholded,
     write_jsonl,
+    write_scored_text_store,
     write_tiny_images,
 )
 from PIL import Image
@@ -30,7 +30,6 @@ from trakwomp.stages.finalize import finalize
 from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.score import score
 from trakwomp.stages.train import train
-from trakwomp.tasks.causal_lm import CausalLM
 
 
 def test_show_draws_the_target_with_its_strongest_train_examples(tmp_path):
@@ -76,12 +75,7 @@ def test_show_draws_the_target_with_its_strongest_train_examples(tmp_path):
 def text_store(tmp_path_factory):
     """A scored text store on 24 fortunes of a jsonl file that a test may then edit."""
     root = tmp_path_factory.mktemp("edited")
-    data = load_dataset(f"jsonl:{write_jsonl(root / 'train.jsonl', fortunes('train', 24))}")
-    targets = load_dataset(f"jsonl:{write_jsonl(root / 'targets.jsonl', fortunes('test', 4))}")
-    train(root / "store", data, TINY_GPT, task=CausalLM(), recipe=Recipe.for_task(CausalLM(), epochs=1))
-    featurize(root / "store", projector=ProjectorSpec("sjlt", 0, 2, 8))
-    finalize(root / "store")
-    score(root / "store", targets)
+    write_scored_text_store(root, "store", "train.jsonl", "targets.jsonl")
     return root
 
 

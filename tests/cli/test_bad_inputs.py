@@ -16,12 +16,12 @@ import pytest
 import torch
 from conftest import (
     TINY,
-    TINY_GPT,
     fortunes,
     plain,
     tree_digest,
     write_hf_folder,
     write_jsonl,
+    write_scored_text_store,
     write_tiny_images,
 )
 from PIL import Image
@@ -37,7 +37,6 @@ from trakwomp.stages.finalize import finalize
 from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.score import score
 from trakwomp.stages.train import train
-from trakwomp.tasks.causal_lm import CausalLM
 
 RECIPE = Recipe(epochs=1, batch_size=16, lr=0.05)
 STAGES = ("trained", "featurized", "finalized", "scored", "full")
@@ -126,12 +125,7 @@ def write_bad_images(root: Path) -> None:
 
 def write_text_inputs(root: Path) -> None:
     """A scored text store (`text`), good and bad jsonl files, and Hugging Face folders."""
-    texts = load_dataset(f"jsonl:{write_jsonl(root / 'texts.jsonl', fortunes('train', 24))}")
-    targets = load_dataset(f"jsonl:{write_jsonl(root / 'text-targets.jsonl', fortunes('test', 4))}")
-    train(root / "text", texts, TINY_GPT, task=CausalLM(), recipe=Recipe.for_task(CausalLM(), epochs=1))
-    featurize(root / "text", projector=ProjectorSpec("sjlt", 0, 2, 8))
-    finalize(root / "text")
-    score(root / "text", targets)
+    write_scored_text_store(root, "text", "texts.jsonl", "text-targets.jsonl")
     (root / "invalid.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"\n')
     (root / "no-text.jsonl").write_text('{"text": "one"}\n{"body": "two"}\n')
     (root / "empty-text.jsonl").write_text('{"text": ""}\n')
