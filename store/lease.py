@@ -11,11 +11,14 @@ and from then on only that process writes to it:
   the others wait and read again. Nobody ever deletes or overwrites another process's object,
   so breaking a stale lease cannot remove a fresh one.
 - hold: the holder rewrites its own object every LEASE_SECONDS / 3 with a renewal counter.
-  Another process calls a lease stale once it has seen the same counter for LEASE_SECONDS on
-  its own clock, so no clocks need to agree and a holder that is slow but alive keeps its lease.
+  Another process calls a lease stale once a read of it that started LEASE_SECONDS after it first
+  saw that counter still shows it, on its own clock: no clocks need to agree, a holder that is slow
+  but alive keeps its lease, and a contender paused after a read does not take that read for new.
 - check before writing: the holder refuses to write (StoreError) once its last renewal is older
-  than LEASE_SECONDS / 2 or a newer generation exists: a holder that was paused past its lease
-  learns that it lost it instead of writing over its successor. After a passing check the holder
+  than LEASE_SECONDS / 2, once any newer generation exists (not only the next one: a third
+  process may have removed that), or once its own generation names another process (a store
+  that ignored create-if-absent): a holder that was paused past its lease learns that it lost
+  it instead of writing over its successor. A taker reads back what it created, for the same reason. After a passing check the holder
   has at least LEASE_SECONDS / 2 before anyone may break its lease, and the manifest write it
   guards takes milliseconds.
 - release: the holder marks its own object released; generations older than the newest are
@@ -94,12 +97,13 @@ class ObjectStoreLease:
         deadline = time.monotonic() + WAIT_SECONDS
         seen: dict[tuple, float] = {}  # (generation, token, renewals) -> when first seen
         while True:
-            generation, content = self.newest()
+            read_at = time.monotonic()  # staleness is judged by when the lease was read, not by now:
+            generation, content = self.newest()  # a pause after this read must not make it look stale
             if content is not None or generation is None:
                 state = (generation, content and content["token"], content and content["renewals"])
-                first_seen = seen.setdefault(state, time.monotonic())
+                first_seen = seen.setdefault(state, read_at)
                 free = generation is None or content["released"]
-                if free or time.monotonic() - first_seen > LEASE_SECONDS:
+                if free or read_at - first_seen > LEASE_SECONDS:
                     if self._take(0 if generation is None else generation + 1):
                         self._remove_older(self.generation)
                         return
@@ -110,12 +114,19 @@ class ObjectStoreLease:
             time.sleep(random.uniform(0.02, 0.2))
 
     def _take(self, generation: int) -> bool:
-        """Whether this process created `generation`, and so holds the lease."""
+        """Whether this process created `generation`, and so holds the lease: the object is read
+        back, since a store that ignored the create-if-absent would let two processes 'create' it."""
         self.renewals = 0
         if not self._create_if_absent(self._path(generation), self._content()):
             return False
         self.generation, self.renewed_at = generation, time.monotonic()
-        return True
+        return self._token_of(generation) == self.token
+
+    def _token_of(self, generation: int) -> str | None:
+        try:
+            return json.loads(sync(self.fs._cat_file(self._path(generation))))["attributes"]["token"]
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
 
     def _remove_older(self, generation: int) -> None:
         for older in range(generation - 1, -1, -1):
@@ -134,11 +145,13 @@ class ObjectStoreLease:
             self.renewed_at = time.monotonic()
 
     def check(self) -> None:
-        """Refuse (StoreError) unless this process still holds the lease for half a lease period."""
+        """Refuse (StoreError) unless this process still holds the lease for half a lease period:
+        its renewals are recent, no newer generation exists (whatever was removed in between), and
+        its own generation still names it."""
         lost = time.monotonic() - self.renewed_at > LEASE_SECONDS / 2
         if not lost:
-            self.fs.invalidate_cache(self.folder)
-            lost = sync(self.fs._exists(self._path(self.generation + 1)))
+            newest, content = self.newest()
+            lost = newest is None or newest > self.generation or content is None or content["token"] != self.token
         if lost:
             raise StoreError(f"store {self.location!r}: this process lost the manifest lease (it was paused or "
                              "cut off for longer than the lease); nothing was written, run the command again")

@@ -203,3 +203,74 @@ def test_stale_temporaries_are_removed_and_fresh_ones_kept(tmp_path):
     assert handle.remove_stale_temporaries(["features", "done/featurize"]) == 3
     assert sorted(handle.temporaries()) == ["features/000000/phi/c/1/0.89ab.partial", "scores/k/tau/c/0/0.cdef.partial"]
     assert status(tmp_path / "s").temporary_files == 2
+
+
+class IgnoresCreateIfAbsent(ObjectLikeFileSystem):
+    """An object store that ignores If-None-Match: a "create" overwrites what is there."""
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        super().pipe_file(path, value, mode="overwrite", **kwargs)
+
+
+def renew(lease):
+    """One renewal, as the holder's thread makes it."""
+    lease.renewals += 1
+    lease.fs.pipe_file(lease._path(lease.generation), lease._content())
+    lease.renewed_at = time.monotonic()
+
+
+def test_a_contender_paused_after_reading_does_not_break_a_holder_that_renewed_meanwhile(tmp_path, short_lease,
+                                                                                     monkeypatch):
+    """The contender reads the lease twice, then is paused for 1.5 lease periods after its second
+    read while the holder renews; the pause must not make that read look stale."""
+    holder = new_lease(tmp_path)
+    holder.acquire()
+    contender = new_lease(tmp_path)
+    read = contender.newest
+    calls = []
+
+    def paused_after_the_second_read():
+        result = read()
+        calls.append(result)
+        if len(calls) == 2:
+            for _ in range(6):  # 1.5 lease periods, the holder renewing every quarter period
+                time.sleep(lease_module.LEASE_SECONDS / 4)
+                renew(holder)
+        if len(calls) == 4:
+            holder.release()
+        return result
+
+    monkeypatch.setattr(contender, "newest", paused_after_the_second_read)
+    monkeypatch.setattr(lease_module.random, "uniform", lambda a, b: 0.0)  # read again at once
+    contender.acquire()
+    assert len(calls) >= 4  # it waited for the release instead of breaking the renewed lease
+    assert contender.generation == 1 and holder.renewals == 6
+
+
+def test_a_holder_whose_next_generation_was_removed_still_knows_it_lost(tmp_path, short_lease):
+    """A paused holder (generation 0) loses to B (generation 1); C then takes generation 2 and
+    removes 0 and 1. The holder's check must not pass because generation 1 is gone."""
+    holder = new_lease(tmp_path)
+    holder.acquire()
+    second = new_lease(tmp_path)
+    second.acquire()  # breaks generation 0 once it has looked stale for a lease period
+    second.release()
+    third = new_lease(tmp_path)
+    third.acquire()
+    assert third.generation == 2 and not generation_path(tmp_path, 1).exists()
+    holder.renewed_at = time.monotonic()  # as if its renewals had gone on: only the generations tell
+    with pytest.raises(StoreError, match="lost the manifest lease"):
+        holder.check()
+    third.check()
+
+
+def test_a_store_that_ignores_create_if_absent_gives_no_two_holders(tmp_path, short_lease):
+    """Two processes 'create' generation 0 on a store that overwrites instead: the one whose
+    object was overwritten learns it does not hold the lease before it writes."""
+    first = ObjectStoreLease(AsyncFileSystemWrapper(IgnoresCreateIfAbsent()), str(tmp_path), str(tmp_path))
+    second = ObjectStoreLease(AsyncFileSystemWrapper(IgnoresCreateIfAbsent()), str(tmp_path), str(tmp_path))
+    first.acquire()
+    assert second._take(0)  # the "conditional" create succeeds although generation 0 exists
+    with pytest.raises(StoreError, match="lost the manifest lease"):
+        first.check()
+    second.check()
