@@ -31,7 +31,6 @@ from trakwomp.analysis.groups import group_scores
 from trakwomp.analysis.lds import view_name
 from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
 from trakwomp.estimator.view import ViewSpec
-from trakwomp.stages.stored_scores import Selection
 from trakwomp.models.spec import ModelSpec
 from trakwomp.runtime import Shard
 from trakwomp.stages.bindings import (
@@ -42,6 +41,7 @@ from trakwomp.stages.bindings import (
 )
 from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.selection import store_view
+from trakwomp.stages.stored_scores import Selection
 from trakwomp.stages.train import train
 
 

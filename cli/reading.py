@@ -47,7 +47,7 @@ from trakwomp.data.files import load_indices
 from trakwomp.data.groups import parse_group_names
 from trakwomp.errors import UserError
 from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
-from trakwomp.stages.export import write_table
+from trakwomp.stages.export import check_output_folder, write_table
 from trakwomp.stages.selection import parse_model_ids
 
 
@@ -164,9 +164,8 @@ def show(
     if not by_group and (target is None or target_set is not None or groups is not None):
         raise UserError("show needs --target; --target-set and --groups go with --by-group")
     out = out or Path("groups.png" if by_group else default_show_file(store))
-    for flag, path in (("--out", out), ("--table", table)):
-        if path is not None and not path.parent.is_dir():
-            raise UserError(f"{flag} {str(path)!r}: there is no folder {str(path.parent)!r}")
+    check_output_folder("--out", out)
+    check_output_folder("--table", table)
     chosen = selection(store, targets, target_indices, dims, blocks, ridge, models, threshold)
     k = (12 if by_group else 8) if k is None else k
     if by_group:
@@ -213,8 +212,7 @@ def groups_command(
     targets); the predicted change of the targets' mean output if it were removed is minus that."""
     if top < 0:
         raise UserError("--top must be >= 0")
-    if table is not None and not table.parent.is_dir():
-        raise UserError(f"--table {str(table)!r}: there is no folder {str(table.parent)!r}")
+    check_output_folder("--table", table)
     chosen = selection(store, targets, target_indices, dims, blocks, ridge, models, threshold)
     scores = group_scores(store, groups, chosen, target or None, target_set)
     if table is not None:

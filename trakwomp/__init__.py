@@ -16,18 +16,18 @@ from trakwomp.models.checkpoints import load_checkpoint
 from trakwomp.models.networks import GPT, resnet9
 from trakwomp.models.spec import ModelSpec
 from trakwomp.runtime import Shard
-from trakwomp.stages.stored_scores import Selection
 from trakwomp.stages.featurize import featurize
 from trakwomp.stages.finalize import finalize
 from trakwomp.stages.fit import model_outputs
 from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.score import score
+from trakwomp.stages.stored_scores import Selection
 from trakwomp.stages.train import TrainReport, load_reference_model, train
+from trakwomp.tasks.base import Task
 from trakwomp.tasks.causal_lm import CausalLM
 from trakwomp.tasks.classification import Classification, margins
-from trakwomp.tasks.base import Task
-from trakwomp.tasks.regression import Regression
 from trakwomp.tasks.registry import make_task
+from trakwomp.tasks.regression import Regression
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,11 @@ from scipy.stats import rankdata
 from trakwomp.analysis.ground_truth import GroundTruth
 from trakwomp.data.files import read_npy
 from trakwomp.errors import UserError
-from trakwomp.estimator.threshold import DEFAULT_THRESHOLD, check_threshold, relative_soft_threshold
+from trakwomp.estimator.threshold import (
+    DEFAULT_THRESHOLD,
+    check_threshold,
+    relative_soft_threshold,
+)
 from trakwomp.estimator.view import AUTO, ViewSpec, check_ridge
 from trakwomp.stages.selection import featurized_models, store_view
 from trakwomp.stages.stored_scores import find_scores, iterate_scores

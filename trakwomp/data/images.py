@@ -23,7 +23,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from trakwomp.data.base import Batch, Dataset, DatasetKind, Fingerprint, LoadOptions, check_indices
+from trakwomp.data.base import (
+    Batch,
+    Dataset,
+    DatasetKind,
+    Fingerprint,
+    LoadOptions,
+    check_indices,
+)
 from trakwomp.errors import UserError
 
 

@@ -21,9 +21,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from trakwomp.data.base import Batch, Dataset, DatasetKind, Fingerprint, LoadOptions, check_indices
+from trakwomp.data.base import (
+    Batch,
+    Dataset,
+    DatasetKind,
+    Fingerprint,
+    LoadOptions,
+    check_indices,
+)
 from trakwomp.errors import UserError
-
 
 
 class ByteTokenizer:

@@ -23,15 +23,15 @@ def read_checkpoints(spec: ModelSpec, output_size: int, checkpoints: list[str]) 
 
 
 def register_models(handle: Store, checkpoints: list[tuple[str, dict]], run: str | None = None,
-                    trained: list[tuple[str, dict]] | None = None) -> list[int]:
+                    trained: list[tuple[str, dict]] = ()) -> list[int]:
     """Register the models to featurize and return their ids, in registration order.
 
     Without checkpoints: every finished reference model that `train` put in the store, each with
     the checkpoints kept along its run (`train --save-checkpoints`), in epoch order; the run is
     `train:reference/<index>`.
     With checkpoints ((path, state_dict) from `read_checkpoints`): each copied into the store, all
-    members of `run` if given, else each its own run (named by its path). `trained`: the store's
-    reference models as `trained_models` gave them (checked already), else they are read now."""
+    members of `run` if given, else each its own run (named by its path). Without checkpoints,
+    `trained`: the store's reference models as `trained_models` gave them (checked already)."""
     candidates = []  # (sha256, entry without id), in order
     if checkpoints:
         for path, state in checkpoints:
@@ -42,7 +42,7 @@ def register_models(handle: Store, checkpoints: list[tuple[str, dict]], run: str
                 handle.mark_done("checkpoints", layout.short_id(digest))
             candidates.append((digest, {"source": path, "weights": weights, "run": run or path}))
     else:
-        candidates = trained if trained is not None else trained_models(handle)
+        candidates = list(trained)
 
     def assign_ids(manifest: dict) -> list[int]:
         registry = manifest.setdefault("models", [])

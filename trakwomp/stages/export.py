@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
-import os
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
 from trakwomp.stages.bindings import stored_dataset
 from trakwomp.stages.stored_scores import find_scores_by_key, iterate_scores
 from trakwomp.store import Store, layout
+from trakwomp.store.durable import fsync_path
 
 
 def export_scores(store: str | Path, key: str, out: str | Path, threshold: float = DEFAULT_THRESHOLD) -> tuple[int, int]:
@@ -35,7 +36,7 @@ def export_scores(store: str | Path, key: str, out: str | Path, threshold: float
         with open(partial, "rb") as f:
             os.fsync(f.fileno())
         os.replace(partial, out)
-        fsync_folder(out.parent)
+        fsync_path(out.parent)
     except OSError as e:
         raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
     finally:
@@ -43,16 +44,10 @@ def export_scores(store: str | Path, key: str, out: str | Path, threshold: float
     return tau.shape
 
 
-def fsync_folder(folder: Path) -> None:
-    """Make a rename in `folder` durable (where the platform lets a folder be opened)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+def check_output_folder(flag: str, path: str | Path | None) -> None:
+    """Refuse, before any work, an output file whose folder does not exist."""
+    if path is not None and not Path(path).parent.is_dir():
+        raise UserError(f"{flag} {str(path)!r}: there is no folder {str(Path(path).parent)!r}")
 
 
 def top_k_rows(store: str | Path, key: str, targets: Dataset, k: int, threshold: float = DEFAULT_THRESHOLD) -> list[dict]:

@@ -91,7 +91,7 @@ class Featurize(Stage[tuple[int, int], FeaturizeReport]):
         if not self.states and (handle is None or not handle.done_units("train", "reference")):
             raise UserError(f"store {str(store)!r} has no trained reference models; run `trakwomp train` first or "
                             "pass --checkpoint")
-        self.trained = None if self.states else trained_models(handle)  # their weights checked before any write
+        self.trained = [] if self.states else trained_models(handle)  # their weights checked before any write
         return handle
 
     def resolve_settings(self, handle: Store | None) -> None:

@@ -38,7 +38,12 @@ from trakwomp.runtime import (
 )
 from trakwomp.settings import option
 from trakwomp.stages.bindings import bind_model, bind_tokenizer, stored_task
-from trakwomp.stages.export import export_scores, top_k_rows, write_table
+from trakwomp.stages.export import (
+    check_output_folder,
+    export_scores,
+    top_k_rows,
+    write_table,
+)
 from trakwomp.stages.selection import featurized_models, store_view
 from trakwomp.stages.skeleton import RunSettings, Stage, Work
 from trakwomp.stages.stored_scores import scores_key, view_record
@@ -117,9 +122,8 @@ class Score(Stage[int, ScoreReport]):
         if given.top_k < 0:
             raise UserError("--top-k must be >= 0")
         check_threshold(given.threshold)
-        for flag, path in (("--out", given.out), ("--top-k-out", given.top_k_out if given.top_k else None)):
-            if path is not None and not Path(path).parent.is_dir():
-                raise UserError(f"{flag} {str(path)!r}: there is no folder {str(Path(path).parent)!r}")
+        check_output_folder("--out", given.out)
+        check_output_folder("--top-k-out", given.top_k_out if given.top_k else None)
 
     def check_targets(self, handle: Store) -> None:
         """The targets against the store (transform, tokenizer, classes) and the model on them."""

@@ -9,7 +9,11 @@ import torch
 
 from trakwomp.data.base import Dataset
 from trakwomp.errors import UserError
-from trakwomp.estimator.threshold import DEFAULT_THRESHOLD, check_threshold, relative_soft_threshold
+from trakwomp.estimator.threshold import (
+    DEFAULT_THRESHOLD,
+    check_threshold,
+    relative_soft_threshold,
+)
 from trakwomp.estimator.view import View, ViewSpec
 from trakwomp.settings import option
 from trakwomp.stages.selection import featurized_models, store_view
