@@ -200,7 +200,8 @@ class Store:
         path = self._checked(layout.done(stage, unit))
         try:
             self._group.create_group(path, attributes=attributes, overwrite=True)
-        except FileNotFoundError:  # another process replaced the same marker meanwhile (both did the unit)
+        except (FileNotFoundError, StoreError):  # another process replaced the same marker meanwhile (both
+            # did the unit): its removal of the folder reaches this write as ENOENT, raw or as a StoreError
             if self.done_info(stage, unit) is None:
                 self._group.create_group(path, attributes=attributes, overwrite=True)
         self._durable.sync()

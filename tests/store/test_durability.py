@@ -4,7 +4,7 @@ every fsync, and the order they come in is checked."""
 from __future__ import annotations
 
 import numpy as np
-from trakwomp.store import Store, durable
+from trakwomp.store import Store, StoreError, durable
 
 
 def record_io(monkeypatch):
@@ -45,3 +45,23 @@ def test_data_written_before_a_manifest_update_are_durable_before_the_manifest_i
     manifest_write = max(i for i, event in enumerate(events) if event == ("write", "zarr.json"))  # the update's
     data_synced = [i for i, (kind, path) in enumerate(events) if kind == "fsync" and "/data/values/c/" in path]
     assert data_synced and data_synced[0] < manifest_write
+
+
+def test_a_marker_published_by_another_process_meanwhile_is_not_an_error(tmp_path, monkeypatch):
+    """Two processes that did the same unit publish its marker at once: one's overwrite removes the
+    folder the other is writing into (ENOENT, which the store reports as a StoreError). Seen in CI
+    with two score processes of one shard; the marker is there, so publishing succeeded."""
+    ours, theirs = Store.open(tmp_path / "store", create=True), Store.open(tmp_path / "store")
+    theirs.mark_done("stage", "000001", {"rows": [0, 4]})  # theirs lands while ours is being written
+    write = durable.DurableStore._write
+    raced = []
+
+    async def racing_write(self, key, value, inner):
+        if key.startswith("done/stage/000001") and not raced:
+            raced.append(key)
+            raise StoreError(f"cannot write to store {tmp_path}: No such file or directory")
+        await write(self, key, value, inner)
+
+    monkeypatch.setattr(durable.DurableStore, "_write", racing_write)
+    ours.mark_done("stage", "000001", {"rows": [0, 4]})
+    assert raced and ours.done_info("stage", "000001") == {"unit": "000001", "rows": [0, 4]}
