@@ -25,7 +25,7 @@ import os
 import signal
 from pathlib import Path
 
-from trakwomp.store.errors import StoreError
+from trakwomp.store.errors import StoreError, StoreWriteError
 from zarr.abc.store import Store
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore, WrapperStore
@@ -108,8 +108,9 @@ class DurableStore(WrapperStore[Store]):
             self._fault.before_write(path, value)
             await write(key, value)
         except OSError as e:
-            raise StoreError(f"cannot write to store {self._name()!r}: {e.strerror or e}; "
-                             "finished units are kept, run the command again once it is writable") from None
+            raise StoreWriteError(f"cannot write to store {self._name()!r}: {e.strerror or e}; "
+                                  "finished units are kept, run the command again once it is writable",
+                                  e.errno) from None
         if path is not None:
             self._written.add(path)
 
@@ -135,4 +136,4 @@ class DurableStore(WrapperStore[Store]):
             for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
                 fsync_path(folder)
         except OSError as e:
-            raise StoreError(f"cannot write to store {self._name()!r}: {e.strerror or e}") from None
+            raise StoreWriteError(f"cannot write to store {self._name()!r}: {e.strerror or e}", e.errno) from None

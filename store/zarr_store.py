@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
@@ -27,7 +28,7 @@ import zarr
 import zarr.codecs
 from trakwomp.store import layout
 from trakwomp.store.durable import DurableStore
-from trakwomp.store.errors import StoreError
+from trakwomp.store.errors import StoreError, StoreWriteError
 from trakwomp.store.lease import ObjectStoreLease
 from zarr.core.sync import collect_aiterator, sync
 from zarr.storage import FsspecStore, LocalStore
@@ -200,8 +201,10 @@ class Store:
         path = self._checked(layout.done(stage, unit))
         try:
             self._group.create_group(path, attributes=attributes, overwrite=True)
-        except (FileNotFoundError, StoreError):  # another process replaced the same marker meanwhile (both
-            # did the unit): its removal of the folder reaches this write as ENOENT, raw or as a StoreError
+        except (FileNotFoundError, StoreWriteError) as e:  # ENOENT: another process replaced the same
+            # marker meanwhile (both did the unit), and its removal of the folder reached this write
+            if e.errno != errno.ENOENT:
+                raise
             if self.done_info(stage, unit) is None:
                 self._group.create_group(path, attributes=attributes, overwrite=True)
         self._durable.sync()
