@@ -9,7 +9,9 @@ A unit of work is named by its parts joined with `/`, numbers as six digits (mod
 from __future__ import annotations
 
 TRAIN_INDICES = "data/train_indices"  # the --indices a store's train set was selected with
-GROUP_CODES = "groups/codes"  # each train example's group, by position in the recorded names
+GROUP_CODES = "groups/codes"  # each train example's group, by position in the names
+GROUP_NAMES = "groups/names"  # the group names' UTF-8 bytes, one after another
+GROUP_NAME_ENDS = "groups/name_ends"  # where each name's bytes end in GROUP_NAMES
 FEATURES = "features"
 MODELS = "models"
 SCORES = "scores"

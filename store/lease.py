@@ -27,6 +27,7 @@ and from then on only that process writes to it:
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import threading
@@ -81,7 +82,8 @@ class ObjectStoreLease:
             return generation, {"token": "", "renewals": -1, "released": False}
 
     def _create_if_absent(self, path: str, content: bytes) -> bool:
-        """Whether this call created the object at `path` (False: it existed already)."""
+        """Whether this call created the object at `path` (False: it existed already, or a
+        concurrent conditional write was in flight; the caller reads the lease again)."""
         try:
             sync(self.fs._pipe_file(path, content, mode="create"))
         except FileExistsError:
@@ -89,7 +91,26 @@ class ObjectStoreLease:
         except (TypeError, NotImplementedError) as e:
             raise StoreError(f"store {self.location!r}: its file system cannot create an object only if absent, "
                              f"which the manifest lease needs ({e})") from None
+        except OSError as e:
+            return self._outcome_of_failed_create(path, content, e)
         return True
+
+    def _outcome_of_failed_create(self, path: str, content: bytes, error: OSError) -> bool:
+        """What a conditional PUT that raised `error` did, learned by reading `path`. S3 answers a
+        create that lost a race with 412 (which s3fs makes a FileExistsError only when the reply
+        names the If-None-Match condition, else EINVAL), and one that met a concurrent
+        conditional write with 409 ConditionalRequestConflict (EBUSY): the object there (or, for
+        a 409, its absence) says who won; any other failure is refused in one line."""
+        try:
+            found = sync(self.fs._cat_file(path))
+        except OSError:  # absent, or unreadable: the error below says why
+            found = None
+        if found is not None:
+            return found == content
+        if error.errno == errno.EBUSY:
+            return False
+        raise StoreError(f"store {self.location!r}: cannot create the manifest lease object {path!r}: "
+                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
 
     def acquire(self) -> None:
         # the folder is a group too; made once, by whoever comes first
@@ -166,7 +187,10 @@ class ObjectStoreLease:
             pass  # unreleased, the lease goes stale and is broken after LEASE_SECONDS
 
     def __enter__(self) -> "ObjectStoreLease":
-        self.acquire()
+        try:
+            self.acquire()
+        except OSError as e:  # listing or reading the lease failed (permissions, network)
+            raise StoreError(f"store {self.location!r}: cannot read the manifest lease: {e}") from None
         self._renewer = threading.Thread(target=self._renew, daemon=True, name="trakwomp-lease")
         self._renewer.start()
         return self

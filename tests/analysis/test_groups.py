@@ -16,7 +16,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 from scipy.stats import t as student_t
 from trakwomp.cli.main import app
-from trakwomp.store import StoreError
+from trakwomp.store import Store, StoreError, layout
 from typer.testing import CliRunner
 
 from trakwomp.analysis.groups import group_scores, predict_groups
@@ -26,8 +26,10 @@ from trakwomp.analysis.status import status
 from trakwomp.data.groups import Groups, read_groups_file, sources_of
 from trakwomp.data.specs import load_dataset
 from trakwomp.errors import UserError
+from trakwomp.features import memory
 from trakwomp.features.projectors import ProjectorSpec
 from trakwomp.stages.featurize import featurize
+from trakwomp.stages.bindings import bind_groups, stored_groups
 from trakwomp.stages.finalize import finalize
 from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.score import score
@@ -222,6 +224,31 @@ def test_a_store_keeps_its_groups(grouped, tmp_path):
         group_scores(store, other)
     same = write_groups_csv(tmp_path / "same.csv", LABELS, header=False)
     np.testing.assert_array_equal(group_scores(store, same).per_target, group_scores(store).per_target)
+
+
+def test_a_hundred_thousand_groups_stay_out_of_the_manifest_and_read_back_whole(tmp_path):
+    """Group names live in arrays beside the manifest: its size does not grow with the groups, and
+    names of any characters (NUL, commas, quotes, emoji) come back exactly; a store that kept the
+    names in its manifest (before 2026-12-03) still reads."""
+    labels = [f"g{i:06d}" for i in range(100_000)] + ["a\x00b", "x,\"y\"", "\u00e9t\u00e9 \U0001f600"]
+    groups = Groups.from_labels(labels, "many")
+    handle = Store.open(tmp_path / "store", create=True)
+    bind_groups(handle, groups)
+    assert len(json.dumps(handle.manifest)) < 1000
+    back = Store.open(tmp_path / "store")
+    assert stored_groups(back).names == tuple(sorted(labels)) and stored_groups(back).sha256 == groups.sha256
+    older = Store.open(tmp_path / "older", create=True)
+    older.write_array(layout.GROUP_CODES, groups.codes)
+    older.set_section("groups", {**groups.record(), "names": list(groups.names)})
+    assert stored_groups(Store.open(tmp_path / "older")).names == groups.names
+
+
+def test_group_scores_too_big_for_memory_are_refused_before_they_are_made(grouped, monkeypatch):
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 500)  # 9 x 6 float64 twice: 864 bytes
+    with pytest.raises(UserError, match=r"the group scores of 9 targets x 6 groups need .* of memory, and .* is "
+                                        r"free; choose fewer targets"):
+        group_scores(grouped["store"])
+    assert group_scores(grouped["store"], chosen_targets=[3]).per_target.shape == (1, 6)
 
 
 def test_the_group_chart_draws_the_strongest_groups_with_their_signs(grouped, tmp_path):

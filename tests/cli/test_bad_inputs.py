@@ -347,7 +347,7 @@ CASES = [
     Case("jsonl-not-utf8", None, [*LM, "jsonl:F/latin1.jsonl"], "latin1.jsonl:2: not UTF-8 text"),
     Case("jsonl-labels-on-some-texts", None, [*LM, "jsonl:F/some-labels.jsonl"], '1 of 2 texts have no "label"'),
     Case("text-longer-than-the-context", None, [*LM, "jsonl:F/long.jsonl"],
-         "has 601 tokens, more than the context of model gpt (width 16, 1 layers, 2 heads) (512); pass --max-length 512"),
+         "has at least 601 tokens, more than the context of model gpt (width 16, 1 layers, 2 heads) (512); pass --max-length 512"),
     Case("max-length-below-two", None, [*LM, "jsonl:F/texts.jsonl", "--max-length", "1"], "--max-length must be at least 2"),
     Case("tokenizer-folder-missing", None, [*LM, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/missing"], "no folder"),
     Case("tokenizer-folder-incomplete", None, [*LM, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/folder"],

@@ -26,6 +26,8 @@ from trakwomp.store import Store
 
 from trakwomp.data.base import Batch, load_batch
 from trakwomp.data.specs import load_dataset
+from trakwomp.data.text import ByteTokenizer, HuggingFaceTokenizer
+from trakwomp.errors import UserError
 from trakwomp.features.gradients import PerExampleGradients, select_parameters
 from trakwomp.features.projectors import ProjectorSpec
 from trakwomp.models.spec import ModelSpec
@@ -35,12 +37,6 @@ from trakwomp.tasks.causal_lm import CausalLM
 from trakwomp.tasks.classification import Classification
 
 ASSET = REPO / "trakwomp" / "assets" / "fortunes_mini.jsonl.gz"
-
-
-
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +73,36 @@ def test_jsonl_labels_sources_truncation_and_a_fingerprint_over_the_tokens(tmp_p
     batch = load_batch(data, [0, 2])
     ids, mask = batch.inputs
     assert ids.shape == (2, 14) and mask.sum(1).tolist() == [14, 6] and (ids[1, 6:] == 0).all()
+
+
+def test_a_text_longer_than_the_context_is_refused_by_its_bytes_before_it_is_tokenized(tmp_path, monkeypatch):
+    """A 2 MB line against a 512-token context: its byte length proves it too long, so the
+    tokenizer never runs (on a 100 MB line it would hold about 1 GB before the refusal)."""
+    path = write_jsonl(tmp_path / "long.jsonl", [{"text": "short one"}, {"text": "y" * 2_000_000}])
+    data = load_dataset(f"jsonl:{path}")
+
+    def no_tokenizing(*args):
+        raise AssertionError("the texts were tokenized")
+
+    monkeypatch.setattr(ByteTokenizer, "encode", no_tokenizing)
+    with pytest.raises(UserError, match=r"text 1 of .* has at least 2000001 tokens, more than the context .*\(512\)"):
+        train(tmp_path / "store", data, TINY_GPT, task=CausalLM())
+    assert not (tmp_path / "store").exists()
+
+
+def test_the_token_bound_from_bytes_holds_and_a_cut_keeps_the_first_ids(hf_folder):
+    """Against the tokenizers run directly: the bound never exceeds the real count (and is not
+    trivially 0), and `encode` with a limit returns the full encoding's first ids and full count."""
+    texts = [r["text"] for r in fortunes("test", 40)] + ["\u00e9\u00e8" * 30, "\u65e5\u672c\u8a9e", " " * 20, "x"]
+    hf = HuggingFaceTokenizer(str(hf_folder))
+    full = {"bytes": [[256, *t.encode("utf-8")] for t in texts], "hf": hf.tokenizer(texts)["input_ids"]}
+    for name, tokenizer in (("bytes", ByteTokenizer()), ("hf", hf)):
+        counts = np.array([len(ids) for ids in full[name]])
+        fewest = tokenizer.fewest_tokens(texts)
+        assert (fewest <= counts).all() and (fewest > 0).all(), name
+        ids, lengths = tokenizer.encode(texts, 7)
+        assert lengths.tolist() == counts.tolist() and [i.tolist() for i in ids] == [f[:7] for f in full[name]]
+    assert (ByteTokenizer().fewest_tokens(texts) == [len(f) for f in full["bytes"]]).all()
 
 
 def test_the_causal_lm_output_is_the_log_odds_of_the_sequence_or_token_probability():

@@ -2,9 +2,11 @@
 store lease is held by one process at a time and never broken under a live holder, checksums
 catch damage that still decodes, and leftovers of killed writes are cleaned up."""
 
+import errno
 import json
 import multiprocessing
 import os
+import threading
 import time
 import uuid
 import warnings
@@ -274,3 +276,49 @@ def test_a_store_that_ignores_create_if_absent_gives_no_two_holders(tmp_path, sh
     with pytest.raises(StoreError, match="lost the manifest lease"):
         first.check()
     second.check()
+
+
+class AnswersLikeS3(ObjectLikeFileSystem):
+    """Conditional creates answered as s3fs reports S3's replies: a lost race as a 412 without a
+    Condition field (OSError EINVAL, not FileExistsError), the first create as a 409
+    ConditionalRequestConflict (OSError EBUSY, nothing written), or every create as a 403."""
+
+    def __init__(self, answer, **kwargs):
+        super().__init__(**kwargs)
+        self.answer, self.conflicts = answer, 0
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        if mode == "create" and self.answer == "409" and self.conflicts == 0:
+            self.conflicts += 1
+            raise OSError(errno.EBUSY, "ConditionalRequestConflict")
+        if mode == "create" and self.answer == "403":
+            raise PermissionError(errno.EACCES, "Access Denied")
+        try:
+            super().pipe_file(path, value, mode=mode, **kwargs)
+        except FileExistsError:
+            raise OSError(errno.EINVAL, "At least one of the pre-conditions you specified did not hold") from None
+
+
+def s3_like_lease(root, answer):
+    return ObjectStoreLease(AsyncFileSystemWrapper(AnswersLikeS3(answer)), str(root), str(root))
+
+
+def test_a_412_without_its_condition_is_a_lost_race_and_the_loser_waits(tmp_path, short_lease):
+    holder = new_lease(tmp_path)
+    holder.acquire()
+    contender = s3_like_lease(tmp_path, "412")
+    assert not contender._take(0)  # generation 0 exists: the EINVAL reply lost the race
+    threading.Timer(0.3, holder.release).start()
+    contender.acquire()
+    assert contender.generation == 1
+    contender.check()
+
+
+def test_a_409_conditional_conflict_is_read_again_and_an_access_denied_is_one_line(tmp_path, short_lease):
+    conflicted = s3_like_lease(tmp_path / "a", "409")
+    conflicted.acquire()
+    assert conflicted.generation == 0 and conflicted.fs.sync_fs.conflicts == 1
+    conflicted.check()
+    with pytest.raises(StoreError, match=r"cannot create the manifest lease object .*: \[Errno 13\] Access Denied$"):
+        s3_like_lease(tmp_path / "b", "403").__enter__()
+    assert not list((tmp_path / "b").rglob("*"))

@@ -25,6 +25,7 @@ from trakwomp.analysis.ground_truth import GroundTruth
 from trakwomp.data.files import load_indices
 from trakwomp.data.groups import Groups, group_positions
 from trakwomp.errors import UserError
+from trakwomp.features.memory import check_dense_fits
 from trakwomp.stages.bindings import resolve_groups
 from trakwomp.stages.stored_scores import Selection
 from trakwomp.store import Store, layout
@@ -169,18 +170,22 @@ def group_scores(
     chosen = resolve_groups(handle, groups)
     num_targets = handle.array(layout.scores(key)).shape[0]
     rows = target_rows(num_targets, chosen_targets, target_set)
-    membership, chosen_rows = chosen.membership(), np.isin(np.arange(num_targets), rows)
-    totals, row_sum = [], np.zeros(len(chosen.codes))
+    check_dense_fits(2 * 8 * len(rows) * len(chosen.names), f"the group scores of {len(rows)} targets x "
+                     f"{len(chosen.names)} groups", "choose fewer targets (--target, --target-set) or fewer groups")
+    membership, position = chosen.membership(), np.full(num_targets, -1)
+    position[rows] = np.arange(len(rows))
+    per_target, row_sum = np.zeros((len(rows), len(chosen.names))), np.zeros(len(chosen.codes))
     for block_rows, block in selection.read(handle, key):
-        block = block.astype(np.float64)
-        totals.append(membership.T.dot(block.T).T)
-        row_sum += block[chosen_rows[block_rows.start:block_rows.stop]].sum(axis=0)
+        at = position[block_rows.start:block_rows.stop]
+        block = block[at >= 0].astype(np.float64)
+        per_target[at[at >= 0]] = membership.T.dot(block.T).T
+        row_sum += block.sum(axis=0)
     truth, by_group = calibration_truth(handle, key)
     calibration = None
     if truth is not None:  # model j's prediction, averaged over the chosen targets: mask_j . (their mean scores)
         calibration = Calibration.fit(truth.masks @ (row_sum / len(rows)), truth.margins[:, rows].mean(axis=1), by_group)
     return GroupScores(key, chosen.origin, rows.tolist(), list(chosen.names), chosen.sizes().tolist(),
-                       np.concatenate(totals)[rows], calibration)
+                       per_target, calibration)
 
 
 def predicted_change(scores: GroupScores, drop: list[str] = (), keep: list[str] = ()) -> np.ndarray:

@@ -67,6 +67,7 @@ class Dataset(ABC, torch.utils.data.Dataset):
     has_explicit_indices: bool
     _labels: np.ndarray
     lengths: np.ndarray | None = None  # tokens per example, for data batched by length
+    fewest_tokens: np.ndarray | None = None  # a lower bound of `lengths` known before tokenizing
     tokenizer = None  # what turned texts into tokens (its `record()` is bound to a store)
     max_length: int | None = None
     truncated: int = 0  # how many examples `max_length` cut

@@ -44,8 +44,22 @@ class Groups:
         return digest.hexdigest()
 
     def record(self) -> dict:
-        return {"names": list(self.names), "num_examples": len(self.codes), "sha256": self.sha256,
+        """What the store's manifest records; the names and codes are arrays beside it (a million
+        groups would make the manifest, rewritten on every update, tens of megabytes)."""
+        return {"num_groups": len(self.names), "num_examples": len(self.codes), "sha256": self.sha256,
                 "origin": self.origin}
+
+    def encoded_names(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the names' UTF-8 bytes one after another, where each name ends): names may hold any
+        character, NUL included."""
+        encoded = [name.encode("utf-8") for name in self.names]
+        return (np.frombuffer(b"".join(encoded), dtype=np.uint8),
+                np.cumsum([len(name) for name in encoded], dtype=np.int64))
+
+    @staticmethod
+    def decoded_names(joined: np.ndarray, ends: np.ndarray) -> tuple[str, ...]:
+        data = joined.tobytes()
+        return tuple(data[start:end].decode("utf-8") for start, end in zip([0, *ends[:-1].tolist()], ends.tolist()))
 
     def sizes(self) -> np.ndarray:
         return np.bincount(self.codes, minlength=len(self.names))

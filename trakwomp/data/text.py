@@ -11,6 +11,7 @@ their first `max_length` tokens and `truncated` counts them; without it, nothing
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -39,9 +40,17 @@ class ByteTokenizer:
     vocab_size = 257
     start = 256
 
-    def encode(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.concatenate([[self.start], np.frombuffer(t.encode("utf-8"), dtype=np.uint8)]).astype(np.int32)
-                for t in texts]
+    def encode(self, texts: list[str], limit: int | None) -> tuple[list[np.ndarray], np.ndarray]:
+        """Each text's first `limit` token ids (all without a limit), and its full token count,
+        1 + its UTF-8 bytes: the bytes past the limit are never turned into tokens."""
+        encoded = [t.encode("utf-8") for t in texts]
+        cut = None if limit is None else limit - 1
+        ids = [np.concatenate([[self.start], np.frombuffer(b[:cut], dtype=np.uint8)]).astype(np.int32) for b in encoded]
+        return ids, self.fewest_tokens(texts)
+
+    def fewest_tokens(self, texts: list[str]) -> np.ndarray:
+        """Tokens per text, known from the byte length alone (here exactly)."""
+        return np.array([1 + len(t.encode("utf-8")) for t in texts], dtype=np.int64)
 
     def record(self) -> dict:
         return {"spec": self.spec}
@@ -68,9 +77,23 @@ class HuggingFaceTokenizer:
         self.vocab_size = len(self.tokenizer)
         vocabulary = json.dumps(sorted(self.tokenizer.get_vocab().items()), ensure_ascii=False).encode("utf-8")
         self._record = {"spec": "hf", "vocab_size": self.vocab_size, "sha256": hashlib.sha256(vocabulary).hexdigest()}
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self._longest_token = max(len(token.encode("utf-8")) for token in self.tokenizer.get_vocab()) \
+            if backend is not None and backend.normalizer is None else None
 
-    def encode(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(ids, dtype=np.int32) for ids in self.tokenizer(texts)["input_ids"]]
+    def encode(self, texts: list[str], limit: int | None) -> tuple[list[np.ndarray], np.ndarray]:
+        """Each text's first `limit` token ids (all without a limit), and its full token count."""
+        ids = [np.asarray(i, dtype=np.int32) for i in self.tokenizer(texts)["input_ids"]]
+        return [i[:limit] for i in ids], np.array([len(i) for i in ids], dtype=np.int64)
+
+    def fewest_tokens(self, texts: list[str]) -> np.ndarray:
+        """A lower bound of the tokens per text from its UTF-8 length: a vocabulary entry spells
+        at least the bytes it stands for (byte-level BPE: a character per byte), so a text needs
+        at least bytes / longest entry tokens. A normalizer may delete characters (accents,
+        controls), so with one the bound is 0."""
+        if self._longest_token is None:
+            return np.zeros(len(texts), dtype=np.int64)
+        return np.array([-(-len(t.encode("utf-8")) // self._longest_token) for t in texts], dtype=np.int64)
 
     def record(self) -> dict:
         """The vocabulary itself, by hash (computed once, on loading): the same tokenizer in
@@ -108,6 +131,30 @@ def make_tokenizer(spec: str) -> ByteTokenizer | HuggingFaceTokenizer:
     raise UserError(f"unknown --tokenizer {spec!r}: expected bytes or hf:DIR")
 
 
+class Tokens:
+    """The token ids of a list of texts, made on first use (and shared by its selections), cut
+    to `max_length`, with every text's full token count."""
+
+    def __init__(self, texts: list[str], tokenizer, max_length: int | None):
+        self.texts, self.tokenizer, self.max_length = texts, tokenizer, max_length
+
+    @functools.cached_property
+    def fewest(self) -> np.ndarray:
+        return self.tokenizer.fewest_tokens(self.texts)
+
+    @functools.cached_property
+    def _encoded(self) -> tuple[list[np.ndarray], np.ndarray]:
+        return self.tokenizer.encode(self.texts, self.max_length)
+
+    @property
+    def ids(self) -> list[np.ndarray]:
+        return self._encoded[0]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self._encoded[1]
+
+
 class TextDataset(Dataset):
     """An ordered text dataset: example i is `(token ids, label)`; `text(i)` and `source(i)` give
     the text and where it came from. Labels index `classes` (the sorted distinct labels given);
@@ -116,19 +163,29 @@ class TextDataset(Dataset):
     preview = "text"
 
     def __init__(self, spec: str, texts: Sequence[str], sources: Sequence[str], labels: np.ndarray,
-                 classes: Sequence[str], tokenizer, max_length: int | None, tokens: list[np.ndarray] | None = None,
+                 classes: Sequence[str], tokenizer, max_length: int | None, tokens: "Tokens | None" = None,
                  indices: np.ndarray | None = None):
         self.spec = spec
         self._texts, self._sources, self._labels = list(texts), list(sources), np.asarray(labels, dtype=np.int64)
         self.classes = tuple(classes)
         self.tokenizer, self.max_length = tokenizer, max_length
-        self._tokens = tokens if tokens is not None else tokenizer.encode(self._texts)
+        self._tokens = tokens if tokens is not None else Tokens(self._texts, tokenizer, max_length)
         self.has_explicit_indices = indices is not None
         self.indices = np.arange(len(self._texts)) if indices is None else np.asarray(indices, dtype=np.int64)
-        self._lengths = np.array([len(t) for t in self._tokens], dtype=np.int64)
 
     def _ids(self, j: int) -> np.ndarray:
-        return self._tokens[j][: self.max_length]
+        return self._tokens.ids[j]
+
+    @property
+    def _lengths(self) -> np.ndarray:
+        return self._tokens.lengths
+
+    @property
+    def fewest_tokens(self) -> np.ndarray:
+        """A lower bound of the tokens per example after truncation, from byte lengths alone:
+        a text too long for a model's context is refused before it is tokenized."""
+        fewest = self._tokens.fewest[self.indices]
+        return fewest if self.max_length is None else np.minimum(fewest, self.max_length)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         j = int(self.indices[i])
@@ -198,7 +255,7 @@ def read_jsonl(spec: str, path: str) -> list[dict]:
     rows = []
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
-            if not line.strip():
+            if not line or line.isspace():
                 continue
             try:
                 row = json.loads(line.decode("utf-8"))

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -51,6 +52,9 @@ from trakwomp.tasks.base import Task
 
 def module_kind(module: nn.Module) -> str | None:
     """Which factored rule applies to `module`, or None if its parameters are left out."""
+    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim and module.bias_k is None \
+            and not module.add_zero_attn:
+        return "attention"  # its packed in-projection; its out_proj is a Linear of its own
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding):
@@ -82,8 +86,16 @@ class FactoredLayer:
         return asdict(self)
 
 
+def weight_and_bias(module: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight a factored rule covers, and its bias (MultiheadAttention: the in-projection)."""
+    if kind == "attention":
+        return module.in_proj_weight, module.in_proj_bias
+    return module.weight, getattr(module, "bias", None)
+
+
 def _shape(kind: str, module: nn.Module, with_bias: bool) -> tuple[int, int]:
-    rows, cols = module.weight.shape[0], module.weight[0].numel()
+    weight, _ = weight_and_bias(module, kind)
+    rows, cols = weight.shape[0], weight[0].numel()
     if with_bias and kind == "conv1d":
         return rows + 1, cols
     return rows, cols + int(with_bias)
@@ -98,8 +110,9 @@ def weight_modules(model: nn.Module) -> list[tuple[nn.Module, str, str, str | No
     found = []
     for module in model.modules():
         kind = module_kind(module)
-        if kind and id(module.weight) in name_of:
-            found.append((module, kind, name_of[id(module.weight)], name_of.get(id(getattr(module, "bias", None)))))
+        weight, bias = weight_and_bias(module, kind) if kind else (None, None)
+        if kind and id(weight) in name_of:
+            found.append((module, kind, name_of[id(weight)], name_of.get(id(bias))))
     return found
 
 
@@ -137,21 +150,52 @@ def side_projection(seed: int, model_id: int, layer: str, side: int, size: int, 
     return torch.randn(size, rank, generator=generator).div_(math.sqrt(rank))
 
 
+ORIGINAL_LINEAR = F.linear
 VERIFY_EXAMPLES = 2  # examples of the first batch whose factored features are checked against autograd
 VERIFY_TOLERANCE = 1e-3  # relative error, far above float32 rounding, far below a missing term
+
+
+def sequence_first(x: torch.Tensor, batch_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Inside nn.MultiheadAttention, torch lays the in-projection's input out as (T, batch, E) and
+    the out-projection's as (T * batch, E): a function that puts the example axis first."""
+    if x.ndim == 3:
+        return lambda t: t.transpose(0, 1)
+    return lambda t: t.reshape(-1, batch_size, t.shape[-1]).transpose(0, 1)
+
+
+@dataclass
+class LayerCall:
+    """One use of a layer's weight in the forward pass: its input, its output (whose gradient is
+    taken), the versions both had then, and, for a use inside nn.MultiheadAttention, the rows of
+    the weight it used and the function that puts the example axis first."""
+
+    module: nn.Module
+    kind: str
+    index: int
+    inputs: torch.Tensor
+    output: torch.Tensor
+    rows: tuple[int, int] | None = None
+    with_bias: bool = True
+    arrange: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+
+    def __post_init__(self):
+        self.versions = (self.output._version, self.inputs._version)
 
 
 class FactoredFeatures(GradientEngine):
     """Projected gradients phi(x) = (P_R kron P_C)^T vec(dW) per layer, for batches, from one
     batched forward and backward pass with hooks (no weight gradient is computed).
 
-    Hooks see a layer's input and output only, so a weight used outside its module's forward
-    (nn.MultiheadAttention's out_proj, a head tied by F.linear(h, embedding.weight)) or a gradient
-    the module changes (Embedding(scale_grad_by_freq=True)) would go missing: on the first batch,
-    each layer's features of the first examples are checked against P_R^T dW P_C of the example's
-    own gradient (autograd on the example alone), and a layer that differs is refused by name.
-    An output changed in place after its layer (ReLU(inplace=True)) is handled by handing the next
-    module a copy from then on; an input changed in place after its layer is refused."""
+    Hooks see a layer's input and output only. nn.MultiheadAttention uses its in-projection and
+    its out_proj's weight through F.linear inside its own forward: while it runs, F.linear is
+    replaced by one that records each use of a covered weight (a row slice of the packed
+    in-projection for q, k and v), with the sequence-first layout torch uses there. A weight used
+    elsewhere outside its module's forward (a head tied by F.linear(h, embedding.weight)) or a
+    gradient the module changes (Embedding(scale_grad_by_freq=True)) would go missing: on the first
+    batch, each layer's features of the first examples are checked against P_R^T dW P_C of the
+    example's own gradient (autograd on the example alone), and a layer that differs is refused by
+    name. An output changed in place after its layer (ReLU(inplace=True)) is handled by handing
+    the next module a copy from then on; an input changed in place after its layer is refused."""
 
     def __init__(self, model: nn.Module, layers: list[FactoredLayer], seed: int, model_id: int,
                  device: torch.device, task: Task):
@@ -159,10 +203,13 @@ class FactoredFeatures(GradientEngine):
         self.dims = sum(layer.width for layer in layers)
         index = {layer.name: i for i, layer in enumerate(layers)}
         self.modules = {}  # module -> (kind, layer index)
-        for module, kind, weight, _ in weight_modules(self.model):
+        self.weights = {}  # id of a covered weight -> (its module, kind, layer index)
+        for module, kind, weight, bias in weight_modules(self.model):
             if weight in index:
                 self.modules[module] = (kind, index[weight])
-                module.weight.requires_grad_(True)  # the graph must reach every hooked output
+                tensor = weight_and_bias(module, kind)[0]
+                tensor.requires_grad_(True)  # the graph must reach every hooked output
+                self.weights[id(tensor)] = (module, kind, index[weight])
         self.kinds = {i: kind for kind, i in self.modules.values()}
         self.projections = [
             tuple(side_projection(seed, model_id, layer.name, side, size, rank).to(device)
@@ -189,53 +236,88 @@ class FactoredFeatures(GradientEngine):
             return None
         f, calls = calls
         features = torch.zeros(len(batch), self.dims, device=self.device)
-        for module, inputs, g in calls:
+        for call, g in calls:
             if g is None:
                 continue
+            g, inputs = call.arrange(g), call.arrange(call.inputs)
             if g.shape[0] != len(batch):
-                raise UserError(f"a {type(module).__name__} layer runs on inputs shared by the whole batch, which a "
-                                "factored projection cannot split by example; use --projector sjlt")
-            kind, i = self.modules[module]
-            u, v = self._factors(kind, module, inputs, g, *self.projections[i])
-            features[:, self.offsets[i]:self.offsets[i + 1]] += torch.bmm(u.transpose(1, 2), v).flatten(1)
+                raise UserError(f"a {type(call.module).__name__} layer runs on inputs shared by the whole batch, "
+                                "which a factored projection cannot split by example; use --projector sjlt")
+            p_rows, p_cols = self.projections[call.index]
+            if call.rows is not None:
+                p_rows = p_rows[call.rows[0]:call.rows[1]]
+            u, v = self._factors(call.kind, call.module, inputs, g, p_rows, p_cols, call.with_bias)
+            features[:, self.offsets[call.index]:self.offsets[call.index + 1]] += torch.bmm(u.transpose(1, 2), v).flatten(1)
         f = f.detach().float()
         return BatchFeatures(features, f, self.task.weights(f, batch))
 
     def _forward_backward(self, batch: Batch):
-        """(f, [(module, its input, the gradient at its output)]) from one pass with hooks, or None
-        if an output was changed in place after its layer; an input changed so is refused."""
-        calls = []
+        """(f, [(call, the gradient at its output)]) from one pass with hooks, or None if an output
+        was changed in place after its layer; an input changed so is refused."""
+        calls: list[LayerCall] = []
 
         def record(module, args, output):
-            calls.append((module, args[0], output, output._version, args[0]._version))
+            kind, i = self.modules[module]
+            calls.append(LayerCall(module, kind, i, args[0], output, with_bias=getattr(module, "bias", None) is not None))
             return output.clone() if self.copy_outputs else None
 
+        hooks = [module.register_forward_hook(record) for module, (kind, _) in self.modules.items()
+                 if kind != "attention"]
+        hooks += [module.register_forward_pre_hook(self._per_example_ids(len(batch)))
+                  for module, (kind, _) in self.modules.items() if kind == "embedding"]
+        hooks += self._attention_hooks(calls, len(batch))
+        try:
+            with torch.enable_grad():
+                f = self.task.outputs(self.model(*batch.inputs), batch)
+                if any(call.output._version != call.versions[0] for call in calls):
+                    return None
+                for call in calls:
+                    if call.inputs._version != call.versions[1]:
+                        raise UserError(f"the input of layer {self.layers[call.index].name} is changed in place "
+                                        "after the layer, so hooks cannot read its gradient; use --projector sjlt "
+                                        "for this model")
+                grads = torch.autograd.grad(f.sum(), [call.output for call in calls], allow_unused=True)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            F.linear = ORIGINAL_LINEAR
+        return f, list(zip(calls, grads))
+
+    @staticmethod
+    def _per_example_ids(batch_size: int):
         def per_example_ids(module, args):
             """Ids shared by the whole batch (positions: (T,) or (1, T)), repeated for each example,
             so that the embedding's output, and the gradient there, is per example."""
             ids = args[0]
-            if ids.ndim == 1 or (ids.shape[0] == 1 and len(batch) > 1):
-                return (ids.expand(len(batch), ids.shape[-1]), *args[1:])
+            if ids.ndim == 1 or (ids.shape[0] == 1 and batch_size > 1):
+                return (ids.expand(batch_size, ids.shape[-1]), *args[1:])
             return None
 
-        hooks = [module.register_forward_hook(record) for module in self.modules]
-        hooks += [module.register_forward_pre_hook(per_example_ids) for module, (kind, _) in self.modules.items()
-                  if kind == "embedding"]
-        try:
-            with torch.enable_grad():
-                f = self.task.outputs(self.model(*batch.inputs), batch)
-                if any(output._version != version for _, _, output, version, _ in calls):
-                    return None
-                for module, inputs, _, _, version in calls:
-                    if inputs._version != version:
-                        raise UserError(f"the input of layer {self.layers[self.modules[module][1]].name} is changed "
-                                        "in place after the layer, so hooks cannot read its gradient; use "
-                                        "--projector sjlt for this model")
-                grads = torch.autograd.grad(f.sum(), [output for _, _, output, _, _ in calls], allow_unused=True)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return f, [(module, inputs, g) for (module, inputs, _, _, _), g in zip(calls, grads)]
+        return per_example_ids
+
+    def _attention_hooks(self, calls: list[LayerCall], batch_size: int) -> list:
+        """Hooks that, while a covered nn.MultiheadAttention runs, record its weights' F.linear uses."""
+        def recording_linear(x, weight, bias=None):
+            out = ORIGINAL_LINEAR(x, weight, bias)
+            base = weight if weight._base is None else weight._base
+            if id(base) not in self.weights:
+                return out
+            module, kind, i = self.weights[id(base)]
+            start = (weight.data_ptr() - base.data_ptr()) // (base.stride(0) * base.element_size())
+            with_bias = bias is not None and self.layers[i].bias is not None
+            calls.append(LayerCall(module, "linear", i, x, out, (start, start + weight.shape[0]), with_bias,
+                                   sequence_first(x, batch_size)))
+            return out.clone() if self.copy_outputs else out
+
+        def enter(module, args):
+            F.linear = recording_linear
+
+        def leave(module, args, output):
+            F.linear = ORIGINAL_LINEAR
+
+        attention = [module for module, (kind, _) in self.modules.items() if kind == "attention"]
+        return [hook for module in attention for hook in (module.register_forward_pre_hook(enter),
+                                                          module.register_forward_hook(leave))]
 
     def _verify(self, batch: Batch, features: torch.Tensor) -> None:
         """Each layer's features of the first VERIFY_EXAMPLES examples against P_R^T dW P_C of the
@@ -257,9 +339,9 @@ class FactoredFeatures(GradientEngine):
                 if error > VERIFY_TOLERANCE:
                     raise UserError(f"layer {layer.name}: its factored features differ from the projection of its "
                                     f"per-example gradient (relative error {error:.2g}): the weight is used outside "
-                                    "the layer's forward (nn.MultiheadAttention's out_proj, a weight tied by "
-                                    "F.linear), or the layer changes its gradient (Embedding(scale_grad_by_freq)); "
-                                    "use --projector sjlt for this model")
+                                    "the layer's forward (a weight tied by F.linear; an nn.MultiheadAttention with "
+                                    "kdim, vdim, bias_k or add_zero_attn), or the layer changes its gradient "
+                                    "(Embedding(scale_grad_by_freq)); use --projector sjlt for this model")
 
     def _projected(self, i: int, layer: FactoredLayer, grads: dict) -> torch.Tensor:
         """P_R^T dW P_C of one example's gradient, flattened: dW as R x C with the bias as one more
@@ -273,10 +355,10 @@ class FactoredFeatures(GradientEngine):
 
     @staticmethod
     def _factors(kind: str, module: nn.Module, a: torch.Tensor, g: torch.Tensor, p_rows: torch.Tensor,
-                 p_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P_R^T u_t, P_C^T v_t) for every example and position: (batch, T, k_R), (batch, T, k_C)."""
+                 p_cols: torch.Tensor, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_R^T u_t, P_C^T v_t) for every example and position: (batch, T, k_R), (batch, T, k_C);
+        `with_bias`: the use added the layer's bias (which is featurized if P has its row)."""
         batch = len(g)
-        has_bias = getattr(module, "bias", None) is not None
         if kind == "conv2d":
             width = a.shape[1] * module.weight[0, 0].numel()
             kernels = p_cols[:width].T.reshape(-1, *module.weight.shape[1:])
@@ -294,6 +376,6 @@ class FactoredFeatures(GradientEngine):
         a = a.detach().reshape(batch, -1, a.shape[-1])
         if kind == "linear":
             v = a @ p_cols[:a.shape[-1]]
-            return g @ p_rows, v + p_cols[-1] if has_bias and len(p_cols) > a.shape[-1] else v
+            return g @ p_rows, v + p_cols[-1] if with_bias and len(p_cols) > a.shape[-1] else v
         u = a @ p_rows[:a.shape[-1]]
-        return (u + p_rows[-1] if has_bias and len(p_rows) > a.shape[-1] else u), g @ p_cols
+        return (u + p_rows[-1] if with_bias and len(p_rows) > a.shape[-1] else u), g @ p_cols

@@ -74,6 +74,14 @@ def free_bytes(device: torch.device) -> int | None:
     return free
 
 
+def check_dense_fits(need: int, what: str, advice: str) -> None:
+    """Refuse, before it is allocated, a dense array of `need` bytes (with its temporaries) that
+    the machine has no free memory for."""
+    free = free_bytes(torch.device("cpu"))
+    if free is not None and need > free:
+        raise UserError(f"{what} need {size(need)} of memory, and {size(free)} is free; {advice}")
+
+
 def saved_activation_bytes(model: nn.Module, data: Dataset, task: Task, device: torch.device) -> int:
     """Bytes autograd saves for the backward pass of the task's output on the longest example of
     `data`, beyond the model's own parameters and buffers (which it saves by reference)."""

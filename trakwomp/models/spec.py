@@ -103,13 +103,14 @@ def check_model_fits_data(model: nn.Module, dataset, device: torch.device, spec:
     """Refuse, with one clear message, data the task cannot use, and a model that cannot take
     the data (a text longer than its context included) or does not give the task's output shape
     with `output_size` outputs."""
-    task.check_data(dataset)
     context = getattr(model, "context", None)
-    lengths = dataset.lengths
-    if context is not None and lengths is not None and lengths.max() > context:
-        i = int(lengths.argmax())
-        raise UserError(f"text {i} of {dataset.spec} has {lengths[i]} tokens, more than the context of model {spec} "
-                        f"({context}); pass --max-length {context} to cut longer texts")
+    for bound, lengths in (("at least ", lambda: dataset.fewest_tokens), ("", lambda: dataset.lengths)):
+        lengths = lengths()  # the bound first: it needs no tokenizing
+        if context is not None and lengths is not None and lengths.max() > context:
+            i = int(lengths.argmax())
+            raise UserError(f"text {i} of {dataset.spec} has {bound}{lengths[i]} tokens, more than the context of "
+                            f"model {spec} ({context}); pass --max-length {context} to cut longer texts")
+    task.check_data(dataset)
     batch = load_batch(dataset, range(min(2, len(dataset))))
     model.to(device).eval()
     try:

@@ -105,7 +105,9 @@ def stored_groups(handle: Store) -> Groups | None:
     if recorded is None:
         return None
     codes = handle.read_array(layout.GROUP_CODES)
-    groups = Groups(tuple(recorded["names"]), codes, recorded["origin"])
+    names = tuple(recorded["names"]) if "names" in recorded else \
+        Groups.decoded_names(handle.read_array(layout.GROUP_NAMES), handle.read_array(layout.GROUP_NAME_ENDS))
+    groups = Groups(names, codes, recorded["origin"])  # stores made before 2026-12-03 keep names in the manifest
     if groups.sha256 != recorded["sha256"]:
         raise handle.damaged("its groups (groups/codes does not match the recorded SHA-256)")
     return groups
@@ -119,8 +121,9 @@ def check_groups(handle: Store, groups: Groups) -> None:
         raise UserError(f"the groups ({groups.origin}) cover {len(groups.codes)} examples, but the store's train set "
                         f"has {num_examples}")
     if recorded is not None and recorded["sha256"] != groups.sha256:
+        count = recorded["num_groups"] if "num_groups" in recorded else len(recorded["names"])
         raise UserError(f"the groups of {groups.origin} ({len(groups.names)} groups) differ from those store "
-                        f"{handle.location!r} records ({recorded['origin']}, {len(recorded['names'])} groups); "
+                        f"{handle.location!r} records ({recorded['origin']}, {count} groups); "
                         "leave out --groups to use the store's, or use a new store")
 
 
@@ -128,6 +131,9 @@ def bind_groups(handle: Store, groups: Groups) -> None:
     """Record `groups` in the store, or check them against those it records."""
     check_groups(handle, groups)
     if "groups" not in handle.manifest:
+        joined, ends = groups.encoded_names()
+        handle.write_array(layout.GROUP_NAMES, joined, chunks=(max(1, min(len(joined), 1 << 22)),))
+        handle.write_array(layout.GROUP_NAME_ENDS, ends)
         handle.write_array(layout.GROUP_CODES, groups.codes)
         handle.set_section("groups", groups.record())
 

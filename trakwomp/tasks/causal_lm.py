@@ -72,14 +72,18 @@ class CausalLM(Task):
         return f"target loss {value:.3f} nats/token"
 
     def output_size(self, dataset: Dataset) -> int:
-        """The vocabulary of `dataset`'s tokenizer (checked to be text)."""
-        self.check_data(dataset)
+        """The vocabulary of `dataset`'s tokenizer (checked to be text; its lengths are checked
+        by `check_data`, once the model's context is known not to be exceeded)."""
+        self.check_text(dataset)
         return dataset.tokenizer.vocab_size
 
-    def check_data(self, dataset: Dataset) -> None:
-        lengths = dataset.lengths
+    def check_text(self, dataset: Dataset) -> None:
         if dataset.tokenizer is None:
             raise UserError(f"causal-lm needs text data (fortunes-mini:..., jsonl:PATH), not {dataset.spec}")
+
+    def check_data(self, dataset: Dataset) -> None:
+        self.check_text(dataset)
+        lengths = dataset.lengths
         if lengths.min() < 2:
             i = int(lengths.argmin())
             raise UserError(f"text {i} of {dataset.spec} has {lengths[i]} token(s): a causal LM needs at least 2, "
