@@ -204,8 +204,9 @@ def test_the_batch_size_is_lowered_to_what_fits_and_features_do_not_change(train
     limit = need.total(5) + 1  # room for 5 examples per batch, not 6
     report = featurize(small, projector=spec, chunk_rows=48, batch_size=48, memory_limit=limit)
     assert report.batch_size == 5
-    np.testing.assert_allclose(Store.open(small).array("features/000000/phi")[...],
-                               Store.open(big).array("features/000000/phi")[...], rtol=1e-5, atol=1e-7)
+    expected = Store.open(big).array("features/000000/phi")[...]  # float32 sums in another blocking: a few eps of the scale
+    np.testing.assert_allclose(Store.open(small).array("features/000000/phi")[...], expected, rtol=1e-5,
+                               atol=1e-5 * np.abs(expected).max())
 
 
 def test_without_projector_options_a_model_beyond_20m_parameters_gets_the_factored_projection(tmp_path, user_module,

@@ -47,7 +47,8 @@ def test_train_featurize_finalize_score_lds_predict(cli, tmp_path):
     # the store holds the raw scores; exports soft-threshold them at 0.25 x each target's RMS by default
     stored = zarr.open_group(str(store), mode="r")["scores"]
     raw = next(stored[f"{key}/tau"][...] for key in stored.group_keys() if "-b4-" in key)
-    np.testing.assert_allclose(scores, soft_thresholded(raw), rtol=1e-5, atol=1e-7)
+    # float32 thresholding against float64: a few roundings of the largest |score|, whatever the CPU
+    np.testing.assert_allclose(scores, soft_thresholded(raw), rtol=1e-5, atol=1e-6 * np.abs(raw).max())
     assert (scores == 0).mean() > 0.1
     ok("score", store, "--targets", targets, "--blocks", "4", "--quiet", "--chunk-rows", "4", "--threshold", "0",
        "--out", tmp_path / "scoresraw.npy")
