@@ -86,7 +86,7 @@ def recipe_default(field: str) -> str:
 
 
 def report_truncation(dataset, what: str) -> None:
-    """Say how many texts --max-length cut."""
+    """Say how many texts --max-length cut (once the command has run, so that an error stays one line)."""
     if dataset is not None and dataset.truncated:
         console.print(f"{what}: cut {dataset.truncated} of {len(dataset)} texts to --max-length {dataset.max_length} tokens")
 

@@ -96,6 +96,7 @@ def train(
     group_alpha: Optional[float] = setting(Recipe, "group_alpha", "--group-alpha"),
     exclude_groups: list[str] = setting(Recipe, "exclude_groups", "--exclude-groups", default=[]),
     save_checkpoints: int = setting(Recipe, "save_checkpoints", "--save-checkpoints"),
+    train_on_prompt: bool = setting(Recipe, "train_on_prompt", "--train-on-prompt"),
     json_out: bool = JsonOpt,
 ):
     """Train reference models (or LDS evaluation models) on random alpha-subsets of --data."""
@@ -103,16 +104,16 @@ def train(
     spec = ModelSpec.parse(model or chosen_task.default_model, width, layers, heads)
     recipe = Recipe.for_task(chosen_task, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                              threads=threads, group_alpha=group_alpha, save_checkpoints=save_checkpoints,
-                             exclude_groups=tuple(parse_group_names(exclude_groups)))
+                             exclude_groups=tuple(parse_group_names(exclude_groups)), train_on_prompt=train_on_prompt)
     settings = TrainSettings(device, Shard.parse(shard), chosen_task, role.value, num_models, recipe, groups)
     if target_indices is not None and targets is None:
         raise UserError("--target-indices needs --targets")
     train_set = load_dataset(data, indices, transform, download, tokenizer, max_length)
     target_set = load_dataset(targets, target_indices, transform, download, tokenizer, max_length) if targets else None
-    report_truncation(train_set, "--data")
-    report_truncation(target_set, "--targets")
     with progress_for(quiet) as progress:
         report = Train(settings, train_set, spec, target_set).run(store, progress)
+    report_truncation(train_set, "--data")  # after the run: a refusal stays one line
+    report_truncation(target_set, "--targets")
     if json_out:
         print_json(report)
     if not quiet:
@@ -185,9 +186,9 @@ def featurize(
     if not data and (indices or transform or tokenizer or max_length):
         raise UserError("--indices, --transform, --tokenizer and --max-length go with --data")
     train_set = load_store_data(store, data, indices, transform, tokenizer, max_length) if data else None
-    report_truncation(train_set, "--data")
     with progress_for(quiet) as progress:
         report = Featurize(settings, train_set, spec, expand_checkpoints(checkpoint)).run(store, progress)
+    report_truncation(train_set, "--data")
     report_batch_size(batch_size, report.batch_size)
     if json_out:
         print_json(report)
@@ -258,9 +259,9 @@ def score(
                              ModelSpec.parse(model, width, layers, heads) if model else None, chunk_rows, batch_size,
                              parse_size(max_memory) if max_memory else None, out, top_k, top_k_out, threshold)
     target_set = load_store_data(store, targets, target_indices, transform, tokenizer, max_length)
-    report_truncation(target_set, "--targets")
     with progress_for(quiet) as progress:
         report = Score(settings, target_set).run(store, progress)
+    report_truncation(target_set, "--targets")
     report_batch_size(batch_size, report.batch_size)
     if json_out:
         print_json(report)

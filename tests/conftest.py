@@ -210,3 +210,23 @@ def write_scored_text_store(root: Path, store: str, train_file: str, targets_fil
     finalize(root / store)
     score(root / store, targets)
     return root / store
+
+
+def causal_lm_autograd_loop(net, examples, task, names):
+    """Each example (ids, label, first predicted token) alone, unpadded, through plain autograd,
+    with f from its closed form: the cross-entropies of tokens first..end (each predicted from
+    the tokens before it) summed to L, or averaged for the "token" output, and f = log(p / (1 - p))
+    with p = exp(-L)."""
+    params = dict(net.named_parameters())
+    rows, outputs = [], []
+    for ids, _, first in examples:
+        net.zero_grad()
+        logits = net(ids[None], torch.ones(1, len(ids), dtype=torch.bool))
+        logits = (logits.logits if hasattr(logits, "logits") else logits)[0].double()
+        losses = [-torch.log_softmax(logits[t - 1], -1)[ids[t]] for t in range(first, len(ids))]
+        loss = sum(losses) / (len(losses) if task.output == "token" else 1)
+        f = -loss - torch.log(-torch.expm1(-loss))
+        f.backward()
+        rows.append(torch.cat([params[n].grad.reshape(-1) for n in names]))
+        outputs.append(float(f.detach()))
+    return torch.stack(rows).float(), torch.tensor(outputs)

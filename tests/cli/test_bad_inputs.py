@@ -132,6 +132,11 @@ def write_text_inputs(root: Path) -> None:
     (root / "latin1.jsonl").write_bytes('{"text": "one"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
     (root / "some-labels.jsonl").write_text('{"text": "one", "label": "a"}\n{"text": "two"}\n')
     write_jsonl(root / "long.jsonl", [{"text": "x" * 600}])
+    write_jsonl(root / "no-completion.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "question?"}])
+    write_jsonl(root / "empty-completion.jsonl", [{"prompt": "question?", "completion": ""}])
+    write_jsonl(root / "text-and-prompts.jsonl", [{"prompt": "a", "completion": "b"}, {"text": "plain"}])
+    write_jsonl(root / "labelled-prompt.jsonl", [{"prompt": "a", "completion": "b", "label": "x"}])
+    write_jsonl(root / "long-prompt.jsonl", [{"prompt": "p" * 30, "completion": "c"}, {"prompt": "q", "completion": "d"}])
     write_hf_folder(root / "hf", [r["text"] for r in fortunes("train", 100)])
     (root / "config-only").mkdir()
     (root / "config-only" / "config.json").write_text((root / "hf" / "config.json").read_text())
@@ -348,6 +353,18 @@ CASES = [
     Case("jsonl-labels-on-some-texts", None, [*LM, "jsonl:F/some-labels.jsonl"], '1 of 2 texts have no "label"'),
     Case("text-longer-than-the-context", None, [*LM, "jsonl:F/long.jsonl"],
          "has at least 601 tokens, more than the context of model gpt (width 16, 1 layers, 2 heads) (512); pass --max-length 512"),
+    Case("prompt-without-completion", None, [*LM, "jsonl:F/no-completion.jsonl"],
+         'no-completion.jsonl:2: a row with a "prompt" needs a "completion" too'),
+    Case("empty-completion", None, [*LM, "jsonl:F/empty-completion.jsonl"],
+         'empty-completion.jsonl:1: "completion" must be a non-empty string'),
+    Case("text-rows-mixed-with-prompt-rows", None, [*LM, "jsonl:F/text-and-prompts.jsonl"],
+         "text-and-prompts.jsonl:2: a text row, but line 1 is a prompt row"),
+    Case("label-on-a-prompt-row", None, [*LM, "jsonl:F/labelled-prompt.jsonl"],
+         'labelled-prompt.jsonl:1: a prompt/completion row has no "label"'),
+    Case("prompt-longer-than-max-length", None, [*LM, "jsonl:F/long-prompt.jsonl", "--max-length", "16"],
+         "long-prompt.jsonl has 31 tokens, which leaves none of its completion within --max-length 16"),
+    Case("train-on-prompt-of-plain-texts", None, [*LM, "jsonl:F/texts.jsonl", "--train-on-prompt"],
+         "--train-on-prompt needs prompt/completion data"),
     Case("max-length-below-two", None, [*LM, "jsonl:F/texts.jsonl", "--max-length", "1"], "--max-length must be at least 2"),
     Case("tokenizer-folder-missing", None, [*LM, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/missing"], "no folder"),
     Case("tokenizer-folder-incomplete", None, [*LM, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/folder"],

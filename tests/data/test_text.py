@@ -14,6 +14,7 @@ import torch
 from conftest import (
     REPO,
     TINY_GPT,
+    causal_lm_autograd_loop,
     block_diagonal_scores,
     fortunes,
     independent_lds,
@@ -54,8 +55,8 @@ def test_fortunes_mini_is_small_has_its_provenance_and_keeps_train_and_test_apar
     provenance = (ASSET.parent / "fortunes_mini.md").read_text()
     assert "fortunes.tar.gz" in provenance and "BSD" in provenance and "build_fortunes_mini.py" in provenance
     # bytes: a start token, then the text's UTF-8 bytes
-    ids, label = train[0]
-    assert ids[0] == 256 and bytes(ids[1:].tolist()).decode("utf-8") == train.text(0) and label == 0
+    ids, label, first = train[0]
+    assert ids[0] == 256 and bytes(ids[1:].tolist()).decode("utf-8") == train.text(0) and label == 0 and first == 1
 
 
 def test_jsonl_labels_sources_truncation_and_a_fingerprint_over_the_tokens(tmp_path):
@@ -126,20 +127,6 @@ def test_the_causal_lm_output_is_the_log_odds_of_the_sequence_or_token_probabili
     assert float(long_loss) == pytest.approx(-399 * math.log(257), rel=400 * float(torch.finfo(torch.float32).eps))
 
 
-def autograd_loop(net, examples, task, names):
-    """Each example alone, unpadded, through plain autograd: (gradients, f)."""
-    params = dict(net.named_parameters())
-    rows, outputs = [], []
-    for ids, label in examples:
-        net.zero_grad()
-        single = Batch((ids[None], torch.ones(1, len(ids), dtype=torch.bool)), torch.tensor([label]))
-        f = task.outputs(net(*single.inputs), single)
-        f.sum().backward()
-        rows.append(torch.cat([params[n].grad.reshape(-1) for n in names]))
-        outputs.append(float(f.detach()))
-    return torch.stack(rows), torch.tensor(outputs)
-
-
 @pytest.mark.parametrize("output", ["sequence", "token"])
 def test_gpt_per_example_gradients_with_padding_match_single_examples(output):
     data = load_dataset("fortunes-mini:train")
@@ -150,7 +137,7 @@ def test_gpt_per_example_gradients_with_padding_match_single_examples(output):
     names = select_parameters(net, None)
     task = CausalLM(output)
     out = PerExampleGradients(net, names, torch.device("cpu"), task)(load_batch(data, positions))
-    expected, f = autograd_loop(net, [data[i] for i in positions], task, names)
+    expected, f = causal_lm_autograd_loop(net, [data[i] for i in positions], task, names)
     torch.testing.assert_close(out.rows, expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.q, torch.sigmoid(-f.float()))
@@ -163,7 +150,7 @@ def test_hugging_face_gpt2_per_example_gradients_with_padding_match_single_examp
     assert len(set(data.lengths[positions])) == 3
     names = select_parameters(net, None)
     out = PerExampleGradients(net, names, torch.device("cpu"), CausalLM())(load_batch(data, positions))
-    expected, f = autograd_loop(net, [data[i] for i in positions], CausalLM(), names)
+    expected, f = causal_lm_autograd_loop(net, [data[i] for i in positions], CausalLM(), names)
     torch.testing.assert_close(out.rows, expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
 
@@ -188,8 +175,14 @@ def test_a_text_classifier_by_factory_gets_margin_gradients(tmp_path, user_modul
     names = select_parameters(net, None)
     positions = list(range(6))
     out = PerExampleGradients(net, names, torch.device("cpu"), Classification())(load_batch(data, positions))
-    expected, f = autograd_loop(net, [data[i] for i in positions], Classification(), names)
-    torch.testing.assert_close(out.rows, expected, rtol=1e-4, atol=1e-6)
+    params = dict(net.named_parameters())
+    expected = []
+    for ids, label, _ in (data[i] for i in positions):  # the margin of each example alone, by autograd
+        logits = net(ids[None], torch.ones(1, len(ids), dtype=torch.bool))[0]
+        others = torch.cat([logits[:label], logits[label + 1:]])
+        expected.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            logits[label] - torch.logsumexp(others, 0), [params[n] for n in names])]))
+    torch.testing.assert_close(out.rows, torch.stack(expected), rtol=1e-4, atol=1e-6)
     report = train(tmp_path / "store", data, spec, num_models=1, recipe=None)
     assert report.trained == [0]
 
@@ -206,7 +199,7 @@ def test_featurized_text_equals_autograd_gradients_of_the_trained_model(tmp_path
     p = sum(param.numel() for param in net.parameters())
     featurize(tmp_path / "store", projector=ProjectorSpec("identity", 0, 1, p), chunk_rows=10, batch_size=4)
     store = Store.open(tmp_path / "store")
-    expected, f = autograd_loop(net, [data[i] for i in range(len(data))], task, names)
+    expected, f = causal_lm_autograd_loop(net, [data[i] for i in range(len(data))], task, names)
     torch.testing.assert_close(torch.from_numpy(store.array("features/000000/phi")[...]), expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(torch.from_numpy(store.array("features/000000/margins")[...]), f.float(), rtol=1e-5, atol=1e-5)
     assert store.manifest["task"] == {"name": "causal-lm", "output": "token"}

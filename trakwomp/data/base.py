@@ -16,25 +16,40 @@ from trakwomp.errors import UserError
 
 @dataclass(frozen=True)
 class Batch:
-    """What the model is called with (`model(*inputs)`) and, for classification, the labels."""
+    """What the model is called with (`model(*inputs)`), the labels, and for prompt/completion
+    text `predicted`: (batch, T) True at the tokens whose prediction the loss and f count (the
+    completion's); None where every real token after the first counts."""
 
     inputs: tuple[torch.Tensor, ...]
     labels: torch.Tensor
+    predicted: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(tuple(t.to(device) for t in self.inputs), self.labels.to(device))
+        return Batch(tuple(t.to(device) for t in self.inputs), self.labels.to(device),
+                     None if self.predicted is None else self.predicted.to(device))
+
+    def rows(self, start: int, stop: int) -> "Batch":
+        """Examples start..stop-1 of the batch."""
+        return Batch(tuple(t[start:stop] for t in self.inputs), self.labels[start:stop],
+                     None if self.predicted is None else self.predicted[start:stop])
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """Inputs then labels: what a per-example function is mapped over."""
-        return (*self.inputs, self.labels)
+        """Inputs, labels, then `predicted` if any: what a per-example function is mapped over."""
+        return (*self.inputs, self.labels, *(() if self.predicted is None else (self.predicted,)))
+
+    @property
+    def layout(self) -> tuple[int, bool]:
+        """How `tensors` splits back into a batch: (number of inputs, whether `predicted` follows)."""
+        return len(self.inputs), self.predicted is not None
 
     @classmethod
-    def of_tensors(cls, tensors: tuple[torch.Tensor, ...]) -> "Batch":
-        return cls(tuple(tensors[:-1]), tensors[-1])
+    def of_tensors(cls, tensors: tuple[torch.Tensor, ...], layout: tuple[int, bool]) -> "Batch":
+        count, with_predicted = layout
+        return cls(tuple(tensors[:count]), tensors[count], tensors[count + 1] if with_predicted else None)
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,8 @@ class Dataset(ABC, torch.utils.data.Dataset):
     _labels: np.ndarray
     lengths: np.ndarray | None = None  # tokens per example, for data batched by length
     fewest_tokens: np.ndarray | None = None  # a lower bound of `lengths` known before tokenizing
+    has_prompts: bool = False  # prompt/completion texts, of which the completions are predicted
+    completion_starts: np.ndarray | None = None  # per example, its completion's first token
     tokenizer = None  # what turned texts into tokens (its `record()` is bound to a store)
     max_length: int | None = None
     truncated: int = 0  # how many examples `max_length` cut
@@ -77,6 +94,11 @@ class Dataset(ABC, torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def predicting_prompts(self) -> "Dataset":
+        """The same examples with the prompts' tokens predicted too (--train-on-prompt)."""
+        raise UserError(f"--train-on-prompt needs prompt/completion data (jsonl rows with \"prompt\" and "
+                        f"\"completion\"), not {self.spec}")
 
     @property
     def labels(self) -> np.ndarray:

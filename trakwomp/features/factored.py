@@ -326,7 +326,7 @@ class FactoredFeatures(GradientEngine):
         parameters = dict(self.model.named_parameters())
         chosen = [name for layer in self.layers for name in (layer.name, layer.bias) if name]
         for row in range(min(VERIFY_EXAMPLES, len(batch))):
-            one = Batch(tuple(t[row:row + 1] for t in batch.inputs), batch.labels[row:row + 1])
+            one = batch.rows(row, row + 1)
             with torch.enable_grad():
                 f = self.task.outputs(self.model(*one.inputs), one).sum()
                 grads = torch.autograd.grad(f, [parameters[n] for n in chosen], allow_unused=True)

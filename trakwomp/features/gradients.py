@@ -51,16 +51,17 @@ class PerExampleGradients:
         self.num_params = sum(p.numel() for p in self.params.values())
         self.device, self.task = device, task
 
-        def output(params, tensors):
-            one = Batch.of_tensors(tuple(t.unsqueeze(0) for t in tensors))
+        def output(params, tensors, layout):
+            one = Batch.of_tensors(tuple(t.unsqueeze(0) for t in tensors), layout)
             f = task.outputs(functional_call(self.model, {**params, **self.constants}, one.inputs), one).squeeze(0)
             return f, f
 
-        self._grad = vmap(grad(output, has_aux=True), in_dims=(None, 0))
+        self._grad = vmap(grad(output, has_aux=True), in_dims=(None, 0, None))
 
     def per_parameter(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """({name: (batch, *shape) gradients}, outputs f) for a batch on the engine's device."""
-        return self._grad(self.params, batch.to(self.device).tensors)
+        batch = batch.to(self.device)
+        return self._grad(self.params, batch.tensors, batch.layout)
 
     def __call__(self, batch: Batch) -> BatchFeatures:
         """Rows: (batch, p) float32 gradients, a transposed view of a contiguous (p, batch) tensor

@@ -100,6 +100,13 @@ def stored_dataset(handle: Store) -> Dataset:
     return data
 
 
+def as_trained(handle: Store, data: Dataset) -> Dataset:
+    """The train set as the store's reference models were trained on it: with the prompts' tokens
+    predicted too if their recipe says --train-on-prompt (per-example gradients are those of the
+    loss the model was trained on)."""
+    return data.predicting_prompts() if handle.manifest.get("train_reference", {}).get("train_on_prompt") else data
+
+
 def stored_groups(handle: Store) -> Groups | None:
     recorded = handle.manifest.get("groups")
     if recorded is None:

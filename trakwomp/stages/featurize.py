@@ -25,7 +25,7 @@ from trakwomp.models.registry import read_checkpoints, register_models, trained_
 from trakwomp.models.spec import ModelSpec, check_model_fits_data
 from trakwomp.runtime import Progress, Shard
 from trakwomp.settings import option
-from trakwomp.stages.bindings import bind_training_inputs, stored_dataset, stored_task
+from trakwomp.stages.bindings import as_trained, bind_training_inputs, stored_dataset, stored_task
 from trakwomp.stages.skeleton import RunSettings, Stage, Work
 from trakwomp.store import Store, layout
 from trakwomp.tasks.base import Task
@@ -137,6 +137,7 @@ class Featurize(Stage[tuple[int, int], FeaturizeReport]):
 
     def bind(self, handle: Store) -> None:
         bind_training_inputs(handle, self.data, self.model, self.task)
+        self.data = as_trained(handle, self.data)
         handle.bind("featurize", self.features.record(self.parameters, self.chunk_rows),
                     "featurize with the store's projector settings, or use a new store")
         self.model_ids = register_models(handle, self.states, self.settings.run, self.trained)

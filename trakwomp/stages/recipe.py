@@ -59,6 +59,8 @@ class Recipe:
                                              "the others; --alpha does not apply).")
     exclude_groups: tuple[str, ...] = option((), "Groups (comma-separated or repeated) whose examples no model sees; "
                                                  "subsets are drawn from the rest.")
+    train_on_prompt: bool = option(False, "With prompt/completion data: train on the prompts' tokens too (by default "
+                                          "the loss covers the completions' only).")
     save_checkpoints: int = option(1, "K: keep K checkpoints along each reference model's run (after epochs "
                                       "floor(kE/K), the last being the model); featurize makes each a member of "
                                       "TRAK's ensemble.")
@@ -95,10 +97,11 @@ class Recipe:
     def as_recorded(self, recorded: dict | None) -> dict:
         """The recipe as a store's manifest records it; a store made before `threads` and
         `optimizer` were recorded (by trakwomp 0.1, SGD only) is matched without them. Group
-        options and checkpoints are recorded only when set."""
+        options, checkpoints and --train-on-prompt are recorded only when set."""
         recipe = asdict(self)
         recipe["exclude_groups"] = list(self.exclude_groups)
-        for optional, unset in (("group_alpha", None), ("exclude_groups", []), ("save_checkpoints", 1)):
+        for optional, unset in (("group_alpha", None), ("exclude_groups", []), ("save_checkpoints", 1),
+                                ("train_on_prompt", False)):
             if recipe[optional] == unset:
                 recipe.pop(optional)
         for added in ("threads", "optimizer"):

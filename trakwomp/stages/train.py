@@ -111,6 +111,8 @@ class Train(Stage[int, TrainReport]):
         if self.targets is not None and self.targets.tokenizer is not None and \
                 self.targets.tokenizer.record() != self.data.tokenizer.record():
             raise UserError("--targets must be read with the train set's tokenizer")
+        if self.recipe.train_on_prompt:
+            self.data = self.data.predicting_prompts()
         existing = Store.open_existing(store)
         self.groups = self.chosen_groups(existing)
         if self.recipe.group_alpha is not None:

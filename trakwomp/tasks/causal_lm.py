@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -18,7 +19,9 @@ LM_OUTPUTS = ("sequence", "token")
 @dataclass(frozen=True)
 class CausalLM(Task):
     """Next-token prediction on a right-padded sequence z of T + 1 real tokens: token t + 1 is
-    predicted from tokens 0..t, and L(z) is the sum of the T token cross-entropies.
+    predicted from tokens 0..t, and L(z) is the sum of the T token cross-entropies. For
+    prompt/completion text only the completion's tokens are predicted (`Batch.predicted`): L(z)
+    and T are then over those (the instruction-tuning convention), in the loss and in f alike.
 
     output "token" (default): p = exp(-L / T), the geometric-mean probability of one token;
     output "sequence":        p = exp(-L), the probability of the whole sequence.
@@ -47,7 +50,7 @@ class CausalLM(Task):
         """(batch, T) cross-entropies of the predicted tokens (0 at padding) and the float mask."""
         ids, mask = batch.inputs
         logits = logits_of(output)[:, :-1]
-        predicted = mask[:, 1:].to(logits.dtype)
+        predicted = (mask if batch.predicted is None else mask & batch.predicted)[:, 1:].to(logits.dtype)
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         return losses.view(predicted.shape) * predicted, predicted
 
@@ -88,6 +91,12 @@ class CausalLM(Task):
             i = int(lengths.argmin())
             raise UserError(f"text {i} of {dataset.spec} has {lengths[i]} token(s): a causal LM needs at least 2, "
                             "one to predict from and one to predict")
+        starts = dataset.completion_starts
+        if starts is not None and (lengths <= starts).any():
+            i = int(np.flatnonzero(lengths <= starts)[0])
+            raise UserError(f"the prompt of text {i} of {dataset.spec} has {starts[i]} tokens, which leaves none of its "
+                            f"completion within --max-length {dataset.max_length}; raise --max-length or shorten "
+                            "the prompt")
 
     def output_mismatch(self, shape: tuple[int, ...], batch: Batch, output_size: int) -> str | None:
         ids = tuple(batch.inputs[0].shape)

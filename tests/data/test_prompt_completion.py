@@ -1,0 +1,147 @@
+"""Prompt/completion text: rows of `prompt` and `completion`, whose completion alone is predicted
+(in the training loss and in f), or the whole text with --train-on-prompt. Per-example gradients
+and f of padded, masked batches (the gpt with bytes, a Hugging Face GPT-2 with its own tokenizer,
+the factored engine) are checked against an autograd loop over single unpadded examples whose
+first predicted token is computed here, from the tokenizer alone."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    TINY_GPT,
+    causal_lm_autograd_loop,
+    fortunes,
+    write_hf_folder,
+    write_jsonl,
+)
+from trakwomp.store import Store
+
+from trakwomp.data.base import load_batch
+from trakwomp.data.specs import load_dataset
+from trakwomp.errors import UserError
+from trakwomp.features.factored import FactoredFeatures, factored_layers
+from trakwomp.features.gradients import PerExampleGradients, select_parameters
+from trakwomp.features.projectors import ProjectorSpec
+from trakwomp.models.spec import ModelSpec
+from trakwomp.stages.featurize import featurize
+from trakwomp.stages.recipe import Recipe
+from trakwomp.stages.train import load_reference_model, train
+from trakwomp.tasks.causal_lm import CausalLM
+
+CPU = torch.device("cpu")
+
+
+def quote_rows(count: int, start: int = 0) -> list[dict]:
+    """Fortunes cut in two: the first half of each text is the prompt, the rest the completion."""
+    rows = []
+    for r in fortunes("train", count, start):
+        cut = max(1, len(r["text"]) // 2)
+        rows.append({"prompt": r["text"][:cut], "completion": r["text"][cut:] or ".", "source": r["source"]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "pc.jsonl", quote_rows(24))
+
+
+def bytes_first(row: dict) -> int:
+    """The first predicted token with the bytes tokenizer: after the start token and the prompt's bytes."""
+    return 1 + len(row["prompt"].encode("utf-8"))
+
+
+@pytest.mark.parametrize("output", ["sequence", "token"])
+def test_gpt_gradients_and_f_of_masked_batches_match_single_examples(prompts, output):
+    data = load_dataset(f"jsonl:{prompts}")
+    rows = quote_rows(24)
+    positions = [0, 3, 5, 9]
+    assert len(set(data.lengths[positions])) == len(positions)  # padded to the longest
+    assert [data[i][2] for i in positions] == [bytes_first(rows[i]) for i in positions]
+    torch.manual_seed(0)
+    net = TINY_GPT.build(data.vocab_size)
+    names = select_parameters(net, None)
+    task = CausalLM(output)
+    out = PerExampleGradients(net, names, CPU, task)(load_batch(data, positions))
+    examples = [(data[i][0], 0, bytes_first(rows[i])) for i in positions]
+    expected, f = causal_lm_autograd_loop(net, examples, task, names)
+    torch.testing.assert_close(out.rows, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
+    whole = PerExampleGradients(net, names, CPU, task)(load_batch(data.predicting_prompts(), positions))
+    expected_whole, _ = causal_lm_autograd_loop(net, [(ids, 0, 1) for ids, _, _ in examples], task, names)
+    torch.testing.assert_close(whole.rows, expected_whole, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(whole.rows, out.rows, rtol=1e-2)
+
+
+def test_the_factored_engine_takes_the_mask_into_its_backward_pass(prompts):
+    """The hooks' gradients are those of the completion-only f: each layer's features equal the
+    Kronecker projection of the autograd gradient (the engine's own check would refuse otherwise,
+    and the projection of the whole-text gradient differs)."""
+    data = load_dataset(f"jsonl:{prompts}")
+    torch.manual_seed(0)
+    net = TINY_GPT.build(data.vocab_size).eval()
+    layers = factored_layers(net, select_parameters(net, None), 16)
+    positions = [1, 2, 6]
+    engine = FactoredFeatures(net, layers, 0, 0, CPU, CausalLM())
+    masked = engine(load_batch(data, positions))
+    whole = engine(load_batch(data.predicting_prompts(), positions))
+    rows = quote_rows(24)
+    _, f = causal_lm_autograd_loop(net, [(data[i][0], 0, bytes_first(rows[i])) for i in positions], CausalLM(),
+                                   select_parameters(net, None))
+    torch.testing.assert_close(masked.outputs, f.float(), rtol=1e-5, atol=1e-5)
+    assert engine.verified and not torch.allclose(masked.rows, whole.rows, rtol=1e-2)
+
+
+def test_hugging_face_prompts_and_completions_are_tokenized_apart(tmp_path):
+    folder = write_hf_folder(tmp_path / "hf", [r["text"] for r in fortunes("train", 300)])
+    path = write_jsonl(tmp_path / "pc.jsonl", quote_rows(6))
+    data = load_dataset(f"jsonl:{path}", tokenizer=f"hf:{folder}")
+    tokenizer = data.tokenizer.tokenizer
+    for i, row in enumerate(quote_rows(6)):
+        prompt, completion = tokenizer(row["prompt"])["input_ids"], tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        assert data[i][0].tolist() == prompt + completion and data[i][2] == len(prompt)
+    net = ModelSpec.parse(f"hf:{folder}").build(data.vocab_size)
+    names = select_parameters(net, None)
+    out = PerExampleGradients(net, names, CPU, CausalLM())(load_batch(data, [0, 1, 2]))
+    expected, f = causal_lm_autograd_loop(net, [data[i] for i in range(3)], CausalLM(), names)
+    torch.testing.assert_close(out.rows, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_featurized_train_examples_carry_the_loss_the_model_was_trained_on(prompts, tmp_path, train_on_prompt):
+    """Through train and featurize (identity projector): the stored features are the gradients
+    of the completion-only f, or with --train-on-prompt (recorded in the recipe) of the whole text's."""
+    data = load_dataset(f"jsonl:{prompts}")
+    recipe = Recipe.for_task(CausalLM(), epochs=1, train_on_prompt=train_on_prompt)
+    train(tmp_path / "store", data, TINY_GPT, task=CausalLM(), recipe=recipe)
+    assert Store.open(tmp_path / "store").manifest["train_reference"].get("train_on_prompt", False) == train_on_prompt
+    net = load_reference_model(tmp_path / "store", 0, data.vocab_size)
+    names = select_parameters(net, None)
+    p = sum(param.numel() for param in net.parameters())
+    featurize(tmp_path / "store", projector=ProjectorSpec("identity", 0, 1, p), chunk_rows=10, batch_size=4)
+    rows = quote_rows(24)
+    firsts = [1 if train_on_prompt else bytes_first(row) for row in rows]
+    expected, f = causal_lm_autograd_loop(net, [(data[i][0], 0, firsts[i]) for i in range(24)], CausalLM(), names)
+    stored = Store.open(tmp_path / "store")
+    torch.testing.assert_close(torch.from_numpy(stored.array("features/000000/phi")[...]), expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(stored.array("features/000000/margins")[...]), f.float(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_fingerprint_records_where_the_completion_starts(tmp_path):
+    one = load_dataset(f"jsonl:{write_jsonl(tmp_path / 'a.jsonl', [{'prompt': 'ab', 'completion': 'c'}])}")
+    other = load_dataset(f"jsonl:{write_jsonl(tmp_path / 'b.jsonl', [{'prompt': 'a', 'completion': 'bc'}])}")
+    assert one[0][0].tolist() == other[0][0].tolist() and one.text(0) == other.text(0) == "abc"
+    assert one.fingerprint().sha256 != other.fingerprint().sha256
+    assert one.describe(0) == {"label": None, "text": "abc", "source": "", "prompt": "ab", "completion": "c"}
+
+
+def test_a_prompt_that_leaves_no_completion_within_max_length_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "short", "completion": "ok"},
+                                              {"prompt": "a much longer prompt", "completion": "no"}])
+    data = load_dataset(f"jsonl:{path}", max_length=12)
+    with pytest.raises(UserError, match=r"the prompt of text 1 of .* has 21 tokens, which leaves none of its "
+                                        r"completion within --max-length 12"):
+        train(tmp_path / "store", data, TINY_GPT, task=CausalLM())
+    assert not (tmp_path / "store").exists()
+    assert np.array_equal(load_dataset(f"jsonl:{path}", max_length=12).completion_starts, [6, 21])
