@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from trakwomp.cli.common import (
     BlocksOpt,
+    DeviceOpt,
     DimsOpt,
     GroupsOpt,
     JsonOpt,
@@ -24,8 +25,11 @@ from trakwomp.cli.common import (
     TargetSetOpt,
     ThresholdOpt,
     app,
+    print_json,
+    progress_for,
     reports_errors,
     selection,
+    setting,
 )
 from trakwomp.cli.progress import console
 from trakwomp.cli.tables import (
@@ -36,6 +40,8 @@ from trakwomp.cli.tables import (
     show_top_k,
 )
 
+from trakwomp.analysis.explain import Generation
+from trakwomp.analysis.explain import explain as explain_answer
 from trakwomp.analysis.groups import group_scores, predict_groups
 from trakwomp.analysis.lds import lds as lds_report
 from trakwomp.analysis.lds import pair_views
@@ -47,6 +53,7 @@ from trakwomp.data.files import load_indices
 from trakwomp.data.groups import parse_group_names
 from trakwomp.errors import UserError
 from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
+from trakwomp.estimator.view import ViewSpec
 from trakwomp.stages.export import check_output_folder, write_table
 from trakwomp.stages.selection import parse_model_ids
 
@@ -186,6 +193,48 @@ def show(
     if rows and "target_text" in rows[0]:
         Console().print(f"target {target} ({escape(rows[0]['target_source'] or 'no source')}):\n{escape(rows[0]['target_text'])}")
     show_top_k(rows, f"Train examples that most support and oppose target {target}")
+
+
+@app.command()
+@reports_errors
+def explain(
+    store: str = typer.Argument(..., help="A store of a language model (train --task causal-lm), finalized."),
+    prompt: str = typer.Option(..., "--prompt", help="The prompt the reference model answers."),
+    completion: Optional[str] = typer.Option(None, "--completion", help="Attribute this answer instead of the model's own."),
+    max_new_tokens: int = setting(Generation, "max_new_tokens", "--max-new-tokens"),
+    temperature: float = setting(Generation, "temperature", "--temperature"),
+    seed: int = setting(Generation, "seed", "--seed"),
+    model_id: int = typer.Option(0, "--model-id", help="Which reference model answers."),
+    k: int = typer.Option(5, "--k", help="How many supporting and how many opposing train examples."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write an HTML page (escaped, self-contained)."),
+    dims: Optional[int] = DimsOpt,
+    blocks: Optional[int] = BlocksOpt,
+    ridge: str = RidgeOpt,
+    threshold: float = ThresholdOpt,
+    device: str = DeviceOpt,
+    json_out: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+):
+    """Which train examples made the model answer a prompt as it did.
+
+    The reference model completes --prompt (greedy unless --temperature), or takes --completion;
+    the answer is scored as a prompt/completion target (f over the answer's tokens) and its
+    most supporting and opposing train examples are shown."""
+    check_output_folder("--out", out)
+    with progress_for(quiet or json_out) as progress:
+        explained = explain_answer(store, prompt, completion, generation=Generation(max_new_tokens, temperature, seed),
+                                   model_id=model_id, k=k, view=ViewSpec(dims, blocks, ridge), threshold=threshold,
+                                   out=out, device=device, progress=progress)
+    if json_out:
+        print_json(explained)
+        return
+    if quiet:
+        return
+    who = f"reference model {explained.model_id}" if explained.generated else "given answer"
+    console.print(f"prompt: {escape(explained.prompt)}\nanswer ({who}): {escape(explained.answer)}")
+    show_top_k(explained.rows, f"Train examples that most support and oppose the answer ({explained.seconds:.2f} s)")
+    if out is not None:
+        console.print(f"wrote {out}")
 
 
 @app.command("groups")

@@ -55,6 +55,16 @@ class ByteTokenizer:
         ids, lengths = self.encode([p + c for p, c in zip(prompts, completions)], limit)
         return ids, lengths, np.array([1 + len(p.encode("utf-8")) for p in prompts], dtype=np.int64)
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of generated ids: their bytes as UTF-8 (a byte sequence that is not UTF-8
+        shows as U+FFFD, and is attributed as shown)."""
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    @property
+    def stop(self) -> int:
+        """The id that ends a generated text: the start token, which begins the next one."""
+        return self.start
+
     def fewest_tokens(self, texts: list[str]) -> np.ndarray:
         """Tokens per text, known from the byte length alone (here exactly)."""
         return np.array([1 + len(t.encode("utf-8")) for t in texts], dtype=np.int64)
@@ -102,6 +112,14 @@ class HuggingFaceTokenizer:
         ids = [np.asarray(p + c, dtype=np.int32) for p, c in zip(prompt_ids, completion_ids)]
         return ([i[:limit] for i in ids], np.array([len(i) for i in ids], dtype=np.int64),
                 np.array([len(p) for p in prompt_ids], dtype=np.int64))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def stop(self) -> int | None:
+        """The id that ends a generated text: the end-of-sequence token, if the tokenizer has one."""
+        return self.tokenizer.eos_token_id
 
     def fewest_tokens(self, texts: list[str]) -> np.ndarray:
         """A lower bound of the tokens per text from its UTF-8 length: a vocabulary entry spells
@@ -397,6 +415,16 @@ class Jsonl(DatasetKind):
 
     def load(self, spec: str, rest: str, options: LoadOptions) -> TextDataset:
         return text_dataset(spec, read_jsonl(spec, rest), options.tokenizer or "bytes", options.max_length)
+
+
+def answer_dataset(prompt: str, completion: str, like: Dataset) -> TextDataset:
+    """One prompt/completion target, tokenized as the text dataset `like` is."""
+    for name, value in (("--prompt", prompt), ("the answer", completion)):
+        if not value or not is_text(value):
+            raise UserError(f"{name} must be non-empty text")
+    return TextDataset(f"answer:{hashlib.sha256((prompt + chr(0) + completion).encode()).hexdigest()[:16]}",
+                       [prompt + completion], ["(the answer)"], np.zeros(1), (), like.tokenizer, like.max_length,
+                       prompts=[prompt])
 
 
 def text_dataset(spec: str, rows: list[dict], tokenizer: str, max_length: int | None) -> TextDataset:

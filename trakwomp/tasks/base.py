@@ -46,6 +46,7 @@ class Task(ABC):
     default_model: ClassVar[str]  # the model spec `train` uses without --model
     summary_name: ClassVar[str]  # what `summary_terms` add up to, as recorded per LDS model
     recipe_defaults: ClassVar[dict] = {}  # training recipe values that differ from `Recipe`'s defaults
+    generates_text: ClassVar[bool] = False  # a language model, whose answers `explain` attributes
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

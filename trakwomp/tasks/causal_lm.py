@@ -33,6 +33,7 @@ class CausalLM(Task):
     help = "next-token prediction on text"
     default_model = "gpt"
     summary_name = "target_token_loss"
+    generates_text = True
     recipe_defaults = {"optimizer": "adamw", "epochs": 8, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.1,
                        "augment": False}
 

@@ -1,0 +1,112 @@
+"""`explain`: the reference model's answer to a prompt (greedy against a step-by-step argmax
+loop; sampled reproducibly by seed), and the answer's scores against eq. 3 computed densely from
+the stored features, with f over the answer's tokens only (its closed form, by autograd)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    TINY_GPT,
+    block_diagonal_scores,
+    causal_lm_autograd_loop,
+    fortunes,
+    plain,
+    soft_thresholded,
+    write_jsonl,
+)
+from trakwomp.store import Store
+
+from trakwomp.analysis.explain import Generation, explain
+from trakwomp.data.specs import load_dataset
+from trakwomp.errors import UserError
+from trakwomp.estimator.view import ViewSpec
+from trakwomp.features.gradients import select_parameters
+from trakwomp.features.projectors import ProjectorSpec
+from trakwomp.stages.featurize import featurize
+from trakwomp.stages.finalize import finalize
+from trakwomp.stages.recipe import Recipe
+from trakwomp.stages.train import load_reference_model, train
+from trakwomp.tasks.causal_lm import CausalLM
+
+VIEW = ViewSpec(ridge=0.01)
+PROMPT = "Q: What did the wise man say?\nA: "
+
+
+@pytest.fixture(scope="module")
+def answers(tmp_path_factory):
+    """The tiny gpt trained 3 epochs on 32 fortunes as prompt/completion pairs (two reference
+    models), featurized at 2 x 8 (sjlt) and finalized at ridge 0.01."""
+    root = tmp_path_factory.mktemp("explain")
+    rows = [{"prompt": PROMPT, "completion": r["text"][:60], "source": r["source"]} for r in fortunes("train", 32)]
+    data = load_dataset(f"jsonl:{write_jsonl(root / 'pc.jsonl', rows)}")
+    train(root / "store", data, TINY_GPT, task=CausalLM(), num_models=2, recipe=Recipe.for_task(CausalLM(), epochs=3))
+    featurize(root / "store", projector=ProjectorSpec("sjlt", 0, 2, 8))
+    finalize(root / "store", VIEW)
+    return root / "store", data
+
+
+def greedy_by_hand(net, prompt: str, steps: int) -> str:
+    ids = [256, *prompt.encode("utf-8")]
+    for _ in range(steps):
+        logits = net(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))[0, -1, :257]
+        token = int(logits.argmax())
+        if token == 256:
+            break
+        ids.append(token)
+    return bytes(ids[1 + len(prompt.encode("utf-8")):]).decode("utf-8", errors="replace")
+
+
+def test_the_answer_is_the_greedy_continuation_and_a_sample_is_fixed_by_its_seed(answers):
+    store, data = answers
+    explained = explain(store, PROMPT, generation=Generation(max_new_tokens=12), k=2, view=VIEW)
+    net = load_reference_model(store, 0, data.vocab_size)
+    assert explained.generated and explained.answer == greedy_by_hand(net, PROMPT, 12) != ""
+    cold = explain(store, PROMPT, generation=Generation(12, temperature=1e-4, seed=3), k=2, view=VIEW)
+    assert cold.answer == explained.answer  # sampling at a temperature near 0 is greedy
+    hot = [explain(store, PROMPT, generation=Generation(12, temperature=3.0, seed=s), k=2, view=VIEW).answer
+           for s in (1, 1, 2)]
+    assert hot[0] == hot[1] != hot[2]
+    other = explain(store, PROMPT, generation=Generation(max_new_tokens=12), model_id=1, k=2, view=VIEW)
+    assert other.answer == greedy_by_hand(load_reference_model(store, 1, data.vocab_size), PROMPT, 12)
+
+
+def test_the_answers_scores_are_eq3_of_its_completion_only_gradients(answers, tmp_path):
+    store, data = answers
+    answer = "Never trust a fortune."
+    explained = explain(store, PROMPT, answer, k=3, view=VIEW, out=tmp_path / "page.html")
+    assert not explained.generated and explained.answer == answer
+    handle = Store.open(store)
+    entry = handle.manifest["scores"][explained.key]
+    prefix = f"targets/{entry['targets']}/"
+    dense = block_diagonal_scores(handle, [8, 8], prefix, 0.01)
+    np.testing.assert_allclose(handle.read_array(f"scores/{explained.key}/tau"), dense, rtol=1e-3,
+                               atol=1e-6 * np.abs(dense).max())
+    first = 1 + len(PROMPT.encode("utf-8"))  # f counts the answer's tokens only
+    ids = torch.tensor([256, *(PROMPT + answer).encode("utf-8")])
+    for m in (0, 1):
+        net = load_reference_model(store, m, data.vocab_size)
+        _, f = causal_lm_autograd_loop(net, [(ids, 0, first)], CausalLM(), select_parameters(net, None))
+        np.testing.assert_allclose(handle.read_array(f"{prefix}features/{m:06d}/margins"), f.numpy(), rtol=1e-5, atol=1e-5)
+    tau = soft_thresholded(dense)[0]
+    supports = [r["train_index"] for r in explained.rows if r["direction"] == "supports"]
+    assert supports == list(np.argsort(-tau, kind="stable")[:3])
+    assert explained.rows[0]["target_completion"] == answer and explained.rows[0]["train_prompt"] == PROMPT
+    page = (tmp_path / "page.html").read_text()
+    assert "Never trust a fortune." in page and "<script" not in page
+
+
+def test_the_command_prints_the_answer_and_its_examples_and_refuses_what_it_cannot_do(answers, cli, tmp_path):
+    store, _ = answers
+    result = cli("explain", str(store), "--prompt", PROMPT, "--completion", "Be kind.", "--ridge", "0.01", "--json")
+    assert result.exit_code == 0, plain(result.output)
+    report = json.loads(result.stdout)
+    assert report["answer"] == "Be kind." and len(report["rows"]) == 10 and report["seconds"] > 0
+    for args, message in ((["--temperature", "-0.5"], "--temperature must be 0 (greedy) or a positive number"),
+                          (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+                          (["--out", str(tmp_path / "page.png")], "give --out a .html name")):
+        result = cli("explain", str(store), "--prompt", PROMPT, *args)
+        assert result.exit_code == 2 and message in plain(result.stderr), plain(result.output)
+    with pytest.raises(UserError, match="--prompt must be non-empty text"):
+        explain(store, "", "x", view=VIEW)

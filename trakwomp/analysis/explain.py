@@ -1,0 +1,124 @@
+"""`explain`: which train examples made a language model answer a prompt as it did.
+
+The store's reference model completes the prompt, greedily or sampled at a temperature with a
+seed (`generate`), or the answer is given. The (prompt, answer) pair is then a target like any
+prompt/completion target: f is the log-odds of the answer's tokens given the prompt (the
+store's causal-lm output, over the answer's tokens only), scored with `score` at the view, so a
+query asked again reads its stored scores; the answer's k most supporting and opposing train
+examples are its rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trakwomp.analysis.show import write_page
+from trakwomp.data.base import Dataset
+from trakwomp.data.text import answer_dataset
+from trakwomp.errors import UserError
+from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
+from trakwomp.estimator.view import ViewSpec
+from trakwomp.runtime import Progress
+from trakwomp.settings import option
+from trakwomp.stages.bindings import stored_dataset, stored_task
+from trakwomp.stages.export import top_k_rows
+from trakwomp.stages.score import score
+from trakwomp.stages.train import load_reference_model
+from trakwomp.store import Store
+from trakwomp.tasks.base import logits_of
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How the reference model completes a prompt: greedy at temperature 0, else sampled from
+    softmax(logits / temperature) with a seeded generator; it stops at the tokenizer's end token,
+    after `max_new_tokens`, or at the model's context."""
+
+    max_new_tokens: int = option(32, "Tokens the model may add to the prompt.")
+    temperature: float = option(0.0, "0: the most likely token each time (greedy); above 0: sampled at this temperature.")
+    seed: int = option(0, "Seed of the sampling (with --temperature above 0).")
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):
+            raise UserError(f"--temperature must be 0 (greedy) or a positive number, got {self.temperature}")
+
+
+@dataclass
+class Explanation:
+    prompt: str
+    answer: str
+    generated: bool  # the model's own answer (False: given with --completion)
+    model_id: int
+    key: str  # the stored scores of the answer
+    seconds: float  # from the model's answer to the rows, start-up excluded
+    rows: list[dict] = field(default_factory=list)
+
+
+@torch.no_grad()
+def generate(net: nn.Module, data: Dataset, prompt: str, generation: Generation, device: torch.device) -> str:
+    """The model's completion of `prompt`, tokenized as the train set `data` is."""
+    tokenizer = data.tokenizer
+    ids = tokenizer.encode_pairs([prompt], [""], None)[0][0].tolist()
+    start, context = len(ids), getattr(net, "context", None)
+    sampler = torch.Generator().manual_seed(generation.seed)
+    net.to(device).eval()
+    for _ in range(generation.max_new_tokens):
+        if context is not None and len(ids) >= context:
+            break
+        x = torch.tensor([ids], device=device)
+        logits = logits_of(net(x, torch.ones_like(x, dtype=torch.bool)))[0, -1, :data.vocab_size].float().cpu()
+        if generation.temperature == 0:
+            token = int(logits.argmax())
+        else:
+            token = int(torch.multinomial(torch.softmax(logits / generation.temperature, -1), 1, generator=sampler))
+        if token == tokenizer.stop:
+            break
+        ids.append(token)
+    return tokenizer.decode(ids[start:])
+
+
+def explain(
+    store: str | Path,
+    prompt: str,
+    completion: str | None = None,
+    *,
+    generation: Generation = Generation(),
+    model_id: int = 0,
+    k: int = 5,
+    view: ViewSpec = ViewSpec(),
+    threshold: float = DEFAULT_THRESHOLD,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> Explanation:
+    """The reference model `model_id`'s answer to `prompt` (or `completion`, if given), and the
+    k train examples that most support and most oppose it at the view; an HTML page to `out`."""
+    handle = Store.open(store)
+    task = stored_task(handle)
+    if not task.generates_text:
+        raise UserError(f"explain attributes a language model's answers; store {str(store)!r} holds a {task.name} "
+                        "model (train with --task causal-lm)")
+    if k < 1:
+        raise UserError("--k must be at least 1")
+    if out is not None and Path(out).suffix.lower() != ".html":
+        raise UserError(f"explain writes an HTML page: give --out a .html name, not {str(out)!r}")
+    train = stored_dataset(handle)
+    net = load_reference_model(store, model_id, train.vocab_size)
+    answer = completion if completion is not None else generate(net, train, prompt, generation, torch.device(device))
+    if not answer:
+        raise UserError(f"reference model {model_id} answers {prompt!r} with nothing (it ends at once); "
+                        "give the answer to attribute with --completion")
+    began = time.perf_counter()
+    target = answer_dataset(prompt, answer, train)
+    key = score(store, target, view, target_chunk_rows=1, batch_size=1, device=device, progress=progress).key
+    rows = top_k_rows(store, key, target, k, threshold)
+    if out is not None:
+        write_page(rows, target, train, k, out)
+    return Explanation(prompt, answer, completion is None, model_id, key, time.perf_counter() - began, rows)
