@@ -37,6 +37,7 @@ from trakwomp.cli.tables import (
     group_title,
     show_group_rows,
     show_predictions,
+    show_tokens,
     show_top_k,
 )
 
@@ -207,6 +208,7 @@ def explain(
     model_id: int = typer.Option(0, "--model-id", help="Which reference model answers."),
     k: int = typer.Option(5, "--k", help="How many supporting and how many opposing train examples."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write an HTML page (escaped, self-contained)."),
+    per_token: bool = typer.Option(False, "--per-token", help="Also score each answer token on its own and show its strongest support (the page shades each token by how concentrated its support is)."),
     dims: Optional[int] = DimsOpt,
     blocks: Optional[int] = BlocksOpt,
     ridge: str = RidgeOpt,
@@ -224,7 +226,7 @@ def explain(
     with progress_for(quiet or json_out) as progress:
         explained = explain_answer(store, prompt, completion, generation=Generation(max_new_tokens, temperature, seed),
                                    model_id=model_id, k=k, view=ViewSpec(dims, blocks, ridge), threshold=threshold,
-                                   out=out, device=device, progress=progress)
+                                   out=out, per_token=per_token, device=device, progress=progress)
     if json_out:
         print_json(explained)
         return
@@ -233,6 +235,8 @@ def explain(
     who = f"reference model {explained.model_id}" if explained.generated else "given answer"
     console.print(f"prompt: {escape(explained.prompt)}\nanswer ({who}): {escape(explained.answer)}")
     show_top_k(explained.rows, f"Train examples that most support and oppose the answer ({explained.seconds:.2f} s)")
+    if per_token:
+        show_tokens(explained.tokens, f"The answer token by token ({explained.token_seconds:.2f} s more)")
     if out is not None:
         console.print(f"wrote {out}")
 

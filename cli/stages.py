@@ -252,6 +252,7 @@ def score(
     width: Optional[float] = WidthOpt,
     layers: Optional[int] = LayersOpt,
     heads: Optional[int] = HeadsOpt,
+    per_token: bool = typer.Option(False, "--per-token", help="Prompt/completion targets: score each completion token on its own (f: the log-odds of that token given what precedes it); a target row per token."),
     json_out: bool = JsonOpt,
 ):
     """Attribution scores tau(z) of every train example for every target (TRAK-WOMP eq. 3)."""
@@ -259,6 +260,8 @@ def score(
                              ModelSpec.parse(model, width, layers, heads) if model else None, chunk_rows, batch_size,
                              parse_size(max_memory) if max_memory else None, out, top_k, top_k_out, threshold)
     target_set = load_store_data(store, targets, target_indices, transform, tokenizer, max_length)
+    if per_token:
+        target_set = target_set.per_token()
     with progress_for(quiet) as progress:
         report = Score(settings, target_set).run(store, progress)
     report_truncation(target_set, "--targets")

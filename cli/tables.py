@@ -36,6 +36,16 @@ def show_top_k(rows: list[dict], title: str) -> None:
     Console().print(table)
 
 
+def show_tokens(tokens: list[dict], title: str) -> None:
+    """Each answer token, how concentrated its support is, and its strongest supporting train example."""
+    table = Table("position", "token", "concentration", "strongest support", "source", "score", title=title)
+    for t in tokens:
+        example = f"#{t['train_index']} {shorten(' '.join(t['train_text'].split()), 80, placeholder=' ...')}"
+        table.add_row(str(t["position"]), cell(repr(t["token"])), f"{t['concentration']:.2f}", cell(example),
+                      cell(t["train_source"]), f"{t['score']:+.4g}")
+    Console().print(table)
+
+
 def show_predictions(values, what: str, title: str, caption: str | None = None) -> None:
     table = Table("target", what, title=title, caption=caption)
     for t, value in enumerate(values):

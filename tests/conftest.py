@@ -148,6 +148,7 @@ def write_hf_folder(folder: Path, texts: list[str]) -> Path:
     transformers = pytest.importorskip("transformers")
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
     bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
     bpe.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
         vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe)
@@ -213,17 +214,20 @@ def write_scored_text_store(root: Path, store: str, train_file: str, targets_fil
 
 
 def causal_lm_autograd_loop(net, examples, task, names):
-    """Each example (ids, label, first predicted token) alone, unpadded, through plain autograd,
-    with f from its closed form: the cross-entropies of tokens first..end (each predicted from
-    the tokens before it) summed to L, or averaged for the "token" output, and f = log(p / (1 - p))
-    with p = exp(-L)."""
+    """Each example (ids, label, predicted) alone, unpadded, through plain autograd, with f from
+    its closed form: the cross-entropies of the tokens t where `predicted` (a first token
+    position, a bool mask, or None: every token after the first) says, each predicted from the
+    tokens before it, summed to L, or averaged for the "token" output; f = log(p / (1 - p)) with
+    p = exp(-L)."""
     params = dict(net.named_parameters())
     rows, outputs = [], []
-    for ids, _, first in examples:
+    for ids, _, predicted in examples:
+        if predicted is None or isinstance(predicted, int):
+            predicted = torch.arange(len(ids)) >= (predicted or 1)
         net.zero_grad()
         logits = net(ids[None], torch.ones(1, len(ids), dtype=torch.bool))
         logits = (logits.logits if hasattr(logits, "logits") else logits)[0].double()
-        losses = [-torch.log_softmax(logits[t - 1], -1)[ids[t]] for t in range(first, len(ids))]
+        losses = [-torch.log_softmax(logits[t - 1], -1)[ids[t]] for t in torch.nonzero(predicted).flatten().tolist()]
         loss = sum(losses) / (len(losses) if task.output == "token" else 1)
         f = -loss - torch.log(-torch.expm1(-loss))
         f.backward()

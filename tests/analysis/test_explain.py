@@ -110,3 +110,34 @@ def test_the_command_prints_the_answer_and_its_examples_and_refuses_what_it_cann
         assert result.exit_code == 2 and message in plain(result.stderr), plain(result.output)
     with pytest.raises(UserError, match="--prompt must be non-empty text"):
         explain(store, "", "x", view=VIEW)
+
+
+def test_each_answer_token_gets_the_log_odds_of_its_own_probability_and_eq3_scores(answers, tmp_path):
+    """Per token t of the answer: f_t = log(p_t / (1 - p_t)), p_t read from one forward pass of the
+    whole text here; its scores are dense eq. 3 of its gradient; the page shades every token."""
+    store, data = answers
+    answer = "Be <b>kind</b>."
+    explained = explain(store, PROMPT, answer, k=3, view=VIEW, per_token=True, out=tmp_path / "page.html")
+    assert [t["token"] for t in explained.tokens] == list(answer) and explained.token_seconds > 0
+    handle = Store.open(store)
+    key = next(k for k, e in handle.manifest["scores"].items()
+               if handle.manifest["targets"][e["targets"]]["num_examples"] == len(answer))
+    prefix = f"targets/{handle.manifest['scores'][key]['targets']}/"
+    ids = [256, *(PROMPT + answer).encode("utf-8")]
+    first = 1 + len(PROMPT.encode("utf-8"))
+    for m in (0, 1):
+        net = load_reference_model(store, m, data.vocab_size)
+        with torch.no_grad():
+            log_p = torch.log_softmax(net(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))[0].double(), -1)
+        p = torch.exp(torch.stack([log_p[t - 1, ids[t]] for t in range(first, len(ids))]))
+        np.testing.assert_allclose(handle.read_array(f"{prefix}features/{m:06d}/margins"),
+                                   torch.log(p / (1 - p)).numpy(), rtol=1e-4, atol=1e-4)
+    dense = block_diagonal_scores(handle, [8, 8], prefix, 0.01)
+    np.testing.assert_allclose(handle.read_array(f"scores/{key}/tau"), dense, rtol=1e-3, atol=1e-6 * np.abs(dense).max())
+    tau = soft_thresholded(dense)
+    assert [t["train_index"] for t in explained.tokens] == [int(np.argmax(row)) for row in tau]
+    positive = [np.sort(row[row > 0])[::-1] for row in tau]
+    np.testing.assert_allclose([t["concentration"] for t in explained.tokens],
+                               [r[:3].sum() / r.sum() if len(r) else 0.0 for r in positive], rtol=1e-4)
+    page = (tmp_path / "page.html").read_text()
+    assert page.count("<span style=\"background:rgba(230,120,0,") == len(answer) and "<b>kind" not in page

@@ -136,6 +136,8 @@ def write_text_inputs(root: Path) -> None:
     write_jsonl(root / "empty-completion.jsonl", [{"prompt": "question?", "completion": ""}])
     write_jsonl(root / "text-and-prompts.jsonl", [{"prompt": "a", "completion": "b"}, {"text": "plain"}])
     write_jsonl(root / "labelled-prompt.jsonl", [{"prompt": "a", "completion": "b", "label": "x"}])
+    write_jsonl(root / "no-assistant.jsonl", [{"messages": [{"role": "user", "content": "hello?"}]}])
+    write_jsonl(root / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
     write_jsonl(root / "long-prompt.jsonl", [{"prompt": "p" * 30, "completion": "c"}, {"prompt": "q", "completion": "d"}])
     write_hf_folder(root / "hf", [r["text"] for r in fortunes("train", 100)])
     (root / "config-only").mkdir()
@@ -360,9 +362,15 @@ CASES = [
     Case("text-rows-mixed-with-prompt-rows", None, [*LM, "jsonl:F/text-and-prompts.jsonl"],
          "text-and-prompts.jsonl:2: a text row, but line 1 is a prompt row"),
     Case("label-on-a-prompt-row", None, [*LM, "jsonl:F/labelled-prompt.jsonl"],
-         'labelled-prompt.jsonl:1: a prompt/completion row has no "label"'),
+         'labelled-prompt.jsonl:1: a prompt row has no "label"'),
     Case("prompt-longer-than-max-length", None, [*LM, "jsonl:F/long-prompt.jsonl", "--max-length", "16"],
-         "long-prompt.jsonl has 31 tokens, which leaves none of its completion within --max-length 16"),
+         "long-prompt.jsonl keeps none of its completion (or assistant turns) within --max-length 16 tokens"),
+    Case("messages-without-an-assistant-turn", None, [*LM, "jsonl:F/no-assistant.jsonl"],
+         "no-assistant.jsonl:1: the conversation has no assistant turn"),
+    Case("messages-with-the-bytes-tokenizer", None, [*LM, "jsonl:F/chat.jsonl"],
+         'rows of "messages" need --tokenizer hf:DIR, a tokenizer with a chat template'),
+    Case("messages-with-a-tokenizer-without-a-chat-template", None, [*LM, "jsonl:F/chat.jsonl", "--tokenizer", "hf:F/hf"],
+         'rows of "messages" need a tokenizer with a chat template; the one at hf:'),
     Case("train-on-prompt-of-plain-texts", None, [*LM, "jsonl:F/texts.jsonl", "--train-on-prompt"],
          "--train-on-prompt needs prompt/completion data"),
     Case("max-length-below-two", None, [*LM, "jsonl:F/texts.jsonl", "--max-length", "1"], "--max-length must be at least 2"),
@@ -377,6 +385,10 @@ CASES = [
          "differs from the one store"),
     Case("text-targets-for-an-image-store", "finalized", ["score", "S", *TEXT_TARGETS], "holds images or arrays, not text"),
     Case("image-targets-for-a-text-store", "text", ["score", "S", *TARGETS], "holds text read with the tokenizer 'bytes'"),
+    Case("per-token-of-plain-texts", "text", ["score", "S", "--targets", "jsonl:F/text-targets.jsonl", "--per-token"],
+         "--per-token needs prompt/completion targets"),
+    Case("per-token-on-an-image-store", "finalized", ["score", "S", "--targets", "npz:F/targets.npz", "--per-token"],
+         "--per-token needs prompt/completion targets"),
     Case("explain-on-an-image-store", "scored", ["explain", "S", "--prompt", "hello"],
          "explain attributes a language model's answers; store"),
     Case("explain-temperature-below-zero", "text", ["explain", "S", "--prompt", "hello", "--temperature", "-1"],

@@ -4,6 +4,8 @@ and f of padded, masked batches (the gpt with bytes, a Hugging Face GPT-2 with i
 the factored engine) are checked against an autograd loop over single unpadded examples whose
 first predicted token is computed here, from the tokenizer alone."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -56,7 +58,7 @@ def test_gpt_gradients_and_f_of_masked_batches_match_single_examples(prompts, ou
     rows = quote_rows(24)
     positions = [0, 3, 5, 9]
     assert len(set(data.lengths[positions])) == len(positions)  # padded to the longest
-    assert [data[i][2] for i in positions] == [bytes_first(rows[i]) for i in positions]
+    assert [int(torch.nonzero(data[i][2])[0]) for i in positions] == [bytes_first(rows[i]) for i in positions]
     torch.manual_seed(0)
     net = TINY_GPT.build(data.vocab_size)
     names = select_parameters(net, None)
@@ -98,7 +100,8 @@ def test_hugging_face_prompts_and_completions_are_tokenized_apart(tmp_path):
     tokenizer = data.tokenizer.tokenizer
     for i, row in enumerate(quote_rows(6)):
         prompt, completion = tokenizer(row["prompt"])["input_ids"], tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-        assert data[i][0].tolist() == prompt + completion and data[i][2] == len(prompt)
+        assert data[i][0].tolist() == prompt + completion
+        assert data[i][2].tolist() == [False] * len(prompt) + [True] * len(completion)
     net = ModelSpec.parse(f"hf:{folder}").build(data.vocab_size)
     names = select_parameters(net, None)
     out = PerExampleGradients(net, names, CPU, CausalLM())(load_batch(data, [0, 1, 2]))
@@ -128,7 +131,7 @@ def test_featurized_train_examples_carry_the_loss_the_model_was_trained_on(promp
                                rtol=1e-5, atol=1e-5)
 
 
-def test_the_fingerprint_records_where_the_completion_starts(tmp_path):
+def test_the_fingerprint_records_which_tokens_are_predicted(tmp_path):
     one = load_dataset(f"jsonl:{write_jsonl(tmp_path / 'a.jsonl', [{'prompt': 'ab', 'completion': 'c'}])}")
     other = load_dataset(f"jsonl:{write_jsonl(tmp_path / 'b.jsonl', [{'prompt': 'a', 'completion': 'bc'}])}")
     assert one[0][0].tolist() == other[0][0].tolist() and one.text(0) == other.text(0) == "abc"
@@ -140,8 +143,42 @@ def test_a_prompt_that_leaves_no_completion_within_max_length_is_refused(tmp_pat
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "short", "completion": "ok"},
                                               {"prompt": "a much longer prompt", "completion": "no"}])
     data = load_dataset(f"jsonl:{path}", max_length=12)
-    with pytest.raises(UserError, match=r"the prompt of text 1 of .* has 21 tokens, which leaves none of its "
-                                        r"completion within --max-length 12"):
+    with pytest.raises(UserError, match=r"text 1 of .* keeps none of its completion \(or assistant turns\) within "
+                                        r"--max-length 12 tokens"):
         train(tmp_path / "store", data, TINY_GPT, task=CausalLM())
     assert not (tmp_path / "store").exists()
-    assert np.array_equal(load_dataset(f"jsonl:{path}", max_length=12).completion_starts, [6, 21])
+    assert np.array_equal(load_dataset(f"jsonl:{path}", max_length=12).completion_tokens, [2, 0])
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CONVERSATIONS = [
+    [{"role": "system", "content": "Answer in proverbs."}, {"role": "user", "content": "Should I wait?"},
+     {"role": "assistant", "content": "Patience is a virtue."}, {"role": "user", "content": "And then?"},
+     {"role": "assistant", "content": "Fortune favours the bold."}],
+    [{"role": "user", "content": "Say something wise."}, {"role": "assistant", "content": "Know thyself."}],
+]
+
+
+def test_conversations_predict_their_assistant_turns_only(tmp_path):
+    """Rendered by the tokenizer's chat template; the predicted tokens decode to exactly each
+    assistant turn's content and end of turn, and gradients match the autograd loop."""
+    folder = write_hf_folder(tmp_path / "hf", [r["text"] for r in fortunes("train", 300)])
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c, "source": f"s{i}"} for i, c in enumerate(CONVERSATIONS)])
+    data = load_dataset(f"jsonl:{path}", tokenizer=f"hf:{folder}")
+    tokenizer = data.tokenizer.tokenizer
+    for i, conversation in enumerate(CONVERSATIONS):
+        ids, _, predicted = data[i]
+        assert data.text(i) == "".join(f"<|{m['role']}|>{m['content']}\n" for m in conversation)
+        runs = np.split(np.arange(len(ids)), np.flatnonzero(np.diff(predicted.numpy().astype(int))) + 1)
+        turns = [tokenizer.decode(ids[run].tolist()) for run in runs if predicted[run[0]]]
+        assert turns == [m["content"] + "\n" for m in conversation if m["role"] == "assistant"]
+    net = ModelSpec.parse(f"hf:{folder}").build(data.vocab_size)
+    names = select_parameters(net, None)
+    out = PerExampleGradients(net, names, CPU, CausalLM())(load_batch(data, [0, 1]))
+    expected, f = causal_lm_autograd_loop(net, [data[0], data[1]], CausalLM(), names)
+    torch.testing.assert_close(out.rows, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
+    assert data.describe(1)["messages"] == CONVERSATIONS[1] and len(data.per_token()) == int(data[0][2].sum() + data[1][2].sum())

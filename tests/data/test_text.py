@@ -55,8 +55,8 @@ def test_fortunes_mini_is_small_has_its_provenance_and_keeps_train_and_test_apar
     provenance = (ASSET.parent / "fortunes_mini.md").read_text()
     assert "fortunes.tar.gz" in provenance and "BSD" in provenance and "build_fortunes_mini.py" in provenance
     # bytes: a start token, then the text's UTF-8 bytes
-    ids, label, first = train[0]
-    assert ids[0] == 256 and bytes(ids[1:].tolist()).decode("utf-8") == train.text(0) and label == 0 and first == 1
+    ids, label, predicted = train[0]
+    assert ids[0] == 256 and bytes(ids[1:].tolist()).decode("utf-8") == train.text(0) and label == 0 and predicted is None
 
 
 def test_jsonl_labels_sources_truncation_and_a_fingerprint_over_the_tokens(tmp_path):

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,6 +28,7 @@ from trakwomp.runtime import Progress
 from trakwomp.settings import option
 from trakwomp.stages.bindings import stored_dataset, stored_task
 from trakwomp.stages.export import top_k_rows
+from trakwomp.stages.stored_scores import iterate_scores
 from trakwomp.stages.score import score
 from trakwomp.stages.train import load_reference_model
 from trakwomp.store import Store
@@ -59,6 +61,24 @@ class Explanation:
     key: str  # the stored scores of the answer
     seconds: float  # from the model's answer to the rows, start-up excluded
     rows: list[dict] = field(default_factory=list)
+    tokens: list[dict] = field(default_factory=list)  # with per_token: each answer token's strongest support
+    token_seconds: float = 0.0  # what the per-token scores took beyond the answer's
+
+
+def token_rows(handle: Store, key: str, tokens: Dataset, train: Dataset, k: int, threshold: float) -> list[dict]:
+    """Per answer token: its text, the train example that most supports it (index, source, text,
+    score), and how concentrated its support is: the share of its positive scores' sum held by
+    its k largest (1: k train examples or fewer carry all of it; 0: no train example supports it)."""
+    rows = []
+    for block_rows, block in iterate_scores(handle, key, threshold):
+        for r, scores in zip(block_rows, block):
+            top = int(np.argmax(scores))
+            positive = np.sort(scores[scores > 0])[::-1]
+            concentration = float(positive[:k].sum() / positive.sum()) if len(positive) else 0.0
+            rows.append({"token": tokens.token(r), "position": tokens.describe(r)["token_position"],
+                         "train_index": top, "train_source": train.source(top), "train_text": train.text(top),
+                         "score": float(scores[top]), "concentration": concentration})
+    return rows
 
 
 @torch.no_grad()
@@ -95,11 +115,14 @@ def explain(
     view: ViewSpec = ViewSpec(),
     threshold: float = DEFAULT_THRESHOLD,
     out: str | Path | None = None,
+    per_token: bool = False,
     device: str = "cpu",
     progress: Progress | None = None,
 ) -> Explanation:
     """The reference model `model_id`'s answer to `prompt` (or `completion`, if given), and the
-    k train examples that most support and most oppose it at the view; an HTML page to `out`."""
+    k train examples that most support and most oppose it at the view; with `per_token`, each
+    answer token's own scores (f_t: the log-odds of that token given what precedes it) and its
+    strongest support; an HTML page to `out`."""
     handle = Store.open(store)
     task = stored_task(handle)
     if not task.generates_text:
@@ -118,7 +141,14 @@ def explain(
     began = time.perf_counter()
     target = answer_dataset(prompt, answer, train)
     key = score(store, target, view, target_chunk_rows=1, batch_size=1, device=device, progress=progress).key
-    rows = top_k_rows(store, key, target, k, threshold)
+    explained = Explanation(prompt, answer, completion is None, model_id, key, 0.0,
+                            top_k_rows(store, key, target, k, threshold))
+    explained.seconds = time.perf_counter() - began
+    if per_token:
+        tokens = target.per_token()
+        token_key = score(store, tokens, view, batch_size=16, device=device, progress=progress).key
+        explained.tokens = token_rows(handle, token_key, tokens, train, k, threshold)
+        explained.token_seconds = time.perf_counter() - began - explained.seconds
     if out is not None:
-        write_page(rows, target, train, k, out)
-    return Explanation(prompt, answer, completion is None, model_id, key, time.perf_counter() - began, rows)
+        write_page(explained.rows, target, train, k, out, explained.tokens)
+    return explained

@@ -132,15 +132,38 @@ def default_show_file(store: str | Path) -> str:
     return "show.html" if "tokenizer" in handle.manifest else "show.png"
 
 
-def write_page(rows: list[dict], targets: Dataset, train: Dataset, k: int, out: str | Path) -> None:
+def token_section(tokens: list[dict]) -> str:
+    """The answer's tokens, each shaded by how concentrated its support is (darker: fewer train
+    examples carry it), its strongest supporting train example in its tooltip, then a table."""
+    def shaded(t: dict) -> str:
+        tip = f"#{t['train_index']} ({t['train_source'] or '-'}), score {t['score']:+.4g}: {t['train_text']}"
+        return (f'<span style="background:rgba(230,120,0,{t["concentration"]:.3f})" title="{html.escape(tip)}">'
+                f"{html.escape(t['token'])}</span>")
+
+    body = "".join(f"<tr><td>{t['position']}</td><td><code>{html.escape(repr(t['token']))}</code></td>"
+                   f"<td>{t['concentration']:.2f}</td><td>{t['score']:+.4g}</td><td>{t['train_index']}</td>"
+                   f"<td>{html.escape(t['train_source'] or '-')}</td><td><pre>{html.escape(t['train_text'])}</pre></td></tr>"
+                   for t in tokens)
+    return ("<h2>The answer token by token</h2><p>Shading: the share of a token's support held by its "
+            "strongest train examples (darker: fewer examples carry it).</p><pre>"
+            + "".join(shaded(t) for t in tokens) + "</pre><table><tr><th>position</th><th>token</th>"
+            "<th>concentration</th><th>score</th><th>train index</th><th>source</th><th>strongest support</th></tr>"
+            + body + "</table>")
+
+
+def write_page(rows: list[dict], targets: Dataset, train: Dataset, k: int, out: str | Path,
+               tokens: list[dict] = ()) -> None:
     """A self-contained HTML page: the target's text, then its supporting and opposing train
-    texts with their sources and scores. Every text is escaped, so markup in a text shows as text."""
+    texts with their sources and scores (and, given, the answer token by token). Every text is
+    escaped, so markup in a text shows as text."""
     def text_cell(text: str) -> str:
         return f'<pre>{html.escape(text)}</pre>'
 
     first = rows[0]
     sections = [f"<h1>Target {first['target']}</h1>",
                 f"<p>source: {html.escape(first['target_source'] or '-')}</p>{text_cell(first['target_text'])}"]
+    if tokens:
+        sections.append(token_section(tokens))
     for direction, title in (("supports", "Supporting train texts (raise the target's f)"),
                              ("opposes", "Opposing train texts (lower the target's f)")):
         body = "".join(f"<tr><td>{r['rank']}</td><td>{r['score']:+.4g}</td><td>{r['train_index']}</td>"

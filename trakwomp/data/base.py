@@ -84,7 +84,7 @@ class Dataset(ABC, torch.utils.data.Dataset):
     lengths: np.ndarray | None = None  # tokens per example, for data batched by length
     fewest_tokens: np.ndarray | None = None  # a lower bound of `lengths` known before tokenizing
     has_prompts: bool = False  # prompt/completion texts, of which the completions are predicted
-    completion_starts: np.ndarray | None = None  # per example, its completion's first token
+    completion_tokens: np.ndarray | None = None  # per example, how many of its tokens are predicted
     tokenizer = None  # what turned texts into tokens (its `record()` is bound to a store)
     max_length: int | None = None
     truncated: int = 0  # how many examples `max_length` cut
@@ -98,6 +98,11 @@ class Dataset(ABC, torch.utils.data.Dataset):
     def predicting_prompts(self) -> "Dataset":
         """The same examples with the prompts' tokens predicted too (--train-on-prompt)."""
         raise UserError(f"--train-on-prompt needs prompt/completion data (jsonl rows with \"prompt\" and "
+                        f"\"completion\"), not {self.spec}")
+
+    def per_token(self) -> "Dataset":
+        """Each completion token its own example (--per-token)."""
+        raise UserError(f"--per-token needs prompt/completion targets (jsonl rows with \"prompt\" and "
                         f"\"completion\"), not {self.spec}")
 
     @property

@@ -3,7 +3,9 @@
 Specs:
     fortunes-mini:train | fortunes-mini:test   the embedded 2,000 + 200 fortunes (see assets/fortunes_mini.md)
     jsonl:PATH                                 one JSON object per line: `text`, optional `label` and `source`;
-                                               or `prompt` and `completion`, optional `source`
+                                               or `prompt` and `completion`, optional `source`; or
+                                               `messages` (role, content), optional `source`, with an
+                                               hf: tokenizer that has a chat template
 
 Tokenizers: `bytes` (UTF-8 bytes 0..255 after a start token 256; needs no files) or `hf:DIR`
 (a Hugging Face tokenizer saved in a local folder). With `max_length`, longer texts are cut to
@@ -54,6 +56,10 @@ class ByteTokenizer:
         the bytes of both after one start token, the completion starting at 1 + the prompt's bytes."""
         ids, lengths = self.encode([p + c for p, c in zip(prompts, completions)], limit)
         return ids, lengths, np.array([1 + len(p.encode("utf-8")) for p in prompts], dtype=np.int64)
+
+    def render(self, conversations: list[list[dict]]) -> list[str]:
+        raise UserError("rows of \"messages\" need --tokenizer hf:DIR, a tokenizer with a chat template that "
+                        "renders them; the bytes tokenizer has none")
 
     def decode(self, ids: list[int]) -> str:
         """The text of generated ids: their bytes as UTF-8 (a byte sequence that is not UTF-8
@@ -113,6 +119,43 @@ class HuggingFaceTokenizer:
         return ([i[:limit] for i in ids], np.array([len(i) for i in ids], dtype=np.int64),
                 np.array([len(p) for p in prompt_ids], dtype=np.int64))
 
+    def render(self, conversations: list[list[dict]]) -> list[str]:
+        """Each conversation as the tokenizer's chat template writes it."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise UserError(f"rows of \"messages\" need a tokenizer with a chat template; the one at {self.spec} has "
+                            "none (set tokenizer.chat_template and save it again)")
+        return [self.tokenizer.apply_chat_template(messages, tokenize=False) for messages in conversations]
+
+    def encode_conversations(self, conversations: list[list[dict]], limit: int | None):
+        """(ids, full token counts, masks): each conversation tokenized by its chat template,
+        True at the tokens of each assistant turn, from after the template's generation prompt
+        to the end of the turn (its closing tokens included: the model learns to stop). A turn's
+        tokens are found by rendering the conversation up to it; a template that does not render
+        a conversation's beginning as the beginning of the whole is refused."""
+        ids, masks = [], []
+        for number, messages in enumerate(conversations):
+            full = self._chat(messages, False)
+            mask = np.zeros(len(full), dtype=bool)
+            for turn in (a for a, m in enumerate(messages) if m["role"] == "assistant"):
+                before, through = self._chat(messages[:turn], True), self._chat(messages[:turn + 1], False)
+                if full[:len(through)] != through or through[:len(before)] != before:
+                    raise UserError(f"the chat template of {self.spec} does not render the beginning of conversation "
+                                    f"{number} as the beginning of the whole, so its assistant turns cannot be found")
+                mask[len(before):len(through)] = True
+            ids.append(np.asarray(full, dtype=np.int32))
+            masks.append(mask)
+        return [i[:limit] for i in ids], np.array([len(i) for i in ids], dtype=np.int64), [m[:limit] for m in masks]
+
+    def _chat(self, messages: list[dict], generation_prompt: bool) -> list[int]:
+        if not messages:
+            return self._chat_prefix() if generation_prompt else []
+        return list(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                                       add_generation_prompt=generation_prompt))
+
+    def _chat_prefix(self) -> list[int]:
+        """What the template writes before an assistant turn that opens the conversation."""
+        return list(self.tokenizer.apply_chat_template([], tokenize=True, return_dict=False, add_generation_prompt=True))
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -169,21 +212,28 @@ def make_tokenizer(spec: str) -> ByteTokenizer | HuggingFaceTokenizer:
 class Tokens:
     """The token ids of a list of texts, made on first use (and shared by its selections), cut
     to `max_length`, with every text's full token count; for prompt/completion texts (`prompts`
-    given: text j is prompts[j] followed by its completion) also each prompt's token count."""
+    given: text j is prompts[j] followed by its completion) and conversations (`conversations`:
+    role/content messages, rendered by the tokenizer's chat template) also each text's mask of
+    predicted tokens (the completion's; the assistant turns')."""
 
-    def __init__(self, texts: list[str], tokenizer, max_length: int | None, prompts: list[str] | None = None):
-        self.texts, self.tokenizer, self.max_length, self.prompts = texts, tokenizer, max_length, prompts
+    def __init__(self, texts: list[str], tokenizer, max_length: int | None, prompts: list[str] | None = None,
+                 conversations: list[list[dict]] | None = None):
+        self.texts, self.tokenizer, self.max_length = texts, tokenizer, max_length
+        self.prompts, self.conversations = prompts, conversations
 
     @functools.cached_property
     def fewest(self) -> np.ndarray:
         return self.tokenizer.fewest_tokens(self.texts)
 
     @functools.cached_property
-    def _encoded(self) -> tuple[list[np.ndarray], np.ndarray, np.ndarray | None]:
+    def _encoded(self) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray] | None]:
+        if self.conversations is not None:
+            return self.tokenizer.encode_conversations(self.conversations, self.max_length)
         if self.prompts is None:
             return (*self.tokenizer.encode(self.texts, self.max_length), None)
         completions = [text[len(prompt):] for text, prompt in zip(self.texts, self.prompts)]
-        return self.tokenizer.encode_pairs(self.prompts, completions, self.max_length)
+        ids, lengths, starts = self.tokenizer.encode_pairs(self.prompts, completions, self.max_length)
+        return ids, lengths, [np.arange(len(i)) >= start for i, start in zip(ids, starts)]
 
     @property
     def ids(self) -> list[np.ndarray]:
@@ -194,7 +244,8 @@ class Tokens:
         return self._encoded[1]
 
     @property
-    def starts(self) -> np.ndarray | None:
+    def masks(self) -> list[np.ndarray] | None:
+        """Per text, True at the tokens whose prediction counts (after the cut); None for plain texts."""
         return self._encoded[2]
 
 
@@ -204,7 +255,8 @@ class TextDataset(Dataset):
     distinct labels given); texts without labels have label 0 and no classes.
 
     Prompt/completion texts (`prompts` given, text j = prompts[j] + its completion) are predicted
-    from their completion's first token on: batches carry `Batch.predicted`, unless
+    at their completion's tokens, conversations (`conversations` given, text j their rendering)
+    at their assistant turns' tokens: batches carry `Batch.predicted`, unless
     `predicting_prompts()` asked for every token (a model trained with --train-on-prompt)."""
 
     preview = "text"
@@ -212,20 +264,22 @@ class TextDataset(Dataset):
     def __init__(self, spec: str, texts: Sequence[str], sources: Sequence[str], labels: np.ndarray,
                  classes: Sequence[str], tokenizer, max_length: int | None, tokens: "Tokens | None" = None,
                  indices: np.ndarray | None = None, prompts: Sequence[str] | None = None,
-                 prompts_predicted: bool = False):
+                 prompts_predicted: bool = False, conversations: list[list[dict]] | None = None):
         self.spec = spec
         self._texts, self._sources, self._labels = list(texts), list(sources), np.asarray(labels, dtype=np.int64)
         self._prompts = None if prompts is None else list(prompts)
+        self._conversations = conversations
         self.classes = tuple(classes)
         self.tokenizer, self.max_length = tokenizer, max_length
-        self._tokens = tokens if tokens is not None else Tokens(self._texts, tokenizer, max_length, self._prompts)
+        self._tokens = tokens if tokens is not None else Tokens(self._texts, tokenizer, max_length, self._prompts, conversations)
         self.has_explicit_indices = indices is not None
         self.indices = np.arange(len(self._texts)) if indices is None else np.asarray(indices, dtype=np.int64)
-        self.has_prompts, self.prompts_predicted = prompts is not None, prompts_predicted
+        self.has_prompts = prompts is not None or conversations is not None
+        self.prompts_predicted = prompts_predicted
 
     def _copy(self, **changes) -> "TextDataset":
         given = {"tokens": self._tokens, "indices": self.indices, "prompts": self._prompts,
-                 "prompts_predicted": self.prompts_predicted, **changes}
+                 "prompts_predicted": self.prompts_predicted, "conversations": self._conversations, **changes}
         return TextDataset(self.spec, self._texts, self._sources, self._labels, self.classes, self.tokenizer,
                            self.max_length, **given)
 
@@ -235,11 +289,22 @@ class TextDataset(Dataset):
             return super().predicting_prompts()
         return self._copy(prompts_predicted=True)
 
+    def per_token(self) -> "CompletionTokens":
+        """Each completion token its own example (--per-token)."""
+        if not self.has_prompts:
+            return super().per_token()
+        return CompletionTokens(self._copy(prompts_predicted=False))
+
+    def predicted_mask(self, i: int) -> np.ndarray | None:
+        """True at the tokens of example i whose prediction counts (None for plain texts)."""
+        masks = self._tokens.masks
+        return None if masks is None else masks[int(self.indices[i])]
+
     @property
-    def completion_starts(self) -> np.ndarray | None:
-        """Per example, the position of its completion's first token (None for plain texts)."""
-        starts = self._tokens.starts
-        return None if starts is None else starts[self.indices]
+    def completion_tokens(self) -> np.ndarray | None:
+        """Per example, how many of its tokens are predicted after the cut (None for plain texts)."""
+        masks = self._tokens.masks
+        return None if masks is None else np.array([int(masks[j].sum()) for j in self.indices], dtype=np.int64)
 
     def _ids(self, j: int) -> np.ndarray:
         return self._tokens.ids[j]
@@ -255,11 +320,12 @@ class TextDataset(Dataset):
         fewest = self._tokens.fewest[self.indices]
         return fewest if self.max_length is None else np.minimum(fewest, self.max_length)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        """(token ids, label, the first token whose prediction counts)."""
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """(token ids, label, True at the tokens whose prediction counts; None: all after the first)."""
         j = int(self.indices[i])
-        first = 1 if self._tokens.starts is None or self.prompts_predicted else int(self._tokens.starts[j])
-        return torch.from_numpy(self._ids(j).astype(np.int64)), int(self._labels[j]), first
+        mask = None if self.prompts_predicted else self.predicted_mask(i)
+        return (torch.from_numpy(self._ids(j).astype(np.int64)), int(self._labels[j]),
+                None if mask is None else torch.from_numpy(mask))
 
     @property
     def vocab_size(self) -> int:
@@ -283,7 +349,8 @@ class TextDataset(Dataset):
         return self._sources[int(self.indices[i])]
 
     def prompt(self, i: int) -> str | None:
-        """The prompt of example i (None for plain texts); its completion is the rest of `text(i)`."""
+        """The prompt of example i (None for plain texts and conversations); its completion is the
+        rest of `text(i)`."""
         return None if self._prompts is None else self._prompts[int(self.indices[i])]
 
     def describe(self, i: int) -> dict:
@@ -291,23 +358,25 @@ class TextDataset(Dataset):
         prompt = self.prompt(i)
         if prompt is not None:
             described.update(prompt=prompt, completion=self.text(i)[len(prompt):])
+        if self._conversations is not None:
+            described["messages"] = self._conversations[int(self.indices[i])]
         return described
 
     def source_record(self) -> dict:
         """How to load this data again: the spec, tokenizer and truncation."""
         return {"tokenizer": self.tokenizer.spec, "max_length": self.max_length}
 
-    def collate(self, items: list[tuple[torch.Tensor, int, int]]) -> Batch:
+    def collate(self, items: list[tuple[torch.Tensor, int, torch.Tensor | None]]) -> Batch:
         """Token ids right-padded with 0 to the longest, the mask of real tokens, and for
-        prompt/completion texts the mask of the tokens whose prediction counts."""
+        prompt/completion texts and conversations the mask of the tokens whose prediction counts."""
         longest = max(len(ids) for ids, _, _ in items)
         ids = torch.zeros(len(items), longest, dtype=torch.long)
         mask = torch.zeros(len(items), longest, dtype=torch.bool)
         predicted = torch.zeros(len(items), longest, dtype=torch.bool)
-        for row, (tokens, _, first) in enumerate(items):
+        for row, (tokens, _, counted) in enumerate(items):
             ids[row, :len(tokens)] = tokens
             mask[row, :len(tokens)] = True
-            predicted[row, first:len(tokens)] = True
+            predicted[row, :len(tokens)] = counted if counted is not None else torch.arange(len(tokens)) >= 1
         masked = self.has_prompts and not self.prompts_predicted
         return Batch((ids, mask), torch.tensor([y for _, y, _ in items], dtype=torch.long),
                      predicted if masked else None)
@@ -319,21 +388,82 @@ class TextDataset(Dataset):
 
     def fingerprint(self) -> Fingerprint:
         """Number of examples, class names and a SHA-256 over the tokenizer and, per example, its
-        token ids (after truncation), text, source and label, and for prompt/completion texts
-        where the completion starts (what the loss and f leave out)."""
+        token ids (after truncation), text, source and label, and for prompt/completion texts and
+        conversations which tokens are predicted (what the loss and f leave out)."""
         digest = hashlib.sha256(json.dumps(self.tokenizer.record(), sort_keys=True).encode())
         for j in self.indices:
             j = int(j)
             ids = self._ids(j).astype("<i4")
-            if self._prompts is not None:
-                digest.update(f"completion from {int(self._tokens.starts[j])}|".encode())
+            if self._tokens.masks is not None:
+                digest.update(b"predicted|" + np.packbits(self._tokens.masks[j]).tobytes() + b"|")
             digest.update(f"{len(ids)}|{int(self._labels[j])}|{self._sources[j]}|".encode("utf-8"))
             digest.update(ids.tobytes())
             digest.update(self._texts[j].encode("utf-8") + b"\x00")
         return Fingerprint(len(self), self.classes, digest.hexdigest())
 
 
-ROW_KINDS = {"text": ("text",), "prompt": ("prompt", "completion")}
+class CompletionTokens(Dataset):
+    """The completion tokens of prompt/completion texts, each its own example: row r, token t of
+    text i, is the ids 0..t (the tokens before t, and t) with t alone predicted, so that its
+    f_r = log(p_t / (1 - p_t)), p_t the model's probability of token t given the tokens before
+    it (under either causal-lm output: one predicted token). A token's example is as long as its
+    prefix: a text's T tokens cost about T / 2 forward and backward passes of the whole text."""
+
+    preview = "text"
+
+    def __init__(self, texts: TextDataset):
+        self.texts = texts
+        self.rows = np.array([(i, int(t)) for i in range(len(texts)) for t in np.flatnonzero(texts.predicted_mask(i))],
+                             dtype=np.int64).reshape(-1, 2)
+        self.spec = f"{texts.spec} (per token)"
+        self.indices, self.classes, self.has_explicit_indices = np.arange(len(self.rows)), (), False
+        self._labels = np.zeros(len(self.rows), dtype=np.int64)
+        self.tokenizer, self.max_length, self.has_prompts = texts.tokenizer, texts.max_length, True
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.rows[:, 1] + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.texts.vocab_size
+
+    def __getitem__(self, r: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        i, t = (int(v) for v in self.rows[r])
+        return self.texts[i][0][:t + 1], 0, torch.arange(t + 1) == t
+
+    def collate(self, items: list[tuple[torch.Tensor, int, torch.Tensor]]) -> Batch:
+        return self.texts.collate(items)
+
+    def select(self, indices: np.ndarray) -> "Dataset":
+        raise UserError("per-token targets cannot be selected; select the texts before --per-token")
+
+    def fingerprint(self) -> Fingerprint:
+        digest = hashlib.sha256(f"{self.texts.fingerprint().sha256}|per token".encode())
+        return Fingerprint(len(self.rows), (), digest.hexdigest())
+
+    def source_record(self) -> dict:
+        return {**self.texts.source_record(), "per_token": True}
+
+    def token(self, r: int) -> str:
+        """The text of row r's token."""
+        i, t = (int(v) for v in self.rows[r])
+        return self.tokenizer.decode([int(self.texts[i][0][t])])
+
+    def text(self, r: int) -> str:
+        return self.texts.text(int(self.rows[r, 0]))
+
+    def source(self, r: int) -> str:
+        return self.texts.source(int(self.rows[r, 0]))
+
+    def describe(self, r: int) -> dict:
+        i, t = (int(v) for v in self.rows[r])
+        first = int(np.flatnonzero(self.texts.predicted_mask(i))[0])
+        return {**self.texts.describe(i), "text_index": i, "token": self.token(r), "token_position": t - first}
+
+
+ROW_KINDS = {"text": ("text",), "prompt": ("prompt", "completion"), "messages": ()}
+ROLES = ("system", "user", "assistant")
 
 
 def read_jsonl(spec: str, path: str) -> list[dict]:
@@ -356,7 +486,8 @@ def read_jsonl(spec: str, path: str) -> list[dict]:
             first_kind = first_kind or (kind, number)
             if kind != first_kind[0]:
                 raise UserError(f"{path}:{number}: a {kind} row, but line {first_kind[1]} is a {first_kind[0]} row; "
-                                "give every row a \"text\", or every row a \"prompt\" and a \"completion\"")
+                                "give every row a \"text\", or every row a \"prompt\" and a \"completion\", or every "
+                                "row \"messages\"")
             rows.append(row)
     if not rows:
         raise UserError(f"dataset spec {spec!r}: {path!r} holds no texts")
@@ -365,12 +496,14 @@ def read_jsonl(spec: str, path: str) -> list[dict]:
 
 def checked_row(row, where: str) -> str:
     """The kind of a JSON-lines row ("text" or "prompt"), checked field by field."""
-    if not isinstance(row, dict) or not ({"text", "prompt", "completion"} & set(row)):
+    if not isinstance(row, dict) or not ({"text", "prompt", "completion", "messages"} & set(row)):
         raise UserError(f"{where}: each line must be a JSON object with a \"text\" field, or with \"prompt\" and "
-                        "\"completion\" fields")
-    kind = "text" if "text" in row else "prompt"
-    if kind == "prompt" and "label" in row:
-        raise UserError(f"{where}: a prompt/completion row has no \"label\" (its completion is what is predicted)")
+                        "\"completion\" fields, or with \"messages\"")
+    kind = "text" if "text" in row else "messages" if "messages" in row else "prompt"
+    if kind != "text" and "label" in row:
+        raise UserError(f"{where}: a {kind} row has no \"label\" (its completion is what is predicted)")
+    if kind == "messages":
+        check_messages(row["messages"], where)
     for field in ROW_KINDS[kind]:
         if field not in row:
             raise UserError(f"{where}: a row with a \"prompt\" needs a \"completion\" too, and the other way round")
@@ -384,6 +517,20 @@ def checked_row(row, where: str) -> str:
             raise UserError(f"{where}: \"{field}\" holds a lone surrogate (an escape such as \\ud800 without its "
                             "pair), which is not text")
     return kind
+
+
+def check_messages(messages, where: str) -> None:
+    """A conversation: a list of {"role", "content"} messages, roles system, user or assistant,
+    contents non-empty text, at least one assistant turn (what is predicted)."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str) \
+                or not m["content"] or not is_text(m["content"]):
+            raise UserError(f"{where}: each message must be {{\"role\": {' | '.join(ROLES)}, \"content\": non-empty "
+                            f"text}}, got {json.dumps(m)[:80]}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{where}: the conversation has no assistant turn, so nothing in it is predicted")
 
 
 def is_text(value: str) -> bool:
@@ -440,6 +587,9 @@ def text_dataset(spec: str, rows: list[dict], tokenizer: str, max_length: int | 
     index = {name: i for i, name in enumerate(classes)}
     label_ids = np.array([index[str(label)] for label in given] if given else np.zeros(len(rows)), dtype=np.int64)
     prompts = [row["prompt"] for row in rows] if "prompt" in rows[0] else None
-    texts = [row["text"] for row in rows] if prompts is None else [row["prompt"] + row["completion"] for row in rows]
+    conversations = [row["messages"] for row in rows] if "messages" in rows[0] else None
+    reader = make_tokenizer(tokenizer)
+    texts = ([row["text"] for row in rows] if "text" in rows[0] else reader.render(conversations) if conversations
+             else [row["prompt"] + row["completion"] for row in rows])
     return TextDataset(spec, texts, [str(row.get("source", "")) for row in rows], label_ids, classes,
-                       make_tokenizer(tokenizer), max_length, prompts=prompts)
+                       reader, max_length, prompts=prompts, conversations=conversations)

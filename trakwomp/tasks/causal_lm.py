@@ -92,12 +92,11 @@ class CausalLM(Task):
             i = int(lengths.argmin())
             raise UserError(f"text {i} of {dataset.spec} has {lengths[i]} token(s): a causal LM needs at least 2, "
                             "one to predict from and one to predict")
-        starts = dataset.completion_starts
-        if starts is not None and (lengths <= starts).any():
-            i = int(np.flatnonzero(lengths <= starts)[0])
-            raise UserError(f"the prompt of text {i} of {dataset.spec} has {starts[i]} tokens, which leaves none of its "
-                            f"completion within --max-length {dataset.max_length}; raise --max-length or shorten "
-                            "the prompt")
+        counted = dataset.completion_tokens
+        if counted is not None and (counted == 0).any():
+            i = int(np.flatnonzero(counted == 0)[0])
+            raise UserError(f"text {i} of {dataset.spec} keeps none of its completion (or assistant turns) within "
+                            f"--max-length {dataset.max_length} tokens; raise --max-length or shorten the prompt")
 
     def output_mismatch(self, shape: tuple[int, ...], batch: Batch, output_size: int) -> str | None:
         ids = tuple(batch.inputs[0].shape)
