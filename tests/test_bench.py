@@ -203,3 +203,56 @@ def test_ridge_study_lds_equals_finalize_score_and_lds_at_every_view_and_ridge(t
                 expected = lds(store, [ViewSpec(dims, blocks, ridge)], half=half, threshold=0.0,
                            resamples=1).results[0].per_target
                 np.testing.assert_allclose(study[v, r, half], expected, atol=1e-5)
+
+
+def write_fortunes_archive(path, authors: dict[str, int]) -> None:
+    """A fortunes-like archive: one file per author with `count` attributed quotes each, some
+    attribution lines naming a work after a comma, plus unattributed fortunes and one too long."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, count in authors.items():
+            entries = [f"Quote {i} of {name}.\n\t\t-- {name}" + (', "Collected Works"' if i % 2 else "")
+                       for i in range(count)]
+            entries += ["An unattributed fortune.", "x" * 300 + f"\n-- {name}"]
+            data = "\n%\n".join(entries).encode()
+            info = tarfile.TarInfo(f"fortunes/{name.split()[0].lower()}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_fortune_authors_keeps_authors_with_six_quotes_and_holds_out_two_quotes_each(tmp_path):
+    write_fortunes_archive(tmp_path / "f.tar.gz", {"Mark Twain": 9, "Oscar Wilde": 6, "Rare Person": 5})
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "fortune_authors.py"), str(tmp_path / "out"),
+                             "--archive", str(tmp_path / "f.tar.gz")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    train, targets = ([json.loads(line) for line in (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines()]
+                      for name in ("train", "targets"))
+    assert sorted(r["source"] for r in targets) == ["Mark Twain"] * 2 + ["Oscar Wilde"] * 2
+    assert sorted(r["source"] for r in train) == ["Mark Twain"] * 7 + ["Oscar Wilde"] * 4
+    for row in train + targets:
+        assert row["completion"] == row["source"] + "\n" and row["prompt"].endswith("\n-- ")
+        assert row["prompt"].startswith("Quote ") and f"of {row['source']}." in row["prompt"]
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in targets}
+
+
+SHARED_FORTUNES = REPO.parent / "shared" / "data" / "fortunes.tar.gz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_FORTUNES.is_file(), reason="needs ../shared/data/fortunes.tar.gz")
+def test_answers_smoke_chooses_on_the_even_half_and_counts_authors_among_the_top_ten(tmp_path):
+    work = tmp_path / "work"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "answers.py"), str(work), "--smoke"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    results = json.loads((work / "results.json").read_text())
+    half0, (trak, womp, *_) = results["lds"]["half0"], results["lds"]["views"]
+    assert half0[f"d{trak[0]}-b{trak[1]}"] == max(v for k, v in half0.items() if k.endswith("-b1"))
+    assert half0[f"d{womp[0]}-b{womp[1]}"] == max(v for k, v in half0.items() if not k.endswith("-b1"))
+    train, targets = ([json.loads(line)["source"] for line in (work / f"{name}.jsonl").read_text().splitlines()]
+                      for name in ("train", "targets"))
+    tau = np.load(work / "scores.npy")
+    top = [[train[i] for i in sorted(range(len(train)), key=lambda i: (-tau[t, i], i))[:10]] for t in range(len(targets))]
+    expected = np.mean([sum(a == targets[t] for a in top[t]) / 10 for t in range(len(targets))])
+    reported = results["author_precision_at_10"]
+    assert reported["TRAK-WOMP, the answer (default view)"]["precision"][0] == pytest.approx(expected)
+    assert reported["chance"][0] == pytest.approx(np.mean([train.count(a) / len(train) for a in targets]))

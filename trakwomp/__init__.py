@@ -1,5 +1,6 @@
 """trakwomp: data attribution with TRAK and TRAK-WOMP (block-wise inverse TRAK)."""
 
+from trakwomp.analysis.explain import Generation, explain
 from trakwomp.analysis.groups import group_scores, predict_groups
 from trakwomp.analysis.lds import lds
 from trakwomp.analysis.predict import predict
@@ -32,9 +33,9 @@ from trakwomp.tasks.regression import Regression
 __version__ = "0.1.0"
 
 __all__ = [
-    "CausalLM", "Classification", "Regression", "Task", "Dataset", "Fingerprint", "GPT", "Groups", "ModelSpec", "ProjectorSpec", "Recipe", "Selection", "Shard",
+    "CausalLM", "Classification", "Regression", "Task", "Dataset", "Fingerprint", "GPT", "Generation", "Groups", "ModelSpec", "ProjectorSpec", "Recipe", "Selection", "Shard",
     "TrainReport", "UserError", "ViewSpec",
-    "model_outputs", "featurize", "finalize", "group_scores", "lds", "load_checkpoint", "load_dataset",
+    "model_outputs", "explain", "featurize", "finalize", "group_scores", "lds", "load_checkpoint", "load_dataset",
     "load_reference_model", "make_task", "margins", "predict", "predict_groups", "read_groups_file", "resnet9",
     "score", "show", "show_groups", "status", "TextDataset", "train",
 ]

@@ -5,6 +5,7 @@ the factored engine) are checked against an autograd loop over single unpadded e
 first predicted token is computed here, from the tokenizer alone."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -182,3 +183,35 @@ def test_conversations_predict_their_assistant_turns_only(tmp_path):
     torch.testing.assert_close(out.rows, expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
     assert data.describe(1)["messages"] == CONVERSATIONS[1] and len(data.per_token()) == int(data[0][2].sum() + data[1][2].sum())
+
+
+def test_every_command_on_a_prompt_completion_store_and_shards_equal_one_process(prompts, tmp_path, cli):
+    """train (reference and LDS), featurize in two shards (equal to one process, bitwise) and with
+    the factored engine, finalize, score, lds, predict, groups and show on answers."""
+    targets = write_jsonl(tmp_path / "targets.jsonl", quote_rows(4, start=100))
+    store, whole = str(tmp_path / "store"), str(tmp_path / "whole")
+    common = ["--task", "causal-lm", "--width", "16", "--layers", "1", "--heads", "2", "--epochs", "1", "-q"]
+    for args in (["train", store, "--data", f"jsonl:{prompts}", *common],
+                 ["train", store, "--data", f"jsonl:{prompts}", *common, "--role", "lds", "--num-models", "4",
+                  "--targets", f"jsonl:{targets}"]):
+        assert cli(*args).exit_code == 0
+    factored = str(tmp_path / "factored")
+    shutil.copytree(store, whole)
+    shutil.copytree(store, factored)
+    featurize_args = ["--blocks", "2", "--block-dim", "8", "--chunk-rows", "8", "-q"]
+    for shard in ("0/2", "1/2"):
+        assert cli("featurize", store, *featurize_args, "--shard", shard).exit_code == 0
+    assert cli("featurize", whole, *featurize_args).exit_code == 0
+    for name in ("phi", "q", "margins"):
+        np.testing.assert_array_equal(Store.open(store).read_array(f"features/000000/{name}"),
+                                      Store.open(whole).read_array(f"features/000000/{name}"))
+    for args in (["finalize", store, "-q"], ["score", store, "--targets", f"jsonl:{targets}", "-q"]):
+        assert cli(*args).exit_code == 0, plain(cli(*args).output)
+    lds = json.loads(cli("lds", store, "--json").stdout)
+    np.save(tmp_path / "half.npy", np.arange(0, 24, 2))
+    assert len(json.loads(cli("predict", store, "--subset", str(tmp_path / "half.npy"), "--json").stdout)["predicted_margin"]) == 4
+    groups = json.loads(cli("groups", store, "--json").stdout)
+    shown = json.loads(cli("show", store, "--target", "1", "--out", str(tmp_path / "show.html"), "--json").stdout)
+    assert lds["results"][0]["targets"] == 4 and {g["group"] for g in groups["groups"]} <= {r["source"] for r in quote_rows(24)}
+    assert shown[0]["target_completion"] == quote_rows(4, start=100)[1]["completion"]
+    assert cli("featurize", factored, "--projector", "factored", "--block-dim", "16", "-q").exit_code == 0
