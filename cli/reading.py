@@ -205,6 +205,7 @@ def explain(
     max_new_tokens: int = setting(Generation, "max_new_tokens", "--max-new-tokens"),
     temperature: float = setting(Generation, "temperature", "--temperature"),
     seed: int = setting(Generation, "seed", "--seed"),
+    stop: Optional[str] = setting(Generation, "stop", "--stop"),
     model_id: int = typer.Option(0, "--model-id", help="Which reference model answers."),
     k: int = typer.Option(5, "--k", help="How many supporting and how many opposing train examples."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write an HTML page (escaped, self-contained)."),
@@ -224,7 +225,7 @@ def explain(
     most supporting and opposing train examples are shown."""
     check_output_folder("--out", out)
     with progress_for(quiet or json_out) as progress:
-        explained = explain_answer(store, prompt, completion, generation=Generation(max_new_tokens, temperature, seed),
+        explained = explain_answer(store, prompt, completion, generation=Generation(max_new_tokens, temperature, seed, stop),
                                    model_id=model_id, k=k, view=ViewSpec(dims, blocks, ridge), threshold=threshold,
                                    out=out, per_token=per_token, device=device, progress=progress)
     if json_out:

@@ -68,6 +68,9 @@ def test_the_answer_is_the_greedy_continuation_and_a_sample_is_fixed_by_its_seed
     hot = [explain(store, PROMPT, generation=Generation(12, temperature=3.0, seed=s), k=2, view=VIEW).answer
            for s in (1, 1, 2)]
     assert hot[0] == hot[1] != hot[2]
+    stop = explained.answer[3]  # ends the answer at its first occurrence, which the answer keeps
+    stopped = explain(store, PROMPT, generation=Generation(max_new_tokens=12, stop=stop), k=2, view=VIEW)
+    assert stopped.answer == explained.answer[:explained.answer.index(stop) + 1]
     other = explain(store, PROMPT, generation=Generation(max_new_tokens=12), model_id=1, k=2, view=VIEW)
     assert other.answer == greedy_by_hand(load_reference_model(store, 1, data.vocab_size), PROMPT, 12)
 
@@ -105,6 +108,7 @@ def test_the_command_prints_the_answer_and_its_examples_and_refuses_what_it_cann
     assert report["answer"] == "Be kind." and len(report["rows"]) == 10 and report["seconds"] > 0
     for args, message in ((["--temperature", "-0.5"], "--temperature must be 0 (greedy) or a positive number"),
                           (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+                          (["--stop", ""], "--stop must be a non-empty text"),
                           (["--out", str(tmp_path / "page.png")], "give --out a .html name")):
         result = cli("explain", str(store), "--prompt", PROMPT, *args)
         assert result.exit_code == 2 and message in plain(result.stderr), plain(result.output)

@@ -39,17 +39,22 @@ from trakwomp.tasks.base import logits_of
 class Generation:
     """How the reference model completes a prompt: greedy at temperature 0, else sampled from
     softmax(logits / temperature) with a seeded generator; it stops at the tokenizer's end token,
-    after `max_new_tokens`, or at the model's context."""
+    once the answer ends with `stop` (kept in the answer), after `max_new_tokens`, or at the
+    model's context."""
 
     max_new_tokens: int = option(32, "Tokens the model may add to the prompt.")
     temperature: float = option(0.0, "0: the most likely token each time (greedy); above 0: sampled at this temperature.")
     seed: int = option(0, "Seed of the sampling (with --temperature above 0).")
+    stop: str | None = option(None, "End the answer once it ends with this text (kept in the answer), e.g. a newline "
+                                    "for a model whose tokenizer has no end token (bytes).")
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if not self.temperature >= 0 or self.temperature == float("inf"):
             raise UserError(f"--temperature must be 0 (greedy) or a positive number, got {self.temperature}")
+        if self.stop == "":
+            raise UserError("--stop must be a non-empty text")
 
 
 @dataclass
@@ -101,6 +106,8 @@ def generate(net: nn.Module, data: Dataset, prompt: str, generation: Generation,
         if token == tokenizer.stop:
             break
         ids.append(token)
+        if generation.stop is not None and tokenizer.decode(ids[start:]).endswith(generation.stop):
+            break
     return tokenizer.decode(ids[start:])
 
 
