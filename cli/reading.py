@@ -234,7 +234,7 @@ def explain(
     if quiet:
         return
     who = f"reference model {explained.model_id}" if explained.generated else "given answer"
-    console.print(f"prompt: {escape(explained.prompt)}\nanswer ({who}): {escape(explained.answer)}")
+    Console().print(f"prompt: {escape(explained.prompt)}\nanswer ({who}): {escape(explained.answer)}", highlight=False)
     show_top_k(explained.rows, f"Train examples that most support and oppose the answer ({explained.seconds:.2f} s)")
     if per_token:
         show_tokens(explained.tokens, f"The answer token by token ({explained.token_seconds:.2f} s more)")
