@@ -10,8 +10,9 @@ author held out as targets; see the script).
 
 Model: the built-in gpt (width 64, 2 layers, 4 heads, bytes), trained with the causal-lm recipe
 on the completions only (the instruction-tuning convention): 1 reference model and 40 LDS models
-on random halves (two shard processes). Features: the default projector (sjlt, d = 16,384 in 16
-blocks of 1,024).
+on random halves (two shard processes). Features: sjlt at d = 16,384, stored as 64 blocks of 256
+so that TRAK's small d are prefixes of them; the default view is the default projector's shape
+(d = 16,384 in 16 blocks).
 
 (a) LDS, f over the completion: TRAK (B = 1) at d in 256..2,048 and TRAK-WOMP views, at the
     defaults (ridge auto, threshold 0.25); the TRAK d and the WOMP view are chosen on the even
@@ -39,9 +40,10 @@ import numpy as np
 TRAKWOMP = [sys.executable, "-m", "trakwomp.cli.main"]
 MAKE_DATA = Path(__file__).resolve().parents[1] / "scripts" / "fortune_authors.py"
 FULL = {"lds_models": 40, "authors": None, "epochs": None, "trak_dims": (256, 512, 1024, 2048),
-        "womp": ((16384, 16), (16384, 32), (8192, 16)), "projector": []}
-SMOKE = {"lds_models": 6, "authors": 12, "epochs": 1, "trak_dims": (64, 128), "womp": ((256, 4), (256, 16)),
-         "projector": ["--blocks", "16", "--block-dim", "16"]}
+        "womp": ((16384, 16), (16384, 32), (8192, 16)), "projector": ["--blocks", "64", "--block-dim", "256"],
+        "default_view": (16384, 16)}
+SMOKE = {"lds_models": 6, "authors": 12, "epochs": 1, "trak_dims": (64, 128), "womp": ((256, 16), (256, 4)),
+         "projector": ["--blocks", "16", "--block-dim", "16"], "default_view": (256, 16)}
 
 
 def run(*args: str) -> None:
@@ -76,7 +78,7 @@ def lds_table(work: Path, s: dict) -> dict:
     half0 = {(v.dims, v.blocks): r["lds"] for v, r in zip(candidates, lds(store, candidates, half=0).as_dict()["results"])}
     trak = max((v for v in candidates if v.blocks == 1), key=lambda v: half0[(v.dims, v.blocks)])
     womp = max((v for v in candidates if v.blocks > 1), key=lambda v: half0[(v.dims, v.blocks)])
-    default = candidates[len(s["trak_dims"])]
+    default = ViewSpec(*s["default_view"])
     reported = [trak, womp] + ([default] if default != womp else [])
     return {"half0": {f"d{d}-b{b}": x for (d, b), x in half0.items()},
             "views": [[v.dims, v.blocks] for v in reported], "half1": lds(store, reported, half=1).as_dict()}
@@ -123,19 +125,20 @@ def hidden_states(store: Path, texts: list[str]) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def author_precision(work: Path) -> dict:
+def author_precision(work: Path, s: dict) -> dict:
     """(b) and (c) at the default view."""
-    from trakwomp import load_dataset, score
+    from trakwomp import ViewSpec, load_dataset, score
     from trakwomp.stages.export import export_scores
 
+    view = ViewSpec(*s["default_view"])
     store = work / "store"
     train_rows = [json.loads(line) for line in (work / "train.jsonl").read_text().splitlines()]
     target_rows = [json.loads(line) for line in (work / "targets.jsonl").read_text().splitlines()]
     train_authors, target_authors = (np.array([r["source"] for r in rows]) for rows in (train_rows, target_rows))
     targets = load_dataset(f"jsonl:{work / 'targets.jsonl'}")
-    export_scores(store, score(store, targets).key, work / "scores.npy")
+    export_scores(store, score(store, targets, view).key, work / "scores.npy")
     tokens = targets.per_token()
-    export_scores(store, score(store, tokens, batch_size=32).key, work / "token-scores.npy")
+    export_scores(store, score(store, tokens, view, batch_size=32).key, work / "token-scores.npy")
     per_token = np.load(work / "token-scores.npy")
     name_rows = [[r for r in range(len(tokens)) if tokens.rows[r, 0] == t
                   and tokens.describe(r)["token_position"] < len(target_authors[t].encode("utf-8"))]
@@ -166,7 +169,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     prepare(args.work, setting)
     results = {"lds": once(args.work / "lds.json", lambda: lds_table(args.work, setting)),
-               "author_precision_at_10": once(args.work / "precision.json", lambda: author_precision(args.work))}
+               "author_precision_at_10": once(args.work / "precision.json", lambda: author_precision(args.work, setting))}
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 

@@ -138,6 +138,7 @@ def write_text_inputs(root: Path) -> None:
     write_jsonl(root / "labelled-prompt.jsonl", [{"prompt": "a", "completion": "b", "label": "x"}])
     write_jsonl(root / "no-assistant.jsonl", [{"messages": [{"role": "user", "content": "hello?"}]}])
     write_jsonl(root / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
+    write_jsonl(root / "prompt-beyond-context.jsonl", [{"prompt": "p" * 600, "completion": "c"}])
     write_jsonl(root / "long-prompt.jsonl", [{"prompt": "p" * 30, "completion": "c"}, {"prompt": "q", "completion": "d"}])
     write_hf_folder(root / "hf", [r["text"] for r in fortunes("train", 100)])
     (root / "config-only").mkdir()
@@ -363,6 +364,8 @@ CASES = [
          "text-and-prompts.jsonl:2: a text row, but line 1 is a prompt row"),
     Case("label-on-a-prompt-row", None, [*LM, "jsonl:F/labelled-prompt.jsonl"],
          'labelled-prompt.jsonl:1: a prompt row has no "label"'),
+    Case("prompt-longer-than-the-context", None, [*LM, "jsonl:F/prompt-beyond-context.jsonl"],
+         "prompt-beyond-context.jsonl has at least 602 tokens, more than the context"),
     Case("prompt-longer-than-max-length", None, [*LM, "jsonl:F/long-prompt.jsonl", "--max-length", "16"],
          "long-prompt.jsonl keeps none of its completion (or assistant turns) within --max-length 16 tokens"),
     Case("messages-without-an-assistant-turn", None, [*LM, "jsonl:F/no-assistant.jsonl"],
