@@ -14,7 +14,7 @@ on random halves (two shard processes). Features: sjlt at d = 16,384, stored as 
 so that TRAK's small d are prefixes of them; the default view is the default projector's shape
 (d = 16,384 in 16 blocks).
 
-(a) LDS, f over the completion: TRAK (B = 1) at d in 256..2,048 and TRAK-WOMP views, at the
+(a) LDS, f over the completion: TRAK (B = 1) at d in 256..16,384 and TRAK-WOMP views, at the
     defaults (ridge auto, threshold 0.25); the TRAK d and the WOMP view are chosen on the even
     LDS models (half 0) and reported on the odd ones (half 1).
 (b) Author precision at 10: the share of a target's 10 most supporting train examples (default
@@ -39,7 +39,7 @@ import numpy as np
 
 TRAKWOMP = [sys.executable, "-m", "trakwomp.cli.main"]
 MAKE_DATA = Path(__file__).resolve().parents[1] / "scripts" / "fortune_authors.py"
-FULL = {"lds_models": 40, "authors": None, "epochs": None, "trak_dims": (256, 512, 1024, 2048),
+FULL = {"lds_models": 40, "authors": None, "epochs": None, "trak_dims": (256, 512, 1024, 2048, 4096, 8192, 16384),
         "womp": ((16384, 16), (16384, 32), (8192, 16)), "projector": ["--blocks", "64", "--block-dim", "256"],
         "default_view": (16384, 16)}
 SMOKE = {"lds_models": 6, "authors": 12, "epochs": 1, "trak_dims": (64, 128), "womp": ((256, 16), (256, 4)),
