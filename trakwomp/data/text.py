@@ -147,14 +147,12 @@ class HuggingFaceTokenizer:
         return [i[:limit] for i in ids], np.array([len(i) for i in ids], dtype=np.int64), [m[:limit] for m in masks]
 
     def _chat(self, messages: list[dict], generation_prompt: bool) -> list[int]:
-        if not messages:
-            return self._chat_prefix() if generation_prompt else []
+        """The ids of `messages` rendered by the chat template (then the generation prompt, if asked:
+        what the template writes before an assistant turn)."""
+        if not messages and not generation_prompt:
+            return []
         return list(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
                                                        add_generation_prompt=generation_prompt))
-
-    def _chat_prefix(self) -> list[int]:
-        """What the template writes before an assistant turn that opens the conversation."""
-        return list(self.tokenizer.apply_chat_template([], tokenize=True, return_dict=False, add_generation_prompt=True))
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -407,7 +405,7 @@ class CompletionTokens(Dataset):
     text i, is the ids 0..t (the tokens before t, and t) with t alone predicted, so that its
     f_r = log(p_t / (1 - p_t)), p_t the model's probability of token t given the tokens before
     it (under either causal-lm output: one predicted token). A token's example is as long as its
-    prefix: a text's T tokens cost about T / 2 forward and backward passes of the whole text."""
+    prefix: a text's T tokens cost T / 2 to T forward and backward passes of the whole text."""
 
     preview = "text"
 
