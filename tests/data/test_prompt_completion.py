@@ -19,7 +19,7 @@ from conftest import (
 )
 from trakwomp.store import Store
 
-from trakwomp.data.base import load_batch
+from trakwomp.data.base import Batch, load_batch
 from trakwomp.data.specs import load_dataset
 from trakwomp.errors import UserError
 from trakwomp.features.factored import FactoredFeatures, factored_layers
@@ -215,3 +215,41 @@ def test_every_command_on_a_prompt_completion_store_and_shards_equal_one_process
     assert lds["results"][0]["targets"] == 4 and {g["group"] for g in groups["groups"]} <= {r["source"] for r in quote_rows(24)}
     assert shown[0]["target_completion"] == quote_rows(4, start=100)[1]["completion"]
     assert cli("featurize", factored, "--projector", "factored", "--block-dim", "16", "-q").exit_code == 0
+
+
+@pytest.mark.parametrize("engine", ["per-example", "factored"])
+def test_a_texts_tokens_share_one_forward_pass_and_each_gets_its_own_gradient(prompts, engine):
+    """Per-token rows of three texts in one batch: the model runs once per text (per-example
+    engine) or once for the batch (factored), and each row's gradient and f are those of its
+    token alone, by the autograd loop over the single unpadded text."""
+    tokens = load_dataset(f"jsonl:{prompts}").per_token()
+    rows = [r for r in range(len(tokens)) if tokens.rows[r, 0] in (2, 5, 7)][::3]
+    batch = load_batch(tokens, rows)
+    assert len(batch) == len(rows) and len(batch.inputs[0]) == 3  # each text once
+    torch.manual_seed(0)
+    net = TINY_GPT.build(tokens.vocab_size).eval()
+    names = select_parameters(net, None)
+    forward = net.forward
+    calls = []
+    net.forward = lambda *args: calls.append(args[0].shape) or forward(*args)
+    if engine == "per-example":
+        out = PerExampleGradients(net, names, CPU, CausalLM())(batch)
+        assert len(calls) == 3
+    else:
+        layers = factored_layers(net, names, 16)
+        out = FactoredFeatures(net, layers, 0, 0, CPU, CausalLM())(batch)
+        assert calls[0][0] == 3 and len(calls) == 1 + 2  # the batch once, then the check of 2 rows alone
+    net.forward = forward
+    singles = [(tokens.texts[int(i)][0], 0, torch.arange(len(tokens.texts[int(i)][0])) == int(t))
+               for i, t in tokens.rows[rows]]
+    expected, f = causal_lm_autograd_loop(net, singles, CausalLM(), names)
+    torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
+    if engine == "per-example":
+        torch.testing.assert_close(out.rows, expected, rtol=1e-4, atol=1e-6)
+    else:  # against the same engine on each token's prefix as an ordinary example (checked against autograd)
+        texts = tokens.texts
+        prefixes = [Batch((ids[None, :t + 1], torch.ones(1, t + 1, dtype=torch.bool)), torch.zeros(1),
+                          (torch.arange(t + 1) == t)[None]) for ids, _, t in
+                    ((texts[int(i)][0], 0, int(t)) for i, t in tokens.rows[rows])]
+        alone = FactoredFeatures(net, layers, 0, 0, CPU, CausalLM())
+        torch.testing.assert_close(out.rows, torch.cat([alone(b).rows for b in prefixes]), rtol=1e-4, atol=1e-6)

@@ -18,23 +18,50 @@ from trakwomp.errors import UserError
 class Batch:
     """What the model is called with (`model(*inputs)`), the labels, and for prompt/completion
     text `predicted`: (batch, T) True at the tokens whose prediction the loss and f count (the
-    completion's); None where every real token after the first counts."""
+    completion's); None where every real token after the first counts.
+
+    A batch of token examples (`tokens` given) calls the model once per text: its rows are
+    tokens, `tokens[r]` = (the row's text among `inputs`, the token's position), and `labels`
+    has a row each; the texts' forward pass is shared by their tokens."""
 
     inputs: tuple[torch.Tensor, ...]
     labels: torch.Tensor
     predicted: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(tuple(t.to(device) for t in self.inputs), self.labels.to(device),
-                     None if self.predicted is None else self.predicted.to(device))
+        moved = (None if t is None else t.to(device) for t in (self.predicted, self.tokens))
+        return Batch(tuple(t.to(device) for t in self.inputs), self.labels.to(device), *moved)
 
     def rows(self, start: int, stop: int) -> "Batch":
-        """Examples start..stop-1 of the batch."""
-        return Batch(tuple(t[start:stop] for t in self.inputs), self.labels[start:stop],
-                     None if self.predicted is None else self.predicted[start:stop])
+        """Examples start..stop-1 of the batch (for token rows: with the texts they need)."""
+        if self.tokens is None:
+            return Batch(tuple(t[start:stop] for t in self.inputs), self.labels[start:stop],
+                         None if self.predicted is None else self.predicted[start:stop])
+        texts, where = torch.unique(self.tokens[start:stop, 0], return_inverse=True)
+        return Batch(tuple(t[texts] for t in self.inputs), self.labels[start:stop],
+                     None if self.predicted is None else self.predicted[texts],
+                     torch.stack([where, self.tokens[start:stop, 1]], dim=1))
+
+    def text_rows(self) -> list[torch.Tensor]:
+        """For token rows, the rows of each text, in order."""
+        return [torch.nonzero(self.tokens[:, 0] == text).flatten() for text in range(len(self.inputs[0]))]
+
+    def backward_groups(self) -> list[torch.Tensor]:
+        """Rows whose f one backward pass can differentiate together, each row's f depending on its
+        own input alone: every row of an ordinary batch; for token rows, the k-th token of each text."""
+        if self.tokens is None:
+            return [torch.arange(len(self), device=self.labels.device)]
+        per_text = self.text_rows()
+        return [torch.stack([rows[k] for rows in per_text if len(rows) > k])
+                for k in range(max(len(rows) for rows in per_text))]
+
+    def inputs_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The input (text) each of `rows` is computed from."""
+        return rows if self.tokens is None else self.tokens[rows, 0]
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:

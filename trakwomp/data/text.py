@@ -402,10 +402,10 @@ class TextDataset(Dataset):
 
 class CompletionTokens(Dataset):
     """The completion tokens of prompt/completion texts, each its own example: row r, token t of
-    text i, is the ids 0..t (the tokens before t, and t) with t alone predicted, so that its
-    f_r = log(p_t / (1 - p_t)), p_t the model's probability of token t given the tokens before
-    it (under either causal-lm output: one predicted token). A token's example is as long as its
-    prefix: a text's T tokens cost T / 2 to T forward and backward passes of the whole text."""
+    text i, has f_r = log(p_t / (1 - p_t)), p_t the model's probability of token t given the
+    tokens before it (under either causal-lm output: one predicted token). Its batches are token
+    batches (`Batch.tokens`): each text in a batch is run forward once, whatever the number of
+    its tokens there, and each token gets its own backward pass."""
 
     preview = "text"
 
@@ -420,18 +420,23 @@ class CompletionTokens(Dataset):
 
     @property
     def lengths(self) -> np.ndarray:
-        return self.rows[:, 1] + 1
+        """The length of each token's text: batches cut in length order keep a text's tokens together."""
+        return self.texts.lengths[self.rows[:, 0]]
 
     @property
     def vocab_size(self) -> int:
         return self.texts.vocab_size
 
-    def __getitem__(self, r: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    def __getitem__(self, r: int) -> tuple[torch.Tensor, int, tuple[int, int]]:
         i, t = (int(v) for v in self.rows[r])
-        return self.texts[i][0][:t + 1], 0, torch.arange(t + 1) == t
+        return self.texts[i][0], 0, (i, t)
 
-    def collate(self, items: list[tuple[torch.Tensor, int, torch.Tensor]]) -> Batch:
-        return self.texts.collate(items)
+    def collate(self, items: list[tuple[torch.Tensor, int, tuple[int, int]]]) -> Batch:
+        """A token batch: the distinct texts of the rows, once each, and each row's (text, position)."""
+        order = list(dict.fromkeys(i for _, _, (i, _) in items))
+        texts, slot = self.texts.collate([self.texts[i] for i in order]), {i: k for k, i in enumerate(order)}
+        tokens = torch.tensor([(slot[i], t) for _, _, (i, t) in items], dtype=torch.long)
+        return Batch(texts.inputs, torch.zeros(len(items), dtype=torch.long), texts.predicted, tokens)
 
     def select(self, indices: np.ndarray) -> "Dataset":
         raise UserError("per-token targets cannot be selected; select the texts before --per-token")

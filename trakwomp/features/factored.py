@@ -231,28 +231,36 @@ class FactoredFeatures(GradientEngine):
 
     def _features(self, batch: Batch) -> BatchFeatures | None:
         """The batch's features, or None if a layer's output was changed in place (and not copied)."""
-        calls = self._forward_backward(batch)
-        if calls is None:
+        passes = self._forward_backward(batch)
+        if passes is None:
             return None
-        f, calls = calls
+        f, calls, backward = passes
         features = torch.zeros(len(batch), self.dims, device=self.device)
-        for call, g in calls:
-            if g is None:
-                continue
-            g, inputs = call.arrange(g), call.arrange(call.inputs)
-            if g.shape[0] != len(batch):
-                raise UserError(f"a {type(call.module).__name__} layer runs on inputs shared by the whole batch, "
-                                "which a factored projection cannot split by example; use --projector sjlt")
-            p_rows, p_cols = self.projections[call.index]
-            if call.rows is not None:
-                p_rows = p_rows[call.rows[0]:call.rows[1]]
-            u, v = self._factors(call.kind, call.module, inputs, g, p_rows, p_cols, call.with_bias)
-            features[:, self.offsets[call.index]:self.offsets[call.index + 1]] += torch.bmm(u.transpose(1, 2), v).flatten(1)
+        for rows, grads in backward:
+            examples = batch.inputs_of(rows)
+            for call, g in zip(calls, grads):
+                if g is not None:
+                    block = slice(self.offsets[call.index], self.offsets[call.index + 1])
+                    features[rows, block] += self._call_features(call, g, examples, len(batch.inputs[0]))
         f = f.detach().float()
         return BatchFeatures(features, f, self.task.weights(f, batch))
 
+    def _call_features(self, call: LayerCall, g: torch.Tensor, examples: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The features (its layer's block) that one use of a layer gives the rows computed from
+        `examples` (their inputs' positions in the batch)."""
+        g, inputs = call.arrange(g), call.arrange(call.inputs)
+        if g.shape[0] != batch_size:
+            raise UserError(f"a {type(call.module).__name__} layer runs on inputs shared by the whole batch, "
+                            "which a factored projection cannot split by example; use --projector sjlt")
+        p_rows, p_cols = self.projections[call.index]
+        if call.rows is not None:
+            p_rows = p_rows[call.rows[0]:call.rows[1]]
+        u, v = self._factors(call.kind, call.module, inputs[examples], g[examples], p_rows, p_cols, call.with_bias)
+        return torch.bmm(u.transpose(1, 2), v).flatten(1)
+
     def _forward_backward(self, batch: Batch):
-        """(f, [(call, the gradient at its output)]) from one pass with hooks, or None if an output
+        """(f, the calls, [(rows, the gradient at each call's output)]) from one forward pass with
+        hooks and a backward pass per group of rows (`Batch.backward_groups`), or None if an output
         was changed in place after its layer; an input changed so is refused."""
         calls: list[LayerCall] = []
 
@@ -263,9 +271,9 @@ class FactoredFeatures(GradientEngine):
 
         hooks = [module.register_forward_hook(record) for module, (kind, _) in self.modules.items()
                  if kind != "attention"]
-        hooks += [module.register_forward_pre_hook(self._per_example_ids(len(batch)))
+        hooks += [module.register_forward_pre_hook(self._per_example_ids(len(batch.inputs[0])))
                   for module, (kind, _) in self.modules.items() if kind == "embedding"]
-        hooks += self._attention_hooks(calls, len(batch))
+        hooks += self._attention_hooks(calls, len(batch.inputs[0]))
         try:
             with torch.enable_grad():
                 f = self.task.outputs(self.model(*batch.inputs), batch)
@@ -276,12 +284,15 @@ class FactoredFeatures(GradientEngine):
                         raise UserError(f"the input of layer {self.layers[call.index].name} is changed in place "
                                         "after the layer, so hooks cannot read its gradient; use --projector sjlt "
                                         "for this model")
-                grads = torch.autograd.grad(f.sum(), [call.output for call in calls], allow_unused=True)
+                groups = batch.backward_groups()
+                backward = [(rows, torch.autograd.grad(f[rows].sum(), [call.output for call in calls],
+                                                       allow_unused=True, retain_graph=k < len(groups) - 1))
+                            for k, rows in enumerate(groups)]
         finally:
             for hook in hooks:
                 hook.remove()
             F.linear = ORIGINAL_LINEAR
-        return f, list(zip(calls, grads))
+        return f, calls, backward
 
     @staticmethod
     def _per_example_ids(batch_size: int):

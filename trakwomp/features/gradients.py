@@ -13,7 +13,7 @@ import fnmatch
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jacrev, vmap
 
 from trakwomp.data.base import Batch
 from trakwomp.errors import UserError
@@ -56,12 +56,34 @@ class PerExampleGradients:
             f = task.outputs(functional_call(self.model, {**params, **self.constants}, one.inputs), one).squeeze(0)
             return f, f
 
+        def token_output(params, tensors, layout, positions):
+            one = Batch.of_tensors(tuple(t.unsqueeze(0) for t in tensors), layout)
+            f = task.token_outputs(functional_call(self.model, {**params, **self.constants}, one.inputs), one)
+            return f[0, positions - 1], f[0, positions - 1]
+
         self._grad = vmap(grad(output, has_aux=True), in_dims=(None, 0, None))
+        self._token_jacobian = jacrev(token_output, has_aux=True)  # one forward pass, a backward per token
 
     def per_parameter(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """({name: (batch, *shape) gradients}, outputs f) for a batch on the engine's device."""
         batch = batch.to(self.device)
+        if batch.tokens is not None:
+            return self.per_token(batch)
         return self._grad(self.params, batch.tensors, batch.layout)
+
+    def per_token(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The same for a token batch: text by text, the jacobian of its tokens' f (one forward
+        pass of the text, a backward pass per token), placed at the tokens' rows."""
+        grads = {n: torch.empty(len(batch), *p.shape, device=self.device) for n, p in self.params.items()}
+        f = torch.empty(len(batch), device=self.device)
+        for text, rows in enumerate(batch.text_rows()):
+            one = Batch(tuple(t[text:text + 1] for t in batch.inputs), batch.labels[:1],
+                        None if batch.predicted is None else batch.predicted[text:text + 1])
+            jacobian, f[rows] = self._token_jacobian(self.params, tuple(t[0] for t in one.tensors), one.layout,
+                                                     batch.tokens[rows, 1])
+            for name, value in jacobian.items():
+                grads[name][rows] = value
+        return grads, f
 
     def __call__(self, batch: Batch) -> BatchFeatures:
         """Rows: (batch, p) float32 gradients, a transposed view of a contiguous (p, batch) tensor

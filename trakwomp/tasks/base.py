@@ -69,6 +69,10 @@ class Task(ABC):
     def outputs(self, output, batch: Batch) -> torch.Tensor:
         """f, one per example of the batch, from the model's output on it."""
 
+    def token_outputs(self, output, batch: Batch) -> torch.Tensor:
+        """(batch, T) f of each token given the tokens before it: per-token attribution."""
+        raise UserError(f"per-token attribution needs a language model (causal-lm), not the {self.name} task")
+
     def weights(self, f: torch.Tensor, batch: Batch) -> torch.Tensor:
         """q_i = -l_i'(f_i); for a log-odds output trained with -log sigmoid(f): q = sigmoid(-f) = 1 - p."""
         return torch.sigmoid(-f)

@@ -55,7 +55,17 @@ class CausalLM(Task):
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         return losses.view(predicted.shape) * predicted, predicted
 
+    def token_outputs(self, output, batch: Batch) -> torch.Tensor:
+        """(batch, T) f_t = log(p_t / (1 - p_t)) of each token t = 1..T given the tokens before it
+        (column t - 1), p_t the model's probability of it: one token's f under either output."""
+        ids, _ = batch.inputs
+        logits = logits_of(output)[:, :-1]
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        return log_odds_from_loss(losses.view(ids.shape[0], -1))
+
     def outputs(self, output, batch: Batch) -> torch.Tensor:
+        if batch.tokens is not None:  # token rows: each its token's f, from its text's one forward pass
+            return self.token_outputs(output, batch)[batch.tokens[:, 0], batch.tokens[:, 1] - 1]
         losses, predicted = self.token_losses(output, batch)
         total = losses.sum(dim=1)
         if self.output == "token":
