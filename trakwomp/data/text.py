@@ -247,6 +247,17 @@ class Tokens:
         return self._encoded[2]
 
 
+def padded(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-padded with 0 to the longest, and the mask of real tokens."""
+    longest = max(len(ids) for ids in sequences)
+    ids = torch.zeros(len(sequences), longest, dtype=torch.long)
+    mask = torch.zeros(len(sequences), longest, dtype=torch.bool)
+    for row, tokens in enumerate(sequences):
+        ids[row, :len(tokens)] = tokens
+        mask[row, :len(tokens)] = True
+    return ids, mask
+
+
 class TextDataset(Dataset):
     """An ordered text dataset: example i is `(token ids, label, first predicted token)`; `text(i)`
     and `source(i)` give the text and where it came from. Labels index `classes` (the sorted
@@ -367,17 +378,13 @@ class TextDataset(Dataset):
     def collate(self, items: list[tuple[torch.Tensor, int, torch.Tensor | None]]) -> Batch:
         """Token ids right-padded with 0 to the longest, the mask of real tokens, and for
         prompt/completion texts and conversations the mask of the tokens whose prediction counts."""
-        longest = max(len(ids) for ids, _, _ in items)
-        ids = torch.zeros(len(items), longest, dtype=torch.long)
-        mask = torch.zeros(len(items), longest, dtype=torch.bool)
-        predicted = torch.zeros(len(items), longest, dtype=torch.bool)
-        for row, (tokens, _, counted) in enumerate(items):
-            ids[row, :len(tokens)] = tokens
-            mask[row, :len(tokens)] = True
-            predicted[row, :len(tokens)] = counted if counted is not None else torch.arange(len(tokens)) >= 1
-        masked = self.has_prompts and not self.prompts_predicted
-        return Batch((ids, mask), torch.tensor([y for _, y, _ in items], dtype=torch.long),
-                     predicted if masked else None)
+        ids, mask = padded([tokens for tokens, _, _ in items])
+        predicted = None
+        if self.has_prompts and not self.prompts_predicted:
+            predicted = torch.zeros_like(mask)
+            for row, (_, _, counted) in enumerate(items):
+                predicted[row, :len(counted)] = counted
+        return Batch((ids, mask), torch.tensor([y for _, y, _ in items], dtype=torch.long), predicted)
 
     def select(self, indices: np.ndarray) -> "TextDataset":
         """The examples `indices` of this dataset, in that order."""
@@ -433,10 +440,12 @@ class CompletionTokens(Dataset):
 
     def collate(self, items: list[tuple[torch.Tensor, int, tuple[int, int]]]) -> Batch:
         """A token batch: the distinct texts of the rows, once each, and each row's (text, position)."""
-        order = list(dict.fromkeys(i for _, _, (i, _) in items))
-        texts, slot = self.texts.collate([self.texts[i] for i in order]), {i: k for k, i in enumerate(order)}
+        first = {}  # text -> its ids, in the order the rows name the texts
+        for ids, _, (i, _) in items:
+            first.setdefault(i, ids)
+        slot = {i: k for k, i in enumerate(first)}
         tokens = torch.tensor([(slot[i], t) for _, _, (i, t) in items], dtype=torch.long)
-        return Batch(texts.inputs, torch.zeros(len(items), dtype=torch.long), texts.predicted, tokens)
+        return Batch(padded(list(first.values())), torch.zeros(len(items), dtype=torch.long), None, tokens)
 
     def select(self, indices: np.ndarray) -> "Dataset":
         raise UserError("per-token targets cannot be selected; select the texts before --per-token")
