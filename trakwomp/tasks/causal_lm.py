@@ -49,19 +49,23 @@ class CausalLM(Task):
 
     def token_losses(self, output, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, T) cross-entropies of the predicted tokens (0 at padding) and the float mask."""
-        ids, mask = batch.inputs
+        _, mask = batch.inputs
+        losses = self.next_token_losses(output, batch)
+        predicted = (mask if batch.predicted is None else mask & batch.predicted)[:, 1:].to(losses.dtype)
+        return losses * predicted, predicted
+
+    @staticmethod
+    def next_token_losses(output, batch: Batch) -> torch.Tensor:
+        """(batch, T) -log p(token t | tokens before it), t = 1..T (column t - 1), padding included."""
+        ids, _ = batch.inputs
         logits = logits_of(output)[:, :-1]
-        predicted = (mask if batch.predicted is None else mask & batch.predicted)[:, 1:].to(logits.dtype)
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-        return losses.view(predicted.shape) * predicted, predicted
+        return losses.view(ids.shape[0], -1)
 
     def token_outputs(self, output, batch: Batch) -> torch.Tensor:
         """(batch, T) f_t = log(p_t / (1 - p_t)) of each token t = 1..T given the tokens before it
         (column t - 1), p_t the model's probability of it: one token's f under either output."""
-        ids, _ = batch.inputs
-        logits = logits_of(output)[:, :-1]
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-        return log_odds_from_loss(losses.view(ids.shape[0], -1))
+        return log_odds_from_loss(self.next_token_losses(output, batch))
 
     def outputs(self, output, batch: Batch) -> torch.Tensor:
         if batch.tokens is not None:  # token rows: each its token's f, from its text's one forward pass
