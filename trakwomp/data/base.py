@@ -50,18 +50,16 @@ class Batch:
         """For token rows, the rows of each text, in order."""
         return [torch.nonzero(self.tokens[:, 0] == text).flatten() for text in range(len(self.inputs[0]))]
 
-    def backward_groups(self) -> list[torch.Tensor]:
-        """Rows whose f one backward pass can differentiate together, each row's f depending on its
-        own input alone: every row of an ordinary batch; for token rows, the k-th token of each text."""
+    def backward_groups(self) -> list[tuple[torch.Tensor | slice, torch.Tensor | slice]]:
+        """(rows, the inputs they are computed from) for each group of rows whose f one backward
+        pass can differentiate together, each row's f depending on its own input alone: all rows
+        of an ordinary batch (slices: views, no copy); for token rows, the k-th token of each text."""
         if self.tokens is None:
-            return [torch.arange(len(self), device=self.labels.device)]
+            return [(slice(None), slice(None))]
         per_text = self.text_rows()
-        return [torch.stack([rows[k] for rows in per_text if len(rows) > k])
-                for k in range(max(len(rows) for rows in per_text))]
-
-    def inputs_of(self, rows: torch.Tensor) -> torch.Tensor:
-        """The input (text) each of `rows` is computed from."""
-        return rows if self.tokens is None else self.tokens[rows, 0]
+        groups = [torch.stack([rows[k] for rows in per_text if len(rows) > k])
+                  for k in range(max(len(rows) for rows in per_text))]
+        return [(rows, self.tokens[rows, 0]) for rows in groups]
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:

@@ -236,8 +236,7 @@ class FactoredFeatures(GradientEngine):
             return None
         f, calls, backward = passes
         features = torch.zeros(len(batch), self.dims, device=self.device)
-        for rows, grads in backward:
-            examples = batch.inputs_of(rows)
+        for rows, examples, grads in backward:
             for call, g in zip(calls, grads):
                 if g is not None:
                     block = slice(self.offsets[call.index], self.offsets[call.index + 1])
@@ -245,7 +244,8 @@ class FactoredFeatures(GradientEngine):
         f = f.detach().float()
         return BatchFeatures(features, f, self.task.weights(f, batch))
 
-    def _call_features(self, call: LayerCall, g: torch.Tensor, examples: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def _call_features(self, call: LayerCall, g: torch.Tensor, examples: torch.Tensor | slice,
+                       batch_size: int) -> torch.Tensor:
         """The features (its layer's block) that one use of a layer gives the rows computed from
         `examples` (their inputs' positions in the batch)."""
         g, inputs = call.arrange(g), call.arrange(call.inputs)
@@ -259,9 +259,9 @@ class FactoredFeatures(GradientEngine):
         return torch.bmm(u.transpose(1, 2), v).flatten(1)
 
     def _forward_backward(self, batch: Batch):
-        """(f, the calls, [(rows, the gradient at each call's output)]) from one forward pass with
-        hooks and a backward pass per group of rows (`Batch.backward_groups`), or None if an output
-        was changed in place after its layer; an input changed so is refused."""
+        """(f, the calls, [(rows, their inputs, the gradient at each call's output)]) from one forward
+        pass with hooks and a backward pass per group of rows (`Batch.backward_groups`), or None if
+        an output was changed in place after its layer; an input changed so is refused."""
         calls: list[LayerCall] = []
 
         def record(module, args, output):
@@ -285,9 +285,9 @@ class FactoredFeatures(GradientEngine):
                                         "after the layer, so hooks cannot read its gradient; use --projector sjlt "
                                         "for this model")
                 groups = batch.backward_groups()
-                backward = [(rows, torch.autograd.grad(f[rows].sum(), [call.output for call in calls],
-                                                       allow_unused=True, retain_graph=k < len(groups) - 1))
-                            for k, rows in enumerate(groups)]
+                backward = [(rows, examples, torch.autograd.grad(f[rows].sum(), [call.output for call in calls],
+                                                                 allow_unused=True, retain_graph=k < len(groups) - 1))
+                            for k, (rows, examples) in enumerate(groups)]
         finally:
             for hook in hooks:
                 hook.remove()
