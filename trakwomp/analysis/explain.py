@@ -149,7 +149,7 @@ def explain(
     target = answer_dataset(prompt, answer, train)
     key = score(store, target, view, target_chunk_rows=1, batch_size=1, device=device, progress=progress).key
     explained = Explanation(prompt, answer, completion is None, model_id, key, 0.0,
-                            top_k_rows(store, key, target, k, threshold))
+                            top_k_rows(store, key, target, k, threshold, train))
     explained.seconds = time.perf_counter() - began
     if per_token:
         tokens = target.per_token()

@@ -50,11 +50,14 @@ def check_output_folder(flag: str, path: str | Path | None) -> None:
         raise UserError(f"{flag} {str(path)!r}: there is no folder {str(Path(path).parent)!r}")
 
 
-def top_k_rows(store: str | Path, key: str, targets: Dataset, k: int, threshold: float = DEFAULT_THRESHOLD) -> list[dict]:
-    """For each target, its k most positive and k most negative train examples of scores `key`."""
+def top_k_rows(store: str | Path, key: str, targets: Dataset, k: int, threshold: float = DEFAULT_THRESHOLD,
+               train: Dataset | None = None) -> list[dict]:
+    """For each target, its k most positive and k most negative train examples of scores `key`;
+    `train`: the store's train set, if the caller has loaded it already (else it is loaded and
+    checked here)."""
     handle = Store.open(store)
     find_scores_by_key(handle, key)
-    train = stored_dataset(handle)
+    train = train if train is not None else stored_dataset(handle)
     rows = []
     for target_rows, block in iterate_scores(handle, key, threshold):
         for local, t in enumerate(target_rows):
