@@ -18,9 +18,9 @@ and from then on only that process writes to it:
   than LEASE_SECONDS / 2, once any newer generation exists (not only the next one: a third
   process may have removed that), or once its own generation names another process (a store
   that ignored create-if-absent): a holder that was paused past its lease learns that it lost
-  it instead of writing over its successor. A taker reads back what it created, for the same reason. After a passing check the holder
-  has at least LEASE_SECONDS / 2 before anyone may break its lease, and the manifest write it
-  guards takes milliseconds.
+  it instead of writing over its successor. A taker reads back what it created, for the same
+  reason. After a passing check the holder has at least LEASE_SECONDS / 2 before anyone may
+  break its lease, and the manifest write it guards takes milliseconds.
 - release: the holder marks its own object released; generations older than the newest are
   removed by the next taker.
 """
@@ -74,12 +74,17 @@ class ObjectStoreLease:
         if not generations:
             return None, None
         generation = max(generations)
+        return generation, self._read(generation)
+
+    def _read(self, generation: int) -> dict | None:
+        """The lease object of `generation` (None if there is none); one that does not parse (a
+        holder's rewrite read half-way on a store without atomic PUTs) names no holder."""
         try:
-            return generation, json.loads(sync(self.fs._cat_file(self._path(generation))))["attributes"]
+            return json.loads(sync(self.fs._cat_file(self._path(generation))))["attributes"]
         except FileNotFoundError:
-            return generation, None
-        except (ValueError, KeyError):  # a holder's rewrite read half-way on a store without atomic PUTs
-            return generation, {"token": "", "renewals": -1, "released": False}
+            return None
+        except (ValueError, KeyError):
+            return {"token": "", "renewals": -1, "released": False}
 
     def _create_if_absent(self, path: str, content: bytes) -> bool:
         """Whether this call created the object at `path` (False: it existed already, or a
@@ -141,13 +146,8 @@ class ObjectStoreLease:
         if not self._create_if_absent(self._path(generation), self._content()):
             return False
         self.generation, self.renewed_at = generation, time.monotonic()
-        return self._token_of(generation) == self.token
-
-    def _token_of(self, generation: int) -> str | None:
-        try:
-            return json.loads(sync(self.fs._cat_file(self._path(generation))))["attributes"]["token"]
-        except (FileNotFoundError, ValueError, KeyError):
-            return None
+        created = self._read(generation)
+        return created is not None and created["token"] == self.token
 
     def _remove_older(self, generation: int) -> None:
         for older in range(generation - 1, -1, -1):
