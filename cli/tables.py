@@ -18,6 +18,11 @@ def cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else escape(str(value))
 
 
+def train_text(row: dict, width: int) -> str:
+    """A row's train example as "#index text", on one line and shortened to `width` characters."""
+    return f"#{row['train_index']} {shorten(' '.join(row['train_text'].split()), width, placeholder=' ...')}"
+
+
 def show_top_k(rows: list[dict], title: str) -> None:
     """A table of supporting and opposing train examples, target by target."""
     text = "train_text" in (rows[0] if rows else {})
@@ -27,7 +32,7 @@ def show_top_k(rows: list[dict], title: str) -> None:
         first = row["rank"] == 1
         head = first and row["direction"] == "supports"
         if text:
-            example = f"#{row['train_index']} {shorten(' '.join(row['train_text'].split()), 100, placeholder=' ...')}"
+            example = train_text(row, 100)
             cells = (row["target_source"] if head else "", example, row["train_source"])
         else:
             cells = (row["target_label"] if head else "", row["train_path"] or str(row["train_index"]), row["train_label"])
@@ -40,7 +45,7 @@ def show_tokens(tokens: list[dict], title: str) -> None:
     """Each answer token, how concentrated its support is, and its strongest supporting train example."""
     table = Table("position", "token", "concentration", "strongest support", "source", "score", title=title)
     for t in tokens:
-        example = f"#{t['train_index']} {shorten(' '.join(t['train_text'].split()), 80, placeholder=' ...')}"
+        example = train_text(t, 80)
         table.add_row(str(t["position"]), cell(repr(t["token"])), f"{t['concentration']:.2f}", cell(example),
                       cell(t["train_source"]), f"{t['score']:+.4g}")
     Console().print(table)
