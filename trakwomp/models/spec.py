@@ -97,6 +97,14 @@ class ModelSpec:
         return model
 
 
+def refuse_beyond_context(lengths, bound: str, dataset, context: int, spec: ModelSpec) -> None:
+    """Refuse the first text whose token count (or its lower bound) exceeds the model's context."""
+    if lengths is not None and lengths.max() > context:
+        i = int(lengths.argmax())
+        raise UserError(f"text {i} of {dataset.spec} has {bound}{lengths[i]} tokens, more than the context of model "
+                        f"{spec} ({context}); pass --max-length {context} to cut longer texts")
+
+
 @torch.no_grad()
 def check_model_fits_data(model: nn.Module, dataset, device: torch.device, spec: ModelSpec, task: Task,
                           output_size: int) -> None:
@@ -104,12 +112,9 @@ def check_model_fits_data(model: nn.Module, dataset, device: torch.device, spec:
     the data (a text longer than its context included) or does not give the task's output shape
     with `output_size` outputs."""
     context = getattr(model, "context", None)
-    for bound, lengths in (("at least ", lambda: dataset.fewest_tokens), ("", lambda: dataset.lengths)):
-        lengths = lengths()  # the bound first: it needs no tokenizing
-        if context is not None and lengths is not None and lengths.max() > context:
-            i = int(lengths.argmax())
-            raise UserError(f"text {i} of {dataset.spec} has {bound}{lengths[i]} tokens, more than the context of "
-                            f"model {spec} ({context}); pass --max-length {context} to cut longer texts")
+    if context is not None:
+        refuse_beyond_context(dataset.fewest_tokens, "at least ", dataset, context, spec)  # needs no tokenizing
+        refuse_beyond_context(dataset.lengths, "", dataset, context, spec)
     task.check_data(dataset)
     batch = load_batch(dataset, range(min(2, len(dataset))))
     model.to(device).eval()
