@@ -140,9 +140,10 @@ def author_precision(work: Path, s: dict) -> dict:
     tokens = targets.per_token()
     export_scores(store, score(store, tokens, view, batch_size=32).key, work / "token-scores.npy")
     per_token = np.load(work / "token-scores.npy")
-    name_rows = [[r for r in range(len(tokens)) if tokens.rows[r, 0] == t
-                  and tokens.describe(r)["token_position"] < len(target_authors[t].encode("utf-8"))]
-                 for t in range(len(targets))]
+    name_rows = [[] for _ in range(len(targets))]  # per target, the rows of its name's tokens (bytes)
+    for r, (t, _) in enumerate(tokens.rows):
+        if tokens.describe(r)["token_position"] < len(target_authors[t].encode("utf-8")):
+            name_rows[t].append(r)
     similarities = {"TRAK-WOMP, the answer (default view)": np.load(work / "scores.npy"),
                     "TRAK-WOMP, per token: the author's name": np.stack([per_token[r].sum(0) for r in name_rows])}
     for what, text in (("the quote", lambda r: r["prompt"]), ("quote and author", lambda r: r["prompt"] + r["completion"])):
