@@ -233,7 +233,7 @@ def explain(
         return
     if quiet:
         return
-    who = f"reference model {explained.model_id}" if explained.generated else "given answer"
+    who = f"reference model {explained.model_id}, ended by {explained.ended}" if explained.generated else "given answer"
     Console().print(f"prompt: {escape(explained.prompt)}\nanswer ({who}): {escape(explained.answer)}", highlight=False)
     show_top_k(explained.rows, f"Train examples that most support and oppose the answer ({explained.seconds:.2f} s)")
     if per_token:

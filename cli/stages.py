@@ -47,6 +47,7 @@ from trakwomp.errors import UserError
 from trakwomp.estimator.view import ViewSpec
 from trakwomp.features.memory import parse_size
 from trakwomp.features.projectors import DEFAULT_BLOCKS, ProjectorSpec
+from trakwomp.models.lora import LoraSpec
 from trakwomp.models.spec import ModelSpec
 from trakwomp.runtime import Shard
 from trakwomp.stages.bindings import load_store_data
@@ -97,11 +98,19 @@ def train(
     exclude_groups: list[str] = setting(Recipe, "exclude_groups", "--exclude-groups", default=[]),
     save_checkpoints: int = setting(Recipe, "save_checkpoints", "--save-checkpoints"),
     train_on_prompt: bool = setting(Recipe, "train_on_prompt", "--train-on-prompt"),
+    lora: Optional[int] = typer.Option(None, "--lora", help="With --model hf:BASE: train LoRA fine-tunes of the base "
+                                       "of this rank (the store keeps each model's adapter weights; needs peft)."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA's alpha: the update is scaled by "
+                                               "alpha / rank [default: 2 x the rank]."),
+    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Comma-separated names of the modules "
+                                               "to adapt [default: peft's for the base's model type]."),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="Dropout on the adapters' input while training."),
     json_out: bool = JsonOpt,
 ):
     """Train reference models (or LDS evaluation models) on random alpha-subsets of --data."""
     chosen_task = make_task(task, lm_output)
-    spec = ModelSpec.parse(model or chosen_task.default_model, width, layers, heads)
+    spec = ModelSpec.parse(model or chosen_task.default_model, width, layers, heads,
+                           lora_spec(lora, lora_alpha, lora_targets, lora_dropout))
     recipe = Recipe.for_task(chosen_task, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                              threads=threads, group_alpha=group_alpha, save_checkpoints=save_checkpoints,
                              exclude_groups=tuple(parse_group_names(exclude_groups)), train_on_prompt=train_on_prompt)
@@ -119,6 +128,18 @@ def train(
     if not quiet:
         kind = "group LDS" if group_alpha is not None else role.value
         console.print(f"{len(report.trained)} {kind} model(s) trained, {len(report.skipped)} already done, in {store}")
+
+
+def lora_spec(rank: int | None, alpha: float | None, targets: str | None, dropout: float) -> LoraSpec | None:
+    """The LoRA settings the options give (None without --lora)."""
+    if rank is None:
+        if alpha is not None or targets is not None or dropout:
+            raise UserError("--lora-alpha, --lora-targets and --lora-dropout go with --lora RANK")
+        return None
+    names = None if targets is None else tuple(t.strip() for t in targets.split(",") if t.strip())
+    if names == ():
+        raise UserError("--lora-targets names no module")
+    return LoraSpec(rank, alpha, names, dropout)
 
 
 def expand_checkpoints(patterns: list[str]) -> list[str]:

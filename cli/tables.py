@@ -45,7 +45,7 @@ def show_tokens(tokens: list[dict], title: str) -> None:
     """Each answer token, how concentrated its support is, and its strongest supporting train example."""
     table = Table("position", "token", "concentration", "strongest support", "source", "score", title=title)
     for t in tokens:
-        example = train_text(t, 80)
+        example = train_text(t, 80) if t["train_index"] is not None else "(none: no positive score)"
         table.add_row(str(t["position"]), cell(repr(t["token"])), f"{t['concentration']:.2f}", cell(example),
                       cell(t["train_source"]), f"{t['score']:+.4g}")
     Console().print(table)

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from trakwomp.data.specs import load_dataset
 from trakwomp.data.text import read_fortunes_mini
+from trakwomp.features.factored import side_projection
 from trakwomp.models.spec import ModelSpec
 from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.train import train
@@ -160,6 +161,25 @@ def write_hf_folder(folder: Path, texts: list[str]) -> Path:
     return folder
 
 
+WORDS = ["<s>", "</s>", "[UNK]", "the", "cat", "sat", "on", "mat", "?", "yes", "no"]
+
+
+def write_word_tokenizer(folder: Path) -> Path:
+    """A word-level tokenizer whose ids are the positions in WORDS (so expected ids can be written
+    by hand), with BOS <s> and EOS </s>, and a post-processor that puts <s> before and </s> after
+    every text it tokenizes with special tokens, as some Hugging Face tokenizers do."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    words.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    words.post_processor = tokenizers.processors.TemplateProcessing(single="<s> $A </s>",
+                                                                    special_tokens=[("<s>", 0), ("</s>", 1)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>",
+                                                     unk_token="[UNK]")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 TINY = ModelSpec.parse("resnet9", 1 / 16)
 
 
@@ -234,3 +254,28 @@ def causal_lm_autograd_loop(net, examples, task, names):
         rows.append(torch.cat([params[n].grad.reshape(-1) for n in names]))
         outputs.append(float(f.detach()))
     return torch.stack(rows).float(), torch.tensor(outputs)
+
+
+def kronecker_features(net, layers, gradients, seed=0, model_id=0):
+    """(P_R kron P_C)^T vec(dW) per layer from one example's autograd gradients {name: tensor},
+    the bias appended as a column (a row for GPT-2's Conv1D, whose bias sits on its C side)."""
+    modules = {id(m.weight): m for m in net.modules() if hasattr(m, "weight")}
+    params = dict(net.named_parameters())
+    out = []
+    for layer in layers:
+        weight = gradients[layer.name].reshape(gradients[layer.name].shape[0], -1)
+        if layer.bias:
+            conv1d = type(modules.get(id(params[layer.name]))).__name__ == "Conv1D"
+            bias = gradients[layer.bias]
+            weight = torch.cat([weight, bias.view(1, -1)], 0) if conv1d else torch.cat([weight, bias.view(-1, 1)], 1)
+        p_rows = side_projection(seed, model_id, layer.name, 0, layer.rows, layer.rank_rows)
+        p_cols = side_projection(seed, model_id, layer.name, 1, layer.cols, layer.rank_cols)
+        out.append(weight.reshape(-1).double() @ torch.kron(p_rows, p_cols).double())
+    return torch.cat(out)
+
+
+def split_gradient(net, names: list[str], row: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A flat gradient over the parameters `names` (in `named_parameters` order) as {name: tensor}."""
+    params = dict(net.named_parameters())
+    sizes = [params[n].numel() for n in names]
+    return {n: part.view(params[n].shape) for n, part in zip(names, torch.split(row, sizes))}

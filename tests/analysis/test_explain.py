@@ -147,3 +147,75 @@ def test_each_answer_token_gets_the_log_odds_of_its_own_probability_and_eq3_scor
                                [r[:3].sum() / r.sum() if len(r) else 0.0 for r in positive], rtol=1e-4)
     page = (tmp_path / "page.html").read_text()
     assert page.count("<span style=\"background:rgba(230,120,0,") == len(answer) and "<b>kind" not in page
+
+
+def sampled_by_hand(net, prompt: str, steps: int, temperature: float, seed: int) -> list[int]:
+    """The ids a step-by-step sampling loop draws after the prompt's (recorded as drawn)."""
+    ids, sampler = [256, *prompt.encode("utf-8")], torch.Generator().manual_seed(seed)
+    start = len(ids)
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = net(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))[0, -1, :257]
+        token = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=sampler))
+        if token == 256:
+            break
+        ids.append(token)
+    return ids[start:]
+
+
+def test_the_generated_ids_themselves_are_scored_not_their_decoded_text(answers):
+    """Sampled hot, a byte model writes bytes that are not UTF-8 on their own; decoding and
+    encoding again would score U+FFFD's bytes (EF BF BD) the model never wrote. The scored ids,
+    the per-token rows' ids and the target's features all follow the ids recorded as drawn."""
+    store, data = answers
+    net = load_reference_model(store, 0, data.vocab_size)
+    drawn = {seed: sampled_by_hand(net, PROMPT, 8, 3.0, seed) for seed in (1, 2, 3)}
+    assert any(not _is_utf8(ids) for ids in drawn.values())  # the case the old decode got wrong
+    for seed, ids in drawn.items():
+        explained = explain(store, PROMPT, generation=Generation(8, temperature=3.0, seed=seed), k=2, view=VIEW,
+                            per_token=True)
+        assert explained.answer_ids == ids and [t["token_id"] for t in explained.tokens] == ids
+        assert [t["position"] for t in explained.tokens] == list(range(len(ids)))
+    handle = Store.open(store)
+    entry = handle.manifest["scores"][explained.key]
+    features = handle.read_array(f"targets/{entry['targets']}/features/000000/margins")
+    _, f = causal_lm_autograd_loop(net, [(torch.tensor([256, *PROMPT.encode("utf-8"), *ids]), 0,
+                                          1 + len(PROMPT.encode("utf-8")))], CausalLM(), select_parameters(net, None))
+    np.testing.assert_allclose(features, f.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _is_utf8(ids: list[int]) -> bool:
+    try:
+        bytes(ids).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_generation_stops_where_max_length_would_cut_and_a_longer_answer_is_refused(answers, tmp_path):
+    """With a store's --max-length, the answer ends where the text reaches it (all of it is
+    scored); an answer given that would be cut is refused, never scored in part."""
+    store, data = answers
+    from trakwomp.analysis.explain import generate
+    from trakwomp.data.text import answer_dataset
+
+    prompt_tokens = 1 + len(PROMPT.encode("utf-8"))
+    short = data.select(np.arange(len(data)))
+    short.max_length = prompt_tokens + 3
+    net = load_reference_model(store, 0, data.vocab_size)
+    generated = generate(net, short, PROMPT, Generation(max_new_tokens=12, stop=None), torch.device("cpu"))
+    assert len(generated.ids) == 3 and generated.ended == "max-length"
+    assert generated.ids == greedy_ids_by_hand(net, PROMPT, 3)
+    with pytest.raises(UserError, match=f"take {prompt_tokens + 5} tokens, more than the store's --max-length"):
+        answer_dataset(PROMPT, short, completion="abcde")
+    with pytest.raises(UserError, match="no room for an answer"):
+        short.max_length = prompt_tokens
+        generate(net, short, PROMPT, Generation(), torch.device("cpu"))
+
+
+def greedy_ids_by_hand(net, prompt: str, steps: int) -> list[int]:
+    ids = [256, *prompt.encode("utf-8")]
+    for _ in range(steps):
+        with torch.no_grad():
+            ids.append(int(net(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))[0, -1, :257].argmax()))
+    return ids[1 + len(prompt.encode("utf-8")):]

@@ -140,7 +140,16 @@ def write_text_inputs(root: Path) -> None:
     write_jsonl(root / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
     write_jsonl(root / "prompt-beyond-context.jsonl", [{"prompt": "p" * 600, "completion": "c"}])
     write_jsonl(root / "long-prompt.jsonl", [{"prompt": "p" * 30, "completion": "c"}, {"prompt": "q", "completion": "d"}])
+    write_jsonl(root / "assistant-first.jsonl", [{"messages": [{"role": "assistant", "content": "hello"},
+                                                               {"role": "user", "content": "hi"}]}])
     write_hf_folder(root / "hf", [r["text"] for r in fortunes("train", 100)])
+    (root / "adapter-remote").mkdir()
+    write_jsonl(root / "adapter-remote" / "adapter_config.json",
+                [{"peft_type": "LORA", "base_model_name_or_path": "gpt2", "r": 4, "lora_alpha": 8}])
+    transformers = pytest.importorskip("transformers")
+    failing = transformers.AutoTokenizer.from_pretrained(root / "hf")
+    failing.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    failing.save_pretrained(root / "hf-failing-template")
     (root / "config-only").mkdir()
     (root / "config-only" / "config.json").write_text((root / "hf" / "config.json").read_text())
 
@@ -374,6 +383,22 @@ CASES = [
          'rows of "messages" need --tokenizer hf:DIR, a tokenizer with a chat template'),
     Case("messages-with-a-tokenizer-without-a-chat-template", None, [*LM, "jsonl:F/chat.jsonl", "--tokenizer", "hf:F/hf"],
          'rows of "messages" need a tokenizer with a chat template; the one at hf:'),
+    Case("messages-beginning-with-the-assistant", None, [*LM, "jsonl:F/assistant-first.jsonl"],
+         "assistant-first.jsonl:1: the conversation begins with the assistant's turn"),
+    Case("chat-template-that-fails", None, [*LM, "jsonl:F/chat.jsonl", "--tokenizer", "hf:F/hf-failing-template"],
+         "fails on a conversation: Conversation roles must alternate user/assistant"),
+    Case("explain-empty-completion", "text", ["explain", "S", "--prompt", "hello", "--completion", ""],
+         "--completion must be non-empty text"),
+    Case("lora-of-a-built-in-model", None, [*LM, "jsonl:F/texts.jsonl", "--lora", "4"],
+         "--lora fine-tunes a Hugging Face model (--model hf:DIR), not 'gpt'"),
+    Case("lora-alpha-without-lora", None, [*LM, "jsonl:F/texts.jsonl", "--lora-alpha", "8"],
+         "--lora-alpha, --lora-targets and --lora-dropout go with --lora RANK"),
+    Case("lora-of-no-such-module", None, [*HF, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/hf", "--model", "hf:F/hf",
+                                          "--lora", "2", "--lora-targets", "no_such"],
+         "cannot add LoRA layers to the modules no_such"),
+    Case("adapter-of-a-base-that-is-not-local", None, [*HF, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/hf",
+                                                       "--model", "hf:F/adapter-remote"],
+         "its base model 'gpt2' is not a local folder with a config.json"),
     Case("train-on-prompt-of-plain-texts", None, [*LM, "jsonl:F/texts.jsonl", "--train-on-prompt"],
          "--train-on-prompt needs prompt/completion data"),
     Case("max-length-below-two", None, [*LM, "jsonl:F/texts.jsonl", "--max-length", "1"], "--max-length must be at least 2"),

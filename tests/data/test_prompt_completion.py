@@ -12,14 +12,18 @@ import pytest
 import torch
 from conftest import (
     TINY_GPT,
+    WORDS,
     causal_lm_autograd_loop,
     fortunes,
+    kronecker_features,
+    split_gradient,
     write_hf_folder,
     write_jsonl,
+    write_word_tokenizer,
 )
 from trakwomp.store import Store
 
-from trakwomp.data.base import Batch, load_batch
+from trakwomp.data.base import load_batch
 from trakwomp.data.specs import load_dataset
 from trakwomp.errors import UserError
 from trakwomp.features.factored import FactoredFeatures, factored_layers
@@ -75,40 +79,77 @@ def test_gpt_gradients_and_f_of_masked_batches_match_single_examples(prompts, ou
     assert not torch.allclose(whole.rows, out.rows, rtol=1e-2)
 
 
-def test_the_factored_engine_takes_the_mask_into_its_backward_pass(prompts):
-    """The hooks' gradients are those of the completion-only f: each layer's features equal the
-    Kronecker projection of the autograd gradient (the engine's own check would refuse otherwise,
-    and the projection of the whole-text gradient differs)."""
+def test_factored_features_of_masked_batches_equal_the_projection_of_completion_only_gradients(prompts):
+    """The hooks' gradients are those of the completion-only f: each example's factored features
+    equal the Kronecker projection of its autograd gradient, taken alone and unpadded."""
     data = load_dataset(f"jsonl:{prompts}")
     torch.manual_seed(0)
     net = TINY_GPT.build(data.vocab_size).eval()
-    layers = factored_layers(net, select_parameters(net, None), 16)
+    names = select_parameters(net, None)
+    layers = factored_layers(net, names, 16)
     positions = [1, 2, 6]
-    engine = FactoredFeatures(net, layers, 0, 0, CPU, CausalLM())
-    masked = engine(load_batch(data, positions))
-    whole = engine(load_batch(data.predicting_prompts(), positions))
+    masked = FactoredFeatures(net, layers, 0, 0, CPU, CausalLM())(load_batch(data, positions))
     rows = quote_rows(24)
-    _, f = causal_lm_autograd_loop(net, [(data[i][0], 0, bytes_first(rows[i])) for i in positions], CausalLM(),
-                                   select_parameters(net, None))
+    gradients, f = causal_lm_autograd_loop(net, [(data[i][0], 0, bytes_first(rows[i])) for i in positions],
+                                           CausalLM(), names)
+    expected = torch.stack([kronecker_features(net, layers, split_gradient(net, names, g)) for g in gradients])
+    torch.testing.assert_close(masked.rows.double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     torch.testing.assert_close(masked.outputs, f.float(), rtol=1e-5, atol=1e-5)
-    assert engine.verified and not torch.allclose(masked.rows, whole.rows, rtol=1e-2)
 
 
-def test_hugging_face_prompts_and_completions_are_tokenized_apart(tmp_path):
-    folder = write_hf_folder(tmp_path / "hf", [r["text"] for r in fortunes("train", 300)])
-    path = write_jsonl(tmp_path / "pc.jsonl", quote_rows(6))
+def test_a_completion_ends_with_one_end_token_and_none_lands_between_prompt_and_completion(tmp_path):
+    """A tokenizer whose post-processor wraps every text in <s> ... </s>: the prompt keeps its
+    <s>, loses the </s> that would end it, and the completion gets the end token once, predicted
+    with it (ids written by hand from the word list). A Hugging Face GPT-2 on these ids: its
+    per-example gradients and f against the autograd loop."""
+    folder = write_word_tokenizer(tmp_path / "words")
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "the cat sat on the mat ?", "completion": "yes"},
+                                               {"prompt": "the cat ?", "completion": "no no"}])
     data = load_dataset(f"jsonl:{path}", tokenizer=f"hf:{folder}")
-    tokenizer = data.tokenizer.tokenizer
-    for i, row in enumerate(quote_rows(6)):
-        prompt, completion = tokenizer(row["prompt"])["input_ids"], tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-        assert data[i][0].tolist() == prompt + completion
-        assert data[i][2].tolist() == [False] * len(prompt) + [True] * len(completion)
+    assert data[0][0].tolist() == [0, 3, 4, 5, 6, 3, 7, 8, 9, 1]
+    assert data[0][2].tolist() == [False] * 8 + [True] * 2
+    assert data[1][0].tolist() == [0, 3, 4, 8, 10, 10, 1] and data[1][2].tolist() == [False] * 4 + [True] * 3
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(WORDS), n_positions=32, n_embd=16, n_layer=1,
+                                                         n_head=2)).save_pretrained(folder)
     net = ModelSpec.parse(f"hf:{folder}").build(data.vocab_size)
     names = select_parameters(net, None)
-    out = PerExampleGradients(net, names, CPU, CausalLM())(load_batch(data, [0, 1, 2]))
-    expected, f = causal_lm_autograd_loop(net, [data[i] for i in range(3)], CausalLM(), names)
+    out = PerExampleGradients(net, names, CPU, CausalLM())(load_batch(data, [0, 1]))
+    expected, f = causal_lm_autograd_loop(net, [data[0], data[1]], CausalLM(), names)
     torch.testing.assert_close(out.rows, expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_answer_generated_to_its_end_token_is_scored_with_it_as_the_train_completions_end(tmp_path):
+    """A model that answers "?" with "yes" and "yes" with </s>: generation keeps the end token
+    (the model said it, as every train completion ends), and the answer's ids are exactly those
+    of the train example with that completion."""
+    from trakwomp.analysis.explain import Generation, generate
+    from trakwomp.data.text import answer_dataset
+
+    folder = write_word_tokenizer(tmp_path / "words")
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "the cat ?", "completion": "yes"}])
+    data = load_dataset(f"jsonl:{path}", tokenizer=f"hf:{folder}")
+    table = torch.full((len(WORDS), len(WORDS)), -5.0)
+    table[8, 9] = table[9, 1] = 5.0  # "?" -> "yes" -> "</s>"
+    bigram = Bigram(table)
+    answer = generate(bigram, data, "the cat ?", Generation(max_new_tokens=5), CPU)
+    assert answer.ids == [9, 1] and answer.ended == "end token"
+    target = answer_dataset("the cat ?", data, completion_ids=answer.ids)
+    assert target[0][0].tolist() == data[0][0].tolist() == [0, 3, 4, 8, 9, 1]
+    assert target[0][2].tolist() == data[0][2].tolist() and target.completion_ids(0) == [9, 1]
+
+
+class Bigram(torch.nn.Module):
+    """Logits of the next token from a fixed table row of the current one."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids, mask=None):
+        return self.table[ids]
 
 
 @pytest.mark.parametrize("train_on_prompt", [False, True])
@@ -246,10 +287,6 @@ def test_a_texts_tokens_share_one_forward_pass_and_each_gets_its_own_gradient(pr
     torch.testing.assert_close(out.outputs, f.float(), rtol=1e-5, atol=1e-5)
     if engine == "per-example":
         torch.testing.assert_close(out.rows, expected, rtol=1e-4, atol=1e-6)
-    else:  # against the same engine on each token's prefix as an ordinary example (checked against autograd)
-        texts = tokens.texts
-        prefixes = [Batch((ids[None, :t + 1], torch.ones(1, t + 1, dtype=torch.bool)), torch.zeros(1),
-                          (torch.arange(t + 1) == t)[None]) for ids, _, t in
-                    ((texts[int(i)][0], 0, int(t)) for i, t in tokens.rows[rows])]
-        alone = FactoredFeatures(net, layers, 0, 0, CPU, CausalLM())
-        torch.testing.assert_close(out.rows, torch.cat([alone(b).rows for b in prefixes]), rtol=1e-4, atol=1e-6)
+    else:  # the Kronecker projection of each token's autograd gradient
+        projected = [kronecker_features(net, layers, split_gradient(net, names, g)) for g in expected]
+        torch.testing.assert_close(out.rows.double(), torch.stack(projected), rtol=1e-4, atol=1e-6)

@@ -230,9 +230,9 @@ def test_every_command_on_text_and_an_escaped_html_page(tmp_path, cli):
     tau = soft_thresholded(handle.read_array(f"scores/{keys[4]}/tau"))
     np.testing.assert_allclose(predicted["predicted_margin"], tau[:, ::2].sum(axis=1), rtol=1e-5, atol=1e-6)
     page = tmp_path / "show.html"
-    result = cli("show", store, "--target", "0", "--k", "48", "--out", str(page), "--json")
+    result = cli("show", store, "--target", "0", "--k", "48", "--threshold", "0", "--out", str(page), "--json")
     shown = json.loads(result.stdout)
-    assert {r["train_index"] for r in shown} == set(range(48))  # k = all: every train text on the page
+    assert {r["train_index"] for r in shown} == set(range(48))  # k = all, raw scores: every train text on the page
     html = page.read_text()
     assert "<script>" not in html and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in html
     assert "&lt;b&gt;mallory&lt;/b&gt;" in html and "<b>" not in html

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import (
     TINY,
+    kronecker_features,
     block_diagonal_scores,
     fortunes,
     plain,
@@ -38,24 +39,6 @@ from trakwomp.tasks.causal_lm import CausalLM
 from trakwomp.tasks.classification import Classification
 
 CPU = torch.device("cpu")
-
-
-def kronecker_features(net, layers, gradients, seed=0, model_id=0):
-    """(P_R kron P_C)^T vec(dW) per layer from one example's autograd gradients {name: tensor},
-    the bias appended as a column (a row for GPT-2's Conv1D, whose bias sits on its C side)."""
-    modules = {id(m.weight): m for m in net.modules() if hasattr(m, "weight")}
-    params = dict(net.named_parameters())
-    out = []
-    for layer in layers:
-        weight = gradients[layer.name].reshape(gradients[layer.name].shape[0], -1)
-        if layer.bias:
-            conv1d = type(modules.get(id(params[layer.name]))).__name__ == "Conv1D"
-            bias = gradients[layer.bias]
-            weight = torch.cat([weight, bias.view(1, -1)], 0) if conv1d else torch.cat([weight, bias.view(-1, 1)], 1)
-        p_rows = side_projection(seed, model_id, layer.name, 0, layer.rows, layer.rank_rows)
-        p_cols = side_projection(seed, model_id, layer.name, 1, layer.cols, layer.rank_cols)
-        out.append(weight.reshape(-1).double() @ torch.kron(p_rows, p_cols).double())
-    return torch.cat(out)
 
 
 def per_example_reference(net, layers, batches, task):
@@ -358,3 +341,34 @@ def test_an_output_changed_in_place_after_its_layer_is_handed_on_as_a_copy():
                                                       for i in range(4)], Classification())
     torch.testing.assert_close(out.rows.double(), expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.outputs.double(), f.double(), rtol=1e-5, atol=1e-6)
+
+
+REPEATS_SOURCE = ("import torch\n"
+                  "class Net(torch.nn.Module):\n"
+                  "    def __init__(self, vocab):\n"
+                  "        super().__init__()\n"
+                  "        self.embedding = torch.nn.Embedding(vocab, 8, scale_grad_by_freq=True)\n"
+                  "        self.head = torch.nn.Linear(8, vocab)\n"
+                  "    def forward(self, ids, mask=None):\n"
+                  "        return self.head(torch.tanh(self.embedding(ids)))\n"
+                  "def build(vocab):\n"
+                  "    return Net(vocab)\n")
+
+
+def test_featurize_checks_the_text_that_repeats_a_token_not_only_the_first_rows(tmp_path, user_module):
+    """Embedding(scale_grad_by_freq) scales a repeated token's gradient, which hooks cannot see.
+    The first rows of the first batch (the shortest texts) repeat no token, nor does the
+    longest; the check refuses all the same, from the text that repeats one (before, nothing was
+    refused and that text's features were wrong)."""
+    from conftest import write_jsonl
+
+    user_module("mods.repeats", REPEATS_SOURCE)
+    texts = ["ab", "cd", "ef", "gh", "ijkl", "mnop", "xyxyxy", "qrstuvwxyz"]  # only "xyxyxy" repeats a token
+    data = load_dataset(f"jsonl:{write_jsonl(tmp_path / 't.jsonl', [{'text': t} for t in texts])}")
+    spec = ModelSpec.parse("mods.repeats:build")
+    torch.manual_seed(0)
+    torch.save(spec.build(data.vocab_size).state_dict(), tmp_path / "net.pt")
+    with pytest.raises(UserError, match="layer embedding.weight: its factored features differ"):
+        featurize(tmp_path / "store", data, spec, [str(tmp_path / "net.pt")], task=CausalLM(),
+                  projector=ProjectorSpec("factored", block_dim=16), batch_size=2)
+    assert not (tmp_path / "store").exists()

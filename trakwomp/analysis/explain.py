@@ -60,8 +60,10 @@ class Generation:
 @dataclass
 class Explanation:
     prompt: str
-    answer: str
+    answer: str  # the answer's text as its ids decode (special tokens left out)
+    answer_ids: list[int]  # the ids scored: the generated ones themselves, or --completion's tokens
     generated: bool  # the model's own answer (False: given with --completion)
+    ended: str  # why the answer ends: "end token", "stop text", "max-new-tokens", "context", "max-length", "given"
     model_id: int
     key: str  # the stored scores of the answer
     seconds: float  # from the model's answer to the rows, start-up excluded
@@ -71,8 +73,9 @@ class Explanation:
 
 
 def token_rows(handle: Store, key: str, tokens: Dataset, train: Dataset, k: int, threshold: float) -> list[dict]:
-    """Per answer token: its text, the train example that most supports it (index, source, text,
-    score), and how concentrated its support is: the share of its positive scores' sum held by
+    """Per answer token: its id and how it shows, its position in the answer, the train example
+    that most supports it (index, source, text, score; None where no train example's score is
+    positive), and how concentrated its support is: the share of its positive scores' sum held by
     its k largest (1: k train examples or fewer carry all of it; 0: no train example supports it)."""
     rows = []
     for block_rows, block in iterate_scores(handle, key, threshold):
@@ -80,23 +83,42 @@ def token_rows(handle: Store, key: str, tokens: Dataset, train: Dataset, k: int,
             top = int(np.argmax(scores))
             positive = np.sort(scores[scores > 0])[::-1]
             concentration = float(positive[:k].sum() / positive.sum()) if len(positive) else 0.0
-            rows.append({"token": tokens.token(r), "position": tokens.describe(r)["token_position"],
-                         "train_index": top, "train_source": train.source(top), "train_text": train.text(top),
-                         "score": float(scores[top]), "concentration": concentration})
+            described = tokens.describe(r)
+            support = {"train_index": top, "train_source": train.source(top), "train_text": train.text(top),
+                       "score": float(scores[top])} if len(positive) else \
+                {"train_index": None, "train_source": None, "train_text": None, "score": 0.0}
+            rows.append({"token": described["token"], "token_id": described["token_id"],
+                         "position": described["token_position"], **support, "concentration": concentration})
     return rows
 
 
+@dataclass(frozen=True)
+class Answer:
+    """Generated ids, and why generation ended."""
+
+    ids: list[int]
+    ended: str
+
+
 @torch.no_grad()
-def generate(net: nn.Module, data: Dataset, prompt: str, generation: Generation, device: torch.device) -> str:
-    """The model's completion of `prompt`, tokenized as the train set `data` is."""
+def generate(net: nn.Module, data: Dataset, prompt: str, generation: Generation, device: torch.device) -> Answer:
+    """The model's completion of `prompt`, as ids after the prompt's ids as the train set `data`
+    begins a prompt/completion text. It ends at the tokenizer's end token (kept: the model said
+    it, as it learnt to after every completion), once the answer ends with `generation.stop`,
+    after `max_new_tokens`, or where the text would outgrow the model's context or the store's
+    --max-length (so that all of it is scored)."""
     tokenizer = data.tokenizer
-    ids = tokenizer.encode_pairs([prompt], [""], None)[0][0].tolist()
-    start, context = len(ids), getattr(net, "context", None)
+    ids = tokenizer.encode_prompt(prompt)
+    start = len(ids)
+    limits = {"context": getattr(net, "context", None), "max-length": data.max_length}
+    limit, limited_by = min((v, k) for k, v in limits.items() if v is not None) if any(limits.values()) else (None, "")
+    if limit is not None and start >= limit:
+        raise UserError(f"the prompt takes {start} tokens, the {limited_by} ({limit}): no room for an answer")
     sampler = torch.Generator().manual_seed(generation.seed)
     net.to(device).eval()
     for _ in range(generation.max_new_tokens):
-        if context is not None and len(ids) >= context:
-            break
+        if limit is not None and len(ids) >= limit:
+            return Answer(ids[start:], limited_by)
         x = torch.tensor([ids], device=device)
         logits = logits_of(net(x, torch.ones_like(x, dtype=torch.bool)))[0, -1, :data.vocab_size].float().cpu()
         if generation.temperature == 0:
@@ -104,11 +126,11 @@ def generate(net: nn.Module, data: Dataset, prompt: str, generation: Generation,
         else:
             token = int(torch.multinomial(torch.softmax(logits / generation.temperature, -1), 1, generator=sampler))
         if token == tokenizer.stop:
-            break
+            return Answer(ids[start:] + ([token] if token == tokenizer.end else []), "end token")
         ids.append(token)
         if generation.stop is not None and tokenizer.decode(ids[start:]).endswith(generation.stop):
-            break
-    return tokenizer.decode(ids[start:])
+            return Answer(ids[start:], "stop text")
+    return Answer(ids[start:], "max-new-tokens")
 
 
 def explain(
@@ -139,16 +161,23 @@ def explain(
         raise UserError("--k must be at least 1")
     if out is not None and Path(out).suffix.lower() != ".html":
         raise UserError(f"explain writes an HTML page: give --out a .html name, not {str(out)!r}")
+    if completion == "":
+        raise UserError("--completion must be non-empty text (the answer to attribute)")
     train = stored_dataset(handle)
     net = load_reference_model(store, model_id, train.vocab_size)
-    answer = completion if completion is not None else generate(net, train, prompt, generation, torch.device(device))
-    if not answer:
-        raise UserError(f"reference model {model_id} answers {prompt!r} with nothing (it ends at once); "
-                        "give the answer to attribute with --completion")
+    if completion is None:
+        generated = generate(net, train, prompt, generation, torch.device(device))
+        if not generated.ids:
+            raise UserError(f"reference model {model_id} answers {prompt!r} with nothing (it ends at once: "
+                            f"{generated.ended}); give the answer to attribute with --completion")
+        target = answer_dataset(prompt, train, completion_ids=generated.ids)
+    else:
+        target, generated = answer_dataset(prompt, train, completion=completion), None
     began = time.perf_counter()
-    target = answer_dataset(prompt, answer, train)
     key = score(store, target, view, target_chunk_rows=1, batch_size=1, device=device, progress=progress).key
-    explained = Explanation(prompt, answer, completion is None, model_id, key, 0.0,
+    answer_ids = target.completion_ids(0)
+    explained = Explanation(prompt, train.tokenizer.decode(answer_ids), answer_ids, generated is not None,
+                            generated.ended if generated else "given", model_id, key, 0.0,
                             top_k_rows(store, key, target, k, threshold, train))
     explained.seconds = time.perf_counter() - began
     if per_token:

@@ -136,13 +136,15 @@ def token_section(tokens: list[dict]) -> str:
     """The answer's tokens, each shaded by how concentrated its support is (darker: fewer train
     examples carry it), its strongest supporting train example in its tooltip, then a table."""
     def shaded(t: dict) -> str:
-        tip = f"#{t['train_index']} ({t['train_source'] or '-'}), score {t['score']:+.4g}: {t['train_text']}"
+        tip = (f"#{t['train_index']} ({t['train_source'] or '-'}), score {t['score']:+.4g}: {t['train_text']}"
+               if t["train_index"] is not None else "no train example supports it")
         return (f'<span style="background:rgba(230,120,0,{t["concentration"]:.3f})" title="{html.escape(tip)}">'
                 f"{html.escape(t['token'])}</span>")
 
     body = "".join(f"<tr><td>{t['position']}</td><td><code>{html.escape(repr(t['token']))}</code></td>"
-                   f"<td>{t['concentration']:.2f}</td><td>{t['score']:+.4g}</td><td>{t['train_index']}</td>"
-                   f"<td>{html.escape(t['train_source'] or '-')}</td><td><pre>{html.escape(t['train_text'])}</pre></td></tr>"
+                   f"<td>{t['concentration']:.2f}</td><td>{t['score']:+.4g}</td><td>{'-' if t['train_index'] is None else t['train_index']}</td>"
+                   f"<td>{html.escape(t['train_source'] or '-')}</td><td><pre>{html.escape(t['train_text'] or '')}</pre>"
+                   "</td></tr>"
                    for t in tokens)
     return ("<h2>The answer token by token</h2><p>Shading: the share of a token's support held by its "
             "strongest train examples (darker: fewer examples carry it).</p><pre>"

@@ -130,6 +130,17 @@ class Dataset(ABC, torch.utils.data.Dataset):
         raise UserError(f"--per-token needs prompt/completion targets (jsonl rows with \"prompt\" and "
                         f"\"completion\"), not {self.spec}")
 
+    def coverage_probe(self, positions: np.ndarray) -> list[int]:
+        """A few of `positions` whose gradients exercise what an engine could get wrong, for its
+        check (`GradientEngine.check`): the first two, and where examples have lengths the
+        longest and the shortest (batched with the longest: padded)."""
+        positions = [int(i) for i in positions]
+        chosen = positions[:2]
+        if self.lengths is not None:
+            by_length = sorted(positions, key=lambda i: self.lengths[i])
+            chosen += [by_length[-1], by_length[0]]
+        return list(dict.fromkeys(chosen))
+
     @property
     def labels(self) -> np.ndarray:
         return self._labels[self.indices]

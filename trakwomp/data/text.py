@@ -51,11 +51,24 @@ class ByteTokenizer:
         ids = [np.concatenate([[self.start], np.frombuffer(b[:cut], dtype=np.uint8)]).astype(np.int32) for b in encoded]
         return ids, self.fewest_tokens(texts)
 
+    end = None  # no end token: nothing is appended to a completion
+
     def encode_pairs(self, prompts: list[str], completions: list[str], limit: int | None):
         """(ids, full token counts, prompt token counts) of each prompt followed by its completion:
         the bytes of both after one start token, the completion starting at 1 + the prompt's bytes."""
         ids, lengths = self.encode([p + c for p, c in zip(prompts, completions)], limit)
         return ids, lengths, np.array([1 + len(p.encode("utf-8")) for p in prompts], dtype=np.int64)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The ids a prompt starts a prompt/completion text with: the start token, then its bytes."""
+        return [self.start, *prompt.encode("utf-8")]
+
+    def token_name(self, token: int) -> str:
+        """How one token shows: its byte as text, a byte that is part of a longer UTF-8 character
+        as its escape (\\xe2), the start token by name."""
+        if token == self.start:
+            return "<start>"
+        return bytes([token]).decode("utf-8", errors="backslashreplace")
 
     def render(self, conversations: list[list[dict]]) -> list[str]:
         raise UserError("rows of \"messages\" need --tokenizer hf:DIR, a tokenizer with a chat template that "
@@ -110,21 +123,45 @@ class HuggingFaceTokenizer:
         return [i[:limit] for i in ids], np.array([len(i) for i in ids], dtype=np.int64)
 
     def encode_pairs(self, prompts: list[str], completions: list[str], limit: int | None):
-        """(ids, full token counts, prompt token counts): each prompt tokenized as a text (with the
-        tokenizer's special tokens), its completion on its own after it (without them), so the
-        boundary between them is a token boundary."""
-        prompt_ids = self.tokenizer(prompts)["input_ids"]
+        """(ids, full token counts, prompt token counts): each prompt as `encode_prompt` gives it,
+        its completion tokenized on its own after it (without special tokens), so the boundary
+        between them is a token boundary, then the end token (if the tokenizer has one), so that
+        the model learns to stop."""
+        prompt_ids = [self.encode_prompt(p) for p in prompts]
+        ending = [] if self.end is None else [self.end]
         completion_ids = self.tokenizer(completions, add_special_tokens=False)["input_ids"]
-        ids = [np.asarray(p + c, dtype=np.int32) for p, c in zip(prompt_ids, completion_ids)]
+        ids = [np.asarray(p + c + ending, dtype=np.int32) for p, c in zip(prompt_ids, completion_ids)]
         return ([i[:limit] for i in ids], np.array([len(i) for i in ids], dtype=np.int64),
                 np.array([len(p) for p in prompt_ids], dtype=np.int64))
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """A prompt's ids with the special tokens the tokenizer puts before a text (a BOS), but
+        not those it puts after one (a post-processor's EOS): nothing ends between a prompt and
+        its completion."""
+        plain = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        special = self.tokenizer(prompt)["input_ids"]
+        for start in range(len(special) - len(plain) + 1):
+            if special[start:start + len(plain)] == plain:
+                return special[:start] + plain
+        return plain
+
+    @property
+    def end(self) -> int | None:
+        """The end-of-sequence token appended to every completion, if the tokenizer has one."""
+        return self.tokenizer.eos_token_id
+
+    def token_name(self, token: int) -> str:
+        """How one token shows: a special token by its name, any other as its text."""
+        if token in self.tokenizer.all_special_ids:
+            return self.tokenizer.convert_ids_to_tokens(token)
+        return self.tokenizer.decode([token])
 
     def render(self, conversations: list[list[dict]]) -> list[str]:
         """Each conversation as the tokenizer's chat template writes it."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise UserError(f"rows of \"messages\" need a tokenizer with a chat template; the one at {self.spec} has "
                             "none (set tokenizer.chat_template and save it again)")
-        return [self.tokenizer.apply_chat_template(messages, tokenize=False) for messages in conversations]
+        return [self._template(messages, tokenize=False) for messages in conversations]
 
     def encode_conversations(self, conversations: list[list[dict]], limit: int | None):
         """(ids, full token counts, masks): each conversation tokenized by its chat template,
@@ -151,8 +188,16 @@ class HuggingFaceTokenizer:
         what the template writes before an assistant turn)."""
         if not messages and not generation_prompt:
             return []
-        return list(self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
-                                                       add_generation_prompt=generation_prompt))
+        return list(self._template(messages, tokenize=True, return_dict=False, add_generation_prompt=generation_prompt))
+
+    def _template(self, messages: list[dict], **how):
+        """The chat template applied to `messages`; a template that fails (it refuses the roles'
+        order, say) is refused in one line with its own message."""
+        try:
+            return self.tokenizer.apply_chat_template(messages, **how)
+        except Exception as e:  # a template raises whatever its author wrote (jinja2's TemplateError, ...)
+            message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"the chat template of {self.spec} fails on a conversation: {message}") from None
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -247,6 +292,22 @@ class Tokens:
         return self._encoded[2]
 
 
+class GivenTokens(Tokens):
+    """Token ids given as they are (an answer's generated ids), with their masks of predicted
+    tokens: nothing is made from the texts."""
+
+    def __init__(self, ids: list[np.ndarray], masks: list[np.ndarray]):
+        self._given = (ids, np.array([len(i) for i in ids], dtype=np.int64), masks)
+
+    @property
+    def _encoded(self):
+        return self._given
+
+    @property
+    def fewest(self) -> np.ndarray:
+        return self._given[1]
+
+
 def padded(sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids right-padded with 0 to the longest, and the mask of real tokens."""
     longest = max(len(ids) for ids in sequences)
@@ -308,6 +369,17 @@ class TextDataset(Dataset):
         """True at the tokens of example i whose prediction counts (None for plain texts)."""
         masks = self._tokens.masks
         return None if masks is None else masks[int(self.indices[i])]
+
+    def coverage_probe(self, positions: np.ndarray) -> list[int]:
+        """The base choice, and the text that repeats one token most often (a layer may treat a
+        repeated token apart: Embedding(scale_grad_by_freq))."""
+        chosen = super().coverage_probe(positions)
+        repeats = [int(np.unique(self[int(i)][0], return_counts=True)[1].max()) for i in positions]
+        return list(dict.fromkeys([*chosen, int(positions[int(np.argmax(repeats))])]))
+
+    def completion_ids(self, i: int) -> list[int]:
+        """The ids of example i's predicted tokens (its completion's)."""
+        return [int(t) for t in self._ids(int(self.indices[i]))[self.predicted_mask(i)]]
 
     @property
     def completion_tokens(self) -> np.ndarray | None:
@@ -457,10 +529,13 @@ class CompletionTokens(Dataset):
     def source_record(self) -> dict:
         return {**self.texts.source_record(), "per_token": True}
 
-    def token(self, r: int) -> str:
-        """The text of row r's token."""
+    def token_id(self, r: int) -> int:
         i, t = (int(v) for v in self.rows[r])
-        return self.tokenizer.decode([int(self.texts[i][0][t])])
+        return int(self.texts[i][0][t])
+
+    def token(self, r: int) -> str:
+        """How row r's token shows (a special token by its name)."""
+        return self.tokenizer.token_name(self.token_id(r))
 
     def text(self, r: int) -> str:
         return self.texts.text(int(self.rows[r, 0]))
@@ -471,7 +546,8 @@ class CompletionTokens(Dataset):
     def describe(self, r: int) -> dict:
         i, t = (int(v) for v in self.rows[r])
         first = int(np.flatnonzero(self.texts.predicted_mask(i))[0])
-        return {**self.texts.describe(i), "text_index": i, "token": self.token(r), "token_position": t - first}
+        return {**self.texts.describe(i), "text_index": i, "token": self.token(r), "token_id": self.token_id(r),
+                "token_position": t - first}
 
 
 ROW_KINDS = {"text": ("text",), "prompt": ("prompt", "completion"), "messages": ()}
@@ -541,6 +617,9 @@ def check_messages(messages, where: str) -> None:
                 or not m["content"] or not is_text(m["content"]):
             raise UserError(f"{where}: each message must be {{\"role\": {' | '.join(ROLES)}, \"content\": non-empty "
                             f"text}}, got {json.dumps(m)[:80]}")
+    if messages[0]["role"] == "assistant":
+        raise UserError(f"{where}: the conversation begins with the assistant's turn; nothing prompts it (begin with "
+                        "a system or user message)")
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{where}: the conversation has no assistant turn, so nothing in it is predicted")
 
@@ -576,14 +655,32 @@ class Jsonl(DatasetKind):
         return text_dataset(spec, read_jsonl(spec, rest), options.tokenizer or "bytes", options.max_length)
 
 
-def answer_dataset(prompt: str, completion: str, like: Dataset) -> TextDataset:
-    """One prompt/completion target, tokenized as the text dataset `like` is."""
-    for name, value in (("--prompt", prompt), ("the answer", completion)):
-        if not value or not is_text(value):
-            raise UserError(f"{name} must be non-empty text")
-    return TextDataset(f"answer:{hashlib.sha256((prompt + chr(0) + completion).encode()).hexdigest()[:16]}",
-                       [prompt + completion], ["(the answer)"], np.zeros(1), (), like.tokenizer, like.max_length,
-                       prompts=[prompt])
+def answer_dataset(prompt: str, like: Dataset, completion: str | None = None,
+                   completion_ids: list[int] | None = None) -> TextDataset:
+    """One prompt/completion target for the text dataset `like`'s store: the prompt's ids as a
+    train prompt begins, then exactly `completion_ids` (a generated answer: the ids themselves,
+    never decoded and tokenized again), or `completion` tokenized as a train completion is (its
+    end token included). An answer that the store's --max-length would cut is refused: it is
+    scored whole or not at all."""
+    if not prompt or not is_text(prompt):
+        raise UserError("--prompt must be non-empty text")
+    tokenizer = like.tokenizer
+    if completion_ids is None:
+        if not completion or not is_text(completion):
+            raise UserError("--completion must be non-empty text (the answer to attribute)")
+        ids, _, starts = tokenizer.encode_pairs([prompt], [completion], None)
+        ids, start = ids[0], int(starts[0])
+    else:
+        prompt_ids = tokenizer.encode_prompt(prompt)
+        ids, start = np.asarray(prompt_ids + list(completion_ids), dtype=np.int32), len(prompt_ids)
+    if like.max_length is not None and len(ids) > like.max_length:
+        raise UserError(f"the prompt and its answer take {len(ids)} tokens, more than the store's --max-length "
+                        f"{like.max_length}; a shorter answer (--max-new-tokens) is scored whole")
+    text = prompt + tokenizer.decode([int(i) for i in ids[start:]])
+    name = hashlib.sha256(ids.astype("<i4").tobytes() + start.to_bytes(4, "little")).hexdigest()[:16]
+    tokens = GivenTokens([ids], [np.arange(len(ids)) >= start])
+    return TextDataset(f"answer:{name}", [text], ["(the answer)"], np.zeros(1), (), tokenizer, like.max_length,
+                       tokens=tokens, prompts=[prompt])
 
 
 def text_dataset(spec: str, rows: list[dict], tokenizer: str, max_length: int | None) -> TextDataset:

@@ -41,6 +41,11 @@ class GradientEngine(ABC):
     def __call__(self, batch: Batch) -> BatchFeatures:
         """The rows, outputs f and weights q of a batch (on the engine's device)."""
 
+    def check(self, batch: Batch) -> None:
+        """Check, before any features are kept, that the engine's features of every example of
+        `batch` (chosen by `Dataset.coverage_probe` to exercise what could differ) are right;
+        refuse in one line if not (default: nothing to check, the engine cannot be wrong so)."""
+
     def rows_per_projection(self, batch_size: int) -> int:
         """How many rows to gather before calling `project` (default: one batch)."""
         return batch_size
@@ -80,6 +85,11 @@ class FeatureMethod(ABC):
     def engine(self, net: nn.Module, layout: FeatureLayout, names: list[str], num_params: int, model_id: int,
                device: torch.device, task: Task) -> GradientEngine:
         """The engine of model `model_id` (its projection regenerated from the recorded seed)."""
+
+    def check(self, net: nn.Module, layout: FeatureLayout, names: list[str], num_params: int, device: torch.device,
+              task: Task, batch: Batch) -> None:
+        """Check the method's features of `net` on `batch` before any work (`GradientEngine.check`);
+        default: nothing to check."""
 
     def left_out(self, layout: FeatureLayout, names: list[str]) -> list[str]:
         """The chosen parameters whose gradients the features leave out (default: none)."""

@@ -219,14 +219,25 @@ class FactoredFeatures(GradientEngine):
         self.copy_outputs, self.verified = False, False
 
     def __call__(self, batch: Batch) -> BatchFeatures:
+        """The batch's features; an engine not checked yet (`check`) checks the first
+        VERIFY_EXAMPLES rows of its first batch."""
         batch = batch.to(self.device)
+        out = self._copying_if_needed(batch)
+        if not self.verified:
+            self._verify(batch, out.rows, range(min(VERIFY_EXAMPLES, len(batch))))
+        return out
+
+    def check(self, batch: Batch) -> None:
+        """Every row of `batch` (a probe of the data: its longest and shortest texts, the one that
+        repeats a token most) against the projection of its own autograd gradient."""
+        batch = batch.to(self.device)
+        self._verify(batch, self._copying_if_needed(batch).rows, range(len(batch)))
+
+    def _copying_if_needed(self, batch: Batch) -> BatchFeatures:
         out = self._features(batch)
         if out is None:  # an output was changed in place after its layer: hand on copies from now on
             self.copy_outputs = True
             out = self._features(batch)
-        if not self.verified:
-            self._verify(batch, out.rows)
-            self.verified = True
         return out
 
     def _features(self, batch: Batch) -> BatchFeatures | None:
@@ -330,13 +341,14 @@ class FactoredFeatures(GradientEngine):
         return [hook for module in attention for hook in (module.register_forward_pre_hook(enter),
                                                           module.register_forward_hook(leave))]
 
-    def _verify(self, batch: Batch, features: torch.Tensor) -> None:
-        """Each layer's features of the first VERIFY_EXAMPLES examples against P_R^T dW P_C of the
-        example's own gradient, taken by autograd on the example alone; a layer that differs by
-        more than VERIFY_TOLERANCE (relative) is refused by name."""
+    def _verify(self, batch: Batch, features: torch.Tensor, rows: range) -> None:
+        """Each layer's features of the examples `rows` against P_R^T dW P_C of the example's own
+        gradient, taken by autograd on the example alone; a layer that differs by more than
+        VERIFY_TOLERANCE (relative), or whose features or gradient are not finite, is refused by
+        name."""
         parameters = dict(self.model.named_parameters())
         chosen = [name for layer in self.layers for name in (layer.name, layer.bias) if name]
-        for row in range(min(VERIFY_EXAMPLES, len(batch))):
+        for row in rows:
             one = batch.rows(row, row + 1)
             with torch.enable_grad():
                 f = self.task.outputs(self.model(*one.inputs), one).sum()
@@ -346,13 +358,17 @@ class FactoredFeatures(GradientEngine):
             floor = 1e-6 * float(expected.norm())
             for i, layer in enumerate(self.layers):
                 got, want = features[row, self.offsets[i]:self.offsets[i + 1]], expected[self.offsets[i]:self.offsets[i + 1]]
+                if not (torch.isfinite(got).all() and torch.isfinite(want).all()):
+                    raise UserError(f"layer {layer.name}: its gradient or its factored features are not finite for "
+                                    "an example it checks (NaN or inf in the model's output)")
                 error = float((got - want).norm()) / max(float(want.norm()), floor, 1e-30)
-                if error > VERIFY_TOLERANCE:
+                if not error <= VERIFY_TOLERANCE:
                     raise UserError(f"layer {layer.name}: its factored features differ from the projection of its "
                                     f"per-example gradient (relative error {error:.2g}): the weight is used outside "
                                     "the layer's forward (a weight tied by F.linear; an nn.MultiheadAttention with "
                                     "kdim, vdim, bias_k or add_zero_attn), or the layer changes its gradient "
                                     "(Embedding(scale_grad_by_freq)); use --projector sjlt for this model")
+        self.verified = True
 
     def _projected(self, i: int, layer: FactoredLayer, grads: dict) -> torch.Tensor:
         """P_R^T dW P_C of one example's gradient, flattened: dW as R x C with the bias as one more

@@ -22,10 +22,11 @@ from trakwomp.tasks.base import Task
 
 
 def select_parameters(model: nn.Module, patterns: list[str] | None) -> list[str]:
-    """Names of the parameters matching any of the glob `patterns` (all parameters if None)."""
+    """Names of the parameters matching any of the glob `patterns`; if None, the trainable ones
+    (all of an ordinary model's; a LoRA fine-tune's adapter weights)."""
     names = [name for name, _ in model.named_parameters()]
     if not patterns:
-        return names
+        return [name for name, p in model.named_parameters() if p.requires_grad]
     chosen = [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
     if not chosen:
         raise UserError(f"no parameter matches {', '.join(patterns)}; parameters are named like {names[0]!r}")
@@ -58,8 +59,9 @@ class PerExampleGradients:
 
         def token_output(params, tensors, layout, positions):
             one = Batch.of_tensors(tuple(t.unsqueeze(0) for t in tensors), layout)
-            f = task.token_outputs(functional_call(self.model, {**params, **self.constants}, one.inputs), one)
-            return f[0, positions - 1], f[0, positions - 1]
+            f = task.token_outputs(functional_call(self.model, {**params, **self.constants}, one.inputs), one,
+                                   torch.zeros_like(positions), positions)
+            return f, f
 
         self._grad = vmap(grad(output, has_aux=True), in_dims=(None, 0, None))
         self._token_jacobian = jacrev(token_output, has_aux=True)  # one forward pass, a backward per token

@@ -5,7 +5,8 @@ The estimate adds up what the featurizing loop holds at its peak:
 - what the process holds now (libraries, data, the model built to check it), on the CPU its
   resident memory, on a GPU what torch has allocated there;
 - more copies of the model: on the CPU 4 (a checkpoint and the model it is checked in, the
-  registered weights read back and the model they load into), on a GPU 1;
+  registered weights read back and the model they load into), on a GPU 1; of a frozen base (a
+  LoRA fine-tune's), whose weights are never stored, 1 on the CPU;
 - per-example gradients (not for `factored`): 3 x batch x p floats (the mapped gradients, their
   parameter-major copy, and autograd's per-example weight gradients on the way);
 - activations: what autograd saves for the backward pass, measured on one forward pass of the
@@ -119,10 +120,13 @@ def featurize_need(model: nn.Module, method, layout, num_params: int, chunk_rows
     """The estimate described in the module docstring, for one model's featurization by the feature
     `method` (which adds its own terms); on a GPU, of its memory only (one more model copy, no row chunk)."""
     model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     need = MemoryNeed()
     need.fixed["memory the process holds now"] = (held_bytes(device), "use a machine with more memory")
     if device.type == "cpu":
-        need.fixed["model (4 more copies)"] = (4 * model_bytes, "use a machine with more memory")
+        need.fixed["model (4 more copies)"] = (4 * (model_bytes - frozen), "use a machine with more memory")
+        if frozen:  # a LoRA model's base: its weights are never stored or read back, only rebuilt once
+            need.fixed["frozen base (1 more copy)"] = (frozen, "use a machine with more memory")
         need.fixed[f"row chunk ({chunk_rows} rows x {layout.dims} dims)"] = (3 * 4 * chunk_rows * layout.dims,
                                                                              "lower --chunk-rows")
     else:

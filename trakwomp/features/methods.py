@@ -106,6 +106,10 @@ class Factored(FeatureMethod):
     def engine(self, net, layout, names, num_params, model_id, device, task) -> GradientEngine:
         return FactoredFeatures(net, list(layout.layers), layout.projector.seed, model_id, device, task)
 
+    def check(self, net, layout, names, num_params, device, task, batch) -> None:
+        """The hooks' features of every example of `batch` against autograd (`FactoredFeatures.check`)."""
+        self.engine(net, layout, names, num_params, 0, device, task).check(batch)
+
     def left_out(self, layout: FeatureLayout, names: list[str]) -> list[str]:
         return sorted(set(names) - set(covered_parameters(list(layout.layers))))
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trakwomp.data.base import Dataset, length_sorted, load_batch
+from trakwomp.data.base import Batch, Dataset, length_sorted, load_batch
 from trakwomp.errors import UserError
 from trakwomp.features.base import FeatureLayout, FeatureMethod, GradientEngine
 from trakwomp.features.gradients import (
@@ -132,6 +132,11 @@ def batch_size_that_fits(net: nn.Module, data: Dataset, task: Task, settings: Fe
     return fit_batch_size(need, batch_size, budget, stage)
 
 
+def coverage_batch(data: Dataset, rows: np.ndarray) -> Batch:
+    """The examples of `rows` that `data.coverage_probe` picks, as one batch."""
+    return load_batch(data, data.coverage_probe(rows))
+
+
 def write_features(handle: Store, data: Dataset, model: ModelSpec, task: Task, settings: FeatureSettings,
                    todo: list[tuple[int, int]], chunk_rows: int, batch_size: int, device: torch.device,
                    progress: Progress, prefix: str, report: FeaturizeReport) -> Iterator[tuple[tuple[int, int], dict]]:
@@ -144,6 +149,8 @@ def write_features(handle: Store, data: Dataset, model: ModelSpec, task: Task, s
         net = load_registered_model(handle, model_id, model, task.output_size(data))
         engine = settings.method.engine(net, settings.layout, settings.parameter_names, settings.num_params, model_id,
                                         device, task)
+        first = min(c for m, c in todo if m == model_id)
+        engine.check(coverage_batch(data, np.arange(first * chunk_rows, min(n, (first + 1) * chunk_rows))))
         base = layout.features(model_id, prefix)
         phi = handle.require_array(f"{base}/phi", (n, settings.dims), settings.dtype,
                                    (chunk_rows, settings.projector.block_dim))

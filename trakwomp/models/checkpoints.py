@@ -35,7 +35,7 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, spec: ModelSpec) -> nn.Module:
     """`model` with the weights `state`, refused with a clear message if they belong to another architecture."""
-    expected = model.state_dict()
+    expected = spec.stored_state(model)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
@@ -46,8 +46,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, 
             if items:
                 problems.append(f"{len(items)} {label} (e.g. {items[0]})")
         raise UserError(f"checkpoint {source} does not fit model {spec}: " + "; ".join(problems))
-    model.load_state_dict(state)
-    return model
+    return spec.load_state(model, state)
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:

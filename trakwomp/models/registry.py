@@ -12,14 +12,26 @@ from torch import nn
 
 from trakwomp.errors import UserError
 from trakwomp.models.checkpoints import load_checkpoint, load_weights, state_hash
+from trakwomp.models.lora import adapter_state, read_adapter
 from trakwomp.models.spec import ModelSpec
 from trakwomp.store import Store, layout
 
 
 def read_checkpoints(spec: ModelSpec, output_size: int, checkpoints: list[str]) -> list[tuple[str, dict]]:
-    """(path, state_dict) of each checkpoint file, checked to fit the model spec."""
-    return [(str(path), load_weights(spec.build(output_size), load_checkpoint(path), repr(str(path)), spec).state_dict())
-            for path in checkpoints]
+    """(path, the weights a store keeps) of each checkpoint: a state_dict file checked to fit the
+    model spec, or, for a LoRA model, a peft adapter folder of its base and settings."""
+    return [(str(path), checkpoint_state(spec, output_size, str(path))) for path in checkpoints]
+
+
+def checkpoint_state(spec: ModelSpec, output_size: int, path: str) -> dict:
+    net = spec.build(output_size)
+    if read_adapter(path) is None:
+        return spec.stored_state(load_weights(net, load_checkpoint(path), repr(path), spec))
+    adapter = ModelSpec.parse(f"hf:{path}")
+    if (adapter.lora, adapter.base_sha256) != (spec.lora, spec.base_sha256):
+        raise UserError(f"the adapter in {path!r} is not a fine-tune of the model {spec} (its base or its settings "
+                        "differ)")
+    return adapter_state(net, path)
 
 
 def register_models(handle: Store, checkpoints: list[tuple[str, dict]], run: str | None = None,
@@ -98,6 +110,4 @@ def load_registered_model(handle: Store, model_id: int, spec: ModelSpec, output_
     state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(entry["weights"]).items()}
     if state_hash(state) != entry["sha256"]:
         raise UserError(f"store {handle.location!r}: the weights of model {model_id} do not match their recorded hash")
-    net = spec.build(output_size)
-    net.load_state_dict(state)
-    return net.eval()
+    return spec.load_state(spec.build(output_size), state)

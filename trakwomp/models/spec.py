@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from trakwomp.data.base import load_batch
 from trakwomp.errors import UserError
 from trakwomp.imports import import_object, is_object_spec
 from trakwomp.models.huggingface import load_huggingface
+from trakwomp.models.lora import LoraSpec, base_fingerprint, check_base, read_adapter, trainable_state, with_adapter
 from trakwomp.models.networks import GPT, GPT_DEFAULTS, resnet9
 from trakwomp.tasks.base import Task, logits_of
 
@@ -22,18 +25,25 @@ BUILTIN_MODELS = ("resnet9", "gpt")
 @dataclass(frozen=True)
 class ModelSpec:
     """A built-in model with its size (resnet9: width multiplier; gpt: width, layers, heads), a
-    Hugging Face causal LM in a local folder (`hf:DIR`), or a user factory `package.module:factory`."""
+    Hugging Face causal LM in a local folder (`hf:DIR`), with `lora` a LoRA fine-tune of it (the
+    base's fingerprint recorded; `adapter`: the peft adapter folder it was read from, whose
+    weights are a checkpoint), or a user factory `package.module:factory`."""
 
     name: str
     width: float | None = None
     layers: int | None = None
     heads: int | None = None
+    lora: LoraSpec | None = None
+    base_sha256: str | None = None
+    adapter: str | None = field(default=None, compare=False)
 
     @classmethod
     def parse(cls, spec: str, width: float | None = None, layers: int | None = None,
-              heads: int | None = None) -> "ModelSpec":
+              heads: int | None = None, lora: LoraSpec | None = None) -> "ModelSpec":
         if (layers is not None or heads is not None) and spec != "gpt":
             raise UserError(f"--layers and --heads apply to the built-in gpt only, not to {spec!r}")
+        if lora is not None and not spec.startswith("hf:"):
+            raise UserError(f"--lora fine-tunes a Hugging Face model (--model hf:DIR), not {spec!r}")
         if spec == "gpt":
             return cls._gpt(width, layers, heads)
         if spec == "resnet9":
@@ -46,7 +56,24 @@ class ModelSpec:
                             "package.module:factory")
         if width is not None:
             raise UserError(f"--width applies to the built-in models only, not to {spec!r}")
-        return cls(spec)
+        return cls._huggingface(spec, lora) if spec.startswith("hf:") else cls(spec)
+
+    @classmethod
+    def _huggingface(cls, spec: str, lora: LoraSpec | None) -> "ModelSpec":
+        """`hf:DIR`: a model folder (with `lora`: a new LoRA fine-tune of it) or a peft adapter
+        folder (its base and settings; its weights are then the checkpoint to featurize)."""
+        adapter = read_adapter(spec[3:])
+        if adapter is not None and lora is not None:
+            raise UserError(f"--lora adds a new adapter to a base model; {spec[3:]!r} is an adapter already "
+                            "(train with --model hf:BASE, or featurize this adapter without --lora)")
+        if adapter is None and lora is None:
+            return cls(spec)
+        folder, lora = (adapter.base, adapter.lora) if adapter else (spec[3:], lora)
+        if not (Path(folder) / "config.json").is_file():
+            raise UserError(f"--model hf:{folder}: no Hugging Face model there (no config.json)")
+        model_type = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("model_type")
+        return cls(f"hf:{folder}", lora=lora.resolved(model_type), base_sha256=base_fingerprint(folder),
+                   adapter=adapter.folder if adapter else None)
 
     @classmethod
     def _gpt(cls, width, layers, heads) -> "ModelSpec":
@@ -62,6 +89,8 @@ class ModelSpec:
         recorded = {"name": self.name, "width": self.width}
         if self.name == "gpt":
             recorded.update(layers=self.layers, heads=self.heads)
+        if self.lora is not None:
+            recorded.update(lora=self.lora.as_dict(), base_sha256=self.base_sha256)
         return recorded
 
     @classmethod
@@ -73,12 +102,25 @@ class ModelSpec:
         if name not in BUILTIN_MODELS and not name.startswith("hf:"):
             raise UserError(f"store {location!r} was made with the model {name!r}; trakwomp imports "
                             f"code only when you name it: pass --model {name}")
-        return cls(name, recorded.get("width"), recorded.get("layers"), recorded.get("heads"))
+        lora = LoraSpec.from_record(recorded["lora"]) if recorded.get("lora") else None
+        return cls(name, recorded.get("width"), recorded.get("layers"), recorded.get("heads"), lora,
+                   recorded.get("base_sha256"))
 
     def __str__(self) -> str:
         if self.name == "gpt":
             return f"gpt (width {self.width}, {self.layers} layers, {self.heads} heads)"
+        if self.lora is not None:
+            return f"{self.name} with LoRA (r {self.lora.r}, alpha {self.lora.alpha:g}, {', '.join(self.lora.targets)})"
         return self.name if self.width is None else f"{self.name} (width {self.width:g})"
+
+    def stored_state(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        """What a store keeps of a model: its state_dict; of a LoRA fine-tune, its adapter weights."""
+        return trainable_state(net) if self.lora is not None else net.state_dict()
+
+    def load_state(self, net: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+        """`net` with the weights `state` (as `stored_state` gives them), in eval mode."""
+        net.load_state_dict(state, strict=self.lora is None)
+        return net.eval()
 
     def build(self, output_size: int) -> nn.Module:
         """A freshly initialised model (a Hugging Face model: its saved weights) with
@@ -88,6 +130,11 @@ class ModelSpec:
             return resnet9(output_size, self.width)
         if self.name == "gpt":
             return GPT(output_size, self.width, self.layers, self.heads)
+        if self.name.startswith("hf:") and self.lora is not None:
+            check_base(self.name[3:], self.base_sha256)
+            net = load_huggingface(self.name[3:])
+            with_adapter(net.model, self.lora)
+            return net
         if self.name.startswith("hf:"):
             return load_huggingface(self.name[3:])
         factory = import_object(self.name, what="model")

@@ -80,12 +80,14 @@ def describe(data: Dataset, i: int, prefix: str) -> dict:
 
 
 def strongest(scores: np.ndarray, k: int) -> list[tuple[str, int, int]]:
-    """(direction, rank, train index) of the k largest scores ("supports", largest first) and
-    the k smallest ("opposes", smallest first); ties keep the lower index first."""
-    order = np.argsort(scores, kind="stable")
+    """(direction, rank, train index) of the k largest positive scores ("supports", largest
+    first) and the k most negative ("opposes", smallest first); a score of zero (all but a few
+    once soft-thresholded) neither supports nor opposes, so a list may hold fewer than k; ties
+    keep the lower index first."""
+    order = np.argsort(scores, kind="stable")[:k]
     supports = np.argsort(-scores, kind="stable")[:k]
-    return ([("supports", rank, int(i)) for rank, i in enumerate(supports, 1)]
-            + [("opposes", rank, int(i)) for rank, i in enumerate(order[:k], 1)])
+    return ([("supports", rank, int(i)) for rank, i in enumerate(supports[scores[supports] > 0], 1)]
+            + [("opposes", rank, int(i)) for rank, i in enumerate(order[scores[order] < 0], 1)])
 
 
 def write_table(rows: list[dict], out: str | Path) -> None:

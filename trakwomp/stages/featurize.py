@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from trakwomp.data.base import Dataset
 from trakwomp.errors import UserError
 from trakwomp.features.gradients import count_parameters, select_parameters
@@ -19,6 +20,7 @@ from trakwomp.features.writer import (
     FeatureSettings,
     FeaturizeReport,
     batch_size_that_fits,
+    coverage_batch,
     write_features,
 )
 from trakwomp.models.registry import read_checkpoints, register_models, trained_models
@@ -70,7 +72,9 @@ class Featurize(Stage[tuple[int, int], FeaturizeReport]):
     def __init__(self, settings: FeaturizeSettings, data: Dataset | None = None, model: ModelSpec | None = None,
                  checkpoints: list[str] | None = None):
         super().__init__(settings)
-        self.data, self.model, self.checkpoints = data, model, checkpoints or []
+        self.data, self.model = data, model
+        adapter = [model.adapter] if model is not None and model.adapter is not None else []
+        self.checkpoints = checkpoints or adapter  # --model hf:ADAPTER: the adapter's weights, unless others given
 
     def check(self, store: str | Path) -> Store | None:
         """Resolve the inputs and settings (the store's where not given), then check the model
@@ -129,6 +133,8 @@ class Featurize(Stage[tuple[int, int], FeaturizeReport]):
         names = select_parameters(net, self.parameters)
         projector = self.projector or default_projector(count_parameters(net, names))
         self.features = FeatureSettings.for_model(projector, self.dtype, net, names)
+        self.features.method.check(net, self.features.layout, names, self.features.num_params, self.device, self.task,
+                                   coverage_batch(self.data, np.arange(min(len(self.data), self.chunk_rows))))
         self.batch_size = batch_size_that_fits(net, self.data, self.task, self.features, self.settings.batch_size,
                                                self.chunk_rows, self.device, self.settings.memory_limit, "featurize")
 

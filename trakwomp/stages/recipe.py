@@ -110,10 +110,12 @@ class Recipe:
         return recipe
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer of the model's trainable parameters (a LoRA fine-tune: its adapter's)."""
+        trained = [p for p in model.parameters() if p.requires_grad]
         if self.optimizer == "adamw":
-            return torch.optim.AdamW(model.parameters(), lr=self.lr, betas=(self.momentum, ADAMW_BETA2),
+            return torch.optim.AdamW(trained, lr=self.lr, betas=(self.momentum, ADAMW_BETA2),
                                      weight_decay=self.weight_decay)
-        return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=self.momentum, nesterov=True,
+        return torch.optim.SGD(trained, lr=self.lr, momentum=self.momentum, nesterov=True,
                                weight_decay=self.weight_decay)
 
 

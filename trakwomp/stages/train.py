@@ -194,8 +194,8 @@ class Train(Stage[int, TrainReport]):
 
         def keep_checkpoint(epoch: int, net: nn.Module) -> None:
             if epoch in keep:
-                handle.write_arrays(layout.weights(layout.checkpoint(role, j, epoch)), _state_arrays(net))
-                kept[str(epoch)] = state_hash(net.state_dict())
+                handle.write_arrays(layout.weights(layout.checkpoint(role, j, epoch)), self._state_arrays(net))
+                kept[str(epoch)] = state_hash(self.model.stored_state(net))
 
         with torch_threads(recipe.threads):
             fit(net, self.data, np.flatnonzero(mask), recipe, self.task, generator, self.device, progress,
@@ -205,8 +205,8 @@ class Train(Stage[int, TrainReport]):
         handle.write_array(f"{path}/mask", mask)
         info: dict = {"num_examples": int(mask.sum())}
         if role == "reference":
-            handle.write_arrays(layout.weights(path), _state_arrays(net))
-            info["sha256"] = state_hash(net.state_dict())
+            handle.write_arrays(layout.weights(path), self._state_arrays(net))
+            info["sha256"] = state_hash(self.model.stored_state(net))
             if recipe.save_checkpoints > 1:
                 info.update(checkpoint_epochs=recipe.checkpoint_epochs, checkpoint_sha256=kept)
             return info
@@ -214,6 +214,10 @@ class Train(Stage[int, TrainReport]):
         for name, value in summary.items():
             report.summaries.setdefault(name, {})[j] = value
         return {**info, **summary}
+
+    def _state_arrays(self, net: nn.Module) -> dict[str, np.ndarray]:
+        """What the store keeps of a trained model (a LoRA fine-tune: its adapter weights)."""
+        return {k: v.detach().cpu().numpy() for k, v in self.model.stored_state(net).items()}
 
 
 def train(
@@ -244,10 +248,6 @@ def train(
     return Train(settings, data, model, targets).run(store, progress)
 
 
-def _state_arrays(net: nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in net.state_dict().items()}
-
-
 def _examples_per_epoch(n: int, recipe: Recipe) -> int:
     return (n // recipe.batch_size) * recipe.batch_size if n > recipe.batch_size else n
 
@@ -268,6 +268,4 @@ def load_reference_model(store: str | Path, index: int, output_size: int, model:
     spec = model or ModelSpec.of_store(handle.manifest["model"], handle.location)
     bind_model(handle, spec, handle.manifest["model"].get("transform"))
     state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(layout.weights(layout.trained_model("reference", index))).items()}
-    net = spec.build(output_size)
-    net.load_state_dict(state)
-    return net.eval()
+    return spec.load_state(spec.build(output_size), state)

@@ -69,8 +69,8 @@ class Task(ABC):
     def outputs(self, output, batch: Batch) -> torch.Tensor:
         """f, one per example of the batch, from the model's output on it."""
 
-    def token_outputs(self, output, batch: Batch) -> torch.Tensor:
-        """(batch, T) f of each token given the tokens before it: per-token attribution."""
+    def token_outputs(self, output, batch: Batch, texts: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """f of token `positions[r]` of text `texts[r]` given the tokens before it: per-token attribution."""
         raise UserError(f"per-token attribution needs a language model (causal-lm), not the {self.name} task")
 
     def weights(self, f: torch.Tensor, batch: Batch) -> torch.Tensor:

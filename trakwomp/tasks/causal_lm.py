@@ -51,8 +51,9 @@ class CausalLM(Task):
         """(batch, T) cross-entropies of the predicted tokens (0 at padding) and the float mask."""
         _, mask = batch.inputs
         losses = self.next_token_losses(output, batch)
-        predicted = (mask if batch.predicted is None else mask & batch.predicted)[:, 1:].to(losses.dtype)
-        return losses * predicted, predicted
+        predicted = (mask if batch.predicted is None else mask & batch.predicted)[:, 1:]
+        # where, not a product: a loss elsewhere that is not finite must not reach L (0 x inf is NaN)
+        return torch.where(predicted, losses, torch.zeros((), dtype=losses.dtype)), predicted.to(losses.dtype)
 
     @staticmethod
     def next_token_losses(output, batch: Batch) -> torch.Tensor:
@@ -62,14 +63,16 @@ class CausalLM(Task):
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         return losses.view(ids.shape[0], -1)
 
-    def token_outputs(self, output, batch: Batch) -> torch.Tensor:
-        """(batch, T) f_t = log(p_t / (1 - p_t)) of each token t = 1..T given the tokens before it
-        (column t - 1), p_t the model's probability of it: one token's f under either output."""
-        return log_odds_from_loss(self.next_token_losses(output, batch))
+    def token_outputs(self, output, batch: Batch, texts: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """f_t = log(p_t / (1 - p_t)) of token `positions[r]` of text `texts[r]` given the tokens
+        before it, p_t the model's probability of it: one token's f under either output. The
+        log-odds are taken of those tokens' losses only: a token elsewhere that the model is sure
+        of (a loss of exactly 0, f = inf) leaves them, and their gradients, finite."""
+        return log_odds_from_loss(self.next_token_losses(output, batch)[texts, positions - 1])
 
     def outputs(self, output, batch: Batch) -> torch.Tensor:
         if batch.tokens is not None:  # token rows: each its token's f, from its text's one forward pass
-            return self.token_outputs(output, batch)[batch.tokens[:, 0], batch.tokens[:, 1] - 1]
+            return self.token_outputs(output, batch, batch.tokens[:, 0], batch.tokens[:, 1])
         losses, predicted = self.token_losses(output, batch)
         total = losses.sum(dim=1)
         if self.output == "token":
