@@ -22,7 +22,8 @@ so that TRAK's small d are prefixes of them; the default view is the default pro
     model's last hidden states (mean over tokens) and of TF-IDF word vectors, each over the
     prompt (the quote) alone and over the whole text (quote and author), and against chance.
 (c) The same for per-token attribution: each target's scores summed over the tokens of the
-    author's name (`score --per-token`).
+    author's name (`score --per-token`), each weighted by q_t = 1 - p_t (the answer's gradient is
+    sum_t w_t grad f_t with w_t proportional to 1 - p_t within an answer; docs/method.md).
 Intervals are 95% bootstraps over targets (2,000 resamples); differences are paired.
 """
 
@@ -66,11 +67,10 @@ def prepare(work: Path, s: dict) -> None:
     run("featurize", store, *s["projector"], "-q")
 
 
-def lds_table(work: Path, s: dict) -> dict:
+def lds_table(store: Path, targets, s: dict) -> dict:
     """(a): every view finalized and scored at the defaults; views chosen on half 0, reported on half 1."""
-    from trakwomp import ViewSpec, finalize, lds, load_dataset, score
+    from trakwomp import ViewSpec, finalize, lds, score
 
-    store, targets = work / "store", load_dataset(f"jsonl:{work / 'targets.jsonl'}")
     candidates = [ViewSpec(d, 1) for d in s["trak_dims"]] + [ViewSpec(d, b) for d, b in s["womp"]]
     for view in candidates:
         finalize(store, view)
@@ -129,6 +129,7 @@ def author_precision(work: Path, s: dict) -> dict:
     """(b) and (c) at the default view."""
     from trakwomp import ViewSpec, load_dataset, score
     from trakwomp.stages.export import export_scores
+    from trakwomp.store import Store, layout
 
     view = ViewSpec(*s["default_view"])
     store = work / "store"
@@ -138,14 +139,18 @@ def author_precision(work: Path, s: dict) -> dict:
     targets = load_dataset(f"jsonl:{work / 'targets.jsonl'}")
     export_scores(store, score(store, targets, view).key, work / "scores.npy")
     tokens = targets.per_token()
-    export_scores(store, score(store, tokens, view, batch_size=32).key, work / "token-scores.npy")
+    key = score(store, tokens, view, batch_size=32).key
+    export_scores(store, key, work / "token-scores.npy")
     per_token = np.load(work / "token-scores.npy")
+    handle = Store.open(store)  # q_t = 1 - p_t of each token: the answer's score is sum_t w_t tau_t, w_t ~ q_t
+    q = handle.read_array(f"{layout.features(0, layout.targets_prefix(handle.manifest['scores'][key]['targets']))}/q")
     name_rows = [[] for _ in range(len(targets))]  # per target, the rows of its name's tokens (bytes)
     for r, (t, _) in enumerate(tokens.rows):
         if tokens.describe(r)["token_position"] < len(target_authors[t].encode("utf-8")):
             name_rows[t].append(r)
     similarities = {"TRAK-WOMP, the answer (default view)": np.load(work / "scores.npy"),
-                    "TRAK-WOMP, per token: the author's name": np.stack([per_token[r].sum(0) for r in name_rows])}
+                    "TRAK-WOMP, per token: the author's name, weighted by 1 - p_t":
+                        np.stack([(q[r, None] * per_token[r]).sum(0) for r in name_rows])}
     for what, text in (("the quote", lambda r: r["prompt"]), ("quote and author", lambda r: r["prompt"] + r["completion"])):
         train_texts, target_texts = [text(r) for r in train_rows], [text(r) for r in target_rows]
         words = tfidf(train_texts + target_texts)
@@ -169,7 +174,10 @@ def main() -> None:
     setting = SMOKE if args.smoke else FULL
     args.work.mkdir(parents=True, exist_ok=True)
     prepare(args.work, setting)
-    results = {"lds": once(args.work / "lds.json", lambda: lds_table(args.work, setting)),
+    from trakwomp import load_dataset
+
+    targets = load_dataset(f"jsonl:{args.work / 'targets.jsonl'}")
+    results = {"lds": once(args.work / "lds.json", lambda: lds_table(args.work / "store", targets, setting)),
                "author_precision_at_10": once(args.work / "precision.json", lambda: author_precision(args.work, setting))}
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

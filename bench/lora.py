@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from answers import MAKE_DATA, TRAKWOMP, interval, precision_at_10, run, tfidf  # noqa: E402
+from answers import MAKE_DATA, TRAKWOMP, interval, lds_table, precision_at_10, run, tfidf  # noqa: E402
 
 MAKE_BASE = Path(__file__).resolve().parents[1] / "scripts" / "lora_base.py"
 
@@ -70,33 +70,16 @@ def fine_tunes(work: Path, base: Path, s: dict) -> None:
         run("featurize", str(work / store), *s["projector"], *params, "-q")
 
 
-def lds_table(store: Path, targets, s: dict) -> dict:
-    """(a) for one store: views chosen on half 0, reported on half 1 with the default view."""
-    from trakwomp import ViewSpec, finalize, lds, score
-
-    candidates = [ViewSpec(d, 1) for d in s["trak_dims"]] + [ViewSpec(d, b) for d, b in s["womp"]]
-    for view in candidates:
-        finalize(store, view)
-        score(store, targets, view)
-    half0 = {(v.dims, v.blocks): r["lds"] for v, r in zip(candidates, lds(store, candidates, half=0).as_dict()["results"])}
-    trak = max((v for v in candidates if v.blocks == 1), key=lambda v: half0[(v.dims, v.blocks)])
-    womp = max((v for v in candidates if v.blocks > 1), key=lambda v: half0[(v.dims, v.blocks)])
-    default = ViewSpec(*s["default_view"])
-    reported = [trak, womp] + ([default] if default != womp else [])
-    return {"half0": {f"d{d}-b{b}": x for (d, b), x in half0.items()},
-            "views": [[v.dims, v.blocks] for v in reported], "half1": lds(store, reported, half=1).as_dict()}
-
-
-def hidden_cosine(folder: Path, base: Path, texts: list[str], train_count: int, adapter_store: Path | None) -> np.ndarray:
+def hidden_cosine(base: Path, texts: list[str], train_count: int, lora_store: Path | None = None) -> np.ndarray:
     """Target x train cosine of the last hidden state (mean over tokens) of the base, or of the
-    LoRA reference model (base + its stored adapter)."""
+    LoRA reference model of `lora_store` (the base with its stored adapter)."""
     import torch
     import transformers
     from trakwomp import load_reference_model
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(base))
-    net = load_reference_model(adapter_store, 0, len(tokenizer)).model if adapter_store else \
-        transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    net = load_reference_model(lora_store, 0, len(tokenizer)).model if lora_store else \
+        transformers.AutoModelForCausalLM.from_pretrained(str(base)).eval()
     with torch.no_grad():
         states = [net(**tokenizer(text, return_tensors="pt"), output_hidden_states=True).hidden_states[-1][0].mean(0)
                   for text in texts]
@@ -123,9 +106,9 @@ def author_precision(work: Path, base: Path, targets, s: dict) -> dict:
     vectors = tfidf(whole)
     similarities["TF-IDF cosine, quote and author"] = vectors[len(train_rows):] @ vectors[:len(train_rows)].T
     quotes = [r["prompt"] for r in train_rows + target_rows]
-    similarities["hidden-state cosine, LoRA reference model"] = hidden_cosine(base, base, quotes, len(train_rows),
+    similarities["hidden-state cosine, LoRA reference model"] = hidden_cosine(base, quotes, len(train_rows),
                                                                               work / "lora")
-    similarities["hidden-state cosine, the base"] = hidden_cosine(base, base, quotes, len(train_rows), None)
+    similarities["hidden-state cosine, the base"] = hidden_cosine(base, quotes, len(train_rows))
     precision = {k: precision_at_10(v, train_authors, target_authors) for k, v in similarities.items()}
     first = precision["TRAK-WOMP, lora"]
     chance = float(np.mean([(train_authors == a).mean() for a in target_authors]))

@@ -256,3 +256,31 @@ def test_answers_smoke_chooses_on_the_even_half_and_counts_authors_among_the_top
     reported = results["author_precision_at_10"]
     assert reported["TRAK-WOMP, the answer (default view)"]["precision"][0] == pytest.approx(expected)
     assert reported["chance"][0] == pytest.approx(np.mean([train.count(a) / len(train) for a in targets]))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_FORTUNES.is_file(), reason="needs ../shared/data/fortunes.tar.gz")
+def test_lora_smoke_fine_tunes_one_base_and_reports_every_attribution(tmp_path):
+    """Every stage of bench/lora.py on tiny settings: the base pretrained once, LoRA stores that
+    keep adapters only, views chosen on the even half, and precision recomputed here from the
+    exported scores."""
+    work = tmp_path / "work"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "lora.py"), str(work), "--smoke"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads((work / "lora.json").read_text())
+    for table in report["lds"].values():
+        half0, (trak, womp, *_) = table["half0"], table["views"]
+        assert half0[f"d{trak[0]}-b{trak[1]}"] == max(v for k, v in half0.items() if k.endswith("-b1"))
+        assert half0[f"d{womp[0]}-b{womp[1]}"] == max(v for k, v in half0.items() if not k.endswith("-b1"))
+    from trakwomp.store import Store
+
+    lora = Store.open(work / "lora")
+    weights = lora.read_arrays(lora.manifest["models"][0]["weights"])
+    assert weights and all(".lora_" in name for name in weights)
+    train, targets = ([json.loads(line)["source"] for line in (work / f"{name}.jsonl").read_text().splitlines()]
+                      for name in ("train", "targets"))
+    tau = np.load(work / "scores-full.npy")
+    top = [[train[i] for i in sorted(range(len(train)), key=lambda i: (-tau[t, i], i))[:10]] for t in range(len(targets))]
+    expected = np.mean([sum(a == targets[t] for a in top[t]) / 10 for t in range(len(targets))])
+    assert report["author_precision"]["TRAK-WOMP, full"]["precision_at_10"][0] == pytest.approx(expected)
