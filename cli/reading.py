@@ -206,7 +206,7 @@ def explain(
     temperature: float = setting(Generation, "temperature", "--temperature"),
     seed: int = setting(Generation, "seed", "--seed"),
     stop: Optional[str] = setting(Generation, "stop", "--stop"),
-    model_id: int = typer.Option(0, "--model-id", help="Which reference model answers."),
+    model_id: int = typer.Option(0, "--model-id", help="Which registered model answers (`status` lists them; a store trained here: reference model j, or its checkpoints first with --save-checkpoints)."),
     k: int = typer.Option(5, "--k", help="How many supporting and how many opposing train examples."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write an HTML page (escaped, self-contained)."),
     per_token: bool = typer.Option(False, "--per-token", help="Also score each answer token on its own and show its strongest support (the page shades each token by how concentrated its support is)."),
@@ -233,7 +233,7 @@ def explain(
         return
     if quiet:
         return
-    who = f"reference model {explained.model_id}, ended by {explained.ended}" if explained.generated else "given answer"
+    who = f"model {explained.model_id}, ended by {explained.ended}" if explained.generated else "given answer"
     Console().print(f"prompt: {escape(explained.prompt)}\nanswer ({who}): {escape(explained.answer)}", highlight=False)
     show_top_k(explained.rows, f"Train examples that most support and oppose the answer ({explained.seconds:.2f} s)")
     if per_token:
@@ -302,7 +302,9 @@ def status(
         model = report.model or {}
         table = Table("stage", "what", "done", "left", title=f"{report.store}: {report.size_bytes / 2**20:,.1f} MiB, "
                       f"{dataset.get('num_examples', '?')} train examples, model {model.get('name', '?')}"
-                      + (f" (width {model['width']:g})" if model.get("width") else "") + f", task {report.task}")
+                      + (f" (width {model['width']:g})" if model.get("width") else "")
+                      + (f" with LoRA adapters of rank {model['lora']['r']}" if model.get("lora") else "")
+                      + f", task {report.task}")
         for p in report.stages:
             table.add_row(p.stage, p.what, f"{p.done}/{p.total}", "" if p.complete else f"[yellow]{p.total - p.done}[/]")
         Console().print(table)

@@ -60,6 +60,13 @@ from trakwomp.stages.train import Train, TrainSettings
 from trakwomp.tasks.registry import DEFAULT_TASK, REGISTERED, TASKS, make_task
 
 TASK_HELP = "; ".join(f"{name}: {task.help}" for name, task in REGISTERED.items()) + "."
+LoraOpt = typer.Option(None, "--lora", help="With --model hf:BASE: train LoRA fine-tunes of the base of this rank "
+                       "(the store keeps each model's adapter weights; needs peft).")
+LoraAlphaOpt = typer.Option(None, "--lora-alpha", help="LoRA's alpha: the update is scaled by alpha / rank [default: "
+                            "2 x the rank].")
+LoraTargetsOpt = typer.Option(None, "--lora-targets", help="Comma-separated names of the modules to adapt [default: "
+                              "peft's for the base's model type].")
+LoraDropoutOpt = typer.Option(0.0, "--lora-dropout", help="Dropout on the adapters' input while training.")
 LmOutputOpt = typer.Option(None, "--lm-output", help="causal-lm output f = log(p/(1-p)): token (p = exp(-L/T), T the "
                            "predicted tokens) or sequence (p = exp(-L)) (default token).")
 
@@ -98,13 +105,10 @@ def train(
     exclude_groups: list[str] = setting(Recipe, "exclude_groups", "--exclude-groups", default=[]),
     save_checkpoints: int = setting(Recipe, "save_checkpoints", "--save-checkpoints"),
     train_on_prompt: bool = setting(Recipe, "train_on_prompt", "--train-on-prompt"),
-    lora: Optional[int] = typer.Option(None, "--lora", help="With --model hf:BASE: train LoRA fine-tunes of the base "
-                                       "of this rank (the store keeps each model's adapter weights; needs peft)."),
-    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA's alpha: the update is scaled by "
-                                               "alpha / rank [default: 2 x the rank]."),
-    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Comma-separated names of the modules "
-                                               "to adapt [default: peft's for the base's model type]."),
-    lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="Dropout on the adapters' input while training."),
+    lora: Optional[int] = LoraOpt,
+    lora_alpha: Optional[float] = LoraAlphaOpt,
+    lora_targets: Optional[str] = LoraTargetsOpt,
+    lora_dropout: float = LoraDropoutOpt,
     json_out: bool = JsonOpt,
 ):
     """Train reference models (or LDS evaluation models) on random alpha-subsets of --data."""

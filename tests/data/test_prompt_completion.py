@@ -290,3 +290,31 @@ def test_a_texts_tokens_share_one_forward_pass_and_each_gets_its_own_gradient(pr
     else:  # the Kronecker projection of each token's autograd gradient
         projected = [kronecker_features(net, layers, split_gradient(net, names, g)) for g in expected]
         torch.testing.assert_close(out.rows.double(), torch.stack(projected), rtol=1e-4, atol=1e-6)
+
+
+def test_sampled_bpe_answers_are_scored_as_the_ids_drawn_not_as_their_text_tokenized_again(tmp_path):
+    """A BPE model sampled hot writes token sequences that decoding and tokenizing again would
+    change (canonical merges); the answer's ids are those a step-by-step sampling loop draws."""
+    from trakwomp.analysis.explain import Generation, generate
+    from trakwomp.data.text import answer_dataset
+
+    folder = write_hf_folder(tmp_path / "hf", [r["text"] for r in fortunes("train", 300)])
+    data = load_dataset(f"jsonl:{write_jsonl(tmp_path / 'pc.jsonl', quote_rows(2))}", tokenizer=f"hf:{folder}")
+    net = ModelSpec.parse(f"hf:{folder}").build(data.vocab_size).eval()
+    prompt = quote_rows(1)[0]["prompt"]
+    tokenizer = data.tokenizer.tokenizer
+    changed = 0
+    for seed in range(6):
+        ids, sampler = tokenizer(prompt)["input_ids"], torch.Generator().manual_seed(seed)
+        start = len(ids)
+        for _ in range(8):
+            with torch.no_grad():
+                logits = net(torch.tensor([ids]), None)[0, -1, :data.vocab_size]
+            ids.append(int(torch.multinomial(torch.softmax(logits / 2.0, -1), 1, generator=sampler)))
+        drawn = ids[start:]
+        answer = generate(net, data, prompt, Generation(8, temperature=2.0, seed=seed), CPU)
+        target = answer_dataset(prompt, data, completion_ids=answer.ids)
+        assert answer.ids == drawn and target.completion_ids(0) == drawn
+        assert target[0][0].tolist() == tokenizer(prompt)["input_ids"] + drawn
+        changed += tokenizer(tokenizer.decode(drawn), add_special_tokens=False)["input_ids"] != drawn
+    assert changed  # the answers that the old decode and tokenize would have scored as other ids

@@ -22,8 +22,10 @@ from conftest import (
 )
 from trakwomp.store import Store
 
+from trakwomp.analysis.explain import Generation, explain
 from trakwomp.data.specs import load_dataset
 from trakwomp.errors import UserError
+from trakwomp.estimator.view import ViewSpec
 from trakwomp.features.factored import factored_layers
 from trakwomp.features.gradients import select_parameters
 from trakwomp.features.memory import featurize_need
@@ -96,6 +98,16 @@ def test_an_adapter_folder_is_featurized_over_its_weights_by_both_engines(lora_f
     phi = handle.read_array("features/000000/phi")
     np.testing.assert_allclose(phi, expected.numpy(), rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     np.testing.assert_allclose(handle.read_array("features/000000/margins"), f.numpy(), rtol=1e-5, atol=1e-5)
+    finalize(tmp_path / "identity", ViewSpec(ridge=0.1))  # explain answers with the adapter: peft's greedy answer
+    explained = explain(tmp_path / "identity", "Quoth the raven ", generation=Generation(max_new_tokens=6),
+                        view=ViewSpec(ridge=0.1), k=2)
+    model = PeftCalled(peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(str(base)),
+                                                      str(root / "adapter")).eval())
+    ids = data.tokenizer.tokenizer("Quoth the raven ")["input_ids"]
+    for _ in range(6):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert explained.answer_ids == ids[-6:]
     featurize(tmp_path / "factored", data, spec, task=CausalLM(), projector=ProjectorSpec("factored", block_dim=16))
     net = ModelSpec.parse(f"hf:{root / 'adapter'}").build(data.vocab_size)
     net.load_state_dict(read_checkpoints(spec, data.vocab_size, [str(root / "adapter")])[0][1], strict=False)

@@ -24,13 +24,14 @@ from trakwomp.data.text import answer_dataset
 from trakwomp.errors import UserError
 from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
 from trakwomp.estimator.view import ViewSpec
+from trakwomp.models.registry import load_registered_model
+from trakwomp.models.spec import ModelSpec
 from trakwomp.runtime import Progress
 from trakwomp.settings import option
 from trakwomp.stages.bindings import stored_dataset, stored_task
 from trakwomp.stages.export import top_k_rows
 from trakwomp.stages.stored_scores import iterate_scores
 from trakwomp.stages.score import score
-from trakwomp.stages.train import load_reference_model
 from trakwomp.store import Store
 from trakwomp.tasks.base import logits_of
 
@@ -148,7 +149,9 @@ def explain(
     device: str = "cpu",
     progress: Progress | None = None,
 ) -> Explanation:
-    """The reference model `model_id`'s answer to `prompt` (or `completion`, if given), and the
+    """Registered model `model_id`'s answer (a model `featurize` attributes: a reference model of
+    `train`, a checkpoint kept along its run, or a checkpoint or adapter registered by `featurize`;
+    `trakwomp status` lists them) to `prompt` (or `completion`, if given), and the
     k train examples that most support and most oppose it at the view; with `per_token`, each
     answer token's own scores (f_t: the log-odds of that token given what precedes it) and its
     strongest support; an HTML page to `out`."""
@@ -164,7 +167,12 @@ def explain(
     if completion == "":
         raise UserError("--completion must be non-empty text (the answer to attribute)")
     train = stored_dataset(handle)
-    net = load_reference_model(store, model_id, train.vocab_size)
+    registered = handle.manifest.get("models", [])
+    if not 0 <= model_id < len(registered):
+        raise UserError(f"--model-id {model_id}: store {str(store)!r} has registered models 0 to {len(registered) - 1} "
+                        "(`trakwomp status` lists them)")
+    spec = ModelSpec.of_store(handle.manifest["model"], handle.location)
+    net = load_registered_model(handle, model_id, spec, train.vocab_size)
     if completion is None:
         generated = generate(net, train, prompt, generation, torch.device(device))
         if not generated.ids:
