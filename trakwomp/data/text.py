@@ -42,6 +42,7 @@ class ByteTokenizer:
     spec = "bytes"
     vocab_size = 257
     start = 256
+    end = None  # no end token: nothing is appended to a completion (a newline ends the fortunes' completions)
 
     def encode(self, texts: list[str], limit: int | None) -> tuple[list[np.ndarray], np.ndarray]:
         """Each text's first `limit` token ids (all without a limit), and its full token count,
@@ -50,8 +51,6 @@ class ByteTokenizer:
         cut = None if limit is None else limit - 1
         ids = [np.concatenate([[self.start], np.frombuffer(b[:cut], dtype=np.uint8)]).astype(np.int32) for b in encoded]
         return ids, self.fewest_tokens(texts)
-
-    end = None  # no end token: nothing is appended to a completion
 
     def encode_pairs(self, prompts: list[str], completions: list[str], limit: int | None):
         """(ids, full token counts, prompt token counts) of each prompt followed by its completion:
@@ -204,8 +203,8 @@ class HuggingFaceTokenizer:
 
     @property
     def stop(self) -> int | None:
-        """The id that ends a generated text: the end-of-sequence token, if the tokenizer has one."""
-        return self.tokenizer.eos_token_id
+        """The id that ends a generated text: the end token, if the tokenizer has one."""
+        return self.end
 
     def fewest_tokens(self, texts: list[str]) -> np.ndarray:
         """A lower bound of the tokens per text from its UTF-8 length: a vocabulary entry spells

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from trakwomp.data.base import Dataset
 from trakwomp.errors import UserError
 from trakwomp.features.gradients import count_parameters, select_parameters
@@ -133,10 +134,10 @@ class Featurize(Stage[tuple[int, int], FeaturizeReport]):
         names = select_parameters(net, self.parameters)
         projector = self.projector or default_projector(count_parameters(net, names))
         self.features = FeatureSettings.for_model(projector, self.dtype, net, names)
-        self.features.method.check(net, self.features.layout, names, self.features.num_params, self.device, self.task,
-                                   coverage_batch(self.data, np.arange(min(len(self.data), self.chunk_rows))))
         self.batch_size = batch_size_that_fits(net, self.data, self.task, self.features, self.settings.batch_size,
                                                self.chunk_rows, self.device, self.settings.memory_limit, "featurize")
+        self.features.method.check(net, self.features.layout, names, self.features.num_params, self.device, self.task,
+                                   coverage_batch(self.data, np.arange(min(len(self.data), self.chunk_rows))))
 
     def open(self, store: str | Path, handle: Store | None) -> Store:
         return handle or Store.open(store, create=True)
