@@ -34,6 +34,7 @@ def make_base(work: Path, epochs: int) -> Path:
     bpe.train_from_iterator(quotes, tokenizers.trainers.BpeTrainer(
         vocab_size=512, special_tokens=["<|endoftext|>"], show_progress=False,
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    transformers.logging.disable_progress_bar()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
     init = work / "init"
     tokenizer.save_pretrained(init)
