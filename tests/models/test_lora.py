@@ -191,6 +191,11 @@ def test_lora_options_that_cannot_work_are_refused(lora_files, tmp_path):
     (elsewhere / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "gpt2"}))
     with pytest.raises(UserError, match="its base model 'gpt2' is not a local folder"):
         ModelSpec.parse(f"hf:{elsewhere}")
+    for extra, message in (({"modules_to_save": ["ln_f"]}, "adapters with modules_to_save are not supported"),
+                           ({"bias": "lora_only"}, "an adapter that trains biases")):
+        (elsewhere / "adapter_config.json").write_text(json.dumps({**config, **extra}))
+        with pytest.raises(UserError, match=message):  # its other trained weights would be silently left out
+            ModelSpec.parse(f"hf:{elsewhere}")
 
 
 def test_the_commands_train_lora_and_featurize_an_adapter(lora_files, tmp_path, cli):

@@ -162,9 +162,13 @@ def read_adapter(folder: str) -> Adapter | None:
     targets = config.get("target_modules")
     if isinstance(targets, str):
         raise UserError(f"{where}: target_modules is a pattern ({targets!r}); trakwomp needs the list of module names")
-    for unsupported in ("use_dora", "use_rslora"):
+    for unsupported in ("use_dora", "use_rslora", "modules_to_save"):
         if config.get(unsupported):
-            raise UserError(f"{where}: {unsupported} adapters are not supported (plain LoRA only)")
+            raise UserError(f"{where}: adapters with {unsupported} are not supported (plain LoRA only: their other "
+                            "trained weights would be left out)")
+    if config.get("bias", "none") != "none":
+        raise UserError(f"{where}: an adapter that trains biases (bias {config['bias']!r}) is not supported (plain "
+                        "LoRA only: the biases would be left out)")
     lora = LoraSpec(int(config["r"]), float(config["lora_alpha"]), tuple(targets) if targets else None,
                     float(config.get("lora_dropout") or 0.0))
     return Adapter(folder, str(base), lora)
