@@ -147,6 +147,14 @@ def write_text_inputs(root: Path) -> None:
     write_jsonl(root / "adapter-remote" / "adapter_config.json",
                 [{"peft_type": "LORA", "base_model_name_or_path": "gpt2", "r": 4, "lora_alpha": 8}])
     transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(str(root / "hf")),
+                        peft.LoraConfig(r=2, target_modules=["c_attn"])).save_pretrained(root / "adapter")
+    config = json.loads((root / "adapter" / "adapter_config.json").read_text())
+    (root / "adapter-weightless").mkdir()
+    (root / "adapter-weightless" / "adapter_config.json").write_text(json.dumps(config))
+    shutil.copytree(root / "adapter", root / "adapter-saving-modules")
+    (root / "adapter-saving-modules" / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["ln_f"]}))
     failing = transformers.AutoTokenizer.from_pretrained(root / "hf")
     failing.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
     failing.save_pretrained(root / "hf-failing-template")
@@ -399,6 +407,19 @@ CASES = [
     Case("adapter-of-a-base-that-is-not-local", None, [*HF, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/hf",
                                                        "--model", "hf:F/adapter-remote"],
          "its base model 'gpt2' is not a local folder with a config.json"),
+    Case("lora-rank-zero", None, [*HF, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/hf", "--model", "hf:F/hf", "--lora", "0"],
+         "--lora must be a rank of at least 1, got 0"),
+    Case("lora-targets-naming-nothing", None, [*HF, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/hf", "--model", "hf:F/hf",
+                                               "--lora", "2", "--lora-targets", ","], "--lora-targets names no module"),
+    Case("lora-on-an-adapter", None, [*HF, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/hf", "--model", "hf:F/adapter",
+                                      "--lora", "2"], "is an adapter already"),
+    Case("adapter-without-weights", None, [*HF, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/hf",
+                                           "--model", "hf:F/adapter-weightless"], "the folder holds no adapter weights"),
+    Case("adapter-with-modules-to-save", None, [*HF, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/hf",
+                                                "--model", "hf:F/adapter-saving-modules"],
+         "adapters with modules_to_save are not supported"),
+    Case("explain-by-a-model-not-registered", "text", ["explain", "S", "--prompt", "hello", "--model-id", "3"],
+         "--model-id 3: store"),
     Case("train-on-prompt-of-plain-texts", None, [*LM, "jsonl:F/texts.jsonl", "--train-on-prompt"],
          "--train-on-prompt needs prompt/completion data"),
     Case("max-length-below-two", None, [*LM, "jsonl:F/texts.jsonl", "--max-length", "1"], "--max-length must be at least 2"),
