@@ -419,7 +419,7 @@ CASES = [
                                                 "--model", "hf:F/adapter-saving-modules"],
          "adapters with modules_to_save are not supported"),
     Case("explain-by-a-model-not-registered", "text", ["explain", "S", "--prompt", "hello", "--model-id", "3"],
-         "--model-id 3: store"),
+         "model 3 is not in store"),
     Case("train-on-prompt-of-plain-texts", None, [*LM, "jsonl:F/texts.jsonl", "--train-on-prompt"],
          "--train-on-prompt needs prompt/completion data"),
     Case("max-length-below-two", None, [*LM, "jsonl:F/texts.jsonl", "--max-length", "1"], "--max-length must be at least 2"),

@@ -32,6 +32,7 @@ from trakwomp.stages.bindings import stored_dataset, stored_task
 from trakwomp.stages.export import top_k_rows
 from trakwomp.stages.stored_scores import iterate_scores
 from trakwomp.stages.score import score
+from trakwomp.stages.selection import featurized_models
 from trakwomp.store import Store
 from trakwomp.tasks.base import logits_of
 
@@ -134,6 +135,22 @@ def generate(net: nn.Module, data: Dataset, prompt: str, generation: Generation,
     return Answer(ids[start:], "max-new-tokens")
 
 
+def answer_target(handle: Store, train: Dataset, prompt: str, completion: str | None, model_id: int,
+                  generation: Generation, device: torch.device) -> tuple[Dataset, str]:
+    """The answer as a prompt/completion target, and why it ends: `completion` tokenized as train
+    completions are ("given"), else registered model `model_id`'s generated ids themselves."""
+    featurized_models(handle, [model_id])
+    if completion is not None:
+        return answer_dataset(prompt, train, completion=completion), "given"
+    spec = ModelSpec.of_store(handle.manifest["model"], handle.location)
+    generated = generate(load_registered_model(handle, model_id, spec, train.vocab_size), train, prompt, generation,
+                         device)
+    if not generated.ids:
+        raise UserError(f"model {model_id} answers {prompt!r} with nothing (it ends at once: {generated.ended}); "
+                        "give the answer to attribute with --completion")
+    return answer_dataset(prompt, train, completion_ids=generated.ids), generated.ended
+
+
 def explain(
     store: str | Path,
     prompt: str,
@@ -164,29 +181,13 @@ def explain(
         raise UserError("--k must be at least 1")
     if out is not None and Path(out).suffix.lower() != ".html":
         raise UserError(f"explain writes an HTML page: give --out a .html name, not {str(out)!r}")
-    if completion == "":
-        raise UserError("--completion must be non-empty text (the answer to attribute)")
     train = stored_dataset(handle)
-    registered = handle.manifest.get("models", [])
-    if not 0 <= model_id < len(registered):
-        raise UserError(f"--model-id {model_id}: store {str(store)!r} has registered models 0 to {len(registered) - 1} "
-                        "(`trakwomp status` lists them)")
-    spec = ModelSpec.of_store(handle.manifest["model"], handle.location)
-    net = load_registered_model(handle, model_id, spec, train.vocab_size)
-    if completion is None:
-        generated = generate(net, train, prompt, generation, torch.device(device))
-        if not generated.ids:
-            raise UserError(f"reference model {model_id} answers {prompt!r} with nothing (it ends at once: "
-                            f"{generated.ended}); give the answer to attribute with --completion")
-        target = answer_dataset(prompt, train, completion_ids=generated.ids)
-    else:
-        target, generated = answer_dataset(prompt, train, completion=completion), None
+    target, ended = answer_target(handle, train, prompt, completion, model_id, generation, torch.device(device))
     began = time.perf_counter()
     key = score(store, target, view, target_chunk_rows=1, batch_size=1, device=device, progress=progress).key
     answer_ids = target.completion_ids(0)
-    explained = Explanation(prompt, train.tokenizer.decode(answer_ids), answer_ids, generated is not None,
-                            generated.ended if generated else "given", model_id, key, 0.0,
-                            top_k_rows(store, key, target, k, threshold, train))
+    explained = Explanation(prompt, train.tokenizer.decode(answer_ids), answer_ids, ended != "given", ended, model_id,
+                            key, 0.0, top_k_rows(store, key, target, k, threshold, train))
     explained.seconds = time.perf_counter() - began
     if per_token:
         tokens = target.per_token()

@@ -373,7 +373,7 @@ class TextDataset(Dataset):
         """The base choice, and the text that repeats one token most often (a layer may treat a
         repeated token apart: Embedding(scale_grad_by_freq))."""
         chosen = super().coverage_probe(positions)
-        repeats = [int(np.unique(self[int(i)][0], return_counts=True)[1].max()) for i in positions]
+        repeats = [int(np.unique(self._ids(int(self.indices[int(i)])), return_counts=True)[1].max()) for i in positions]
         return list(dict.fromkeys([*chosen, int(positions[int(np.argmax(repeats))])]))
 
     def completion_ids(self, i: int) -> list[int]:
