@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 from trakwomp.cli.progress import RichProgress, console
+from trakwomp.cli.tables import cell, printable
 from trakwomp.store import StoreError
 
 from trakwomp.data.groups import GROUPS_HELP
@@ -54,7 +55,8 @@ def reports_errors(command):
         try:
             return command(*args, **kwargs)
         except (UserError, StoreError) as e:
-            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(printable(str(e), one_line=True))}", highlight=False,
+                          soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("interrupted: finished units are kept; run the same command again to resume")
@@ -89,6 +91,11 @@ def report_truncation(dataset, what: str) -> None:
     """Say how many texts --max-length cut (once the command has run, so that an error stays one line)."""
     if dataset is not None and dataset.truncated:
         console.print(f"{what}: cut {dataset.truncated} of {len(dataset)} texts to --max-length {dataset.max_length} tokens")
+
+
+def wrote(*paths) -> None:
+    """Say which files a command wrote (paths escaped: `cell`)."""
+    console.print("wrote " + " and ".join(cell(p) for p in paths if p is not None), highlight=False)
 
 
 def report_batch_size(asked: int, used: int) -> None:

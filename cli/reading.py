@@ -9,7 +9,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from trakwomp.cli.common import (
     BlocksOpt,
@@ -30,10 +29,12 @@ from trakwomp.cli.common import (
     reports_errors,
     selection,
     setting,
+    wrote,
 )
 from trakwomp.cli.progress import console
 from trakwomp.cli.tables import (
     calibration_note,
+    cell,
     group_title,
     show_group_rows,
     show_predictions,
@@ -43,6 +44,7 @@ from trakwomp.cli.tables import (
 
 from trakwomp.analysis.explain import Generation
 from trakwomp.analysis.explain import explain as explain_answer
+from trakwomp.stages.answers import DEFAULT_MAX_ANSWERS
 from trakwomp.analysis.groups import group_scores, predict_groups
 from trakwomp.analysis.lds import lds as lds_report
 from trakwomp.analysis.lds import pair_views
@@ -55,7 +57,8 @@ from trakwomp.data.groups import parse_group_names
 from trakwomp.errors import UserError
 from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
 from trakwomp.estimator.view import ViewSpec
-from trakwomp.stages.export import check_output_folder, write_table
+from trakwomp.outputs import check_output
+from trakwomp.stages.export import TABLE_SUFFIXES, write_table
 from trakwomp.stages.selection import parse_model_ids
 
 
@@ -172,8 +175,8 @@ def show(
     if not by_group and (target is None or target_set is not None or groups is not None):
         raise UserError("show needs --target; --target-set and --groups go with --by-group")
     out = out or Path("groups.png" if by_group else default_show_file(store))
-    check_output_folder("--out", out)
-    check_output_folder("--table", table)
+    check_output("--out", out, (".png",) if by_group else (".png", ".html"), store)
+    check_output("--table", table, TABLE_SUFFIXES, store)
     chosen = selection(store, targets, target_indices, dims, blocks, ridge, models, threshold)
     k = (12 if by_group else 8) if k is None else k
     if by_group:
@@ -187,12 +190,13 @@ def show(
         typer.echo(json.dumps(rows, indent=1))
     if json_out or quiet:
         return
-    console.print(f"wrote {out}" + (f" and {table}" if table else ""))
+    wrote(out, table)
     if by_group:
         show_group_rows(rows, group_title(scores), calibration_note(scores.calibration))
         return
     if rows and "target_text" in rows[0]:
-        Console().print(f"target {target} ({escape(rows[0]['target_source'] or 'no source')}):\n{escape(rows[0]['target_text'])}")
+        Console().print(f"target {target} ({cell(rows[0]['target_source'] or 'no source')}):\n{cell(rows[0]['target_text'])}",
+                        highlight=False)
     show_top_k(rows, f"Train examples that most support and oppose target {target}")
 
 
@@ -210,6 +214,7 @@ def explain(
     k: int = typer.Option(5, "--k", help="How many supporting and how many opposing train examples."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write an HTML page (escaped, self-contained)."),
     per_token: bool = typer.Option(False, "--per-token", help="Also score each answer token on its own and show its strongest support (the page shades each token by how concentrated its support is)."),
+    max_answers: int = typer.Option(DEFAULT_MAX_ANSWERS, "--max-answers", help="Answers the store keeps, so that a query asked again is read back; beyond them the oldest is removed."),
     dims: Optional[int] = DimsOpt,
     blocks: Optional[int] = BlocksOpt,
     ridge: str = RidgeOpt,
@@ -223,23 +228,25 @@ def explain(
     The reference model completes --prompt (greedy unless --temperature), or takes --completion;
     the answer is scored as a prompt/completion target (f over the answer's tokens) and its
     most supporting and opposing train examples are shown."""
-    check_output_folder("--out", out)
+    check_output("--out", out, (".html",), store, "explain writes an HTML page")
     with progress_for(quiet or json_out) as progress:
         explained = explain_answer(store, prompt, completion, generation=Generation(max_new_tokens, temperature, seed, stop),
                                    model_id=model_id, k=k, view=ViewSpec(dims, blocks, ridge), threshold=threshold,
-                                   out=out, per_token=per_token, device=device, progress=progress)
+                                   out=out, per_token=per_token, max_answers=max_answers, device=device,
+                                   progress=progress)
     if json_out:
         print_json(explained)
         return
     if quiet:
         return
     who = f"model {explained.model_id}, ended by {explained.ended}" if explained.generated else "given answer"
-    Console().print(f"prompt: {escape(explained.prompt)}\nanswer ({who}): {escape(explained.answer)}", highlight=False)
-    show_top_k(explained.rows, f"Train examples that most support and oppose the answer ({explained.seconds:.2f} s)")
+    Console().print(f"prompt: {cell(explained.prompt)}\nanswer ({who}): {cell(explained.answer)}", highlight=False)
+    how = "read from the store" if explained.cached else f"{explained.seconds:.2f} s"
+    show_top_k(explained.rows, f"Train examples that most support and oppose the answer ({how})")
     if per_token:
         show_tokens(explained.tokens, f"The answer token by token ({explained.token_seconds:.2f} s more)")
     if out is not None:
-        console.print(f"wrote {out}")
+        wrote(out)
 
 
 @app.command("groups")
@@ -266,7 +273,7 @@ def groups_command(
     targets); the predicted change of the targets' mean output if it were removed is minus that."""
     if top < 0:
         raise UserError("--top must be >= 0")
-    check_output_folder("--table", table)
+    check_output("--table", table, TABLE_SUFFIXES, store)
     chosen = selection(store, targets, target_indices, dims, blocks, ridge, models, threshold)
     scores = group_scores(store, groups, chosen, target or None, target_set)
     if table is not None:
@@ -300,18 +307,22 @@ def status(
     elif not quiet:
         dataset = report.dataset or {}
         model = report.model or {}
-        table = Table("stage", "what", "done", "left", title=f"{report.store}: {report.size_bytes / 2**20:,.1f} MiB, "
-                      f"{dataset.get('num_examples', '?')} train examples, model {model.get('name', '?')}"
+        table = Table("stage", "what", "done", "left", title=f"{cell(report.store)}: {report.size_bytes / 2**20:,.1f} MiB, "
+                      f"{dataset.get('num_examples', '?')} train examples, model {cell(model.get('name', '?'))}"
                       + (f" (width {model['width']:g})" if model.get("width") else "")
                       + (f" with LoRA adapters of rank {model['lora']['r']}" if model.get("lora") else "")
                       + f", task {report.task}")
         for p in report.stages:
-            table.add_row(p.stage, p.what, f"{p.done}/{p.total}", "" if p.complete else f"[yellow]{p.total - p.done}[/]")
+            table.add_row(p.stage, cell(p.what), f"{p.done}/{p.total}", "" if p.complete else f"[yellow]{p.total - p.done}[/]")
         Console().print(table)
         if report.runs:
             members = sum(len(ids) for ids in report.runs.values())
             console.print(f"{members} registered model(s) from {len(report.runs)} training run(s); each is a member of "
                           "TRAK's ensemble (M counts members)")
+        if report.answers or report.unfinished_answers:
+            console.print(f"{report.answers} explain answer(s) kept apart from the stages"
+                          + (f"; {report.unfinished_answers} unfinished (a killed explain; the same query finishes it, "
+                             "and it is removed in its turn like the others)" if report.unfinished_answers else ""))
         if report.temporary_files:
             console.print(f"{report.temporary_files} temporary file(s) (*.partial): writes in flight, or left by killed "
                           "writes; the next run of their stage removes those untouched for a minute")

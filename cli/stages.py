@@ -37,9 +37,10 @@ from trakwomp.cli.common import (
     report_truncation,
     reports_errors,
     setting,
+    wrote,
 )
 from trakwomp.cli.progress import console
-from trakwomp.cli.tables import show_top_k
+from trakwomp.cli.tables import cell, show_top_k
 
 from trakwomp.data.groups import parse_group_names
 from trakwomp.data.specs import SPEC_HELP, load_dataset
@@ -131,7 +132,7 @@ def train(
         print_json(report)
     if not quiet:
         kind = "group LDS" if group_alpha is not None else role.value
-        console.print(f"{len(report.trained)} {kind} model(s) trained, {len(report.skipped)} already done, in {store}")
+        console.print(f"{len(report.trained)} {kind} model(s) trained, {len(report.skipped)} already done, in {cell(store)}")
 
 
 def lora_spec(rank: int | None, alpha: float | None, targets: str | None, dropout: float) -> LoraSpec | None:
@@ -289,18 +290,17 @@ def score(
         target_set = target_set.per_token()
     with progress_for(quiet) as progress:
         report = Score(settings, target_set).run(store, progress)
-    report_truncation(target_set, "--targets")
-    report_batch_size(batch_size, report.batch_size)
     if json_out:
         print_json(report)
-    if not quiet:
-        console.print(f"scored {report.num_targets} targets x {report.num_train} train examples at view "
-                      f"{report.view.key} with models {report.model_ids} ({report.chunks_done} chunk(s) in "
-                      f"{report.seconds:.1f}s, {report.chunks_skipped} already done); stored as scores/{report.key}")
-    if out:
-        console.print(f"wrote {report.num_targets} x {report.num_train} scores to {out}")
+    if quiet:
+        return
+    report_truncation(target_set, "--targets")
+    report_batch_size(batch_size, report.batch_size)
+    console.print(f"scored {report.num_targets} targets x {report.num_train} train examples at view "
+                  f"{report.view.key} with models {report.model_ids} ({report.chunks_done} chunk(s) in "
+                  f"{report.seconds:.1f}s, {report.chunks_skipped} already done); stored as scores/{report.key}")
+    if out or top_k:
+        wrote(out, top_k_out if top_k else None)
     if top_k:
-        console.print(f"wrote the top {top_k} supporting and opposing train examples per target to {top_k_out}")
-        if not quiet:
-            show_top_k([r for r in report.top_k_rows if r["target"] < 3],
-                       "Train examples that most support and oppose the first 3 targets")
+        show_top_k([r for r in report.top_k_rows if r["target"] < 3],
+                   "Train examples that most support and oppose the first 3 targets")

@@ -3,19 +3,35 @@
 
 from __future__ import annotations
 
+import re
 from textwrap import shorten
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+# Characters a terminal acts on instead of showing: C0 and C1 controls (ESC starts colours,
+# hidden text, OSC 8 links and OSC 52 clipboard writes), DEL, and the bidirectional overrides
+# that show text in another order than it is.
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+CONTROL_OR_NEWLINE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str, one_line: bool = False) -> str:
+    """`text` with every control character written as its escape (ESC as \\x1b), so that what
+    is printed is what the data hold and never acts on the terminal; with `one_line`, newlines
+    and tabs too."""
+    pattern = CONTROL_OR_NEWLINE if one_line else CONTROL
+    return pattern.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
 
 def cell(value) -> str:
-    """A table cell of a value from the data (a label, a source, a path, a text): escaped, so that
-    text such as "[/x]" shows as written instead of being read as markup; a real value to 4 digits."""
+    """A value from the data (a label, a source, a path, a text) as rich prints it: control
+    characters escaped (`printable`), and markup escaped, so that text such as "[/x]" shows as
+    written; a real value to 4 digits."""
     if value is None:
         return ""
-    return f"{value:.4g}" if isinstance(value, float) else escape(str(value))
+    return f"{value:.4g}" if isinstance(value, float) else escape(printable(str(value)))
 
 
 def train_text(row: dict, width: int) -> str:
@@ -68,9 +84,9 @@ def show_group_rows(rows: list[dict], title: str, notes: list[str]) -> None:
     change calibrated, where the rows have it)."""
     calibrated = bool(rows) and "calibrated_change_if_removed" in rows[0]
     table = Table("rank", "group", "examples", "score", "per example", "change if removed",
-                  *(["calibrated change"] if calibrated else []), title=escape(title), caption="\n".join(notes) or None)
+                  *(["calibrated change"] if calibrated else []), title=cell(title), caption="\n".join(notes) or None)
     for row in rows:
-        table.add_row(str(row["rank"]), escape(row["group"]), str(row["examples"]), f"{row['score']:+.4g}",
+        table.add_row(str(row["rank"]), cell(row["group"]), str(row["examples"]), f"{row['score']:+.4g}",
                       f"{row['score_per_example']:+.3g}", f"{row['change_if_removed']:+.4g}",
                       *([f"{row['calibrated_change_if_removed']:+.4g}"] if calibrated else []))
     Console().print(table)

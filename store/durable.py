@@ -10,6 +10,9 @@ A write that the file system refuses (a full disk, a read-only mount) raises Sto
 names the store and the reason; zarr has removed the write's temporary file by then, and no
 done marker follows, so the unit stays unfinished.
 
+No write and no delete goes through a symbolic link inside the store (`refuse_links`): a link
+there would take it out of the store.
+
 TRAKWOMP_FAULT injects a fault at the K-th write (counted from 1 over the process's life), so
 that tests can replay one at a chosen point:
 - K: SIGKILL just before the write; K:torn: SIGKILL halfway through it (half of its bytes in a
@@ -102,8 +105,30 @@ class DurableStore(WrapperStore[Store]):
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         await self._write(key, value, self._store.set_if_not_exists)
 
+    async def delete(self, key: str) -> None:
+        self.refuse_links(key)
+        await self._store.delete(key)
+
+    async def delete_dir(self, prefix: str) -> None:
+        self.refuse_links(prefix)
+        await self._store.delete_dir(prefix)
+
+    def refuse_links(self, key: str) -> None:
+        """Refuse a write or a delete at `key` if the key, or a folder between it and the store's
+        root, is a symbolic link: it would land outside the store, or remove what is not its own."""
+        if self.local_root is None:
+            return
+        path = self.local_root
+        for part in key.strip("/").split("/"):
+            path = path / part
+            if path.is_symlink():
+                raise StoreError(f"store {str(self.local_root)!r} holds a symbolic link at "
+                                 f"{str(path.relative_to(self.local_root))!r}; a store's files must be its own "
+                                 "(replace the link by a copy of what it points to), so nothing writes through it")
+
     async def _write(self, key: str, value: Buffer, write) -> None:
         path = self.local_root / key if self.local_root else None
+        self.refuse_links(key)
         try:
             self._fault.before_write(path, value)
             await write(key, value)

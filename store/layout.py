@@ -16,6 +16,8 @@ FEATURES = "features"
 MODELS = "models"
 SCORES = "scores"
 FINALIZE = "finalize"
+ANSWERS = "answers"  # explain's answers: apart from scores, bounded (trakwomp/stages/answers.py)
+ANSWER_ORDER = "answer_order"
 
 
 def unit(*parts: int | str) -> str:
@@ -69,6 +71,18 @@ def scores(key: str) -> str:
 
 def role_folder(role: str) -> str:
     return f"{MODELS}/{role}"
+
+
+def answer(key: str) -> str:
+    """The folder of an `explain` answer's scores `key`: its features (as `prefix`), `tau` (1,
+    n_train) and, if asked, `token_tau` (answer tokens, n_train) with the tokens' features under
+    `tokens/`."""
+    return f"{ANSWERS}/{key}/"
+
+
+def answer_order(seq: int) -> str:
+    """The group whose attributes name the answer that was the `seq`-th begun (oldest first)."""
+    return f"{ANSWER_ORDER}/{seq:012d}"
 
 
 def trained_model(role: str, index: int) -> str:

@@ -30,6 +30,7 @@ from trakwomp.store import layout
 from trakwomp.store.durable import DurableStore
 from trakwomp.store.errors import StoreError, StoreWriteError
 from trakwomp.store.lease import ObjectStoreLease
+from trakwomp.store.manifest import ManifestError, check_manifest
 from zarr.core.sync import collect_aiterator, sync
 from zarr.storage import FsspecStore, LocalStore
 
@@ -97,16 +98,27 @@ class Store:
                                     attributes={MANIFEST_KEY: {"format_version": FORMAT_VERSION}})
         except (OSError, ValueError, zarr.errors.BaseZarrError) as e:
             raise StoreError(f"cannot open store {location!r}: {e}") from None
+        except RecursionError:
+            raise StoreError(f"cannot open store {location!r}: its metadata is JSON nested too deep to read") from None
         store = cls(group, location, durable)
-        manifest = store.manifest
+        store.check_manifest(exists)
+        return store
+
+    def check_manifest(self, exists: bool = True) -> None:
+        """Refuse a manifest that is not a trakwomp store's, is newer than this version reads, or
+        does not fit the schema (store/manifest.py), in one line naming the field."""
+        manifest = self._group.attrs.get(MANIFEST_KEY, {})
         if exists and not manifest:
-            raise StoreError(f"{location!r} is a Zarr group but not a trakwomp store")
+            raise StoreError(f"{self.location!r} is a Zarr group but not a trakwomp store")
+        try:
+            check_manifest(manifest, FORMAT_VERSION)
+        except ManifestError as e:
+            raise self.damaged(str(e)) from None
         if manifest.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
             raise StoreError(
-                f"store {location!r} has format version {manifest['format_version']}, newer than this "
+                f"store {self.location!r} has format version {manifest['format_version']}, newer than this "
                 f"trakwomp reads ({FORMAT_VERSION}); upgrade trakwomp"
             )
-        return store
 
     @classmethod
     def open_existing(cls, location: str | Path) -> "Store | None":
@@ -144,6 +156,7 @@ class Store:
         others' updates: none is lost."""
         with self._manifest_lock() as still_held:
             self._group = zarr.open_group(store=self._durable, mode="r+", zarr_format=3)
+            self.check_manifest()
             before = self.manifest
             manifest = json.loads(json.dumps(before))
             result = change(manifest)
@@ -196,27 +209,35 @@ class Store:
     def mark_done(self, stage: str, unit: str, info: dict | None = None) -> None:
         """Publish `unit` of `stage` as finished: call only after all its data are written.
         The data are made durable first, then the marker."""
-        attributes = json.loads(json.dumps({"unit": unit, **(info or {})}))
         self._durable.sync()
-        path = self._checked(layout.done(stage, unit))
+        self.write_record(layout.done(stage, unit), {"unit": unit, **(info or {})})
+
+    def write_record(self, path: str, attributes: dict) -> None:
+        """Write `attributes` (JSON data) as the group `path`'s metadata, in a single write, and
+        make it durable."""
+        attributes = json.loads(json.dumps(attributes))
+        path = self._checked(path)
         try:
             self._group.create_group(path, attributes=attributes, overwrite=True)
         except (FileNotFoundError, StoreWriteError) as e:  # ENOENT: another process replaced the same
-            # marker meanwhile (both did the unit), and its removal of the folder reached this write
+            # record meanwhile, and its removal of the folder reached this write
             if e.errno != errno.ENOENT:
                 raise
-            if self.done_info(stage, unit) is None:
+            if self.read_record(path) != attributes:
                 self._group.create_group(path, attributes=attributes, overwrite=True)
         self._durable.sync()
 
+    def read_record(self, path: str) -> dict | None:
+        """The attributes of the group `path`, or None if there is none or it does not read."""
+        try:
+            return self._group[self._checked(path)].attrs.asdict()
+        except (KeyError, ValueError, RecursionError, zarr.errors.BaseZarrError):
+            return None
+
     def done_info(self, stage: str, unit: str) -> dict | None:
         """The info a finished unit was published with, or None if the unit is not finished."""
-        try:
-            marker = self._group[self._checked(layout.done(stage, unit))]
-            attributes = marker.attrs.asdict()
-        except (KeyError, ValueError, zarr.errors.BaseZarrError):
-            return None
-        return attributes if attributes.get("unit") == unit else None
+        attributes = self.read_record(layout.done(stage, unit))
+        return attributes if attributes is not None and attributes.get("unit") == unit else None
 
     def write_array(self, path: str, values: np.ndarray, chunks: tuple[int, ...] | None = None) -> None:
         """Write `values` as the array at `path`, over whatever an unfinished run left there.
@@ -337,6 +358,7 @@ class Store:
             found.update((root / folder).rglob("*.partial"))
         removed = 0
         for path in found:
+            self._durable.refuse_links(str(path.relative_to(root)))
             try:
                 if time.time() - path.stat().st_mtime > STALE_TEMPORARY_SECONDS:
                     path.unlink()
@@ -346,6 +368,13 @@ class Store:
             except OSError as e:
                 raise StoreError(f"cannot write to store {self.location!r}: {e.strerror or e}") from None
         return removed
+
+    def remove(self, path: str) -> None:
+        """Delete the folder `path` and everything under it (nothing through a link: `refuse_links`)."""
+        try:
+            sync(self._durable.delete_dir(self._checked(path)))
+        except OSError as e:
+            raise StoreError(f"cannot write to store {self.location!r}: {e.strerror or e}") from None
 
     def has_key(self, key: str) -> bool:
         return sync(self._durable.exists(key))

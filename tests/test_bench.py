@@ -284,3 +284,16 @@ def test_lora_smoke_fine_tunes_one_base_and_reports_every_attribution(tmp_path):
     top = [[train[i] for i in sorted(range(len(train)), key=lambda i: (-tau[t, i], i))[:10]] for t in range(len(targets))]
     expected = np.mean([sum(a == targets[t] for a in top[t]) / 10 for t in range(len(targets))])
     assert report["author_precision"]["TRAK-WOMP, full"]["precision_at_10"][0] == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_answer_cache_benchmark_keeps_the_manifest_and_reads_every_answer_back(tmp_path):
+    """bench/answer_cache.py on 30 answers: the manifest's size does not change with them, the
+    answers asked twice are read back (the script asserts it), and filling made 30 kept."""
+    work = tmp_path / "work"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "answer_cache.py"), str(work), "--answers", "30"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    results = json.loads((work / "answer_cache.json").read_text())
+    assert results["filled"]["answers_kept"] == 30 and results["after"]["answers_kept"] == 35
+    assert results["filled"]["manifest_bytes"] == results["after"]["manifest_bytes"]

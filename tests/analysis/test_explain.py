@@ -81,10 +81,10 @@ def test_the_answers_scores_are_eq3_of_its_completion_only_gradients(answers, tm
     explained = explain(store, PROMPT, answer, k=3, view=VIEW, out=tmp_path / "page.html")
     assert not explained.generated and explained.answer == answer
     handle = Store.open(store)
-    entry = handle.manifest["scores"][explained.key]
-    prefix = f"targets/{entry['targets']}/"
+    prefix = f"answers/{explained.key}/"  # the answer's own area, apart from score's scores
+    assert "scores" not in handle.manifest and "targets" not in handle.manifest
     dense = block_diagonal_scores(handle, [8, 8], prefix, 0.01)
-    np.testing.assert_allclose(handle.read_array(f"scores/{explained.key}/tau"), dense, rtol=1e-3,
+    np.testing.assert_allclose(handle.read_array(f"{prefix}tau"), dense, rtol=1e-3,
                                atol=1e-6 * np.abs(dense).max())
     first = 1 + len(PROMPT.encode("utf-8"))  # f counts the answer's tokens only
     ids = torch.tensor([256, *(PROMPT + answer).encode("utf-8")])
@@ -94,7 +94,7 @@ def test_the_answers_scores_are_eq3_of_its_completion_only_gradients(answers, tm
         np.testing.assert_allclose(handle.read_array(f"{prefix}features/{m:06d}/margins"), f.numpy(), rtol=1e-5, atol=1e-5)
     # the ranking from the stored float32 scores (checked against dense eq. 3 above) thresholded in
     # float64: dense itself agrees only to 1e-3, which could swap near-equal scores on another CPU
-    tau = soft_thresholded(handle.read_array(f"scores/{explained.key}/tau"))[0]
+    tau = soft_thresholded(handle.read_array(f"{prefix}tau"))[0]
     supports = [r["train_index"] for r in explained.rows if r["direction"] == "supports"]
     assert supports == list(np.argsort(-tau, kind="stable")[:3])
     assert explained.rows[0]["target_completion"] == answer and explained.rows[0]["train_prompt"] == PROMPT
@@ -126,9 +126,7 @@ def test_each_answer_token_gets_the_log_odds_of_its_own_probability_and_eq3_scor
     explained = explain(store, PROMPT, answer, k=3, view=VIEW, per_token=True, out=tmp_path / "page.html")
     assert [t["token"] for t in explained.tokens] == list(answer) and explained.token_seconds > 0
     handle = Store.open(store)
-    key = next(k for k, e in handle.manifest["scores"].items()
-               if handle.manifest["targets"][e["targets"]]["num_examples"] == len(answer))
-    prefix = f"targets/{handle.manifest['scores'][key]['targets']}/"
+    prefix = f"answers/{explained.key}/tokens/"
     ids = [256, *(PROMPT + answer).encode("utf-8")]
     first = 1 + len(PROMPT.encode("utf-8"))
     for m in (0, 1):
@@ -139,8 +137,9 @@ def test_each_answer_token_gets_the_log_odds_of_its_own_probability_and_eq3_scor
         np.testing.assert_allclose(handle.read_array(f"{prefix}features/{m:06d}/margins"),
                                    torch.log(p / (1 - p)).numpy(), rtol=1e-4, atol=1e-4)
     dense = block_diagonal_scores(handle, [8, 8], prefix, 0.01)
-    np.testing.assert_allclose(handle.read_array(f"scores/{key}/tau"), dense, rtol=1e-3, atol=1e-6 * np.abs(dense).max())
-    tau = soft_thresholded(handle.read_array(f"scores/{key}/tau"))  # stored, thresholded in float64, as above
+    token_tau = handle.read_array(f"answers/{explained.key}/token_tau")
+    np.testing.assert_allclose(token_tau, dense, rtol=1e-3, atol=1e-6 * np.abs(dense).max())
+    tau = soft_thresholded(token_tau)  # stored, thresholded in float64, as above
     assert [t["train_index"] for t in explained.tokens] == [int(np.argmax(row)) for row in tau]
     positive = [np.sort(row[row > 0])[::-1] for row in tau]
     np.testing.assert_allclose([t["concentration"] for t in explained.tokens],
@@ -177,8 +176,7 @@ def test_the_generated_ids_themselves_are_scored_not_their_decoded_text(answers)
         assert explained.answer_ids == ids and [t["token_id"] for t in explained.tokens] == ids
         assert [t["position"] for t in explained.tokens] == list(range(len(ids)))
     handle = Store.open(store)
-    entry = handle.manifest["scores"][explained.key]
-    features = handle.read_array(f"targets/{entry['targets']}/features/000000/margins")
+    features = handle.read_array(f"answers/{explained.key}/features/000000/margins")
     _, f = causal_lm_autograd_loop(net, [(torch.tensor([256, *PROMPT.encode("utf-8"), *ids]), 0,
                                           1 + len(PROMPT.encode("utf-8")))], CausalLM(), select_parameters(net, None))
     np.testing.assert_allclose(features, f.numpy(), rtol=1e-5, atol=1e-5)
@@ -219,3 +217,17 @@ def greedy_ids_by_hand(net, prompt: str, steps: int) -> list[int]:
         with torch.no_grad():
             ids.append(int(net(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))[0, -1, :257].argmax()))
     return ids[1 + len(prompt.encode("utf-8")):]
+
+
+def test_escape_sequences_in_prompts_answers_and_texts_never_reach_the_terminal_raw(answers, cli, tmp_path):
+    """Colour, OSC 8 links, OSC 52 clipboard writes and a bidi override in the prompt and the
+    answer are printed as their escapes; the JSON report keeps them exact."""
+    store, _ = answers
+    prompt, answer = "\x1b]8;;http://evil\x07click\x1b]8;;\x07 ", "\x1b[31mred\x1b]52;c;aGk=\x07\u202e"
+    result = cli("explain", str(store), "--prompt", prompt, "--completion", answer, "--ridge", "0.01")
+    assert result.exit_code == 0, plain(result.output)
+    assert "\x1b" not in result.output and "\x07" not in result.output and "\u202e" not in result.output
+    assert "\\x1b]8;;http://evil\\x07click" in result.output.replace("\n", "") and "\\u202e" in result.output
+    report = json.loads(cli("explain", str(store), "--prompt", prompt, "--completion", answer, "--ridge", "0.01",
+                            "--json").stdout)
+    assert report["prompt"] == prompt and report["answer"] == answer

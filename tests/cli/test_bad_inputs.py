@@ -6,6 +6,7 @@ tests/test_faults.py.
 """
 
 import json
+import os
 import shutil
 import zipfile
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ def root(tmp_path_factory) -> Path:
     (root / "images" / "cat" / "0.png").write_bytes(b"not an image")
     write_bad_images(root)
     (root / "folder").mkdir()
+    (root / "folder.npy").mkdir()
     (root / "folder" / "notes.txt").write_text("not a store")
     return root
 
@@ -158,8 +160,55 @@ def write_text_inputs(root: Path) -> None:
     failing = transformers.AutoTokenizer.from_pretrained(root / "hf")
     failing.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
     failing.save_pretrained(root / "hf-failing-template")
+    write_bad_jsonl(root)
     (root / "config-only").mkdir()
     (root / "config-only" / "config.json").write_text((root / "hf" / "config.json").read_text())
+
+
+def write_bad_jsonl(root: Path) -> None:
+    """JSON-lines files that were read wrong or crashed a reader: rows with the keys of two kinds,
+    an unknown key, a number of 5,000 digits, nesting 100,000 deep, a non-string prompt."""
+    write_jsonl(root / "text-and-prompt.jsonl", [{"text": "rendered", "prompt": "a", "completion": "b"}])
+    write_jsonl(root / "text-and-messages.jsonl", [{"text": "rendered", "messages": [{"role": "user", "content": "a"}]}])
+    write_jsonl(root / "messages-and-prompt.jsonl", [{"messages": [{"role": "user", "content": "a"},
+                                                                   {"role": "assistant", "content": "b"}], "prompt": 5}])
+    write_jsonl(root / "text-prompt-then-text.jsonl", [{"text": "x", "prompt": "x", "completion": "y"}, {"text": "z"}])
+    write_jsonl(root / "unknown-key.jsonl", [{"text": "one", "instruction": "say one"}])
+    write_jsonl(root / "prompt-not-a-string.jsonl", [{"prompt": 5, "completion": "b"}])
+    (root / "huge-number.jsonl").write_text('{"text": "x", "label": ' + "9" * 5000 + "}\n")
+    (root / "deep.jsonl").write_text("[" * 100000 + "]" * 100000 + "\n")
+    (root / "fifo.npy").unlink(missing_ok=True)
+    os.mkfifo(root / "fifo.npy")
+
+
+def make_link(name: str, to: str):
+    """A symbolic link beside the store (where the command runs) to `to` inside it."""
+    def damage(store: Path) -> None:
+        (store.parent / name).symlink_to(store / to)
+    return damage
+
+
+def link_inside(relative: str):
+    """Move the store's folder `relative` out of the store and leave a link to it in its place."""
+    def damage(store: Path) -> None:
+        outside = store.parent / "outside"
+        shutil.move(store / relative, outside)
+        (store / relative).symlink_to(outside, target_is_directory=True)
+    return damage
+
+
+def replace_manifest(value):
+    def damage(store: Path) -> None:
+        document = json.loads((store / "zarr.json").read_text())
+        document["attributes"]["trakwomp"] = value
+        (store / "zarr.json").write_text(json.dumps(document))
+    return damage
+
+
+def nest_manifest(store: Path) -> None:
+    text = (store / "zarr.json").read_text()
+    (store / "zarr.json").write_text(text.replace('"trakwomp": {', '"deep": ' + "[" * 100000 + "]" * 100000
+                                                  + ', "trakwomp": {', 1))
 
 
 def edit_manifest(change):
@@ -185,8 +234,9 @@ def escape_scores_key(manifest: dict) -> None:
 
 @dataclass
 class Case:
-    """`args` of a command run on a copy of the store after `stage` (S in args), or on a path
-    that does not exist (stage None, S a new path); F/ in args is a file of the fixture's root."""
+    """`args` of a command run on a copy of the store after `stage` (S in args, S/ a path inside
+    it), or on a path that does not exist (stage None, S a new path); F/ in args is a file of the
+    fixture's root."""
 
     id: str
     stage: str | None
@@ -325,7 +375,7 @@ CASES = [
     Case("other-recipe", "trained", [*TRAIN, "--epochs", "2"], "train_reference.epochs is 1 in the store but 2 here"),
     Case("other-lds-targets", "full", [*TRAIN, "--role", "lds", "--targets", "npz:F/train.npz"], "lds_targets"),
     Case("weights-not-matching-their-hash", "finalized", ["score", "S", "--targets", "npz:F/train.npz"],
-         "do not match their recorded hash", edit_manifest(lambda m: m["models"][0].__setitem__("sha256", "0" * 64))),
+         "were made from other weights than model 0's", edit_manifest(lambda m: m["models"][0].__setitem__("sha256", "0" * 64))),
     # damaged stores
     Case("chunk-corrupt", "finalized", ["finalize", "S", "--dims", "8"],
          "is damaged: a chunk of 'features/000000/phi' fails its CRC-32C checksum",
@@ -380,7 +430,7 @@ CASES = [
     Case("text-rows-mixed-with-prompt-rows", None, [*LM, "jsonl:F/text-and-prompts.jsonl"],
          "text-and-prompts.jsonl:2: a text row, but line 1 is a prompt row"),
     Case("label-on-a-prompt-row", None, [*LM, "jsonl:F/labelled-prompt.jsonl"],
-         'labelled-prompt.jsonl:1: a prompt row has no "label"'),
+         "labelled-prompt.jsonl:1: a prompt row takes the keys prompt, completion, source, not 'label'"),
     Case("prompt-longer-than-the-context", None, [*LM, "jsonl:F/prompt-beyond-context.jsonl"],
          "prompt-beyond-context.jsonl has at least 602 tokens, more than the context"),
     Case("prompt-longer-than-max-length", None, [*LM, "jsonl:F/long-prompt.jsonl", "--max-length", "16"],
@@ -422,7 +472,7 @@ CASES = [
          "model 3 is not in store"),
     Case("train-on-prompt-of-plain-texts", None, [*LM, "jsonl:F/texts.jsonl", "--train-on-prompt"],
          "--train-on-prompt needs prompt/completion data"),
-    Case("max-length-below-two", None, [*LM, "jsonl:F/texts.jsonl", "--max-length", "1"], "--max-length must be at least 2"),
+    Case("max-length-below-two", None, [*LM, "jsonl:F/texts.jsonl", "--max-length", "1"], "--max-length must lie between 2 and 2147483647 tokens"),
     Case("tokenizer-folder-missing", None, [*LM, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/missing"], "no folder"),
     Case("tokenizer-folder-incomplete", None, [*LM, "jsonl:F/texts.jsonl", "--tokenizer", "hf:F/folder"],
          "holds no tokenizer files"),
@@ -448,6 +498,103 @@ CASES = [
          "run `trakwomp finalize"),
     Case("show-text-as-png", "text", ["show", "S", "--target", "0", "--out", "F/show.png"], "give --out a .html name"),
     Case("causal-lm-on-images", None, [*LM, "npz:F/train.npz"], "causal-lm needs text data"),
+    # JSON-lines rows: one kind each, decided by its keys; numbers and nesting JSON can hold
+    Case("jsonl-text-and-prompt", None, [*LM, "jsonl:F/text-and-prompt.jsonl"],
+         "text-and-prompt.jsonl:1: the row mixes the keys of text and prompt rows (completion, prompt, text)"),
+    Case("jsonl-text-and-messages", None, [*LM, "jsonl:F/text-and-messages.jsonl"],
+         "the row mixes the keys of text and messages rows"),
+    Case("jsonl-messages-and-prompt", None, [*LM, "jsonl:F/messages-and-prompt.jsonl"],
+         "the row mixes the keys of prompt and messages rows"),
+    Case("jsonl-text-prompt-then-text", None, [*LM, "jsonl:F/text-prompt-then-text.jsonl"],
+         "text-prompt-then-text.jsonl:1: the row mixes the keys"),
+    Case("jsonl-unknown-key", None, [*LM, "jsonl:F/unknown-key.jsonl"],
+         "unknown-key.jsonl:1: a text row takes the keys text, label, source, not 'instruction'"),
+    Case("jsonl-prompt-not-a-string", None, [*LM, "jsonl:F/prompt-not-a-string.jsonl"],
+         '"prompt" must be a non-empty string'),
+    Case("jsonl-number-of-5000-digits", None, [*LM, "jsonl:F/huge-number.jsonl"], "huge-number.jsonl:1: a number too long"),
+    Case("jsonl-nested-100000-deep", None, [*LM, "jsonl:F/deep.jsonl"], "deep.jsonl:1: JSON nested too deep to read"),
+    # exports: never into the store, of the right kind, through a link only where it points
+    Case("score-out-onto-the-manifest", "scored", ["score", "S", *TARGETS, "--out", "S/zarr.json"],
+         "give --out a .npy name"),
+    Case("score-out-into-the-store", "scored", ["score", "S", *TARGETS, "--out", "S/scores.npy"],
+         "lies inside the store"),
+    Case("score-top-k-out-onto-the-manifest", "scored", ["score", "S", *TARGETS, "--top-k", "2", "--top-k-out",
+                                                         "S/zarr.json"], "--top-k-out"),
+    Case("score-out-through-a-link-into-the-store", "scored", ["score", "S", *TARGETS, "--out", "into-store.npy"],
+         "lies inside the store", make_link("into-store.npy", "scores.npy")),
+    Case("show-table-onto-the-manifest", "scored", ["show", "S", "--target", "0", "--table", "S/zarr.json"],
+         "lies inside the store"),
+    Case("show-out-into-the-store", "scored", ["show", "S", "--target", "0", "--out", "S/show.png"],
+         "lies inside the store"),
+    Case("groups-table-through-a-link-onto-the-manifest", "grouped", ["groups", "S", "--table", "manifest.json"],
+         "lies inside the store", make_link("manifest.json", "zarr.json")),
+    Case("explain-out-into-the-store", "text", ["explain", "S", "--prompt", "hello", "--completion", "x",
+                                                "--out", "S/page.html"], "lies inside the store"),
+    Case("export-to-a-folder", "scored", ["score", "S", *TARGETS, "--out", "F/folder.npy"], "is a folder; give a file name"),
+    # links inside a store: nothing is written or removed through them
+    Case("store-folder-that-is-a-link", "scored", ["score", "S", "--targets", "npz:F/train.npz"],
+         "holds a symbolic link at 'scores'",
+         link_inside("scores"), mid_work=True),
+    # hand-edited or damaged manifests, refused on open by every command
+    Case("manifest-format-version-text", "scored", ["status", "S"], "format_version is '2', expected an integer",
+         edit_manifest(lambda m: m.__setitem__("format_version", "2"))),
+    Case("manifest-format-version-null", "scored", ["show", "S", "--target", "0"], "format_version is None",
+         edit_manifest(lambda m: m.__setitem__("format_version", None))),
+    Case("manifest-a-list", "scored", ["status", "S"], "the whole manifest) is list", replace_manifest([1, 2])),
+    Case("manifest-a-string", "scored", ["finalize", "S"], "the whole manifest) is 'x'", replace_manifest("x")),
+    Case("manifest-models-not-a-list", "scored", ["status", "S"], "field models is 'x', expected a list",
+         edit_manifest(lambda m: m.__setitem__("models", "x"))),
+    Case("manifest-num-examples-text", "scored", ["score", "S", *TARGETS], "field dataset.num_examples is '48'",
+         edit_manifest(lambda m: m["dataset"].__setitem__("num_examples", "48"))),
+    Case("manifest-chunk-rows-zero", "scored", ["finalize", "S"], "field featurize.chunk_rows is 0",
+         edit_manifest(lambda m: m["featurize"].__setitem__("chunk_rows", 0))),
+    Case("manifest-task-a-number", "text", ["status", "S"], "field task is 5, expected an object",
+         edit_manifest(lambda m: m.__setitem__("task", 5))),
+    Case("manifest-max-length-huge", "text", ["score", "S", *TEXT_TARGETS], "field dataset_source.max_length is 1e+20",
+         edit_manifest(lambda m: m["dataset_source"].__setitem__("max_length", 1e20))),
+    Case("manifest-width-text", "text", ["explain", "S", "--prompt", "hi"], "field model.width is 'wide'",
+         edit_manifest(lambda m: m["model"].__setitem__("width", "wide"))),
+    Case("manifest-heads-zero", "text", ["explain", "S", "--prompt", "hi"], "field model.heads is 0",
+         edit_manifest(lambda m: m["model"].__setitem__("heads", 0))),
+    Case("manifest-layers-100000", "text", ["explain", "S", "--prompt", "hi"], "field model.layers is 100000",
+         edit_manifest(lambda m: m["model"].__setitem__("layers", 100000))),
+    Case("manifest-scores-naming-missing-targets", "scored", ["status", "S"], "names targets",
+         edit_manifest(lambda m: m.__setitem__("targets", {}))),
+    Case("manifest-nested-100000-deep", "scored", ["status", "S"], "nested too deep to read", nest_manifest),
+    Case("weights-array-missing", "text", ["explain", "S", "--prompt", "hi"], "do not match their recorded hash",
+         lambda s: shutil.rmtree(s / "models/reference/000000/weights/head.weight")),
+    Case("weights-array-extra", "text", ["explain", "S", "--prompt", "hi"], "do not match their recorded hash",
+         lambda s: shutil.copytree(s / "models/reference/000000/weights/head.weight",
+                                   s / "models/reference/000000/weights/extra")),
+    Case("features-of-other-weights", "finalized", ["score", "S", *TARGETS], "were made from other weights than model 1's",
+         lambda s: (s / "done/featurize/000001/000000/zarr.json").write_text(
+             (s / "done/featurize/000001/000000/zarr.json").read_text().replace('"weights_sha256": "', '"weights_sha256": "f'))),
+    Case("inverses-of-other-weights", "finalized", ["score", "S", *TARGETS], "were made from other weights than model 0's",
+         lambda s: (s / "done/finalize/d16-b2-ridgeauto/000000/000001/zarr.json").write_text(
+             (s / "done/finalize/d16-b2-ridgeauto/000000/000001/zarr.json").read_text().replace(
+                 '"weights_sha256": "', '"weights_sha256": "f'))),
+    # numbers beyond what the machine or the libraries take
+    Case("train-seed-negative", None, [*LM, "jsonl:F/texts.jsonl", "--seed", "-5"], "--seed must lie between 0 and 2^63 - 1"),
+    Case("train-max-length-1e20", None, [*LM, "jsonl:F/texts.jsonl", "--max-length", "100000000000000000000"],
+         "--max-length must lie between 2 and 2147483647 tokens"),
+    Case("train-width-1e9", None, [*LM[:4], "--width", "1e9", *LM[6:], "jsonl:F/texts.jsonl"], "gpt takes --width up to"),
+    Case("train-layers-100000", None, ["train", "S", "--task", "causal-lm", "--layers", "100000", "--data",
+                                       "jsonl:F/texts.jsonl"], "gpt takes --width up to 16384 and --layers up to 1024"),
+    Case("train-threads-100000", None, [*LM, "jsonl:F/texts.jsonl", "--threads", "100000"],
+         "--threads must lie between 1 and 1024"),
+    Case("train-model-beyond-memory", None, ["train", "S", "--task", "causal-lm", "--layers", "1000", "--width", "8192",
+                                             "--data", "jsonl:F/texts.jsonl"], "do not fit in this machine's"),
+    Case("predict-subset-a-fifo", "grouped", ["predict", "S", "--subset", "F/fifo.npy"], "is not a regular file"),
+    Case("explain-temperature-1e-300", "text", ["explain", "S", "--prompt", "hi", "--temperature", "1e-300"],
+         "--temperature must be 0 (greedy) or at least 0.0001"),
+    Case("explain-seed-2-to-the-64", "text", ["explain", "S", "--prompt", "hi", "--seed", "18446744073709551616"],
+         "--seed must lie between 0 and 2^63 - 1"),
+    Case("explain-device-tpu", "text", ["explain", "S", "--prompt", "hi", "--device", "tpu"], "unknown --device 'tpu'"),
+    Case("explain-device-meta", "text", ["explain", "S", "--prompt", "hi", "--device", "meta"], "unsupported --device 'meta'"),
+    Case("explain-device-cuda-9", "text", ["explain", "S", "--prompt", "hi", "--device", "cuda:9"], "--device cuda:9"),
+    Case("explain-device-empty", "text", ["explain", "S", "--prompt", "hi", "--device", ""], "unknown --device ''"),
+    Case("explain-max-answers-zero", "text", ["explain", "S", "--prompt", "hi", "--max-answers", "0"],
+         "--max-answers must be at least 1"),
     Case("regression-on-class-labels", None, [*TRAIN, "--task", "regression"], "regression needs real-valued labels"),
     Case("classification-on-values", None, ["train", "S", "--data", "npz:F/values.npz"],
          "real-valued labels for --task regression"),
@@ -520,7 +667,8 @@ def test_bad_input_is_refused_in_one_line_and_leaves_the_store_unchanged(root, t
     before = what_a_case_can_change(case, root, store, skip)
     if case.id == "cuda-not-available" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    args = [str(store) if a == "S" else a.replace("F/", f"{root}/") for a in case.args]
+    args = [str(store) if a == "S" else f"{store}/{a[2:]}" if a.startswith("S/") else a.replace("F/", f"{root}/")
+            for a in case.args]
     if args[0] not in ("lds", "predict", "show", "groups"):
         args.append("--quiet")
     result = CliRunner().invoke(app, args)

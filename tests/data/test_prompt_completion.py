@@ -226,6 +226,28 @@ def test_conversations_predict_their_assistant_turns_only(tmp_path):
     assert data.describe(1)["messages"] == CONVERSATIONS[1] and len(data.per_token()) == int(data[0][2].sum() + data[1][2].sum())
 
 
+def test_explain_on_a_conversation_store_renders_the_prompt_with_the_chat_template(tmp_path):
+    """A store trained on conversations: explain's prompt is a user turn in the chat template,
+    then its generation prompt, as the tokenizer itself renders it; a given answer is the
+    assistant turn's tokens (its end of turn included), exactly those predicted."""
+    from trakwomp.data.text import answer_dataset
+
+    folder = write_hf_folder(tmp_path / "hf", [r["text"] for r in fortunes("train", 300)])
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    data = load_dataset(f"jsonl:{path}", tokenizer=f"hf:{folder}")
+    tokenizer = data.tokenizer.tokenizer
+    user = [{"role": "user", "content": "Should I wait?"}]
+    rendered = tokenizer.apply_chat_template(user, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert data.answer_prompt_ids("Should I wait?") == list(rendered)
+    target = answer_dataset("Should I wait?", data, completion="Yes.")
+    ids, _, predicted = target[0]
+    whole = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "Yes."}], tokenize=True,
+                                          return_dict=False)
+    assert ids.tolist() == list(whole) and tokenizer.decode(ids[predicted].tolist()) == "Yes.\n"
+
+
 def test_every_command_on_a_prompt_completion_store_and_shards_equal_one_process(prompts, tmp_path, cli):
     """train (reference and LDS), featurize in two shards (equal to one process, bitwise) and with
     the factored engine, finalize, score, lds, predict, groups and show on answers."""

@@ -76,6 +76,17 @@ def test_jsonl_labels_sources_truncation_and_a_fingerprint_over_the_tokens(tmp_p
     assert ids.shape == (2, 14) and mask.sum(1).tolist() == [14, 6] and (ids[1, 6:] == 0).all()
 
 
+def test_a_byte_order_mark_at_the_start_of_a_jsonl_file_is_read_as_one(tmp_path):
+    """Files saved by Windows editors start with EF BB BF: read, not refused, and the texts are
+    those of the same file without it (byte for byte: same fingerprint)."""
+    rows = [{"text": "first", "source": "s"}, {"text": "second", "source": "s"}]
+    plain_file = write_jsonl(tmp_path / "plain.jsonl", rows)
+    marked = tmp_path / "marked.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain_file.read_bytes())
+    with_mark = load_dataset(f"jsonl:{marked}")
+    assert with_mark.text(0) == "first" and with_mark.fingerprint() == load_dataset(f"jsonl:{plain_file}").fingerprint()
+
+
 def test_a_text_longer_than_the_context_is_refused_by_its_bytes_before_it_is_tokenized(tmp_path, monkeypatch):
     """A 2 MB line against a 512-token context: its byte length proves it too long, so the
     tokenizer never runs (on a 100 MB line it would hold about 1 GB before the refusal)."""

@@ -6,6 +6,7 @@ import errno
 import json
 import multiprocessing
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -26,7 +27,7 @@ from trakwomp.analysis.status import status
 def add_entries(location, worker, count):
     handle = Store.open(location)
     for i in range(count):
-        handle.set_entry("scores", f"w{worker}-{i}", {"worker": worker, "i": i})
+        handle.set_entry("entries", f"w{worker}-{i}", {"worker": worker, "i": i})
 
 
 def test_concurrent_manifest_updates_from_processes_are_all_kept(tmp_path):
@@ -38,7 +39,7 @@ def test_concurrent_manifest_updates_from_processes_are_all_kept(tmp_path):
     for p in workers:
         p.join()
     assert [p.exitcode for p in workers] == [0] * 4
-    scores = Store.open(tmp_path / "s").manifest["scores"]
+    scores = Store.open(tmp_path / "s").manifest["entries"]
     assert sorted(scores) == sorted(f"w{w}-{i}" for w in range(4) for i in range(15))
 
 
@@ -205,6 +206,26 @@ def test_stale_temporaries_are_removed_and_fresh_ones_kept(tmp_path):
     assert handle.remove_stale_temporaries(["features", "done/featurize"]) == 3
     assert sorted(handle.temporaries()) == ["features/000000/phi/c/1/0.89ab.partial", "scores/k/tau/c/0/0.cdef.partial"]
     assert status(tmp_path / "s").temporary_files == 2
+
+
+def test_no_write_and_no_removal_goes_through_a_link_inside_the_store(tmp_path):
+    """A folder of the store that is a symbolic link to one outside: the stale temporary there is
+    not removed, and an array is not written there; each is refused in one line."""
+    handle = fresh_store_with_arrays(tmp_path / "s")
+    outside = tmp_path / "outside"
+    shutil.move(tmp_path / "s" / "features", outside)
+    (tmp_path / "s" / "features").symlink_to(outside, target_is_directory=True)
+    leftover = outside / "000000/phi/c/0/0.0123abcd.partial"
+    leftover.write_bytes(b"half a chunk")
+    os.utime(leftover, (time.time() - 120, time.time() - 120))
+    before = sorted(p.relative_to(outside) for p in outside.rglob("*"))
+    with pytest.raises(StoreError, match="holds a symbolic link at 'features'"):
+        handle.remove_stale_temporaries(["features"])
+    with pytest.raises(StoreError, match="holds a symbolic link at 'features'"):
+        handle.write_array("features/000001/q", np.zeros(3, np.float32))
+    with pytest.raises(StoreError, match="holds a symbolic link at 'features'"):
+        handle.remove("features/000000")
+    assert sorted(p.relative_to(outside) for p in outside.rglob("*")) == before
 
 
 class IgnoresCreateIfAbsent(ObjectLikeFileSystem):

@@ -22,19 +22,22 @@ from trakwomp.analysis.show import write_page
 from trakwomp.data.base import Dataset
 from trakwomp.data.text import answer_dataset
 from trakwomp.errors import UserError
-from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
+from trakwomp.estimator.threshold import DEFAULT_THRESHOLD, check_threshold, relative_soft_threshold
 from trakwomp.estimator.view import ViewSpec
 from trakwomp.models.registry import load_registered_model
 from trakwomp.models.spec import ModelSpec
-from trakwomp.runtime import Progress
-from trakwomp.settings import option
+from trakwomp.outputs import check_output
+from trakwomp.runtime import Progress, resolve_device
+from trakwomp.settings import check_seed, option
 from trakwomp.stages.bindings import stored_dataset, stored_task
-from trakwomp.stages.export import top_k_rows
-from trakwomp.stages.stored_scores import iterate_scores
-from trakwomp.stages.score import score
+from trakwomp.stages.answers import DEFAULT_MAX_ANSWERS, score_answer
+from trakwomp.stages.export import strongest_rows
 from trakwomp.stages.selection import featurized_models
 from trakwomp.store import Store
 from trakwomp.tasks.base import logits_of
+
+
+MIN_TEMPERATURE = 1e-4  # below it, logits / temperature overflow float32: use 0 for greedy
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class Generation:
             raise UserError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if not self.temperature >= 0 or self.temperature == float("inf"):
             raise UserError(f"--temperature must be 0 (greedy) or a positive number, got {self.temperature}")
+        check_seed("--seed", self.seed)
+        if self.temperature != 0 and self.temperature < MIN_TEMPERATURE:
+            raise UserError(f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {self.temperature:g}")
         if self.stop == "":
             raise UserError("--stop must be a non-empty text")
 
@@ -67,30 +73,31 @@ class Explanation:
     generated: bool  # the model's own answer (False: given with --completion)
     ended: str  # why the answer ends: "end token", "stop text", "max-new-tokens", "context", "max-length", "given"
     model_id: int
-    key: str  # the stored scores of the answer
+    key: str  # the answer's stored scores (answers/<key>)
     seconds: float  # from the model's answer to the rows, start-up excluded
     rows: list[dict] = field(default_factory=list)
     tokens: list[dict] = field(default_factory=list)  # with per_token: each answer token's strongest support
     token_seconds: float = 0.0  # what the per-token scores took beyond the answer's
+    cached: bool = False  # the answer's scores were read from the store (asked before)
 
 
-def token_rows(handle: Store, key: str, tokens: Dataset, train: Dataset, k: int, threshold: float) -> list[dict]:
-    """Per answer token: its id and how it shows, its position in the answer, the train example
-    that most supports it (index, source, text, score; None where no train example's score is
-    positive), and how concentrated its support is: the share of its positive scores' sum held by
-    its k largest (1: k train examples or fewer carry all of it; 0: no train example supports it)."""
+def token_rows(token_tau: np.ndarray, tokens: Dataset, train: Dataset, k: int) -> list[dict]:
+    """Per answer token (a row of the soft-thresholded `token_tau`): its id and how it shows, its
+    position in the answer, the train example that most supports it (index, source, text, score;
+    None where no train example's score is positive), and how concentrated its support is: the
+    share of its positive scores' sum held by its k largest (1: k train examples or fewer carry
+    all of it; 0: no train example supports it)."""
     rows = []
-    for block_rows, block in iterate_scores(handle, key, threshold):
-        for r, scores in zip(block_rows, block):
-            top = int(np.argmax(scores))
-            positive = np.sort(scores[scores > 0])[::-1]
-            concentration = float(positive[:k].sum() / positive.sum()) if len(positive) else 0.0
-            described = tokens.describe(r)
-            support = {"train_index": top, "train_source": train.source(top), "train_text": train.text(top),
-                       "score": float(scores[top])} if len(positive) else \
-                {"train_index": None, "train_source": None, "train_text": None, "score": 0.0}
-            rows.append({"token": described["token"], "token_id": described["token_id"],
-                         "position": described["token_position"], **support, "concentration": concentration})
+    for r, scores in enumerate(token_tau):
+        top = int(np.argmax(scores))
+        positive = np.sort(scores[scores > 0])[::-1]
+        concentration = float(positive[:k].sum() / positive.sum()) if len(positive) else 0.0
+        described = tokens.describe(r)
+        support = {"train_index": top, "train_source": train.source(top), "train_text": train.text(top),
+                   "score": float(scores[top])} if len(positive) else \
+            {"train_index": None, "train_source": None, "train_text": None, "score": 0.0}
+        rows.append({"token": described["token"], "token_id": described["token_id"],
+                     "position": described["token_position"], **support, "concentration": concentration})
     return rows
 
 
@@ -110,7 +117,7 @@ def generate(net: nn.Module, data: Dataset, prompt: str, generation: Generation,
     after `max_new_tokens`, or where the text would outgrow the model's context or the store's
     --max-length (so that all of it is scored)."""
     tokenizer = data.tokenizer
-    ids = tokenizer.encode_prompt(prompt)
+    ids = data.answer_prompt_ids(prompt)
     start = len(ids)
     limits = {"context": getattr(net, "context", None), "max-length": data.max_length}
     limit, limited_by = min((v, k) for k, v in limits.items() if v is not None) if any(limits.values()) else (None, "")
@@ -151,6 +158,27 @@ def answer_target(handle: Store, train: Dataset, prompt: str, completion: str | 
     return answer_dataset(prompt, train, completion_ids=generated.ids), generated.ended
 
 
+def checked_store(store: str | Path, k: int, out: str | Path | None, max_answers: int, threshold: float) -> Store:
+    """The store, refused (before the model answers) unless it holds a language model, and the
+    options that do not depend on the answer."""
+    handle = Store.open(store)
+    task = stored_task(handle)
+    if not task.generates_text:
+        raise UserError(f"explain attributes a language model's answers; store {str(store)!r} holds a {task.name} "
+                        "model (train with --task causal-lm)")
+    if k < 1:
+        raise UserError("--k must be at least 1")
+    if max_answers < 1:
+        raise UserError(f"--max-answers must be at least 1, got {max_answers}")
+    check_threshold(threshold)
+    check_output("--out", out, (".html",), store, "explain writes an HTML page")
+    return handle
+
+
+def thresholded(tau: np.ndarray, threshold: float) -> np.ndarray:
+    return relative_soft_threshold(torch.from_numpy(tau), threshold).numpy()
+
+
 def explain(
     store: str | Path,
     prompt: str,
@@ -163,6 +191,7 @@ def explain(
     threshold: float = DEFAULT_THRESHOLD,
     out: str | Path | None = None,
     per_token: bool = False,
+    max_answers: int = DEFAULT_MAX_ANSWERS,
     device: str = "cpu",
     progress: Progress | None = None,
 ) -> Explanation:
@@ -171,28 +200,21 @@ def explain(
     `trakwomp status` lists them) to `prompt` (or `completion`, if given), and the
     k train examples that most support and most oppose it at the view; with `per_token`, each
     answer token's own scores (f_t: the log-odds of that token given what precedes it) and its
-    strongest support; an HTML page to `out`."""
-    handle = Store.open(store)
-    task = stored_task(handle)
-    if not task.generates_text:
-        raise UserError(f"explain attributes a language model's answers; store {str(store)!r} holds a {task.name} "
-                        "model (train with --task causal-lm)")
-    if k < 1:
-        raise UserError("--k must be at least 1")
-    if out is not None and Path(out).suffix.lower() != ".html":
-        raise UserError(f"explain writes an HTML page: give --out a .html name, not {str(out)!r}")
+    strongest support; an HTML page to `out`. Answers are kept in the store (the oldest removed
+    beyond `max_answers`), so a query asked again reads its scores (stages/answers.py)."""
+    handle = checked_store(store, k, out, max_answers, threshold)
     train = stored_dataset(handle)
-    target, ended = answer_target(handle, train, prompt, completion, model_id, generation, torch.device(device))
+    target, ended = answer_target(handle, train, prompt, completion, model_id, generation, resolve_device(device))
     began = time.perf_counter()
-    key = score(store, target, view, target_chunk_rows=1, batch_size=1, device=device, progress=progress).key
+    scored = score_answer(store, target, view, False, max_answers, device, progress)
     answer_ids = target.completion_ids(0)
     explained = Explanation(prompt, train.tokenizer.decode(answer_ids), answer_ids, ended != "given", ended, model_id,
-                            key, 0.0, top_k_rows(store, key, target, k, threshold, train))
+                            scored.key, 0.0, strongest_rows(target, 0, train, thresholded(scored.tau, threshold)[0], k),
+                            cached=scored.cached)
     explained.seconds = time.perf_counter() - began
     if per_token:
-        tokens = target.per_token()
-        token_key = score(store, tokens, view, batch_size=16, device=device, progress=progress).key
-        explained.tokens = token_rows(handle, token_key, tokens, train, k, threshold)
+        tokens = score_answer(store, target, view, True, max_answers, device, progress)
+        explained.tokens = token_rows(thresholded(tokens.token_tau, threshold), target.per_token(), train, k)
         explained.token_seconds = time.perf_counter() - began - explained.seconds
     if out is not None:
         write_page(explained.rows, target, train, k, out, explained.tokens)

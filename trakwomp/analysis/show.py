@@ -22,6 +22,7 @@ from trakwomp.data.base import Dataset
 from trakwomp.data.groups import Groups
 from trakwomp.errors import UserError
 from trakwomp.estimator.threshold import relative_soft_threshold
+from trakwomp.outputs import check_output, write_atomically
 from trakwomp.stages.bindings import load_store_data, stored_dataset
 from trakwomp.stages.export import strongest_rows
 from trakwomp.stages.stored_scores import Selection
@@ -62,8 +63,7 @@ def show(
     rows = strongest_rows(targets, target, train, row, k)
     if out is not None:
         suffix, what, draw = DRAWINGS[train.preview]
-        if Path(out).suffix.lower() != suffix:
-            raise UserError(f"show draws {what}: give --out a {suffix} name, not {str(out)!r}")
+        check_output("--out", out, (suffix,), store, f"show draws {what}")
         draw(rows, targets, train, k, out)
     return rows
 
@@ -81,8 +81,7 @@ def show_groups(
     to `out` (a PNG bar chart) if given; see `group_scores`."""
     if k < 1:
         raise UserError("--k must be at least 1")
-    if out is not None and Path(out).suffix.lower() != ".png":
-        raise UserError(f"show --by-group draws a PNG bar chart: give --out a .png name, not {str(out)!r}")
+    check_output("--out", out, (".png",), store, "show --by-group draws a PNG bar chart")
     scores = group_scores(store, groups, selection, chosen_targets, target_set)
     if out is not None:
         draw_group_chart(scores, k, out)
@@ -120,10 +119,7 @@ def draw_group_chart(scores: GroupScores, k: int, png: str | Path) -> None:
     draw.line([zero, top - 4, zero, bottom + 2], fill="black")
     draw.text((8, bottom + 12), "blue: removing the group lowers the output; orange: raises it (as predicted)",
               fill="black", font=font)
-    try:
-        image.save(png)
-    except OSError as e:
-        raise UserError(f"cannot write {str(png)!r}: {e.strerror or e}") from None
+    write_atomically(png, lambda f: image.save(f, format="PNG"))
 
 
 def default_show_file(store: str | Path) -> str:
@@ -177,10 +173,7 @@ def write_page(rows: list[dict], targets: Dataset, train: Dataset, k: int, out: 
             f"{first['target']}</title><style>body{{font-family:sans-serif;max-width:60em;margin:auto}}"
             "pre{white-space:pre-wrap;margin:0}td,th{border-bottom:1px solid #ddd;padding:4px;"
             "vertical-align:top;text-align:left}</style></head><body>" + "".join(sections) + "</body></html>\n")
-    try:
-        Path(out).write_text(page, encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
+    write_atomically(out, lambda f: f.write(page.encode("utf-8")))
 
 
 def draw_grid(rows: list[dict], targets: Dataset, train: Dataset, k: int, png: str | Path) -> None:
@@ -192,10 +185,7 @@ def draw_grid(rows: list[dict], targets: Dataset, train: Dataset, k: int, png: s
         image = tile(train[r["train_index"]][0], f"{r['score']:+.3g}", f"{r['train_label']} #{r['train_index']}")
         (first if r["direction"] == "supports" else second).append(image)
     grid = make_grid(first + second, nrow=k + 1, padding=4, pad_value=1.0)
-    try:
-        save_image(grid, png)
-    except OSError as e:
-        raise UserError(f"cannot write {str(png)!r}: {e.strerror or e}") from None
+    write_atomically(png, lambda f: save_image(grid, f, format="png"))
 
 
 def tile(image: torch.Tensor, line1: str, line2: str) -> torch.Tensor:

@@ -3,6 +3,8 @@
 What was asked for is what commands recorded: the number of models `train` was asked for per
 role, the models `featurize` registered, the models each `finalize` view was asked for, and the
 scores `score` started. A stage is complete when every unit of that is published.
+explain's answers are counted apart: they are not work that a stage has left (an answer a kill
+interrupted is finished by the same query, and removed in its turn like the others).
 Temporary files (`*.partial`) are counted: writes in flight, or leftovers of killed writes that
 the next run of their stage removes.
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from trakwomp.estimator.view import blocks_of_key
 from trakwomp.models.registry import run_of
+from trakwomp.stages.answers import STAGE as ANSWERS_STAGE
 from trakwomp.stages.train import ROLES
 from trakwomp.store import Store, layout
 from trakwomp.tasks.registry import task_of_store
@@ -43,6 +46,8 @@ class StoreStatus:
     temporary_files: int
     stages: list[StageProgress] = field(default_factory=list)
     runs: dict[str, list[int]] = field(default_factory=dict)  # training run -> ids of its registered models
+    answers: int = 0  # explain's answers kept (apart from the stages: not work that status waits for)
+    unfinished_answers: int = 0  # answers a kill interrupted: the same query finishes one
 
     @property
     def complete(self) -> bool:
@@ -81,6 +86,9 @@ def status(store: str | Path) -> StoreStatus:
         for model_id in model_ids:
             done = len(handle.done_units("finalize", layout.unit(view, model_id)))
             report.stages.append(StageProgress("finalize", f"view {view} model {model_id} blocks", done, blocks))
+    finished = set(handle.children(layout.done(ANSWERS_STAGE)))
+    report.answers = len(finished)
+    report.unfinished_answers = len(set(handle.children(layout.ANSWERS)) - finished)
     for key, entry in sorted(manifest.get("scores", {}).items()):
         done = len(handle.done_units("score", key))
         n_targets = manifest["targets"][entry["targets"]]["num_examples"]

@@ -16,7 +16,7 @@ import scipy.sparse
 import scipy.stats
 
 from trakwomp.data.base import Dataset
-from trakwomp.data.files import read_npy
+from trakwomp.data.files import read_npy, refuse_special_file
 from trakwomp.errors import UserError
 
 GROUPS_HELP = "an .npy of one label per train example, or a CSV of index,group rows"
@@ -129,6 +129,7 @@ def decoded(label, path: Path, i: int):
 def read_groups_csv(path: Path, num_examples: int) -> tuple[list[str], list[int]]:
     """(label per train example, the examples without one) from a CSV of index,group rows."""
     labels: list[str | None] = [None] * num_examples
+    refuse_special_file(path, "groups file")
     try:
         with open(path, newline="", encoding="utf-8") as f:
             for line, row in enumerate(csv.reader(f), start=1):

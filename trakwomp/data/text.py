@@ -5,7 +5,8 @@ Specs:
     jsonl:PATH                                 one JSON object per line: `text`, optional `label` and `source`;
                                                or `prompt` and `completion`, optional `source`; or
                                                `messages` (role, content), optional `source`, with an
-                                               hf: tokenizer that has a chat template
+                                               hf: tokenizer that has a chat template; a row's
+                                               keys say its kind, and any other key is refused
 
 Tokenizers: `bytes` (UTF-8 bytes 0..255 after a start token 256; needs no files) or `hf:DIR`
 (a Hugging Face tokenizer saved in a local folder). With `max_length`, longer texts are cut to
@@ -170,10 +171,10 @@ class HuggingFaceTokenizer:
         a conversation's beginning as the beginning of the whole is refused."""
         ids, masks = [], []
         for number, messages in enumerate(conversations):
-            full = self._chat(messages, False)
+            full = self.chat_ids(messages, False)
             mask = np.zeros(len(full), dtype=bool)
             for turn in (a for a, m in enumerate(messages) if m["role"] == "assistant"):
-                before, through = self._chat(messages[:turn], True), self._chat(messages[:turn + 1], False)
+                before, through = self.chat_ids(messages[:turn], True), self.chat_ids(messages[:turn + 1], False)
                 if full[:len(through)] != through or through[:len(before)] != before:
                     raise UserError(f"the chat template of {self.spec} does not render the beginning of conversation "
                                     f"{number} as the beginning of the whole, so its assistant turns cannot be found")
@@ -182,7 +183,7 @@ class HuggingFaceTokenizer:
             masks.append(mask)
         return [i[:limit] for i in ids], np.array([len(i) for i in ids], dtype=np.int64), [m[:limit] for m in masks]
 
-    def _chat(self, messages: list[dict], generation_prompt: bool) -> list[int]:
+    def chat_ids(self, messages: list[dict], generation_prompt: bool) -> list[int]:
         """The ids of `messages` rendered by the chat template (then the generation prompt, if asked:
         what the template writes before an assistant turn)."""
         if not messages and not generation_prompt:
@@ -363,6 +364,24 @@ class TextDataset(Dataset):
         if not self.has_prompts:
             return super().per_token()
         return CompletionTokens(self._copy(prompts_predicted=False))
+
+    def answer_prompt_ids(self, prompt: str) -> list[int]:
+        """The ids `prompt` begins an answer with, as the train set's prompts begin theirs: a
+        conversation store's as a user turn in the chat template, then its generation prompt;
+        otherwise the tokenizer's prompt ids."""
+        if self._conversations is not None:
+            return self.tokenizer.chat_ids([{"role": "user", "content": prompt}], True)
+        return self.tokenizer.encode_prompt(prompt)
+
+    def encode_answer(self, prompt: str, completion: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, predicted mask) of a given answer to `prompt`, tokenized as the train set's
+        completions are (a conversation store's: a user turn and an assistant turn)."""
+        if self._conversations is not None:
+            ids, _, masks = self.tokenizer.encode_conversations([[{"role": "user", "content": prompt},
+                                                                  {"role": "assistant", "content": completion}]], None)
+            return ids[0], masks[0]
+        ids, _, starts = self.tokenizer.encode_pairs([prompt], [completion], None)
+        return ids[0], np.arange(len(ids[0])) >= starts[0]
 
     def predicted_mask(self, i: int) -> np.ndarray | None:
         """True at the tokens of example i whose prediction counts (None for plain texts)."""
@@ -549,26 +568,26 @@ class CompletionTokens(Dataset):
                 "token_position": t - first}
 
 
-ROW_KINDS = {"text": ("text",), "prompt": ("prompt", "completion"), "messages": ()}
+# A row's kind is decided by its exact keys: the kind's own, and optionally its others.
+ROW_KINDS = {"text": (("text",), ("label", "source")), "prompt": (("prompt", "completion"), ("source",)),
+             "messages": (("messages",), ("source",))}
 ROLES = ("system", "user", "assistant")
+BOM = b"\xef\xbb\xbf"
+MAX_TOKENS = (1 << 31) - 1  # token positions are int32
 
 
 def read_jsonl(spec: str, path: str) -> list[dict]:
-    """The objects of a JSON-lines file: every row a non-empty string `text`, or every row a
-    non-empty `prompt` and `completion` (optional `label` and `source` each)."""
+    """The objects of a JSON-lines file, all of one kind (`checked_row`). A UTF-8 byte-order mark
+    at the start of the file is read as one."""
     if not Path(path).is_file():
         raise UserError(f"dataset spec {spec!r}: no file {path!r}")
     rows, first_kind = [], None
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
+            line = line.removeprefix(BOM) if number == 1 else line
             if not line or line.isspace():
                 continue
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{number}: not UTF-8 text (byte {e.start} of the line)") from None
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
+            row = parsed_line(line, f"{path}:{number}")
             kind = checked_row(row, f"{path}:{number}")
             first_kind = first_kind or (kind, number)
             if kind != first_kind[0]:
@@ -581,25 +600,54 @@ def read_jsonl(spec: str, path: str) -> list[dict]:
     return rows
 
 
-def checked_row(row, where: str) -> str:
-    """The kind of a JSON-lines row ("text" or "prompt"), checked field by field."""
-    if not isinstance(row, dict) or not ({"text", "prompt", "completion", "messages"} & set(row)):
+def parsed_line(line: bytes, where: str):
+    """One line's JSON value, or one line saying why it is not JSON that can be read."""
+    try:
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text (byte {e.start} of the line)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise UserError(f"{where}: a number too long to read ({str(e).split(';')[0]})") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deep to read") from None
+
+
+def row_kind(row, where: str) -> str:
+    """The kind whose own keys `row` holds, refused unless it is exactly one kind's, with only
+    that kind's optional keys besides."""
+    kinds = [kind for kind, (own, _) in ROW_KINDS.items() if set(own) & set(row)] if isinstance(row, dict) else []
+    if not kinds:
         raise UserError(f"{where}: each line must be a JSON object with a \"text\" field, or with \"prompt\" and "
                         "\"completion\" fields, or with \"messages\"")
-    kind = "text" if "text" in row else "messages" if "messages" in row else "prompt"
-    if kind != "text" and "label" in row:
-        raise UserError(f"{where}: a {kind} row has no \"label\" (its completion is what is predicted)")
+    if len(kinds) > 1:
+        raise UserError(f"{where}: the row mixes the keys of {' and '.join(kinds)} rows ({', '.join(sorted(row))}); "
+                        "keep the keys of one kind (text; prompt and completion; or messages)")
+    own, optional = ROW_KINDS[kinds[0]]
+    missing = [key for key in own if key not in row]
+    if missing:
+        raise UserError(f"{where}: a row with a \"prompt\" needs a \"completion\" too, and the other way round")
+    unknown = sorted(set(row) - set(own) - set(optional))
+    if unknown:
+        allowed = ", ".join(own + optional)
+        raise UserError(f"{where}: a {kinds[0]} row takes the keys {allowed}, not {', '.join(map(repr, unknown))}")
+    return kinds[0]
+
+
+def checked_row(row, where: str) -> str:
+    """The kind of a JSON-lines row (`row_kind`), checked field by field."""
+    kind = row_kind(row, where)
+    own, optional = ROW_KINDS[kind]
     if kind == "messages":
         check_messages(row["messages"], where)
-    for field in ROW_KINDS[kind]:
-        if field not in row:
-            raise UserError(f"{where}: a row with a \"prompt\" needs a \"completion\" too, and the other way round")
+    for field in own if kind != "messages" else ():
         if not isinstance(row[field], str) or not row[field]:
             raise UserError(f"{where}: \"{field}\" must be a non-empty string")
-    for field in ("label", "source"):
+    for field in optional:
         if field in row and not isinstance(row[field], (str, int)):
             raise UserError(f"{where}: \"{field}\" must be a string or an integer")
-    for field in (*ROW_KINDS[kind], "label", "source"):
+    for field in (*own, *optional):
         if isinstance(row.get(field), str) and not is_text(row[field]):
             raise UserError(f"{where}: \"{field}\" holds a lone surrogate (an escape such as \\ud800 without its "
                             "pair), which is not text")
@@ -667,25 +715,25 @@ def answer_dataset(prompt: str, like: Dataset, completion: str | None = None,
     if completion_ids is None:
         if not completion or not is_text(completion):
             raise UserError("--completion must be non-empty text (the answer to attribute)")
-        ids, _, starts = tokenizer.encode_pairs([prompt], [completion], None)
-        ids, start = ids[0], int(starts[0])
+        ids, mask = like.encode_answer(prompt, completion)
     else:
-        prompt_ids = tokenizer.encode_prompt(prompt)
-        ids, start = np.asarray(prompt_ids + list(completion_ids), dtype=np.int32), len(prompt_ids)
+        prompt_ids = like.answer_prompt_ids(prompt)
+        ids = np.asarray(prompt_ids + list(completion_ids), dtype=np.int32)
+        mask = np.arange(len(ids)) >= len(prompt_ids)
     if like.max_length is not None and len(ids) > like.max_length:
         raise UserError(f"the prompt and its answer take {len(ids)} tokens, more than the store's --max-length "
                         f"{like.max_length}; a shorter answer (--max-new-tokens) is scored whole")
-    text = prompt + tokenizer.decode([int(i) for i in ids[start:]])
-    name = hashlib.sha256(ids.astype("<i4").tobytes() + start.to_bytes(4, "little")).hexdigest()[:16]
-    tokens = GivenTokens([ids], [np.arange(len(ids)) >= start])
+    text = prompt + tokenizer.decode([int(i) for i in ids[mask]])
+    name = hashlib.sha256(ids.astype("<i4").tobytes() + np.packbits(mask).tobytes()).hexdigest()[:16]
+    tokens = GivenTokens([ids], [mask])
     return TextDataset(f"answer:{name}", [text], ["(the answer)"], np.zeros(1), (), tokenizer, like.max_length,
                        tokens=tokens, prompts=[prompt])
 
 
 def text_dataset(spec: str, rows: list[dict], tokenizer: str, max_length: int | None) -> TextDataset:
     """The texts of `rows` (with their labels and sources), tokenized with `tokenizer`."""
-    if max_length is not None and max_length < 2:
-        raise UserError(f"--max-length must be at least 2 tokens, got {max_length}")
+    if max_length is not None and not 2 <= max_length <= MAX_TOKENS:
+        raise UserError(f"--max-length must lie between 2 and {MAX_TOKENS} tokens, got {max_length}")
     labels = [row.get("label") for row in rows]
     given = [label for label in labels if label is not None]
     if given and len(given) != len(labels):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from trakwomp.errors import UserError
+from trakwomp.settings import check_seed
 
 TILE_ROWS = 4096
 TILE_CACHE_BYTES = 2 << 30  # a dense projector keeps its tiles up to this size, else regenerates them per call
@@ -65,6 +66,7 @@ class ProjectorSpec:
             raise UserError(f"unknown --projector {self.kind!r}: expected one of {', '.join(KINDS)}")
         if (self.blocks is not None and self.blocks < 1) or self.block_dim < 1 or self.tile_rows < 1:
             raise UserError("--blocks and --block-dim must be at least 1")
+        check_seed("--projector-seed", self.seed)
         if self.kind == "factored":
             side_dim(self.block_dim)
 

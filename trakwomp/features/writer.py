@@ -142,13 +142,15 @@ def write_features(handle: Store, data: Dataset, model: ModelSpec, task: Task, s
                    progress: Progress, prefix: str, report: FeaturizeReport) -> Iterator[tuple[tuple[int, int], dict]]:
     """Featurize the (model, row chunk) units `todo` of `data` into
     `<prefix>features/<model>/{phi,q,margins}` (margins: the task's output f), yielding each unit
-    with its done marker's info once its rows are written (the caller publishes it)."""
+    with its done marker's info (its rows, and the hash of the weights they came from) once its
+    rows are written (the caller publishes it)."""
     n = len(data)
     start = time.perf_counter()
     for model_id in sorted({m for m, _ in todo}):
         net = load_registered_model(handle, model_id, model, task.output_size(data))
         engine = settings.method.engine(net, settings.layout, settings.parameter_names, settings.num_params, model_id,
                                         device, task)
+        weights = handle.manifest["models"][model_id]["sha256"]
         first = min(c for m, c in todo if m == model_id)
         engine.check(coverage_batch(data, np.arange(first * chunk_rows, min(n, (first + 1) * chunk_rows))))
         base = layout.features(model_id, prefix)
@@ -167,7 +169,7 @@ def write_features(handle: Store, data: Dataset, model: ModelSpec, task: Task, s
             phi[rows.start:rows.stop] = stored
             q[rows.start:rows.stop] = q_rows.numpy()
             f[rows.start:rows.stop] = f_rows.numpy()
-            yield (model_id, chunk), {"rows": [rows.start, rows.stop]}
+            yield (model_id, chunk), {"rows": [rows.start, rows.stop], "weights_sha256": weights}
             report.units_done += 1
             report.examples += len(rows)
             progress.unit_finished(name, f"{len(rows)} examples")

@@ -105,9 +105,28 @@ def run_of(entry: dict) -> str:
     return entry.get("run", entry["source"])
 
 
-def load_registered_model(handle: Store, model_id: int, spec: ModelSpec, output_size: int) -> nn.Module:
+def verified_state(handle: Store, model_id: int) -> dict[str, torch.Tensor]:
+    """Registered model `model_id`'s stored weights, checked against the hash its registry
+    entry records (weights copied in from elsewhere are refused)."""
     entry = handle.manifest["models"][model_id]
     state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(entry["weights"]).items()}
     if state_hash(state) != entry["sha256"]:
         raise UserError(f"store {handle.location!r}: the weights of model {model_id} do not match their recorded hash")
-    return spec.load_state(spec.build(output_size), state)
+    return state
+
+
+def load_registered_model(handle: Store, model_id: int, spec: ModelSpec, output_size: int) -> nn.Module:
+    return spec.load_state(spec.build(output_size), verified_state(handle, model_id))
+
+
+def check_made_from(handle: Store, stage: str, units: list[str], model_id: int) -> None:
+    """Refuse features (the done units `units` of `stage`) that record other weights than
+    registered model `model_id`'s (features copied in from another store or model); markers of
+    stores made before they recorded weights are taken as they are."""
+    digest = handle.manifest["models"][model_id]["sha256"]
+    for unit in units:
+        recorded = (handle.done_info(stage, unit) or {}).get("weights_sha256", digest)
+        if recorded != digest:
+            raise UserError(f"store {handle.location!r}: the features {stage}/{unit} were made from other weights than "
+                            f"model {model_id}'s (sha256 {recorded[:16]}, not {digest[:16]}); remove them and "
+                            "featurize again")

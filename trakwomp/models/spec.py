@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from trakwomp.models.networks import GPT, GPT_DEFAULTS, resnet9
 from trakwomp.tasks.base import Task, logits_of
 
 BUILTIN_MODELS = ("resnet9", "gpt")
+GPT_LIMITS = {"width": 1 << 14, "layers": 1024}
+RESNET9_MAX_WIDTH = 64.0
+TRAINING_COPIES = 4  # weights, gradients and two optimizer moments
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,8 @@ class ModelSpec:
             return cls._gpt(width, layers, heads)
         if spec == "resnet9":
             width = 1.0 if width is None else float(width)
-            if not width > 0:
-                raise UserError(f"--width must be positive, got {width}")
+            if not 0 < width <= RESNET9_MAX_WIDTH:
+                raise UserError(f"resnet9 takes a --width above 0 and up to {RESNET9_MAX_WIDTH}, got {width:g}")
             return cls(spec, width)
         if not (is_object_spec(spec) or (spec.startswith("hf:") and len(spec) > 3)):
             raise UserError(f"malformed model spec {spec!r}: expected one of {', '.join(BUILTIN_MODELS)}, hf:DIR or "
@@ -83,6 +87,9 @@ class ModelSpec:
         if width != int(width) or width < 1 or layers < 1 or heads < 1 or int(width) % heads:
             raise UserError(f"gpt needs a whole --width divisible by --heads and at least 1 layer, got width {width:g}, "
                             f"{layers} layers, {heads} heads")
+        if width > GPT_LIMITS["width"] or layers > GPT_LIMITS["layers"]:
+            raise UserError(f"gpt takes --width up to {GPT_LIMITS['width']} and --layers up to {GPT_LIMITS['layers']}, "
+                            f"got width {width:g}, {layers} layers")
         return cls("gpt", int(width), int(layers), int(heads))
 
     def as_dict(self) -> dict:
@@ -118,8 +125,17 @@ class ModelSpec:
         return trainable_state(net) if self.lora is not None else net.state_dict()
 
     def load_state(self, net: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-        """`net` with the weights `state` (as `stored_state` gives them), in eval mode."""
-        net.load_state_dict(state, strict=self.lora is None)
+        """`net` with the weights `state` (as `stored_state` gives them), in eval mode; weights
+        missing, left over or of another shape are refused in one line."""
+        expected = set(self.stored_state(net))
+        if set(state) != expected:
+            names = sorted(expected ^ set(state))
+            raise UserError(f"the weights do not fit the model {self}: {len(names)} tensor(s) missing or left over "
+                            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+        try:
+            net.load_state_dict(state, strict=self.lora is None)
+        except RuntimeError as e:
+            raise UserError(f"the weights do not fit the model {self}: {str(e).splitlines()[-1].strip()}") from None
         return net.eval()
 
     def build(self, output_size: int) -> nn.Module:
@@ -127,9 +143,9 @@ class ModelSpec:
         `output_size` outputs (classes, or the vocabulary of a language model); parameters are
         drawn from torch's global generator."""
         if self.name == "resnet9":
-            return resnet9(output_size, self.width)
+            return within_memory(self, lambda: resnet9(output_size, self.width))
         if self.name == "gpt":
-            return GPT(output_size, self.width, self.layers, self.heads)
+            return within_memory(self, lambda: GPT(output_size, self.width, self.layers, self.heads))
         if self.name.startswith("hf:") and self.lora is not None:
             check_base(self.name[3:], self.base_sha256)
             net = load_huggingface(self.name[3:])
@@ -142,6 +158,18 @@ class ModelSpec:
         if not isinstance(model, nn.Module):
             raise UserError(f"model factory {self.name!r} returned {type(model).__name__}, not a torch.nn.Module")
         return model
+
+
+def within_memory(spec: ModelSpec, make) -> nn.Module:
+    """`make()`, once the same model built on the meta device (no memory) shows that
+    TRAINING_COPIES float32 copies of its parameters fit in this machine's memory."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in make().parameters())
+    need, memory = TRAINING_COPIES * 4 * count, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory:
+        raise UserError(f"model {spec} has {count:,} parameters: {TRAINING_COPIES} float32 copies of them "
+                        f"({need / 2**30:,.1f} GiB) do not fit in this machine's {memory / 2**30:,.1f} GiB")
+    return make()
 
 
 def refuse_beyond_context(lengths, bound: str, dataset, context: int, spec: ModelSpec) -> None:

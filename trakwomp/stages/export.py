@@ -3,51 +3,35 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from trakwomp.data.base import Dataset
-from trakwomp.errors import UserError
 from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
+from trakwomp.outputs import check_output, csv_cell, write_atomically
 from trakwomp.stages.bindings import stored_dataset
 from trakwomp.stages.stored_scores import find_scores_by_key, iterate_scores
 from trakwomp.store import Store, layout
-from trakwomp.store.durable import fsync_path
 
 
 def export_scores(store: str | Path, key: str, out: str | Path, threshold: float = DEFAULT_THRESHOLD) -> tuple[int, int]:
-    """Write the (n_targets, n_train) scores `key`, soft-thresholded, to an .npy file, streaming.
-    The file appears whole or not at all: it is written to a temporary file beside `out`, made
-    durable, and renamed over `out` (a kill leaves `out` as it was, and at most the temporary)."""
+    """Write the (n_targets, n_train) scores `key`, soft-thresholded, to an .npy file, streaming
+    block by block; the file appears whole or not at all (`write_atomically`)."""
+    check_output("--out", out, (".npy",), store)
     handle = Store.open(store)
     find_scores_by_key(handle, key)
     tau = handle.array(layout.scores(key))
-    out = Path(out)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
-        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=tau.shape)
-        for rows, block in iterate_scores(handle, key, threshold):
-            array[rows.start:rows.stop] = block
-        array.flush()
-        del array
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(partial, out)
-        fsync_path(out.parent)
-    except OSError as e:
-        raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
-    finally:
-        partial.unlink(missing_ok=True)
+
+    def write(f) -> None:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": tau.shape})
+        for _, block in iterate_scores(handle, key, threshold):
+            f.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+
+    write_atomically(out, write)
     return tau.shape
-
-
-def check_output_folder(flag: str, path: str | Path | None) -> None:
-    """Refuse, before any work, an output file whose folder does not exist."""
-    if path is not None and not Path(path).parent.is_dir():
-        raise UserError(f"{flag} {str(path)!r}: there is no folder {str(Path(path).parent)!r}")
 
 
 def top_k_rows(store: str | Path, key: str, targets: Dataset, k: int, threshold: float = DEFAULT_THRESHOLD,
@@ -90,16 +74,21 @@ def strongest(scores: np.ndarray, k: int) -> list[tuple[str, int, int]]:
             + [("opposes", rank, int(i)) for rank, i in enumerate(order[scores[order] < 0], 1)])
 
 
+TABLE_SUFFIXES = (".csv", ".json")
+
+
 def write_table(rows: list[dict], out: str | Path) -> None:
-    """Rows as CSV, or as JSON if `out` ends in .json."""
-    out = Path(out)
-    try:
-        if out.suffix == ".json":
-            out.write_text(json.dumps(rows, indent=1))
+    """Rows as CSV (cells that would start a spreadsheet formula neutralized: `csv_cell`), or as
+    JSON, exact, if `out` ends in .json; written atomically."""
+    def write(f) -> None:
+        if Path(out).suffix.lower() == ".json":
+            f.write(json.dumps(rows, indent=1).encode("utf-8"))
             return
-        with out.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["target"])
-            writer.writeheader()
-            writer.writerows(rows)
-    except OSError as e:
-        raise UserError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["target"])
+        writer.writeheader()
+        writer.writerows({key: csv_cell(value) for key, value in row.items()} for row in rows)
+        text.flush()
+        text.detach()
+
+    write_atomically(out, write)

@@ -86,7 +86,7 @@ class Finalize(Stage[tuple[int, int], FinalizeReport]):
             padded = torch.zeros(width, width, dtype=torch.float64)
             padded[:len(inverse), :len(inverse)] = inverse.cpu()
             out[block] = padded.numpy()
-            yield (model_id, block), None
+            yield (model_id, block), {"weights_sha256": handle.manifest["models"][model_id]["sha256"]}
             report.units_done += 1
             progress.advance(1)
             progress.unit_finished(name, f"{len(inverse)} x {len(inverse)} inverse")

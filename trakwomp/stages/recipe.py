@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from trakwomp.errors import UserError
-from trakwomp.settings import option
+from trakwomp.settings import check_seed, check_threads, option
 from trakwomp.tasks.base import Task
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -78,8 +78,8 @@ class Recipe:
             raise UserError("--epochs and --batch-size must be at least 1")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
-        if self.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {self.threads}")
+        check_threads(self.threads)
+        check_seed("--seed", self.seed)
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         object.__setattr__(self, "exclude_groups", tuple(sorted(set(self.exclude_groups))))

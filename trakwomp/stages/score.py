@@ -29,8 +29,9 @@ from trakwomp.features.writer import (
     batch_size_that_fits,
     write_features,
 )
-from trakwomp.models.registry import load_registered_model
+from trakwomp.models.registry import check_made_from, load_registered_model
 from trakwomp.models.spec import ModelSpec, check_model_fits_data
+from trakwomp.outputs import check_output
 from trakwomp.runtime import (
     Progress,
     Shard,
@@ -39,7 +40,7 @@ from trakwomp.runtime import (
 from trakwomp.settings import option
 from trakwomp.stages.bindings import bind_model, bind_tokenizer, stored_task
 from trakwomp.stages.export import (
-    check_output_folder,
+    TABLE_SUFFIXES,
     export_scores,
     top_k_rows,
     write_table,
@@ -67,8 +68,11 @@ class ScoreReport:
 
 
 def check_finalized(handle: Store, view: View, model_ids: list[int]) -> None:
+    """Every block of the view finalized for each model, from that model's registered weights."""
     for model_id in model_ids:
-        done = len(handle.done_units("finalize", layout.unit(view.key, model_id)))
+        blocks = handle.done_units("finalize", layout.unit(view.key, model_id))
+        check_made_from(handle, "finalize", [layout.unit(view.key, model_id, int(b)) for b in blocks], model_id)
+        done = len(blocks)
         if done < view.blocks:
             raise UserError(f"view {view.key} of model {model_id} is finalized in {done} of {view.blocks} blocks; "
                             f"run `trakwomp finalize {handle.location} --dims {view.dims} --blocks {view.blocks}"
@@ -102,8 +106,9 @@ class Score(Stage[int, ScoreReport]):
         self.targets = targets
 
     def check(self, store: str | Path) -> Store:
+        self.location = store
         self.check_settings()
-        handle, self.location = Store.open(store), store
+        handle = Store.open(store)
         self.view = store_view(handle, self.settings.view)
         self.model_ids = featurized_models(handle, self.settings.models)
         check_finalized(handle, self.view, self.model_ids)
@@ -122,8 +127,8 @@ class Score(Stage[int, ScoreReport]):
         if given.top_k < 0:
             raise UserError("--top-k must be >= 0")
         check_threshold(given.threshold)
-        check_output_folder("--out", given.out)
-        check_output_folder("--top-k-out", given.top_k_out if given.top_k else None)
+        check_output("--out", given.out, (".npy",), self.location)
+        check_output("--top-k-out", given.top_k_out if given.top_k else None, TABLE_SUFFIXES, self.location)
 
     def check_targets(self, handle: Store) -> None:
         """The targets against the store (transform, tokenizer, classes) and the model on them."""
@@ -192,6 +197,8 @@ class Score(Stage[int, ScoreReport]):
         stage = layout.target_features_stage(self.targets_id)
         todo = [(m, chunk) for m in self.model_ids for chunk in chunks
                 if handle.done_info(stage, layout.unit(m, chunk)) is None]
+        for m in self.model_ids:
+            check_made_from(handle, stage, [layout.unit(m, c) for c in chunks if (m, c) not in todo], m)
         for unit, info in write_features(handle, self.targets, self.model, self.task, self.features, todo,
                                          self.settings.target_chunk_rows, batch_size, self.device, StepsOnly(progress),
                                          layout.targets_prefix(self.targets_id), FeaturizeReport()):

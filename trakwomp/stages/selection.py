@@ -7,6 +7,7 @@ import re
 
 from trakwomp.errors import UserError
 from trakwomp.estimator.view import View, ViewSpec
+from trakwomp.models.registry import check_made_from
 from trakwomp.store import Store, layout
 
 
@@ -39,7 +40,9 @@ def featurized_models(handle: Store, requested: list[int] | None) -> list[int]:
     for model_id in ids:
         if model_id not in registered:
             raise UserError(f"model {model_id} is not in store {handle.location!r} (models: {registered})")
-        done = len(handle.done_units("featurize", layout.unit(model_id)))
+        chunks = handle.done_units("featurize", layout.unit(model_id))
+        check_made_from(handle, "featurize", [layout.unit(model_id, int(c)) for c in chunks], model_id)
+        done = len(chunks)
         if done < num_chunks:
             raise UserError(f"model {model_id} is featurized in {done} of {num_chunks} row chunks; "
                             "finish `trakwomp featurize` first")

@@ -50,8 +50,10 @@ def find_scores(handle: Store, view: View, model_ids: list[int], targets_sha: st
     if len(candidates) > 1:
         raise UserError(f"several target sets are scored at view {view.key}; pass --targets to choose one")
     if not candidates:
+        answers = "explain's answers are kept apart from scores and read by explain only; " \
+            if not scored and handle.manifest.get("answers") else ""
         raise UserError(f"no scores at view {view.key} for models {compact_ids(model_ids)}"
-                        f"{' and these targets' if targets_sha else ''}; run `trakwomp score` first")
+                        f"{' and these targets' if targets_sha else ''}; {answers}run `trakwomp score` first")
     return find_scores_by_key(handle, candidates[0])
 
 
