@@ -12,12 +12,13 @@
 # tokens; TRAK (one block of 1,024
 # dims) and TRAK-WOMP (16 blocks of 1,024 dims, from the same single featurization); LDS of both
 # on the 200 test texts, and the train texts that most support and oppose test text 0 (also
-# written, escaped, to STORE/show.html); then what the store holds.
+# written, escaped, to STORE-exports/show.html, beside the store); then what the store holds.
 set -euo pipefail
 store="${1:-demo-text-store}"
 seed="${SEED:-0}"
 recipe=(--task causal-lm --data fortunes-mini:train --model gpt --seed "$seed")
 targets=fortunes-mini:test
 top_k=()
-show=(--k 3 --out "$store/show.html")
+exports="${store%/}-exports"
+show=(--k 3 --out "$exports/show.html")
 source "$(dirname "$0")/pipeline.sh"
