@@ -53,14 +53,14 @@ def median_seconds(store: Path, queries: list[tuple[str, str]], max_answers: int
 
 def fill(store: Path, count: int, max_answers: int) -> float:
     """Add answers until `count` are kept, each as explain adds one (random scores); seconds taken."""
-    from trakwomp.stages.answers import STAGE, kept_answers, reserve
+    from trakwomp.stages.answers import STAGE, reserve
     from trakwomp.store import Store, layout
 
     handle = Store.open(store)
-    n, rng = handle.manifest["dataset"]["num_examples"], np.random.default_rng(0)
-    weights = {str(e["id"]): e["sha256"] for e in handle.manifest["models"]}
+    n, rng = handle.manifest.num_examples, np.random.default_rng(0)
+    weights = {str(e.id): e.sha256 for e in handle.manifest.models}
     began = time.perf_counter()
-    for i in range(kept_answers(handle.manifest), count):
+    for i in range(handle.manifest.answers.kept, count):
         key = f"filler{i:08d}"
         seq = reserve(handle, key, max_answers)
         handle.write_array(layout.answer(key) + "tau", rng.standard_normal((1, n)).astype(np.float32))
@@ -69,11 +69,10 @@ def fill(store: Path, count: int, max_answers: int) -> float:
 
 
 def store_facts(store: Path) -> dict:
-    from trakwomp.stages.answers import kept_answers
     from trakwomp.store import Store
 
     manifest = Store.open(store).manifest
-    return {"answers_kept": kept_answers(manifest), "manifest_bytes": len(json.dumps(manifest)),
+    return {"answers_kept": manifest.answers.kept, "manifest_bytes": len(json.dumps(manifest.json)),
             "files": sum(1 for p in store.rglob("*") if p.is_file())}
 
 

@@ -53,10 +53,10 @@ def train_variant(store: str, work: str, group: str | None, seeds: int, shard: S
     """Shard `shard` of `seeds` models on the train set (without `group`), outputs on the targets."""
     handle = Store.open(store)
     manifest = handle.manifest
-    recipe = replace(Recipe(**manifest["train_reference"]), alpha=1.0,
+    recipe = replace(Recipe(**manifest.train_reference.json), alpha=1.0,
                      exclude_groups=() if group is None else (group,))
-    targets = load_store_data(store, manifest["lds_targets_source"]["spec"])
-    train(variant_store(Path(work), group), stored_dataset(handle), ModelSpec.of_store(manifest["model"], store),
+    targets = load_store_data(store, manifest.lds_targets_source.spec)
+    train(variant_store(Path(work), group), stored_dataset(handle), ModelSpec.of_store(manifest.model, store),
           task=stored_task(handle), role="lds", num_models=seeds, targets=targets, recipe=recipe, shard=shard,
           groups=resolve_groups(handle, None))
 

@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=1e-3)
     args = parser.parse_args()
     handle = Store.open(args.store)
-    (targets,) = handle.manifest["targets"]
+    (targets,) = handle.manifest.targets
     phi = handle.array("features/000000/phi")[...].astype(np.float64)
     target_phi = handle.array(f"targets/{targets}/features/000000/phi")[...].astype(np.float64)
     q = handle.array("features/000000/q")[...].astype(np.float64)

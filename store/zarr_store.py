@@ -30,7 +30,7 @@ from trakwomp.store import layout
 from trakwomp.store.durable import DurableStore
 from trakwomp.store.errors import StoreError, StoreWriteError
 from trakwomp.store.lease import ObjectStoreLease
-from trakwomp.store.manifest import ManifestError, check_manifest
+from trakwomp.store.records import Manifest, ManifestError, read_manifest, record_asked
 from zarr.core.sync import collect_aiterator, sync
 from zarr.storage import FsspecStore, LocalStore
 
@@ -79,6 +79,7 @@ class Store:
         self._group = group
         self.location = location
         self._durable = durable
+        self._manifest: Manifest | None = None
 
     @classmethod
     def open(cls, location: str | Path, create: bool = False) -> "Store":
@@ -105,20 +106,24 @@ class Store:
         return store
 
     def check_manifest(self, exists: bool = True) -> None:
-        """Refuse a manifest that is not a trakwomp store's, is newer than this version reads, or
-        does not fit the schema (store/manifest.py), in one line naming the field."""
-        manifest = self._group.attrs.get(MANIFEST_KEY, {})
+        """Read the manifest as records (store/records.py); refuse one that is not a trakwomp
+        store's, is newer than this version reads, or does not fit its records, in one line
+        naming the field."""
+        manifest = json.loads(json.dumps(self._group.attrs.get(MANIFEST_KEY, {})))
         if exists and not manifest:
             raise StoreError(f"{self.location!r} is a Zarr group but not a trakwomp store")
-        try:
-            check_manifest(manifest, FORMAT_VERSION)
-        except ManifestError as e:
-            raise self.damaged(str(e)) from None
-        if manifest.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        self._manifest = self._read(manifest)
+        if self._manifest.format_version > FORMAT_VERSION:
             raise StoreError(
-                f"store {self.location!r} has format version {manifest['format_version']}, newer than this "
+                f"store {self.location!r} has format version {self._manifest.format_version}, newer than this "
                 f"trakwomp reads ({FORMAT_VERSION}); upgrade trakwomp"
             )
+
+    def _read(self, manifest: Any) -> Manifest:
+        try:
+            return read_manifest(manifest, FORMAT_VERSION)
+        except ManifestError as e:
+            raise self.damaged(str(e)) from None
 
     @classmethod
     def open_existing(cls, location: str | Path) -> "Store | None":
@@ -129,8 +134,10 @@ class Store:
         return cls.open(location) if exists else None
 
     @property
-    def manifest(self) -> dict:
-        return json.loads(json.dumps(self._group.attrs.get(MANIFEST_KEY, {})))
+    def manifest(self) -> Manifest:
+        """The manifest as this handle last read it (at open, and after each of its updates)."""
+        assert self._manifest is not None
+        return self._manifest
 
     @contextlib.contextmanager
     def _manifest_lock(self):
@@ -157,14 +164,17 @@ class Store:
         with self._manifest_lock() as still_held:
             self._group = zarr.open_group(store=self._durable, mode="r+", zarr_format=3)
             self.check_manifest()
-            before = self.manifest
+            before = self.manifest.json
             manifest = json.loads(json.dumps(before))
             result = change(manifest)
             if manifest != before:
+                manifest = json.loads(json.dumps(manifest))
+                records = self._read(manifest)  # a change that would not read back is never written
                 still_held()
                 self._durable.sync()  # data written before are durable before the manifest names them
-                self._group.attrs[MANIFEST_KEY] = json.loads(json.dumps(manifest))
+                self._group.attrs[MANIFEST_KEY] = manifest
                 self._durable.sync()
+                self._manifest = records
             return result
 
     def bind(self, section: str, value: Any, hint: str = "") -> None:
@@ -174,13 +184,19 @@ class Store:
         value = json.loads(json.dumps(value))
 
         def check_or_record(manifest: dict) -> None:
-            if section not in manifest:
-                manifest[section] = value
-            elif manifest[section] != value:
-                message = f"store {self.location!r} does not match: " + _describe_difference(section, manifest[section], value)
-                raise StoreError(message + (f"; {hint}" if hint else ""))
+            self._check_bound(manifest, section, value, hint)
+            manifest.setdefault(section, value)
 
         self.update(check_or_record)
+
+    def check_bound(self, section: str, value: Any, hint: str = "") -> None:
+        """Refuse `value` if the store records another `section` (what `bind` would refuse); writes nothing."""
+        self._check_bound(self.manifest.json, section, json.loads(json.dumps(value)), hint)
+
+    def _check_bound(self, manifest: dict, section: str, value: Any, hint: str) -> None:
+        if section in manifest and manifest[section] != value:
+            message = f"store {self.location!r} does not match: " + _describe_difference(section, manifest[section], value)
+            raise StoreError(message + (f"; {hint}" if hint else ""))
 
     def set_section(self, section: str, value: Any) -> None:
         """Replace the manifest section `section` (for a record of the latest inputs, such as a path)."""
@@ -196,15 +212,7 @@ class Store:
         """Record in the manifest section "asked" that `work` was asked for: a number of units
         (the largest asked is kept) or a list of ids (their union is kept). `status` compares it
         with what is done."""
-        def record(manifest: dict) -> None:
-            asked = manifest.setdefault("asked", {})
-            before = asked.get(work)
-            if isinstance(amount, int):
-                asked[work] = max(before or 0, amount)
-            else:
-                asked[work] = sorted(set(before or []) | set(amount))
-
-        self.update(record)
+        self.update(record_asked(work, amount))
 
     def mark_done(self, stage: str, unit: str, info: dict | None = None) -> None:
         """Publish `unit` of `stage` as finished: call only after all its data are written.

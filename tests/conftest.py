@@ -101,7 +101,7 @@ def block_diagonal_scores(handle, widths: list[int], target_prefix: str, ridge: 
     over every registered model, G_m,b = Phi_m,b^T Phi_m,b and r = ridge * mean(diag G_m,b): eq. 3
     from the stored features, independently of the streaming score stage."""
     edges = np.cumsum([0] + widths)
-    models = [entry["id"] for entry in handle.manifest["models"]]
+    models = [entry.id for entry in handle.manifest.models]
     total, q_sum = 0, 0
     for m in models:
         phi = handle.array(f"features/{m:06d}/phi")[...].astype(np.float64)

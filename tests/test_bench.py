@@ -276,7 +276,7 @@ def test_lora_smoke_fine_tunes_one_base_and_reports_every_attribution(tmp_path):
     from trakwomp.store import Store
 
     lora = Store.open(work / "lora")
-    weights = lora.read_arrays(lora.manifest["models"][0]["weights"])
+    weights = lora.read_arrays(lora.manifest.models[0].weights)
     assert weights and all(".lora_" in name for name in weights)
     train, targets = ([json.loads(line)["source"] for line in (work / f"{name}.jsonl").read_text().splitlines()]
                       for name in ("train", "targets"))

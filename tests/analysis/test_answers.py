@@ -57,14 +57,14 @@ def test_answers_stay_apart_bounded_first_in_first_out_and_read_back_equal(store
     """Five answers kept at most three: the manifest's size stays that of one answer; the two
     oldest are removed (asked again, computed afresh), the newest read back; a read-back answer's
     rows equal those computed; scores, show and status are as without answers."""
-    before = Store.open(store).manifest
+    before = Store.open(store).manifest.json
     first = explain(store, PROMPT, "one", k=2, view=VIEW, max_answers=3)
     size = manifest_bytes(store)
     for completion in ("two", "three", "four", "five"):
         assert not explain(store, PROMPT, completion, k=2, view=VIEW, max_answers=3).cached
     handle = Store.open(store)
-    assert manifest_bytes(store) == size and handle.manifest["answers"] == {"first": 2, "next": 5}
-    assert {k: v for k, v in handle.manifest.items() if k != "answers"} == before
+    assert manifest_bytes(store) == size and handle.manifest.json["answers"] == {"first": 2, "next": 5}
+    assert {k: v for k, v in handle.manifest.json.items() if k != "answers"} == before
     kept = handle.children("answers")
     assert len(kept) == 3 and first.key not in kept and len(handle.children("answer_order")) == 3
     again = explain(store, PROMPT, "five", k=2, view=VIEW, max_answers=3)

@@ -82,7 +82,7 @@ def test_the_answers_scores_are_eq3_of_its_completion_only_gradients(answers, tm
     assert not explained.generated and explained.answer == answer
     handle = Store.open(store)
     prefix = f"answers/{explained.key}/"  # the answer's own area, apart from score's scores
-    assert "scores" not in handle.manifest and "targets" not in handle.manifest
+    assert not handle.manifest.scores and not handle.manifest.targets
     dense = block_diagonal_scores(handle, [8, 8], prefix, 0.01)
     np.testing.assert_allclose(handle.read_array(f"{prefix}tau"), dense, rtol=1e-3,
                                atol=1e-6 * np.abs(dense).max())

@@ -94,6 +94,6 @@ def test_train_examples_are_never_shown_or_grouped_from_data_changed_since_the_s
                      ["groups", root / "store"]):
             result = CliRunner().invoke(app, [str(a) for a in args])
             assert result.exit_code == 2 and "changed since the store was made" in plain(result.stderr), result.output
-        assert "groups" not in Store.open(root / "store").manifest and not (tmp_path / "page.html").exists()
+        assert Store.open(root / "store").manifest.groups is None and not (tmp_path / "page.html").exists()
     finally:
         write_jsonl(text_store / "train.jsonl", fortunes("train", 24))

@@ -159,7 +159,7 @@ def test_featurized_train_examples_carry_the_loss_the_model_was_trained_on(promp
     data = load_dataset(f"jsonl:{prompts}")
     recipe = Recipe.for_task(CausalLM(), epochs=1, train_on_prompt=train_on_prompt)
     train(tmp_path / "store", data, TINY_GPT, task=CausalLM(), recipe=recipe)
-    assert Store.open(tmp_path / "store").manifest["train_reference"].get("train_on_prompt", False) == train_on_prompt
+    assert Store.open(tmp_path / "store").manifest.train_reference.train_on_prompt == train_on_prompt
     net = load_reference_model(tmp_path / "store", 0, data.vocab_size)
     names = select_parameters(net, None)
     p = sum(param.numel() for param in net.parameters())

@@ -213,7 +213,7 @@ def test_featurized_text_equals_autograd_gradients_of_the_trained_model(tmp_path
     expected, f = causal_lm_autograd_loop(net, [data[i] for i in range(len(data))], task, names)
     torch.testing.assert_close(torch.from_numpy(store.array("features/000000/phi")[...]), expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(torch.from_numpy(store.array("features/000000/margins")[...]), f.float(), rtol=1e-5, atol=1e-5)
-    assert store.manifest["task"] == {"name": "causal-lm", "output": "token"}
+    assert store.manifest.task.json == {"name": "causal-lm", "output": "token"}
 
 
 def test_every_command_on_text_and_an_escaped_html_page(tmp_path, cli):
@@ -232,7 +232,7 @@ def test_every_command_on_text_and_an_escaped_html_page(tmp_path, cli):
     result = cli("lds", store, "--blocks", "1", "--blocks", "4", "--json")
     report = json.loads(result.stdout)
     handle = Store.open(store)
-    keys = {blocks: next(k for k in handle.manifest["scores"] if f"-b{blocks}-" in k) for blocks in (1, 4)}
+    keys = {blocks: next(k for k in handle.manifest.scores if f"-b{blocks}-" in k) for blocks in (1, 4)}
     assert [r["targets"] for r in report["results"]] == [6, 6] and report["results"][0]["models"] == 4
     for result_row, blocks in zip(report["results"], (1, 4)):
         assert result_row["lds"] == pytest.approx(independent_lds(handle, keys[blocks]), abs=1e-9)
@@ -270,10 +270,10 @@ def test_a_hugging_face_model_and_tokenizer_from_a_folder_through_the_pipeline(t
         result = cli(*args, "-q")
         assert result.exit_code == 0, plain(result.output)
     handle = Store.open(store)
-    (key, entry), = handle.manifest["scores"].items()
+    (key, entry), = handle.manifest.json["scores"].items()
     np.testing.assert_allclose(handle.read_array(f"scores/{key}/tau"),
                                block_diagonal_scores(handle, [8, 8], f"targets/{entry['targets']}/", 0.01),
                                rtol=1e-3, atol=1e-6)
     manifest = Store.open(store).manifest
-    assert manifest["tokenizer"]["spec"] == "hf" and manifest["dataset_source"]["max_length"] == 24
-    assert manifest["model"]["name"] == hf
+    assert manifest.tokenizer.spec == "hf" and manifest.dataset_source.max_length == 24
+    assert manifest.model.name == hf

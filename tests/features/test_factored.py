@@ -134,8 +134,8 @@ def test_per_layer_blocks_of_different_widths_through_finalize_and_score(trained
     report = featurize(store, projector=ProjectorSpec("factored", seed=1, block_dim=36), chunk_rows=10, batch_size=7)
     assert report.left_out and all("." in name for name in report.left_out)  # the batch norms
     handle = Store.open(store)
-    widths = [l["rank_rows"] * l["rank_cols"] for l in handle.manifest["featurize"]["layers"]]
-    assert len(set(widths)) > 1 and handle.manifest["featurize"]["projector"]["blocks"] == len(widths)
+    widths = [l.rank_rows * l.rank_cols for l in handle.manifest.featurize.layers]
+    assert len(set(widths)) > 1 and handle.manifest.featurize.projector.blocks == len(widths)
     targets = load_dataset(f"npz:{trained_once / 'tiny.npz'}").select(np.arange(6))
     # the last layer's gradients span 3 of its 4 output directions (a margin's logit gradient sums to 0)
     with pytest.raises(UserError, match=r"block 8 \(layer 10.weight\).*not positive definite.*sums to zero"):
@@ -144,7 +144,7 @@ def test_per_layer_blocks_of_different_widths_through_finalize_and_score(trained
     layers = score(store, targets, ViewSpec(ridge=1e-3))
     assert layers.view.key == f"d{sum(widths)}-layers{len(widths)}-ridge0.001"
     handle = Store.open(store)
-    prefix = f"targets/{handle.manifest['scores'][layers.key]['targets']}/"
+    prefix = f"targets/{handle.manifest.scores[layers.key].targets}/"
     np.testing.assert_allclose(handle.array(f"scores/{layers.key}/tau")[...],
                                block_diagonal_scores(handle, widths, prefix, 1e-3), rtol=1e-3, atol=1e-6)
     # the same features regrouped into equal blocks: 2 blocks of half the dims
@@ -166,12 +166,12 @@ def nothing_held(monkeypatch):
 
 def test_a_model_too_large_for_the_memory_limit_is_refused_before_any_write(trained_once, tmp_path, cli, nothing_held):
     store = shutil.copytree(trained_once / "store", tmp_path / "store")
-    before = Store.open(store).manifest
+    before = Store.open(store).manifest.json
     result = cli("featurize", store, "--projector", "sjlt", "--blocks", "64", "--block-dim", "64", "--max-memory", "5M")
     assert result.exit_code == 2
     lines = plain(result.stderr).strip().splitlines()
     assert len(lines) == 1 and "sjlt tables (64 blocks)" in lines[0] and "--projector factored" in lines[0]
-    assert Store.open(store).manifest == before
+    assert Store.open(store).manifest.json == before
 
 
 def test_the_batch_size_is_lowered_to_what_fits_and_features_do_not_change(trained_once, tmp_path, nothing_held):
@@ -204,9 +204,9 @@ def test_without_projector_options_a_model_beyond_20m_parameters_gets_the_factor
     torch.save(big.state_dict(), tmp_path / "big.pt")
     data = ["--data", f"npz:{trained_once / 'tiny.npz'}", "--checkpoint", str(tmp_path / "big.pt"), "--quiet"]
     assert cli("featurize", tmp_path / "big", "--model", "bignets.wide:wide", *data).exit_code == 0
-    assert Store.open(tmp_path / "big").manifest["featurize"]["projector"]["kind"] == "factored"
+    assert Store.open(tmp_path / "big").manifest.featurize.projector.kind == "factored"
     report = featurize(shutil.copytree(trained_once / "store", tmp_path / "small"))
-    assert Store.open(tmp_path / "small").manifest["featurize"]["projector"]["kind"] == "sjlt" and report.units_done
+    assert Store.open(tmp_path / "small").manifest.featurize.projector.kind == "sjlt" and report.units_done
 
 
 class TiedHead(nn.Module):

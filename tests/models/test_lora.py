@@ -93,7 +93,7 @@ def test_an_adapter_folder_is_featurized_over_its_weights_by_both_engines(lora_f
     assert spec.name == f"hf:{base}" and spec.lora == LoraSpec(4, 8.0, ("c_attn",))
     featurize(tmp_path / "identity", data, spec, task=CausalLM(), projector=ProjectorSpec("identity", 0, 4, 64))
     handle = Store.open(tmp_path / "identity")
-    assert handle.manifest["featurize"]["num_params"] == ADAPTER_PARAMS
+    assert handle.manifest.featurize.num_params == ADAPTER_PARAMS
     expected, f = peft_reference(base, root / "adapter", data, range(len(data)))
     phi = handle.read_array("features/000000/phi")
     np.testing.assert_allclose(phi, expected.numpy(), rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
@@ -134,11 +134,11 @@ def lora_store(lora_files):
 def test_train_lora_keeps_each_models_adapter_weights_only_on_the_unchanged_base(lora_files, lora_store):
     root, base, data = lora_files
     handle = Store.open(lora_store)
-    entry = handle.manifest["models"][0]
-    stored = {k: torch.from_numpy(v) for k, v in handle.read_arrays(entry["weights"]).items()}
+    entry = handle.manifest.models[0]
+    stored = {k: torch.from_numpy(v) for k, v in handle.read_arrays(entry.weights).items()}
     assert sorted(k.split("c_attn.")[1] for k in stored) == ["lora_A.default.weight", "lora_B.default.weight"]
-    assert state_hash(stored) == entry["sha256"] and handle.manifest["featurize"]["num_params"] == ADAPTER_PARAMS
-    assert handle.manifest["model"]["lora"] == {"r": 4, "alpha": 8.0, "targets": ["c_attn"], "dropout": 0.0}
+    assert state_hash(stored) == entry.sha256 and handle.manifest.featurize.num_params == ADAPTER_PARAMS
+    assert handle.manifest.model.lora.json == {"r": 4, "alpha": 8.0, "targets": ["c_attn"], "dropout": 0.0}
     net = load_reference_model(lora_store, 0, data.vocab_size)
     original = transformers.AutoModelForCausalLM.from_pretrained(str(base)).state_dict()
     weights = {k.removeprefix("model."): v for k, v in net.state_dict().items()}
@@ -209,9 +209,9 @@ def test_the_commands_train_lora_and_featurize_an_adapter(lora_files, tmp_path, 
     result = cli("train", str(tmp_path / "s"), *data, *lora, "--role", "lds", "--num-models", "2",
                  "--targets", f"jsonl:{root / 'pc.jsonl'}")
     assert result.exit_code == 0, plain(result.output)
-    assert Store.open(tmp_path / "s").manifest["model"]["lora"]["alpha"] == 4.0
+    assert Store.open(tmp_path / "s").manifest.model.lora.alpha == 4.0
     result = cli("featurize", str(tmp_path / "a"), *data, "--model", f"hf:{root / 'adapter'}", "--task", "causal-lm",
                  "--blocks", "2", "--block-dim", "16", "--quiet")
     assert result.exit_code == 0, plain(result.output)
-    models = Store.open(tmp_path / "a").manifest["models"]
+    models = Store.open(tmp_path / "a").manifest.json["models"]
     assert [m["source"] for m in models] == [str(root / "adapter")]

@@ -212,7 +212,7 @@ def test_checkpoints_along_a_run_are_members_of_its_ensemble(tmp_path, tiny_npz)
     train(tmp_path / "kept", data, TINY, num_models=2, recipe=Recipe(epochs=3, batch_size=16, lr=0.05,
                                                                         save_checkpoints=3))
     featurize(tmp_path / "kept", projector=ProjectorSpec("gaussian", 0, 2, 4))
-    registry = Store.open(tmp_path / "kept").manifest["models"]
+    registry = Store.open(tmp_path / "kept").manifest.json["models"]
     assert [(e["id"], e["run"], e.get("epoch")) for e in registry] == [
         (3 * j + k, f"train:reference/00000{j}", k + 1) for j in (0, 1) for k in range(3)]
     for j in (0, 1):
@@ -244,4 +244,4 @@ def test_weights_that_two_runs_of_a_unit_wrote_are_refused(tmp_path, tiny_npz, m
     handle.write_array(f"{layout.weights(folder)}/{name}", weights[name] + 1e-3)  # another run's values
     with pytest.raises(UserError, match=f"the weights in {folder} are not those its training run published"):
         featurize(store, projector=ProjectorSpec("sjlt", 0, 2, 8))
-    assert "featurize" not in Store.open(store).manifest
+    assert Store.open(store).manifest.featurize is None

@@ -135,7 +135,7 @@ def test_two_processes_racing_to_break_a_stale_lease_on_s3_take_turns(s3_environ
                  for k in (0, 1)]
     errors = [p.communicate()[1] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], errors
-    assert sorted(Store.open("s3://bucket/race").manifest["entries"]) == ["w0", "w1"]
+    assert sorted(Store.open("s3://bucket/race").manifest.json["entries"]) == ["w0", "w1"]
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
     assert [p.rsplit("/", 1)[1] for p in fs.ls("bucket/race/manifest_lease") if not p.endswith(".json")] == ["000000000002"]

@@ -39,7 +39,7 @@ def test_concurrent_manifest_updates_from_processes_are_all_kept(tmp_path):
     for p in workers:
         p.join()
     assert [p.exitcode for p in workers] == [0] * 4
-    scores = Store.open(tmp_path / "s").manifest["entries"]
+    scores = Store.open(tmp_path / "s").manifest.json["entries"]
     assert sorted(scores) == sorted(f"w{w}-{i}" for w in range(4) for i in range(15))
 
 
@@ -178,7 +178,7 @@ def test_a_version_1_store_without_checksums_still_opens_and_reads(tmp_path):
     group.create_array("features/000000/q", data=np.arange(5, dtype=np.float32),
                        compressors=zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"))
     handle = Store.open(tmp_path / "old")
-    assert handle.manifest["format_version"] == 1
+    assert handle.manifest.format_version == 1
     assert handle.read_array("features/000000/q").tolist() == [0, 1, 2, 3, 4]
 
 

@@ -94,7 +94,7 @@ def test_every_command_runs_on_real_valued_labels(tmp_path, cli):
         result = cli(*args, *(["--quiet"] if args[0] in ("train", "featurize", "finalize", "score") else []))
         assert result.exit_code == 0, (args[0], plain(result.output))
     handle = Store.open(store)
-    assert handle.manifest["task"] == {"name": "regression"}
+    assert handle.manifest.task.json == {"name": "regression"}
     outputs = handle.read_array(f"{layout.features(0)}/margins")
     net = ModelSpec.parse("resnet9", 0.125).build(1)
     net.load_state_dict({k: torch.from_numpy(v) for k, v in

@@ -149,7 +149,7 @@ def answer_target(handle: Store, train: Dataset, prompt: str, completion: str | 
     featurized_models(handle, [model_id])
     if completion is not None:
         return answer_dataset(prompt, train, completion=completion), "given"
-    spec = ModelSpec.of_store(handle.manifest["model"], handle.location)
+    spec = ModelSpec.of_store(handle.manifest.model, handle.location)
     generated = generate(load_registered_model(handle, model_id, spec, train.vocab_size), train, prompt, generation,
                          device)
     if not generated.ids:

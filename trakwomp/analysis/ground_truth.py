@@ -25,13 +25,14 @@ class GroundTruth:
         `by_group` those on random halves of the groups (`train --group-alpha`)."""
         role = "lds-groups" if by_group else "lds"
         names = handle.done_units("train", role)
-        if not names or "lds_targets" not in handle.manifest:
+        recorded = handle.manifest.lds_targets
+        if not names or recorded is None:
             flag = " --group-alpha 0.5" if by_group else ""
             raise UserError(f"store {handle.location!r} has no {'group ' if by_group else ''}LDS models; run "
                             f"`trakwomp train --role lds{flag} --targets SPEC --num-models 100` first")
         masks = np.stack([handle.read_array(f"{layout.trained_model(role, name)}/mask") for name in names])
         margins = np.stack([handle.read_array(f"{layout.trained_model(role, name)}/margins") for name in names])
-        return cls(masks, margins.astype(np.float64), handle.manifest["lds_targets"]["sha256"])
+        return cls(masks, margins.astype(np.float64), recorded.sha256)
 
     def split(self, part: int) -> "GroundTruth":
         """Half `part` (0 or 1) of the LDS models: those at even or odd positions."""

@@ -93,8 +93,8 @@ def calibration_truth(handle: Store, key: str) -> tuple[GroundTruth | None, bool
     """The LDS models to calibrate scores `key` with, and whether they are group LDS models:
     those if the store has them, else the LDS models; None if it has neither, or they were
     measured on other targets."""
-    recorded = handle.manifest.get("lds_targets")
-    if recorded is None or layout.short_id(recorded["sha256"]) != handle.manifest["scores"][key]["targets"]:
+    recorded = handle.manifest.lds_targets
+    if recorded is None or layout.short_id(recorded.sha256) != handle.manifest.scores[key].targets:
         return None, False
     for by_group in (True, False):
         if handle.done_units("train", "lds-groups" if by_group else "lds"):

@@ -22,7 +22,7 @@ def predict(
     estimated."""
     handle = Store.open(store)
     key = selection.key(handle)
-    n = handle.manifest["dataset"]["num_examples"]
+    n = handle.manifest.num_examples
     if subset.dtype != bool:
         if not np.issubdtype(subset.dtype, np.integer) or subset.ndim != 1:
             raise UserError("--subset must be a boolean mask over the train set or a 1-d array of train indices")

@@ -49,11 +49,11 @@ def show(
         raise UserError("--k must be at least 1")
     handle = Store.open(store)
     key, targets = selection.key(handle), selection.targets
-    recorded = handle.manifest["targets"][handle.manifest["scores"][key]["targets"]]
+    recorded = handle.manifest.targets[handle.manifest.scores[key].targets]
     if targets is None:
-        targets = load_store_data(store, recorded["spec"])
-        if targets.fingerprint().sha256 != recorded["sha256"]:
-            raise UserError(f"the targets at {recorded['spec']!r} are not those scored (fingerprint differs); "
+        targets = load_store_data(store, recorded.spec)
+        if targets.fingerprint().sha256 != recorded.sha256:
+            raise UserError(f"the targets at {recorded.spec!r} are not those scored (fingerprint differs); "
                             "pass --targets (and --target-indices) as given to `trakwomp score`")
     tau = handle.array(layout.scores(key))
     if not 0 <= target < tau.shape[0]:
@@ -125,7 +125,7 @@ def draw_group_chart(scores: GroupScores, k: int, png: str | Path) -> None:
 def default_show_file(store: str | Path) -> str:
     """show.html for a store of texts, show.png for one of images."""
     handle = Store.open(store)
-    return "show.html" if "tokenizer" in handle.manifest else "show.png"
+    return "show.html" if handle.manifest.tokenizer is not None else "show.png"
 
 
 def token_section(tokens: list[dict]) -> str:

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from trakwomp.estimator.view import blocks_of_key
-from trakwomp.models.registry import run_of
 from trakwomp.stages.answers import STAGE as ANSWERS_STAGE
 from trakwomp.stages.train import ROLES
 from trakwomp.store import Store, layout
@@ -62,22 +61,24 @@ def status(store: str | Path) -> StoreStatus:
     """Done and total units of every stage that the store was asked for."""
     handle = Store.open(store)
     manifest = handle.manifest
-    asked = manifest.get("asked", {})
-    report = StoreStatus(handle.location, manifest["format_version"], handle.size_bytes(), manifest.get("dataset"),
-                         manifest.get("model"), str(task_of_store(manifest.get("task"))), len(handle.temporaries()))
+    asked = manifest.asked
+    report = StoreStatus(handle.location, manifest.format_version, handle.size_bytes(),
+                         manifest.dataset.json if manifest.dataset else None,
+                         manifest.model.json if manifest.model else None, str(task_of_store(manifest.task)),
+                         len(handle.temporaries()))
     for role in ROLES:
         done = len(handle.done_units("train", role))
         if done or layout.asked_train(role) in asked:
             total = max(done, asked.get(layout.asked_train(role), 0))
             report.stages.append(StageProgress("train", f"{role} models", done, total))
-    if "featurize" in manifest:
-        chunks = math.ceil(manifest["dataset"]["num_examples"] / manifest["featurize"]["chunk_rows"])
-        for entry in manifest.get("models", []):
-            done = len(handle.done_units("featurize", layout.unit(entry["id"])))
-            report.stages.append(StageProgress("featurize", f"model {entry['id']} ({entry['source']}) row chunks",
+    if manifest.featurize is not None:
+        chunks = math.ceil(manifest.num_examples / manifest.featurize.chunk_rows)
+        for entry in manifest.models:
+            done = len(handle.done_units("featurize", layout.unit(entry.id)))
+            report.stages.append(StageProgress("featurize", f"model {entry.id} ({entry.source}) row chunks",
                                                done, chunks))
-            report.runs.setdefault(run_of(entry), []).append(entry["id"])
-    views = {work.removeprefix(layout.asked_finalize("")): ids for work, ids in asked.items()
+            report.runs.setdefault(entry.training_run, []).append(entry.id)
+    views = {work.removeprefix(layout.asked_finalize("")): list(ids) for work, ids in asked.items()
              if work.startswith(layout.asked_finalize(""))}
     for view in handle.children(layout.done("finalize")):  # views of stores made before "asked" recorded them
         views.setdefault(view, [int(m) for m in handle.children(layout.done("finalize", view))])
@@ -89,9 +90,9 @@ def status(store: str | Path) -> StoreStatus:
     finished = set(handle.children(layout.done(ANSWERS_STAGE)))
     report.answers = len(finished)
     report.unfinished_answers = len(set(handle.children(layout.ANSWERS)) - finished)
-    for key, entry in sorted(manifest.get("scores", {}).items()):
+    for key, entry in sorted(manifest.scores.items()):
         done = len(handle.done_units("score", key))
-        n_targets = manifest["targets"][entry["targets"]]["num_examples"]
+        n_targets = manifest.targets[entry.targets].num_examples
         chunk_rows = handle.chunks_of(layout.scores(key))
         total = math.ceil(n_targets / chunk_rows[0]) if chunk_rows else max(done, 1)
         report.stages.append(StageProgress("score", f"scores {key} target chunks", done, total))

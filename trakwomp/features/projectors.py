@@ -31,6 +31,7 @@ import torch
 
 from trakwomp.errors import UserError
 from trakwomp.settings import check_seed
+from trakwomp.store.records import ProjectorRecord
 
 TILE_ROWS = 4096
 TILE_CACHE_BYTES = 2 << 30  # a dense projector keeps its tiles up to this size, else regenerates them per call
@@ -76,6 +77,12 @@ class ProjectorSpec:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def of_store(cls, recorded: ProjectorRecord) -> "ProjectorSpec":
+        """The projector a store's features were made with."""
+        tile_rows = recorded.tile_rows if recorded.tile_rows is not None else TILE_ROWS
+        return cls(recorded.kind, recorded.seed, recorded.blocks, recorded.block_dim, tile_rows)
 
 
 def _tile_generator(seed: int, model_id: int, block: int, tile: int) -> torch.Generator:

@@ -85,18 +85,16 @@ class FeatureSettings:
     def of_store(cls, handle: Store, net: nn.Module) -> "FeatureSettings":
         """The settings the store's train features were made with (every recorded projector
         setting, tile size included), for featurizing targets alike."""
-        recorded = handle.manifest.get("featurize")
+        recorded = handle.manifest.featurize
         if recorded is None:
             raise UserError(f"store {handle.location!r} has no features yet; run `trakwomp featurize` first")
-        try:
-            projector = ProjectorSpec(**recorded["projector"])
-        except TypeError as e:
-            raise handle.damaged(f"its projector record {recorded['projector']} does not read ({e})") from None
-        settings = cls.for_model(projector, recorded["dtype"], net, select_parameters(net, recorded["parameters"]))
-        if settings.num_params != recorded["num_params"]:
+        parameters = None if recorded.parameters is None else list(recorded.parameters)
+        settings = cls.for_model(ProjectorSpec.of_store(recorded.projector), recorded.dtype, net,
+                                 select_parameters(net, parameters))
+        if settings.num_params != recorded.num_params:
             raise UserError(f"the model differentiates {settings.num_params} parameters, but the store's features were "
-                            f"made from {recorded['num_params']}")
-        if [layer.as_dict() for layer in settings.layers] != recorded.get("layers", []):
+                            f"made from {recorded.num_params}")
+        if [layer.as_dict() for layer in settings.layers] != [layer.json for layer in recorded.layers]:
             raise UserError("the model's layers differ from those the store's factored features were made from")
         return settings
 
@@ -150,7 +148,7 @@ def write_features(handle: Store, data: Dataset, model: ModelSpec, task: Task, s
         net = load_registered_model(handle, model_id, model, task.output_size(data))
         engine = settings.method.engine(net, settings.layout, settings.parameter_names, settings.num_params, model_id,
                                         device, task)
-        weights = handle.manifest["models"][model_id]["sha256"]
+        weights = handle.manifest.models[model_id].sha256
         first = min(c for m, c in todo if m == model_id)
         engine.check(coverage_batch(data, np.arange(first * chunk_rows, min(n, (first + 1) * chunk_rows))))
         base = layout.features(model_id, prefix)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from trakwomp.errors import UserError
+from trakwomp.store.records import LoraRecord
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -69,9 +70,8 @@ class LoraSpec:
         return recorded
 
     @classmethod
-    def from_record(cls, recorded: dict) -> "LoraSpec":
-        targets = recorded.get("targets")
-        return cls(recorded["r"], recorded["alpha"], None if targets is None else tuple(targets), recorded["dropout"])
+    def of_store(cls, recorded: LoraRecord) -> "LoraSpec":
+        return cls(recorded.r, recorded.alpha, recorded.targets, recorded.dropout)
 
     def resolved(self, model_type: str | None) -> "LoraSpec":
         """These settings with the adapted modules named (peft's default for a base of

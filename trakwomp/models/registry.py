@@ -15,6 +15,7 @@ from trakwomp.models.checkpoints import load_checkpoint, load_weights, state_has
 from trakwomp.models.lora import adapter_state, read_adapter
 from trakwomp.models.spec import ModelSpec
 from trakwomp.store import Store, layout
+from trakwomp.store.records import registering
 
 
 def read_checkpoints(spec: ModelSpec, output_size: int, checkpoints: list[str]) -> list[tuple[str, dict]]:
@@ -56,16 +57,7 @@ def register_models(handle: Store, checkpoints: list[tuple[str, dict]], run: str
     else:
         candidates = list(trained)
 
-    def assign_ids(manifest: dict) -> list[int]:
-        registry = manifest.setdefault("models", [])
-        by_hash = {entry["sha256"]: entry["id"] for entry in registry}
-        for digest, entry in candidates:
-            if digest not in by_hash:
-                by_hash[digest] = len(registry)
-                registry.append({"id": len(registry), **entry, "sha256": digest})
-        return [by_hash[digest] for digest, _ in candidates]
-
-    return handle.update(assign_ids)
+    return handle.update(registering(candidates))
 
 
 def trained_models(handle: Store) -> list[tuple[str, dict]]:
@@ -99,18 +91,12 @@ def trained_candidates(handle: Store, name: str) -> list[tuple[str, dict]]:
     return candidates
 
 
-def run_of(entry: dict) -> str:
-    """The training run a registered model belongs to (stores from before runs were recorded:
-    each model its own run, named by its source)."""
-    return entry.get("run", entry["source"])
-
-
 def verified_state(handle: Store, model_id: int) -> dict[str, torch.Tensor]:
     """Registered model `model_id`'s stored weights, checked against the hash its registry
     entry records (weights copied in from elsewhere are refused)."""
-    entry = handle.manifest["models"][model_id]
-    state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(entry["weights"]).items()}
-    if state_hash(state) != entry["sha256"]:
+    entry = handle.manifest.models[model_id]
+    state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(entry.weights).items()}
+    if state_hash(state) != entry.sha256:
         raise UserError(f"store {handle.location!r}: the weights of model {model_id} do not match their recorded hash")
     return state
 
@@ -123,7 +109,7 @@ def check_made_from(handle: Store, stage: str, units: list[str], model_id: int) 
     """Refuse features (the done units `units` of `stage`) that record other weights than
     registered model `model_id`'s (features copied in from another store or model); markers of
     stores made before they recorded weights are taken as they are."""
-    digest = handle.manifest["models"][model_id]["sha256"]
+    digest = handle.manifest.models[model_id].sha256
     for unit in units:
         recorded = (handle.done_info(stage, unit) or {}).get("weights_sha256", digest)
         if recorded != digest:

@@ -18,6 +18,7 @@ from trakwomp.imports import import_object, is_object_spec
 from trakwomp.models.huggingface import load_huggingface
 from trakwomp.models.lora import LoraSpec, base_fingerprint, check_base, read_adapter, trainable_state, with_adapter
 from trakwomp.models.networks import GPT, GPT_DEFAULTS, resnet9
+from trakwomp.store.records import ModelRecord
 from trakwomp.tasks.base import Task, logits_of
 
 BUILTIN_MODELS = ("resnet9", "gpt")
@@ -101,17 +102,16 @@ class ModelSpec:
         return recorded
 
     @classmethod
-    def of_store(cls, recorded: dict, location: str) -> "ModelSpec":
+    def of_store(cls, recorded: ModelRecord, location: str) -> "ModelSpec":
         """The model a store records. A user factory is refused: trakwomp imports code only when
         the user names it (--model), never because a store names it (a Hugging Face folder is
         read as data: config and weights, no code)."""
-        name = recorded["name"]
+        name = recorded.name
         if name not in BUILTIN_MODELS and not name.startswith("hf:"):
             raise UserError(f"store {location!r} was made with the model {name!r}; trakwomp imports "
                             f"code only when you name it: pass --model {name}")
-        lora = LoraSpec.from_record(recorded["lora"]) if recorded.get("lora") else None
-        return cls(name, recorded.get("width"), recorded.get("layers"), recorded.get("heads"), lora,
-                   recorded.get("base_sha256"))
+        lora = LoraSpec.of_store(recorded.lora) if recorded.lora else None
+        return cls(name, recorded.width, recorded.layers, recorded.heads, lora, recorded.base_sha256)
 
     def __str__(self) -> str:
         if self.name == "gpt":

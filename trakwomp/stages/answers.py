@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from trakwomp.data.base import Dataset
 from trakwomp.errors import UserError
@@ -29,8 +30,9 @@ from trakwomp.estimator.view import ViewSpec
 from trakwomp.features.writer import FeaturizeReport, batch_size_that_fits, write_features
 from trakwomp.models.registry import verified_state
 from trakwomp.runtime import NoProgress, Progress, StepsOnly
-from trakwomp.stages.score import Score, ScoreSettings
+from trakwomp.stages.score import Score, ScorePlan, ScoreSettings
 from trakwomp.store import Store, layout
+from trakwomp.store.records import take_answer_place
 
 STAGE = "answers"
 DEFAULT_MAX_ANSWERS = 1000
@@ -44,23 +46,10 @@ class AnswerScores:
     cached: bool  # read from the store (True) or computed now
 
 
-def kept_answers(manifest: dict) -> int:
-    """How many places in the order the store keeps (finished answers and interrupted ones)."""
-    kept = manifest.get("answers", {"first": 0, "next": 0})
-    return kept["next"] - kept["first"]
-
-
 def reserve(handle: Store, key: str, max_answers: int) -> int:
     """The next place in the order for answer `key`; the oldest answers beyond `max_answers`
     removed."""
-    def take(manifest: dict) -> tuple[int, list[int]]:
-        kept = manifest.setdefault("answers", {"first": 0, "next": 0})
-        seq, kept["next"] = kept["next"], kept["next"] + 1
-        evicted = list(range(kept["first"], max(kept["first"], kept["next"] - max_answers)))
-        kept["first"] += len(evicted)
-        return seq, evicted
-
-    seq, evicted = handle.update(take)
+    seq, evicted = handle.update(take_answer_place(max_answers))
     handle.write_record(layout.answer_order(seq), {"key": key})
     handle.write_record(layout.answer(key).rstrip("/"), {})  # its folder: unfinished until its marker
     for old in evicted:
@@ -87,27 +76,27 @@ def cached_info(handle: Store, key: str, model_ids: list[int], per_token: bool) 
     info = handle.done_info(STAGE, key)
     if info is None:
         return None
-    registry = handle.manifest["models"]
+    registry = handle.manifest.models
     for model_id in model_ids:
-        if info["weights"].get(str(model_id)) != registry[model_id]["sha256"]:
+        if info["weights"].get(str(model_id)) != registry[model_id].sha256:
             raise UserError(f"store {handle.location!r}: the stored answer {key} was made from other weights than model "
                             f"{model_id}'s; remove {layout.answer(key)} and {layout.done(STAGE, key)}")
         verified_state(handle, model_id)
     return info if info["tokens"] or not per_token else None
 
 
-def answer_features_scores(handle: Store, stage: Score, data: Dataset, prefix: str, batch_size: int,
-                           progress: Progress) -> np.ndarray:
+def answer_features_scores(handle: Store, plan: ScorePlan, data: Dataset, prefix: str, batch_size: int,
+                           device: torch.device, progress: Progress) -> np.ndarray:
     """tau of every row of `data` (the answer, or its tokens): their features for every model
     under `prefix`, then eq. 3 at the stage's view, as `score` computes them."""
-    ids = stage.model_ids
-    batch_size = batch_size_that_fits(stage.net, data, stage.task, stage.features, batch_size, len(data), stage.device,
+    ids, targets = plan.model_ids, plan.targets
+    batch_size = batch_size_that_fits(targets.net, data, targets.task, targets.features, batch_size, len(data), device,
                                       None, "explain")
-    for _ in write_features(handle, data, stage.model, stage.task, stage.features, [(m, 0) for m in ids], len(data),
-                            batch_size, stage.device, StepsOnly(progress), prefix, FeaturizeReport()):
+    for _ in write_features(handle, data, targets.model, targets.task, targets.features, [(m, 0) for m in ids],
+                            len(data), batch_size, device, StepsOnly(progress), prefix, FeaturizeReport()):
         pass
-    taus = score_chunks(handle, stage.view, ids, mean_q(handle, ids), prefix, [range(len(data))],
-                        handle.manifest["featurize"]["chunk_rows"], stage.device)
+    taus = score_chunks(handle, plan.view, ids, mean_q(handle, ids), prefix, [range(len(data))],
+                        handle.manifest.featurize.chunk_rows, device)
     return taus[0].numpy()
 
 
@@ -121,25 +110,29 @@ def score_answer(store: str | Path, target: Dataset, view: ViewSpec, per_token: 
         raise UserError(f"--max-answers must be at least 1, got {max_answers}")
     progress = progress or NoProgress()
     stage = Score(ScoreSettings(device, view=view, target_chunk_rows=1, batch_size=1), target)
-    handle = stage.check(store)
-    key, folder = stage.key, layout.answer(stage.key)
-    info = cached_info(handle, key, stage.model_ids, per_token)
+    plan = stage.check(store)
+    handle = stage.open(store, plan)
+    plan = stage.bind(handle, plan)
+    key, folder = plan.key, layout.answer(plan.key)
+    info = cached_info(handle, key, plan.model_ids, per_token)
     if info is not None:
         token_tau = handle.read_array(folder + "token_tau") if per_token else None
         return AnswerScores(key, handle.read_array(folder + "tau"), token_tau, True)
     done = handle.done_info(STAGE, key)
     seq = reserve(handle, key, max_answers) if done is None else done["seq"]
     progress.plan(1, 0, "explain: the answer's scores")
-    progress.unit_started("answer", len(stage.model_ids) * (1 + (len(target.per_token()) if per_token else 0)))
+    progress.unit_started("answer", len(plan.model_ids) * (1 + (len(target.per_token()) if per_token else 0)))
     if done is None:
-        handle.write_array(folder + "tau", answer_features_scores(handle, stage, target, folder, 1, progress))
+        handle.write_array(folder + "tau", answer_features_scores(handle, plan, target, folder, 1, stage.device,
+                                                                  progress))
     token_tau = None
     if per_token:
         tokens = Score(ScoreSettings(device, view=view), target.per_token())
-        tokens.check(store)
-        token_tau = answer_features_scores(handle, tokens, tokens.targets, folder + "tokens/", 16, progress)
+        token_plan = tokens.check(store)
+        token_tau = answer_features_scores(handle, token_plan, tokens.targets, folder + "tokens/", 16, stage.device,
+                                           progress)
         handle.write_array(folder + "token_tau", token_tau)
-    weights = {str(m): handle.manifest["models"][m]["sha256"] for m in stage.model_ids}
+    weights = {str(m): handle.manifest.models[m].sha256 for m in plan.model_ids}
     handle.mark_done(STAGE, key, {"seq": seq, "weights": weights, "tokens": per_token})
     progress.unit_finished("answer", "scored")
     return AnswerScores(key, handle.read_array(folder + "tau"), token_tau, False)

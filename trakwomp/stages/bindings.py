@@ -23,30 +23,39 @@ def bind_model(store: Store, model: ModelSpec, transform: str | None) -> None:
     store.bind("model", {**model.as_dict(), "transform": transform}, BIND_HINT)
 
 
+def check_model_bound(store: Store, model: ModelSpec, transform: str | None) -> None:
+    """Refuse what `bind_model` would refuse; writes nothing."""
+    store.check_bound("model", {**model.as_dict(), "transform": transform}, BIND_HINT)
+
+
 def bind_tokenizer(store: Store, data: Dataset) -> None:
-    """Record (or check) the tokenizer of a store's text (its vocabulary, wherever it lies); a
-    store of images or arrays refuses text, and a store of text refuses anything else."""
+    """Record (or check) the tokenizer of a store's text (its vocabulary, wherever it lies)."""
+    check_tokenizer(store, data)
+    if data.tokenizer is not None:
+        store.bind("tokenizer", data.tokenizer.record(), BIND_HINT)
+
+
+def check_tokenizer(store: Store, data: Dataset) -> None:
+    """Refuse text read with another tokenizer than the store's; a store of images or arrays
+    refuses text, and a store of text refuses anything else. Writes nothing."""
     tokenizer = data.tokenizer
-    recorded = store.manifest.get("tokenizer")
+    recorded = store.manifest.tokenizer
     if tokenizer is None and recorded is None:
         return
     if tokenizer is None:
-        raise UserError(f"store {store.location!r} holds text read with the tokenizer {recorded['spec']!r}; "
+        raise UserError(f"store {store.location!r} holds text read with the tokenizer {recorded.spec!r}; "
                         f"{data.spec} is not text")
-    if recorded is None and "dataset" in store.manifest:
+    if recorded is None and store.manifest.dataset is not None:
         raise UserError(f"store {store.location!r} holds images or arrays, not text; {data.spec} is text")
-    if recorded is not None and recorded != tokenizer.record():
-        size = f", a vocabulary of {recorded['vocab_size']}" if "vocab_size" in recorded else ""
+    if recorded is not None and recorded.json != tokenizer.record():
+        size = f", a vocabulary of {recorded.vocab_size}" if recorded.vocab_size is not None else ""
         raise UserError(f"the tokenizer {tokenizer.spec} differs from the one store {store.location!r} was made with "
-                        f"({recorded['spec']}{size}); pass --tokenizer as given to `trakwomp train`")
-    store.bind("tokenizer", tokenizer.record(), BIND_HINT)
+                        f"({recorded.spec}{size}); pass --tokenizer as given to `trakwomp train`")
 
 
 def bind_task(store: Store, task: Task) -> None:
-    """Record (or check) the task a store is made for; a store made before tasks were recorded
-    is a classification store."""
-    made = "task" in store.manifest or "dataset" in store.manifest
-    if made and stored_task(store) != task:
+    """Record (or check) the task a store is made for."""
+    if store.manifest.task is not None and stored_task(store) != task:
         raise UserError(f"store {store.location!r} was made for the task {stored_task(store)}, not {task}; "
                         "use a new store for another task")
     store.bind("task", task.as_dict(), BIND_HINT)
@@ -58,7 +67,7 @@ def bind_training_inputs(store: Store, data: Dataset, model: ModelSpec, task: Ta
     bind_tokenizer(store, data)
     store.bind("dataset", data.fingerprint().as_dict(), BIND_HINT)
     bind_model(store, model, data.transform_spec)
-    if "dataset_source" not in store.manifest:  # where the data was first found; a moved copy is the same data
+    if store.manifest.dataset_source is None:  # where the data was first found; a moved copy is the same data
         store.set_section("dataset_source", {"spec": data.spec, "has_indices": data.has_explicit_indices,
                                              **data.source_record()})
     if data.has_explicit_indices and store.done_info("data", "train_indices") is None:
@@ -72,30 +81,29 @@ def load_store_data(store: str, spec: str, indices=None, transform: str | None =
     tokenizer and cut at its --max-length unless others are given (and then checked against
     the store's)."""
     handle = Store.open_existing(store)
-    source = handle.manifest.get("dataset_source", {}) if handle is not None else {}
-    if dataset_kind(spec).tokenized:
-        tokenizer = tokenizer or source.get("tokenizer")
-        max_length = max_length if max_length is not None else source.get("max_length")
+    source = handle.manifest.dataset_source if handle is not None else None
+    if dataset_kind(spec).tokenized and source is not None:
+        tokenizer = tokenizer or source.tokenizer
+        max_length = max_length if max_length is not None else source.max_length
     return load_dataset(spec, indices, transform, tokenizer=tokenizer, max_length=max_length)
 
 
 def stored_task(handle: Store) -> Task:
-    return task_of_store(handle.manifest.get("task"))
+    return task_of_store(handle.manifest.task)
 
 
 def stored_dataset(handle: Store) -> Dataset:
     """The train set a store was made with (without its transform), reloaded from its recorded
     spec (and tokenizer) and checked by fingerprint (which reads every example): data edited or
     reordered since is refused, wherever train examples are featurized, shown or grouped."""
-    manifest = handle.manifest
-    if "dataset_source" not in manifest:
+    source, recorded = handle.manifest.dataset_source, handle.manifest.dataset
+    if source is None or recorded is None:
         raise UserError(f"store {handle.location!r} records no dataset yet; pass --data (and --model, --checkpoint)")
-    source = manifest["dataset_source"]
-    data = load_dataset(source["spec"], tokenizer=source.get("tokenizer"), max_length=source.get("max_length"))
-    if source["has_indices"]:
+    data = load_dataset(source.spec, tokenizer=source.tokenizer, max_length=source.max_length)
+    if source.has_indices:
         data = data.select(handle.read_array(layout.TRAIN_INDICES))
-    if len(data) != manifest["dataset"]["num_examples"] or data.fingerprint().as_dict() != manifest["dataset"]:
-        raise UserError(f"the data at {source['spec']!r} changed since the store was made (fingerprint differs); "
+    if len(data) != recorded.num_examples or data.fingerprint().as_dict() != recorded.json:
+        raise UserError(f"the data at {source.spec!r} changed since the store was made (fingerprint differs); "
                         "put the original data back there (featurize also takes it as --data)")
     return data
 
@@ -104,40 +112,40 @@ def as_trained(handle: Store, data: Dataset) -> Dataset:
     """The train set as the store's reference models were trained on it: with the prompts' tokens
     predicted too if their recipe says --train-on-prompt (per-example gradients are those of the
     loss the model was trained on)."""
-    return data.predicting_prompts() if handle.manifest.get("train_reference", {}).get("train_on_prompt") else data
+    recipe = handle.manifest.train_reference
+    return data.predicting_prompts() if recipe is not None and recipe.train_on_prompt else data
 
 
 def stored_groups(handle: Store) -> Groups | None:
-    recorded = handle.manifest.get("groups")
+    recorded = handle.manifest.groups
     if recorded is None:
         return None
     codes = handle.read_array(layout.GROUP_CODES)
-    names = tuple(recorded["names"]) if "names" in recorded else \
+    names = recorded.names if recorded.names is not None else \
         Groups.decoded_names(handle.read_array(layout.GROUP_NAMES), handle.read_array(layout.GROUP_NAME_ENDS))
-    groups = Groups(names, codes, recorded["origin"])  # stores made before 2026-12-03 keep names in the manifest
-    if groups.sha256 != recorded["sha256"]:
+    groups = Groups(names, codes, recorded.origin)
+    if groups.sha256 != recorded.sha256:
         raise handle.damaged("its groups (groups/codes does not match the recorded SHA-256)")
     return groups
 
 
 def check_groups(handle: Store, groups: Groups) -> None:
     """Refuse `groups` that do not cover the store's train set or differ from those it records."""
-    recorded = handle.manifest.get("groups")
-    num_examples = handle.manifest.get("dataset", {}).get("num_examples", len(groups.codes))
+    recorded, dataset = handle.manifest.groups, handle.manifest.dataset
+    num_examples = dataset.num_examples if dataset is not None else len(groups.codes)
     if len(groups.codes) != num_examples:
         raise UserError(f"the groups ({groups.origin}) cover {len(groups.codes)} examples, but the store's train set "
                         f"has {num_examples}")
-    if recorded is not None and recorded["sha256"] != groups.sha256:
-        count = recorded["num_groups"] if "num_groups" in recorded else len(recorded["names"])
+    if recorded is not None and recorded.sha256 != groups.sha256:
         raise UserError(f"the groups of {groups.origin} ({len(groups.names)} groups) differ from those store "
-                        f"{handle.location!r} records ({recorded['origin']}, {count} groups); "
+                        f"{handle.location!r} records ({recorded.origin}, {recorded.count} groups); "
                         "leave out --groups to use the store's, or use a new store")
 
 
 def bind_groups(handle: Store, groups: Groups) -> None:
     """Record `groups` in the store, or check them against those it records."""
     check_groups(handle, groups)
-    if "groups" not in handle.manifest:
+    if handle.manifest.groups is None:
         joined, ends = groups.encoded_names()
         handle.write_array(layout.GROUP_NAMES, joined, chunks=(max(1, min(len(joined), 1 << 22)),))
         handle.write_array(layout.GROUP_NAME_ENDS, ends)
@@ -160,7 +168,7 @@ def choose_groups(handle: Store | None, given: Groups | str | Path | None, num_e
 
 def resolve_groups(handle: Store, given: Groups | str | Path | None) -> Groups:
     """The groups of a store's train set (see `choose_groups`), recorded in the store."""
-    groups = choose_groups(handle, given, handle.manifest["dataset"]["num_examples"],
+    groups = choose_groups(handle, given, handle.manifest.num_examples,
                            lambda: stored_dataset(handle))
     bind_groups(handle, groups)
     return groups

@@ -7,7 +7,7 @@ A unit of work is (model id, row chunk); see docs/store.md for the layout.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from trakwomp.models.spec import ModelSpec, check_model_fits_data
 from trakwomp.runtime import Progress, Shard
 from trakwomp.settings import option
 from trakwomp.stages.bindings import as_trained, bind_training_inputs, stored_dataset, stored_task
-from trakwomp.stages.skeleton import RunSettings, Stage, Work
+from trakwomp.stages.skeleton import Plan, RunSettings, Stage, Work
 from trakwomp.store import Store, layout
 from trakwomp.tasks.base import Task
 from trakwomp.tasks.registry import task_of_store
@@ -65,7 +65,34 @@ class FeaturizeSettings(RunSettings):
                                      "classification].")
 
 
-class Featurize(Stage[tuple[int, int], FeaturizeReport]):
+@dataclass(frozen=True)
+class Resolved:
+    """featurize's settings as resolved: given, else the store's, else the defaults."""
+
+    projector: ProjectorSpec | None
+    dtype: str
+    parameters: list[str] | None
+    chunk_rows: int
+
+
+@dataclass(frozen=True)
+class FeaturizePlan(Plan):
+    """What featurize resolved and checked: the data, model and task, the feature settings, the
+    batch size that fits, the checkpoints read (or the trained models found), and after `bind`
+    the registered models' ids."""
+
+    data: Dataset
+    model: ModelSpec
+    task: Task
+    settings: Resolved
+    features: FeatureSettings
+    batch_size: int
+    states: list = field(default_factory=list)
+    trained: list = field(default_factory=list)
+    model_ids: tuple[int, ...] = ()
+
+
+class Featurize(Stage[FeaturizePlan, tuple[int, int], FeaturizeReport]):
     """Units (model, row chunk): projected gradients, q and f of the chunk's train examples."""
 
     stage = "featurize"
@@ -77,7 +104,7 @@ class Featurize(Stage[tuple[int, int], FeaturizeReport]):
         adapter = [model.adapter] if model is not None and model.adapter is not None else []
         self.checkpoints = checkpoints or adapter  # --model hf:ADAPTER: the adapter's weights, unless others given
 
-    def check(self, store: str | Path) -> Store | None:
+    def check(self, store: str | Path) -> FeaturizePlan:
         """Resolve the inputs and settings (the store's where not given), then check the model
         fits the data and the memory, all before the store is first written (or created)."""
         given = self.settings
@@ -89,78 +116,84 @@ class Featurize(Stage[tuple[int, int], FeaturizeReport]):
         if handle is None and self.data is None:
             raise UserError(f"no trakwomp store at {str(store)!r}; make one with `trakwomp train`, or pass --data, "
                             "--model and --checkpoint")
-        self.resolve_settings(handle)
-        self.resolve_inputs(handle)
-        self.check_model()
-        self.states = read_checkpoints(self.model, self.output_size, self.checkpoints) if self.checkpoints else []
-        if not self.states and (handle is None or not handle.done_units("train", "reference")):
+        resolved = self.resolved_settings(handle)
+        data, model, task = self.inputs(handle)
+        output_size = task.output_size(data)
+        features, batch_size = self.checked_model(data, model, task, output_size, resolved)
+        states = read_checkpoints(model, output_size, self.checkpoints) if self.checkpoints else []
+        if not states and (handle is None or not handle.done_units("train", "reference")):
             raise UserError(f"store {str(store)!r} has no trained reference models; run `trakwomp train` first or "
                             "pass --checkpoint")
-        self.trained = [] if self.states else trained_models(handle)  # their weights checked before any write
-        return handle
+        trained = [] if states else trained_models(handle)  # their weights checked before any write
+        return FeaturizePlan(data, model, task, resolved, features, batch_size, states, trained, existing=handle)
 
-    def resolve_settings(self, handle: Store | None) -> None:
-        """dtype, parameters and chunk rows: as given, else the store's, else the defaults."""
+    def resolved_settings(self, handle: Store | None) -> Resolved:
+        """The projector, dtype, parameters and chunk rows: as given, else the store's, else the defaults."""
         given = self.settings
-        recorded = handle.manifest.get("featurize", {}) if handle else {}
-        self.projector = given.projector or (ProjectorSpec(**recorded["projector"]) if recorded else None)
-        self.dtype = given.dtype or recorded.get("dtype", "float32")
-        self.parameters = given.parameters if given.parameters is not None else recorded.get("parameters")
-        self.chunk_rows = given.chunk_rows if given.chunk_rows is not None else recorded.get("chunk_rows", 1024)
-        if self.dtype not in DTYPES:
-            raise UserError(f"unknown --dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
-        if self.chunk_rows < 1 or given.batch_size < 1:
+        recorded = handle.manifest.featurize if handle else None
+        projector = given.projector or (ProjectorSpec.of_store(recorded.projector) if recorded else None)
+        dtype = given.dtype or (recorded.dtype if recorded else "float32")
+        parameters = list(recorded.parameters) if recorded and recorded.parameters is not None else None
+        parameters = given.parameters if given.parameters is not None else parameters
+        chunk_rows = given.chunk_rows if given.chunk_rows is not None else (recorded.chunk_rows if recorded else 1024)
+        if dtype not in DTYPES:
+            raise UserError(f"unknown --dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        if chunk_rows < 1 or given.batch_size < 1:
             raise UserError("--chunk-rows and --batch-size must be at least 1")
+        return Resolved(projector, dtype, parameters, chunk_rows)
 
-    def resolve_inputs(self, handle: Store | None) -> None:
+    def inputs(self, handle: Store | None) -> tuple[Dataset, ModelSpec, Task]:
         """The train set, model spec and task: as given, else the store's."""
-        if self.data is None:
-            transform = handle.manifest.get("model", {}).get("transform")
+        data, model = self.data, self.model
+        if data is None:
+            transform = handle.manifest.model.transform if handle.manifest.model else None
             if transform is not None:
                 raise UserError(f"store {handle.location!r} sees its data through the transform {transform!r}; "
                                 "trakwomp imports code only when you name it: pass --data and --transform")
-            self.data = stored_dataset(handle)
-        if self.model is None:
-            if "model" not in handle.manifest:
+            data = stored_dataset(handle)
+        if model is None:
+            if handle.manifest.model is None:
                 raise UserError(f"store {handle.location!r} records no model; pass --model")
-            self.model = ModelSpec.of_store(handle.manifest["model"], handle.location)
-        self.task = self.settings.task or (stored_task(handle) if handle is not None else task_of_store(None))
+            model = ModelSpec.of_store(handle.manifest.model, handle.location)
+        task = self.settings.task or (stored_task(handle) if handle is not None else task_of_store(None))
+        return data, model, task
 
-    def check_model(self) -> None:
-        """The model on the data, the feature settings, and the batch size that fits in memory."""
-        self.output_size = self.task.output_size(self.data)
-        net = self.model.build(self.output_size)
-        check_model_fits_data(net, self.data, self.device, self.model, self.task, self.output_size)
-        names = select_parameters(net, self.parameters)
-        projector = self.projector or default_projector(count_parameters(net, names))
-        self.features = FeatureSettings.for_model(projector, self.dtype, net, names)
-        self.batch_size = batch_size_that_fits(net, self.data, self.task, self.features, self.settings.batch_size,
-                                               self.chunk_rows, self.device, self.settings.memory_limit, "featurize")
-        self.features.method.check(net, self.features.layout, names, self.features.num_params, self.device, self.task,
-                                   coverage_batch(self.data, np.arange(min(len(self.data), self.chunk_rows))))
+    def checked_model(self, data: Dataset, model: ModelSpec, task: Task, output_size: int,
+                      resolved: Resolved) -> tuple[FeatureSettings, int]:
+        """The model checked on the data; the feature settings, and the batch size that fits in memory."""
+        net = model.build(output_size)
+        check_model_fits_data(net, data, self.device, model, task, output_size)
+        names = select_parameters(net, resolved.parameters)
+        projector = resolved.projector or default_projector(count_parameters(net, names))
+        features = FeatureSettings.for_model(projector, resolved.dtype, net, names)
+        batch_size = batch_size_that_fits(net, data, task, features, self.settings.batch_size, resolved.chunk_rows,
+                                          self.device, self.settings.memory_limit, "featurize")
+        features.method.check(net, features.layout, names, features.num_params, self.device, task,
+                              coverage_batch(data, np.arange(min(len(data), resolved.chunk_rows))))
+        return features, batch_size
 
-    def open(self, store: str | Path, handle: Store | None) -> Store:
-        return handle or Store.open(store, create=True)
+    def open(self, store: str | Path, plan: FeaturizePlan) -> Store:
+        return plan.existing or Store.open(store, create=True)
 
-    def bind(self, handle: Store) -> None:
-        bind_training_inputs(handle, self.data, self.model, self.task)
-        self.data = as_trained(handle, self.data)
-        handle.bind("featurize", self.features.record(self.parameters, self.chunk_rows),
+    def bind(self, handle: Store, plan: FeaturizePlan) -> FeaturizePlan:
+        bind_training_inputs(handle, plan.data, plan.model, plan.task)
+        handle.bind("featurize", plan.features.record(plan.settings.parameters, plan.settings.chunk_rows),
                     "featurize with the store's projector settings, or use a new store")
-        self.model_ids = register_models(handle, self.states, self.settings.run, self.trained)
+        model_ids = register_models(handle, plan.states, self.settings.run, plan.trained)
+        return replace(plan, data=as_trained(handle, plan.data), model_ids=tuple(model_ids))
 
-    def work(self, handle: Store) -> Work[tuple[int, int]]:
-        chunks = range(math.ceil(len(self.data) / self.chunk_rows))
-        return Work([(m, c) for m in self.model_ids for c in chunks], lambda u: layout.unit(*u),
+    def work(self, plan: FeaturizePlan) -> Work[tuple[int, int]]:
+        chunks = range(math.ceil(len(plan.data) / plan.settings.chunk_rows))
+        return Work([(m, c) for m in plan.model_ids for c in chunks], lambda u: layout.unit(*u),
                     "featurize (model, row chunk) units", [layout.FEATURES, layout.done("featurize")])
 
-    def start(self, handle: Store, owned: list, todo: list) -> FeaturizeReport:
-        return FeaturizeReport(self.model_ids, units_skipped=len(owned) - len(todo), batch_size=self.batch_size,
-                               left_out=self.features.left_out())
+    def start(self, handle: Store, plan: FeaturizePlan, owned: list, todo: list) -> FeaturizeReport:
+        return FeaturizeReport(list(plan.model_ids), units_skipped=len(owned) - len(todo), batch_size=plan.batch_size,
+                               left_out=plan.features.left_out())
 
-    def do(self, handle: Store, todo: list, report: FeaturizeReport, progress: Progress):
-        return write_features(handle, self.data, self.model, self.task, self.features, todo, self.chunk_rows,
-                              self.batch_size, self.device, progress, "", report)
+    def do(self, handle: Store, plan: FeaturizePlan, todo: list, report: FeaturizeReport, progress: Progress):
+        return write_features(handle, plan.data, plan.model, plan.task, plan.features, todo, plan.settings.chunk_rows,
+                              plan.batch_size, self.device, progress, "", report)
 
 
 def featurize(

@@ -21,7 +21,7 @@ from trakwomp.estimator.view import View, ViewSpec
 from trakwomp.runtime import Progress, Shard
 from trakwomp.settings import option
 from trakwomp.stages.selection import featurized_models, store_view
-from trakwomp.stages.skeleton import RunSettings, Stage, Work
+from trakwomp.stages.skeleton import Plan, RunSettings, Stage, Work
 from trakwomp.store import Store, layout
 
 INVERSE_CHUNK_BYTES = 512 << 20  # under the 2 GiB that a compressor takes in one buffer
@@ -49,36 +49,42 @@ class FinalizeSettings(RunSettings):
     models: list[int] | None = option(None, "Model ids to use, e.g. 0,2,5-7 (default: all featurized).")
 
 
-class Finalize(Stage[tuple[int, int], FinalizeReport]):
+@dataclass(frozen=True)
+class FinalizePlan(Plan):
+    view: View
+    model_ids: list[int]
+
+
+class Finalize(Stage[FinalizePlan, tuple[int, int], FinalizeReport]):
     """Units (model, block): Phi_b^T Phi_b accumulated over row chunks, then its regularized inverse."""
 
     stage = "finalize"
 
-    def check(self, store: str | Path) -> Store:
+    def check(self, store: str | Path) -> FinalizePlan:
         handle = Store.open(store)
-        self.view = store_view(handle, self.settings.view)
-        self.model_ids = featurized_models(handle, self.settings.models)
-        return handle
+        return FinalizePlan(store_view(handle, self.settings.view), featurized_models(handle, self.settings.models),
+                            existing=handle)
 
-    def bind(self, handle: Store) -> None:
-        handle.ask(layout.asked_finalize(self.view.key), self.model_ids)
+    def bind(self, handle: Store, plan: FinalizePlan) -> FinalizePlan:
+        handle.ask(layout.asked_finalize(plan.view.key), plan.model_ids)
+        return plan
 
-    def work(self, handle: Store) -> Work[tuple[int, int]]:
-        key = self.view.key
-        return Work([(m, b) for m in self.model_ids for b in range(self.view.blocks)],
+    def work(self, plan: FinalizePlan) -> Work[tuple[int, int]]:
+        key = plan.view.key
+        return Work([(m, b) for m in plan.model_ids for b in range(plan.view.blocks)],
                     lambda u: layout.unit(key, *u), f"finalize {key} (model, block) units",
                     [layout.view_folder(key), layout.done("finalize", key)])
 
-    def start(self, handle: Store, owned: list, todo: list) -> FinalizeReport:
-        return FinalizeReport(self.view, self.model_ids, units_skipped=len(owned) - len(todo))
+    def start(self, handle: Store, plan: FinalizePlan, owned: list, todo: list) -> FinalizeReport:
+        return FinalizeReport(plan.view, plan.model_ids, units_skipped=len(owned) - len(todo))
 
-    def do(self, handle: Store, todo: list, report: FinalizeReport, progress: Progress):
+    def do(self, handle: Store, plan: FinalizePlan, todo: list, report: FinalizeReport, progress: Progress):
         start = time.perf_counter()
-        view, width = self.view, self.view.max_width
-        chunk_rows = handle.manifest["featurize"]["chunk_rows"]
-        layers = handle.manifest["featurize"].get("layers") if view.layer_widths else None
+        view, width = plan.view, plan.view.max_width
+        chunk_rows = handle.manifest.featurize.chunk_rows
+        layers = handle.manifest.featurize.layers if view.layer_widths else None
         for model_id, block in todo:
-            name = f"model {model_id} block {block}" + (f" (layer {layers[block]['name']})" if layers else "")
+            name = f"model {model_id} block {block}" + (f" (layer {layers[block].json['name']})" if layers else "")
             progress.unit_started(name, 1)
             inverse = block_inverse(handle, view, model_id, block, chunk_rows, self.device, name, bool(layers))
             out = handle.require_array(layout.inverse(view.key, model_id), (view.blocks, width, width), "float64",
@@ -86,7 +92,7 @@ class Finalize(Stage[tuple[int, int], FinalizeReport]):
             padded = torch.zeros(width, width, dtype=torch.float64)
             padded[:len(inverse), :len(inverse)] = inverse.cpu()
             out[block] = padded.numpy()
-            yield (model_id, block), {"weights_sha256": handle.manifest["models"][model_id]["sha256"]}
+            yield (model_id, block), {"weights_sha256": handle.manifest.models[model_id].sha256}
             report.units_done += 1
             progress.advance(1)
             progress.unit_finished(name, f"{len(inverse)} x {len(inverse)} inverse")

@@ -11,6 +11,7 @@ from torch import nn
 
 from trakwomp.errors import UserError
 from trakwomp.settings import check_seed, check_threads, option
+from trakwomp.store.records import RecipeRecord, as_recorded_by
 from trakwomp.tasks.base import Task
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -94,20 +95,17 @@ class Recipe:
         """The epochs after which a reference model's checkpoints are kept: floor(k E / K), k = 1..K."""
         return [k * self.epochs // self.save_checkpoints for k in range(1, self.save_checkpoints + 1)]
 
-    def as_recorded(self, recorded: dict | None) -> dict:
-        """The recipe as a store's manifest records it; a store made before `threads` and
-        `optimizer` were recorded (by trakwomp 0.1, SGD only) is matched without them. Group
-        options, checkpoints and --train-on-prompt are recorded only when set."""
+    def as_recorded(self, recorded: RecipeRecord | None) -> dict:
+        """The recipe as a store's manifest records it, as the store that recorded `recorded`
+        records it (`as_recorded_by`). Group options, checkpoints and --train-on-prompt are
+        recorded only when set."""
         recipe = asdict(self)
         recipe["exclude_groups"] = list(self.exclude_groups)
         for optional, unset in (("group_alpha", None), ("exclude_groups", []), ("save_checkpoints", 1),
                                 ("train_on_prompt", False)):
             if recipe[optional] == unset:
                 recipe.pop(optional)
-        for added in ("threads", "optimizer"):
-            if recorded is not None and added not in recorded and (added == "threads" or recipe[added] == "sgd"):
-                recipe.pop(added)
-        return recipe
+        return as_recorded_by(recipe, None if recorded is None else recorded.json)
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer of the model's trainable parameters (a LoRA fine-tune: its adapter's)."""

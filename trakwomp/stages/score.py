@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trakwomp.data.base import Dataset
+from torch import nn
+
+from trakwomp.data.base import Dataset, Fingerprint
 from trakwomp.errors import UserError
 from trakwomp.estimator.scores import mean_q, score_chunks, score_passes
 from trakwomp.estimator.threshold import DEFAULT_THRESHOLD, check_threshold
@@ -38,7 +40,7 @@ from trakwomp.runtime import (
     StepsOnly,
 )
 from trakwomp.settings import option
-from trakwomp.stages.bindings import bind_model, bind_tokenizer, stored_task
+from trakwomp.stages.bindings import bind_model, bind_tokenizer, check_model_bound, check_tokenizer, stored_task
 from trakwomp.stages.export import (
     TABLE_SUFFIXES,
     export_scores,
@@ -46,9 +48,10 @@ from trakwomp.stages.export import (
     write_table,
 )
 from trakwomp.stages.selection import featurized_models, store_view
-from trakwomp.stages.skeleton import RunSettings, Stage, Work
+from trakwomp.stages.skeleton import Plan, RunSettings, Stage, Work
 from trakwomp.stages.stored_scores import scores_key, view_record
 from trakwomp.store import Store, layout
+from trakwomp.tasks.base import Task
 
 
 @dataclass
@@ -96,7 +99,32 @@ class ScoreSettings(RunSettings):
                                                  "RMS score (0 for the raw scores, as the store holds them).")
 
 
-class Score(Stage[int, ScoreReport]):
+@dataclass(frozen=True)
+class TargetsPlan:
+    """The targets checked against a store: the task, the model and its outputs, the network
+    (for memory estimates) and the feature settings the train features were made with."""
+
+    task: Task
+    model: ModelSpec
+    output_size: int
+    net: nn.Module
+    features: FeatureSettings
+    fingerprint: Fingerprint
+
+
+@dataclass(frozen=True)
+class ScorePlan(Plan):
+    """The view and models to score with, the targets as checked, and the scores' key."""
+
+    location: str | Path
+    view: View
+    model_ids: list[int]
+    targets: TargetsPlan
+    key: str
+    targets_id: str
+
+
+class Score(Stage[ScorePlan, int, ScoreReport]):
     """Units: chunks of targets, scored against every train example (see the module docstring)."""
 
     stage = "score"
@@ -105,19 +133,18 @@ class Score(Stage[int, ScoreReport]):
         super().__init__(settings)
         self.targets = targets
 
-    def check(self, store: str | Path) -> Store:
-        self.location = store
-        self.check_settings()
+    def check(self, store: str | Path) -> ScorePlan:
+        self.check_settings(store)
         handle = Store.open(store)
-        self.view = store_view(handle, self.settings.view)
-        self.model_ids = featurized_models(handle, self.settings.models)
-        check_finalized(handle, self.view, self.model_ids)
-        self.check_targets(handle)
-        self.key = scores_key(self.view, self.model_ids, self.fingerprint.sha256)
-        self.targets_id = layout.short_id(self.fingerprint.sha256)
-        return handle
+        view = store_view(handle, self.settings.view)
+        model_ids = featurized_models(handle, self.settings.models)
+        check_finalized(handle, view, model_ids)
+        targets = self.checked_targets(handle)
+        sha = targets.fingerprint.sha256
+        return ScorePlan(store, view, model_ids, targets, scores_key(view, model_ids, sha), layout.short_id(sha),
+                         existing=handle)
 
-    def check_settings(self) -> None:
+    def check_settings(self, store: str | Path) -> None:
         given = self.settings
         if given.target_chunk_rows < 1 or given.batch_size < 1:
             raise UserError("--chunk-rows and --batch-size must be at least 1")
@@ -127,63 +154,68 @@ class Score(Stage[int, ScoreReport]):
         if given.top_k < 0:
             raise UserError("--top-k must be >= 0")
         check_threshold(given.threshold)
-        check_output("--out", given.out, (".npy",), self.location)
-        check_output("--top-k-out", given.top_k_out if given.top_k else None, TABLE_SUFFIXES, self.location)
+        check_output("--out", given.out, (".npy",), store)
+        check_output("--top-k-out", given.top_k_out if given.top_k else None, TABLE_SUFFIXES, store)
 
-    def check_targets(self, handle: Store) -> None:
+    def checked_targets(self, handle: Store) -> TargetsPlan:
         """The targets against the store (transform, tokenizer, classes) and the model on them."""
         manifest, targets = handle.manifest, self.targets
-        if targets.transform_spec != manifest["model"].get("transform"):
+        if targets.transform_spec != manifest.model.transform:
             raise UserError(f"targets must be seen through the store's --transform "
-                            f"({manifest['model'].get('transform')}), not {targets.transform_spec}")
-        self.task = stored_task(handle)
-        bind_tokenizer(handle, targets)
-        self.fingerprint = targets.fingerprint()
-        self.model = self.settings.model or ModelSpec.of_store(manifest["model"], handle.location)
-        bind_model(handle, self.model, targets.transform_spec)
-        self.task.check_targets(targets, tuple(manifest["dataset"]["classes"]))
-        self.output_size = self.task.output_size(targets)
-        self.net = self.model.build(self.output_size)
-        check_model_fits_data(self.net, targets, self.device, self.model, self.task, self.output_size)
-        self.features = FeatureSettings.of_store(handle, self.net)
+                            f"({manifest.model.transform}), not {targets.transform_spec}")
+        task = stored_task(handle)
+        check_tokenizer(handle, targets)
+        fingerprint = targets.fingerprint()
+        model = self.settings.model or ModelSpec.of_store(manifest.model, handle.location)
+        check_model_bound(handle, model, targets.transform_spec)
+        task.check_targets(targets, manifest.dataset.classes)
+        output_size = task.output_size(targets)
+        net = model.build(output_size)
+        check_model_fits_data(net, targets, self.device, model, task, output_size)
+        return TargetsPlan(task, model, output_size, net, FeatureSettings.of_store(handle, net), fingerprint)
 
-    def work(self, handle: Store) -> Work[int]:
-        key, stage = self.key, layout.target_features_stage(self.targets_id)
+    def bind(self, handle: Store, plan: ScorePlan) -> ScorePlan:
+        bind_tokenizer(handle, self.targets)
+        bind_model(handle, plan.targets.model, self.targets.transform_spec)
+        return plan
+
+    def work(self, plan: ScorePlan) -> Work[int]:
+        key, stage = plan.key, layout.target_features_stage(plan.targets_id)
         return Work(list(range(math.ceil(len(self.targets) / self.settings.target_chunk_rows))),
                     lambda c: layout.unit(key, c), f"score {key} target chunks",
-                    [layout.scores_folder(key), layout.done("score", key), layout.targets_prefix(self.targets_id),
+                    [layout.scores_folder(key), layout.done("score", key), layout.targets_prefix(plan.targets_id),
                      layout.done(stage)])
 
-    def start(self, handle: Store, owned: list[int], todo: list[int]) -> ScoreReport:
+    def start(self, handle: Store, plan: ScorePlan, owned: list[int], todo: list[int]) -> ScoreReport:
         """Before the first write: the models' weights against their recorded hashes, and the
         batch size that fits; then the targets and scores entries."""
-        batch_size = self.settings.batch_size
-        for model_id in self.model_ids if todo else []:
-            load_registered_model(handle, model_id, self.model, self.output_size)
+        batch_size, targets = self.settings.batch_size, plan.targets
+        for model_id in plan.model_ids if todo else []:
+            load_registered_model(handle, model_id, targets.model, targets.output_size)
         if todo:
-            batch_size = batch_size_that_fits(self.net, self.targets, self.task, self.features, batch_size,
+            batch_size = batch_size_that_fits(targets.net, self.targets, targets.task, targets.features, batch_size,
                                               self.settings.target_chunk_rows, self.device, self.settings.memory_limit,
                                               "score")
-        handle.set_entry("targets", self.targets_id, {"spec": self.targets.spec, **self.fingerprint.as_dict()})
-        handle.set_entry("scores", self.key, {"view": view_record(self.view), "models": self.model_ids,
-                                              "targets": self.targets_id})
-        return ScoreReport(self.key, self.view, self.model_ids, len(self.targets),
-                           handle.manifest["dataset"]["num_examples"], chunks_skipped=len(owned) - len(todo),
+        handle.set_entry("targets", plan.targets_id, {"spec": self.targets.spec, **targets.fingerprint.as_dict()})
+        handle.set_entry("scores", plan.key, {"view": view_record(plan.view), "models": plan.model_ids,
+                                              "targets": plan.targets_id})
+        return ScoreReport(plan.key, plan.view, plan.model_ids, len(self.targets),
+                           handle.manifest.num_examples, chunks_skipped=len(owned) - len(todo),
                            batch_size=batch_size)
 
-    def do(self, handle: Store, todo: list[int], report: ScoreReport, progress: Progress):
+    def do(self, handle: Store, plan: ScorePlan, todo: list[int], report: ScoreReport, progress: Progress):
         """Consecutive target chunks share one pass over the train features (`score_passes`)."""
         start, rows_per_chunk = time.perf_counter(), self.settings.target_chunk_rows
         n, n_targets = report.num_train, report.num_targets
-        q_bar = mean_q(handle, self.model_ids)
-        out = handle.require_array(layout.scores(self.key), (n_targets, n), "float32", (rows_per_chunk, min(n, 8192)))
+        q_bar = mean_q(handle, plan.model_ids)
+        out = handle.require_array(layout.scores(plan.key), (n_targets, n), "float32", (rows_per_chunk, min(n, 8192)))
         for group in score_passes(todo, rows_per_chunk, n):
             ranges = [range(c * rows_per_chunk, min(n_targets, (c + 1) * rows_per_chunk)) for c in group]
             name = f"targets {ranges[0].start}-{ranges[-1].stop - 1}"
-            progress.unit_started(name, (ranges[-1].stop - ranges[0].start) * len(self.model_ids))
-            self.featurize_targets(handle, group, report.batch_size, progress)
-            taus = score_chunks(handle, self.view, self.model_ids, q_bar, layout.targets_prefix(self.targets_id),
-                                ranges, handle.manifest["featurize"]["chunk_rows"], self.device)
+            progress.unit_started(name, (ranges[-1].stop - ranges[0].start) * len(plan.model_ids))
+            self.featurize_targets(handle, plan, group, report.batch_size, progress)
+            taus = score_chunks(handle, plan.view, plan.model_ids, q_bar, layout.targets_prefix(plan.targets_id),
+                                ranges, handle.manifest.featurize.chunk_rows, self.device)
             for chunk, rows, tau in zip(group, ranges, taus):
                 out[rows.start:rows.stop] = tau.numpy()
                 yield chunk, {"rows": [rows.start, rows.stop]}
@@ -191,27 +223,28 @@ class Score(Stage[int, ScoreReport]):
             progress.unit_finished(name, f"{ranges[-1].stop - ranges[0].start} targets scored", len(group))
         report.seconds = time.perf_counter() - start
 
-    def featurize_targets(self, handle: Store, chunks: list[int], batch_size: int, progress: Progress) -> None:
+    def featurize_targets(self, handle: Store, plan: ScorePlan, chunks: list[int], batch_size: int,
+                          progress: Progress) -> None:
         """The targets' features of `chunks` for every model (those not yet published), made as the
         train features were, each (model, chunk) published on its own."""
-        stage = layout.target_features_stage(self.targets_id)
-        todo = [(m, chunk) for m in self.model_ids for chunk in chunks
+        stage, targets = layout.target_features_stage(plan.targets_id), plan.targets
+        todo = [(m, chunk) for m in plan.model_ids for chunk in chunks
                 if handle.done_info(stage, layout.unit(m, chunk)) is None]
-        for m in self.model_ids:
+        for m in plan.model_ids:
             check_made_from(handle, stage, [layout.unit(m, c) for c in chunks if (m, c) not in todo], m)
-        for unit, info in write_features(handle, self.targets, self.model, self.task, self.features, todo,
+        for unit, info in write_features(handle, self.targets, targets.model, targets.task, targets.features, todo,
                                          self.settings.target_chunk_rows, batch_size, self.device, StepsOnly(progress),
-                                         layout.targets_prefix(self.targets_id), FeaturizeReport()):
+                                         layout.targets_prefix(plan.targets_id), FeaturizeReport()):
             handle.mark_done(stage, layout.unit(*unit), info)
 
-    def finish(self, report: ScoreReport) -> ScoreReport:
+    def finish(self, plan: ScorePlan, report: ScoreReport) -> ScoreReport:
         """The exports asked for, from the finished scores (soft-thresholded at `threshold`)."""
         given = self.settings
         if given.out:
-            export_scores(self.location, report.key, given.out, given.threshold)
+            export_scores(plan.location, report.key, given.out, given.threshold)
             report.exported = str(given.out)
         if given.top_k:
-            report.top_k_rows = top_k_rows(self.location, report.key, self.targets, given.top_k, given.threshold)
+            report.top_k_rows = top_k_rows(plan.location, report.key, self.targets, given.top_k, given.threshold)
             write_table(report.top_k_rows, given.top_k_out)
             report.top_k_file = str(given.top_k_out)
         return report

@@ -32,10 +32,10 @@ def featurized_models(handle: Store, requested: list[int] | None) -> list[int]:
     """Ids of the requested (default: all) registered models whose train features are complete,
     sorted (the order a set of models is given in does not matter)."""
     manifest = handle.manifest
-    if "featurize" not in manifest:
+    if manifest.featurize is None:
         raise UserError(f"store {handle.location!r} has no features yet; run `trakwomp featurize` first")
-    registered = [entry["id"] for entry in manifest.get("models", [])]
-    num_chunks = math.ceil(manifest["dataset"]["num_examples"] / manifest["featurize"]["chunk_rows"])
+    registered = [entry.id for entry in manifest.models]
+    num_chunks = math.ceil(manifest.num_examples / manifest.featurize.chunk_rows)
     ids = sorted(set(registered if requested is None else requested))
     for model_id in ids:
         if model_id not in registered:
@@ -51,13 +51,13 @@ def featurized_models(handle: Store, requested: list[int] | None) -> list[int]:
 
 def store_view(handle: Store, spec: ViewSpec) -> View:
     """The view `spec` asks for, checked against the store's features."""
-    manifest = handle.manifest
-    if "featurize" not in manifest:
+    recorded = handle.manifest.featurize
+    if recorded is None:
         raise UserError(f"store {handle.location!r} has no features yet; run `trakwomp featurize` first")
-    recorded, num_train = manifest["featurize"], manifest["dataset"]["num_examples"]
-    if "layers" in recorded:
-        widths = [layer["rank_rows"] * layer["rank_cols"] for layer in recorded["layers"]]
-        return View.resolve_layers(widths, spec.dims, spec.blocks, spec.ridge, num_train)
-    projector = recorded["projector"]
-    return View.resolve(projector["blocks"] * projector["block_dim"], projector["block_dim"], spec.dims, spec.blocks,
+    num_train = handle.manifest.num_examples
+    if recorded.layers:
+        return View.resolve_layers([layer.width for layer in recorded.layers], spec.dims, spec.blocks, spec.ridge,
+                                   num_train)
+    projector = recorded.projector
+    return View.resolve(projector.blocks * projector.block_dim, projector.block_dim, spec.dims, spec.blocks,
                         spec.ridge, num_train)

@@ -44,14 +44,14 @@ def view_record(view: View) -> list:
 
 def find_scores(handle: Store, view: View, model_ids: list[int], targets_sha: str | None) -> str:
     """The key of finished scores for the view and models (and targets, if given)."""
-    scored = handle.manifest.get("scores", {})
-    candidates = [k for k, v in scored.items() if v["view"] == view_record(view)
-                  and v["models"] == model_ids and (targets_sha is None or v["targets"] == layout.short_id(targets_sha))]
+    scored = handle.manifest.scores
+    candidates = [k for k, v in scored.items() if list(v.view) == view_record(view) and list(v.models) == model_ids
+                  and (targets_sha is None or v.targets == layout.short_id(targets_sha))]
     if len(candidates) > 1:
         raise UserError(f"several target sets are scored at view {view.key}; pass --targets to choose one")
     if not candidates:
         answers = "explain's answers are kept apart from scores and read by explain only; " \
-            if not scored and handle.manifest.get("answers") else ""
+            if not scored and handle.manifest.answers.next else ""
         raise UserError(f"no scores at view {view.key} for models {compact_ids(model_ids)}"
                         f"{' and these targets' if targets_sha else ''}; {answers}run `trakwomp score` first")
     return find_scores_by_key(handle, candidates[0])
@@ -90,7 +90,7 @@ def find_view_scores(handle: Store, targets: Dataset | None, view: ViewSpec, mod
 
 def find_scores_by_key(handle: Store, key: str) -> str:
     """`key`, checked to name finished scores."""
-    if key not in handle.manifest.get("scores", {}):
+    if key not in handle.manifest.scores:
         raise UserError(f"store {handle.location!r} has no scores {key!r}")
     tau = handle.array(layout.scores(key))
     n_targets, chunk_rows = tau.shape[0], tau.chunks[0]

@@ -33,7 +33,7 @@ from trakwomp.stages.bindings import (
 )
 from trakwomp.stages.fit import fit, model_outputs
 from trakwomp.stages.recipe import Recipe, torch_threads
-from trakwomp.stages.skeleton import RunSettings, Stage, Work
+from trakwomp.stages.skeleton import Plan, RunSettings, Stage, Work
 from trakwomp.store import Store, layout
 from trakwomp.tasks.base import Task
 from trakwomp.tasks.classification import Classification
@@ -90,7 +90,18 @@ class TrainSettings(RunSettings):
                                                       "[default: the store's, else the sources of text data].")
 
 
-class Train(Stage[int, TrainReport]):
+@dataclass(frozen=True)
+class TrainPlan(Plan):
+    """The train set as trained on (with the prompts' tokens with --train-on-prompt), the role's
+    units (lds-groups for LDS models on halves of groups), the model's outputs, the groups."""
+
+    data: Dataset
+    role: str
+    output_size: int
+    groups: Groups | None
+
+
+class Train(Stage[TrainPlan, int, TrainReport]):
     """Units: model j of the role, trained on its subset mask (see the module docstring)."""
 
     stage = "train"
@@ -99,28 +110,25 @@ class Train(Stage[int, TrainReport]):
         super().__init__(settings)
         self.data, self.model, self.targets = data, model, targets
         self.recipe = settings.recipe or Recipe.for_task(settings.task)
-        self.role, self.task = settings.role, settings.task
+        self.task = settings.task
 
-    def check(self, store: str | Path) -> Store | None:
+    def check(self, store: str | Path) -> TrainPlan:
         self.check_role()
-        self.output_size = self.task.output_size(self.data)
+        output_size = self.task.output_size(self.data)
         with torch.random.fork_rng(devices=[]):
-            net = self.model.build(self.output_size)
+            net = self.model.build(output_size)
         for examples in (self.data, self.targets) if self.targets is not None else (self.data,):
-            check_model_fits_data(net, examples, self.device, self.model, self.task, self.output_size)
+            check_model_fits_data(net, examples, self.device, self.model, self.task, output_size)
         if self.targets is not None and self.targets.tokenizer is not None and \
                 self.targets.tokenizer.record() != self.data.tokenizer.record():
             raise UserError("--targets must be read with the train set's tokenizer")
-        if self.recipe.train_on_prompt:
-            self.data = self.data.predicting_prompts()
+        data = self.data.predicting_prompts() if self.recipe.train_on_prompt else self.data
         existing = Store.open_existing(store)
-        self.groups = self.chosen_groups(existing)
-        if self.recipe.group_alpha is not None:
-            self.role = "lds-groups"
-        return existing
+        role = "lds-groups" if self.recipe.group_alpha is not None else self.settings.role
+        return TrainPlan(data, role, output_size, self.chosen_groups(existing, data), existing=existing)
 
     def check_role(self) -> None:
-        role, recipe = self.role, self.recipe
+        role, recipe = self.settings.role, self.recipe
         if role not in ("reference", "lds"):
             raise UserError(f"unknown --role {role!r}: expected reference or lds")
         if recipe.group_alpha is not None and role != "lds":
@@ -134,60 +142,60 @@ class Train(Stage[int, TrainReport]):
         if role == "reference" and self.targets is not None:
             raise UserError("--targets is only for --role lds")
 
-    def chosen_groups(self, existing: Store | None) -> Groups | None:
+    def chosen_groups(self, existing: Store | None, data: Dataset) -> Groups | None:
         """The groups the recipe refers to (None if it refers to none), checked against the store's."""
         given, recipe = self.settings.groups, self.recipe
         if given is None and recipe.group_alpha is None and not recipe.exclude_groups:
             return None
-        groups = choose_groups(existing, given, len(self.data), lambda: self.data)
+        groups = choose_groups(existing, given, len(data), lambda: data)
         if len(groups.positions(list(recipe.exclude_groups))) == len(groups.names):
             raise UserError("--exclude-groups names every group: no example is left to train on")
-        if existing is not None and "dataset" in existing.manifest:
+        if existing is not None and existing.manifest.dataset is not None:
             check_groups(existing, groups)
         return groups
 
-    def open(self, store: str | Path, handle: Store | None) -> Store:
+    def open(self, store: str | Path, plan: TrainPlan) -> Store:
         return Store.open(store, create=True)
 
-    def bind(self, handle: Store) -> None:
-        bind_training_inputs(handle, self.data, self.model, self.task)
-        if self.groups is not None:
-            bind_groups(handle, self.groups)
-        section = f"train_{self.role}"
-        handle.bind(section, self.recipe.as_recorded(handle.manifest.get(section)),
+    def bind(self, handle: Store, plan: TrainPlan) -> TrainPlan:
+        bind_training_inputs(handle, plan.data, self.model, self.task)
+        if plan.groups is not None:
+            bind_groups(handle, plan.groups)
+        handle.bind(f"train_{plan.role}", self.recipe.as_recorded(handle.manifest.recipe(plan.role)),
                     "pass the same recipe flags as before, or use a new store")
-        handle.ask(layout.asked_train(self.role), self.settings.num_models)
+        handle.ask(layout.asked_train(plan.role), self.settings.num_models)
         if self.targets is not None:
             handle.bind("lds_targets", self.targets.fingerprint().as_dict(),
                         "LDS models of one store share their targets; use a new store for other targets")
-            if "lds_targets_source" not in handle.manifest:  # a moved copy of the targets is the same targets
+            if handle.manifest.lds_targets_source is None:  # a moved copy of the targets is the same targets
                 handle.set_section("lds_targets_source", {"spec": self.targets.spec})
+        return plan
 
-    def work(self, handle: Store) -> Work[int]:
-        role = self.role
+    def work(self, plan: TrainPlan) -> Work[int]:
+        role = plan.role
         return Work(list(range(self.settings.num_models)), lambda j: layout.unit(role, j), f"train {role} models",
                     [layout.role_folder(role), layout.done("train", role)])
 
-    def start(self, handle: Store, owned: list[int], todo: list[int]) -> TrainReport:
+    def start(self, handle: Store, plan: TrainPlan, owned: list[int], todo: list[int]) -> TrainReport:
         return TrainReport(skipped=[j for j in owned if j not in todo])
 
-    def do(self, handle: Store, todo: list[int], report: TrainReport, progress: Progress):
+    def do(self, handle: Store, plan: TrainPlan, todo: list[int], report: TrainReport, progress: Progress):
         for j in todo:
-            info = self.train_model(handle, j, report, progress)
+            info = self.train_model(handle, plan, j, report, progress)
             yield j, info
             report.trained.append(j)
-            progress.unit_finished(f"{self.role} model {j}", _summary(info, self.task))
+            progress.unit_finished(f"{plan.role} model {j}", _summary(info, self.task))
 
-    def train_model(self, handle: Store, j: int, report: TrainReport, progress: Progress) -> dict:
+    def train_model(self, handle: Store, plan: TrainPlan, j: int, report: TrainReport, progress: Progress) -> dict:
         """Model j: its subset, initialisation and data order from (seed, role, j); its mask and
         weights (with the checkpoints kept along the run) or its outputs on the targets written."""
-        role, recipe, path = self.role, self.recipe, layout.trained_model(self.role, j)
+        role, recipe, path = plan.role, self.recipe, layout.trained_model(plan.role, j)
         rng, torch_seed = unit_generators(recipe.seed, role, j)
-        mask = training_mask(len(self.data), recipe, rng, self.groups)
+        mask = training_mask(len(plan.data), recipe, rng, plan.groups)
         generator = torch.Generator().manual_seed(torch_seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)
-            net = self.model.build(self.output_size)
+            net = self.model.build(plan.output_size)
         progress.unit_started(f"{role} model {j}", recipe.epochs * _examples_per_epoch(int(mask.sum()), recipe))
         keep = set(recipe.checkpoint_epochs) if role == "reference" else set()
         kept: dict[str, str] = {}  # epoch -> the hash of the checkpoint's weights, published with the unit
@@ -198,7 +206,7 @@ class Train(Stage[int, TrainReport]):
                 kept[str(epoch)] = state_hash(self.model.stored_state(net))
 
         with torch_threads(recipe.threads):
-            fit(net, self.data, np.flatnonzero(mask), recipe, self.task, generator, self.device, progress,
+            fit(net, plan.data, np.flatnonzero(mask), recipe, self.task, generator, self.device, progress,
                 keep_checkpoint)
             if role != "reference":
                 target_outputs, summary = model_outputs(net, self.targets, self.task, self.device)
@@ -265,7 +273,7 @@ def load_reference_model(store: str | Path, index: int, output_size: int, model:
     handle = Store.open(store)
     if handle.done_info("train", layout.unit("reference", index)) is None:
         raise UserError(f"store {str(store)!r} has no finished reference model {index}")
-    spec = model or ModelSpec.of_store(handle.manifest["model"], handle.location)
-    bind_model(handle, spec, handle.manifest["model"].get("transform"))
+    spec = model or ModelSpec.of_store(handle.manifest.model, handle.location)
+    bind_model(handle, spec, handle.manifest.model.transform)
     state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(layout.weights(layout.trained_model("reference", index))).items()}
     return spec.load_state(spec.build(output_size), state)

@@ -8,6 +8,7 @@ import pkgutil
 
 import trakwomp.tasks
 from trakwomp.errors import UserError
+from trakwomp.store.records import TaskRecord
 from trakwomp.tasks.base import REGISTERED, Task
 
 for _module in pkgutil.iter_modules(trakwomp.tasks.__path__):
@@ -28,8 +29,8 @@ def make_task(name: str, lm_output: str | None = None) -> Task:
     return task_class(name).create(lm_output)
 
 
-def task_of_store(recorded: dict | None) -> Task:
-    """The task a store records; stores made before tasks were recorded are classification."""
+def task_of_store(recorded: TaskRecord | None) -> Task:
+    """The task a store records (the default for a store that records none yet)."""
     if recorded is None:
         return task_class(DEFAULT_TASK)()
-    return task_class(recorded["name"]).from_record(recorded)
+    return task_class(recorded.name).from_record(recorded.json)
