@@ -28,7 +28,7 @@ from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.selection import parse_model_ids
 from trakwomp.stages.skeleton import RunSettings
 from trakwomp.stages.stored_scores import Selection
-from trakwomp.tasks.registry import REGISTERED
+from trakwomp.tasks.base import TASKS
 
 app = typer.Typer(
     name="trakwomp",
@@ -82,7 +82,7 @@ class Role(str, Enum):
 
 def recipe_default(field: str) -> str:
     """A recipe field's default, and each task's own where it differs (for --help)."""
-    own = "; ".join(f"{name}: {task.recipe_defaults[field]}" for name, task in REGISTERED.items()
+    own = "; ".join(f"{name}: {task.recipe_defaults[field]}" for name, task in TASKS.items()
                     if field in task.recipe_defaults)
     return f"(default {getattr(Recipe, field)}" + (f"; {own})" if own else ")")
 

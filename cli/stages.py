@@ -43,11 +43,11 @@ from trakwomp.cli.progress import console
 from trakwomp.cli.tables import cell, show_top_k
 
 from trakwomp.data.groups import parse_group_names
-from trakwomp.data.specs import SPEC_HELP, load_dataset
+from trakwomp.data.specs import load_dataset, spec_help
 from trakwomp.errors import UserError
 from trakwomp.estimator.view import ViewSpec
 from trakwomp.features.memory import parse_size
-from trakwomp.features.projectors import DEFAULT_BLOCKS, ProjectorSpec
+from trakwomp.features.projectors import DEFAULT_BLOCKS, ProjectorSpec, projector_help
 from trakwomp.models.lora import LoraSpec
 from trakwomp.models.spec import ModelSpec
 from trakwomp.runtime import Shard
@@ -58,9 +58,10 @@ from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.score import Score, ScoreSettings
 from trakwomp.stages.selection import parse_model_ids
 from trakwomp.stages.train import Train, TrainSettings
-from trakwomp.tasks.registry import DEFAULT_TASK, REGISTERED, TASKS, make_task
+from trakwomp.tasks.base import TASKS
+from trakwomp.tasks.registry import DEFAULT_TASK, make_task
 
-TASK_HELP = "; ".join(f"{name}: {task.help}" for name, task in REGISTERED.items()) + "."
+TASK_HELP = "; ".join(f"{name}: {task.help}" for name, task in TASKS.items()) + "."
 LoraOpt = typer.Option(None, "--lora", help="With --model hf:BASE: train LoRA fine-tunes of the base of this rank "
                        "(the store keeps each model's adapter weights; needs peft).")
 LoraAlphaOpt = typer.Option(None, "--lora-alpha", help="LoRA's alpha: the update is scaled by alpha / rank [default: "
@@ -76,7 +77,7 @@ LmOutputOpt = typer.Option(None, "--lm-output", help="causal-lm output f = log(p
 @reports_errors
 def train(
     store: str = StoreArg,
-    data: str = typer.Option(..., "--data", help=f"Train set: {SPEC_HELP}."),
+    data: str = typer.Option(..., "--data", help=f"Train set: {spec_help()}."),
     task: str = typer.Option(DEFAULT_TASK, "--task", help=TASK_HELP),
     lm_output: Optional[str] = LmOutputOpt,
     model: Optional[str] = ModelOpt,
@@ -113,7 +114,7 @@ def train(
     json_out: bool = JsonOpt,
 ):
     """Train reference models (or LDS evaluation models) on random alpha-subsets of --data."""
-    chosen_task = make_task(task, lm_output)
+    chosen_task = make_task(task, lm_output=lm_output)
     spec = ModelSpec.parse(model or chosen_task.default_model, width, layers, heads,
                            lora_spec(lora, lora_alpha, lora_targets, lora_dropout))
     recipe = Recipe.for_task(chosen_task, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
@@ -173,18 +174,18 @@ def projector_of(kind: str | None, seed: int | None, blocks: int | None, block_d
 @reports_errors
 def featurize(
     store: str = StoreArg,
-    data: Optional[str] = typer.Option(None, "--data", help=f"Train set ({SPEC_HELP}); default: the store's."),
+    data: Optional[str] = typer.Option(None, "--data", help=f"Train set ({spec_help()}); default: the store's."),
     model: Optional[str] = ModelOpt,
     width: Optional[float] = WidthOpt,
     layers: Optional[int] = LayersOpt,
     heads: Optional[int] = HeadsOpt,
-    task: Optional[str] = typer.Option(None, "--task", help=f"With --checkpoint in a new store: one of {', '.join(TASKS)} (default: the store's, else classification)."),
+    task: Optional[str] = typer.Option(None, "--task", help=f"With --checkpoint in a new store: one of {', '.join(TASKS.names())} (default: the store's, else classification)."),
     lm_output: Optional[str] = LmOutputOpt,
     checkpoint: list[str] = typer.Option([], "--checkpoint", help="A state_dict file or a glob; repeatable. Default: the store's trained reference models and the checkpoints kept along their runs."),
     run: Optional[str] = setting(FeaturizeSettings, "run", "--run"),
     blocks: Optional[int] = typer.Option(None, "--blocks", help=f"Number of projection blocks B (default: the store's, else {DEFAULT_BLOCKS}; factored: one per layer)."),
     block_dim: Optional[int] = typer.Option(None, "--block-dim", help=f"Dimensions per block; d = B x block dim (default: the store's, else {ProjectorSpec.block_dim})."),
-    projector: Optional[str] = typer.Option(None, "--projector", help="sjlt (sparse, O(p) per block), gaussian, rademacher, identity (no projection) or factored (one k x k block per layer from hooks, no per-example gradients; block dim k x k) (default: the store's, else sjlt up to 20M parameters and factored beyond)."),
+    projector: Optional[str] = typer.Option(None, "--projector", help=f"{projector_help()} (default: the store's, else sjlt up to 20M parameters and factored beyond)."),
     projector_seed: Optional[int] = typer.Option(None, "--projector-seed", help=f"(default: the store's, else {ProjectorSpec.seed})"),
     dtype: Optional[str] = setting(FeaturizeSettings, "dtype", "--dtype"),
     parameters: list[str] = setting(FeaturizeSettings, "parameters", "--params", default=[]),
@@ -207,7 +208,7 @@ def featurize(
     settings = FeaturizeSettings(device, Shard.parse(shard), projector_of(projector, projector_seed, blocks, block_dim),
                                  dtype, parameters or None, chunk_rows, batch_size,
                                  parse_size(max_memory) if max_memory else None, run,
-                                 make_task(task, lm_output) if task else None)
+                                 make_task(task, lm_output=lm_output) if task else None)
     spec = ModelSpec.parse(model, width, layers, heads) if model else None
     if not data and (indices or transform or tokenizer or max_length):
         raise UserError("--indices, --transform, --tokenizer and --max-length go with --data")
@@ -255,7 +256,7 @@ def finalize(
 @reports_errors
 def score(
     store: str = typer.Argument(..., help="A finalized store."),
-    targets: str = typer.Option(..., "--targets", help=f"The examples to attribute ({SPEC_HELP})."),
+    targets: str = typer.Option(..., "--targets", help=f"The examples to attribute ({spec_help()})."),
     dims: Optional[int] = DimsOpt,
     blocks: Optional[int] = BlocksOpt,
     ridge: str = RidgeOpt,

@@ -225,6 +225,7 @@ class Store:
         make it durable."""
         attributes = json.loads(json.dumps(attributes))
         path = self._checked(path)
+        self._durable.refuse_links(path)  # before zarr starts the record's and its parents' writes at once
         try:
             self._group.create_group(path, attributes=attributes, overwrite=True)
         except (FileNotFoundError, StoreWriteError) as e:  # ENOENT: another process replaced the same
@@ -263,6 +264,9 @@ class Store:
 
     def _require(self, path: str, shape: tuple[int, ...], dtype: np.dtype, chunks, compressors) -> "StoredArray":
         path = self._checked(path)
+        # A link is refused before zarr starts the writes of the array's metadata and its parents'
+        # at once: refused inside one of them, the others would go on after the error is reported.
+        self._durable.refuse_links(path)
         try:
             array = self._group.create_array(path, shape=shape, dtype=dtype, chunks=chunks,
                                              compressors=compressors, overwrite=False)

@@ -117,4 +117,4 @@ def test_regression_refuses_class_labels_and_classification_refuses_values(tmp_p
     with pytest.raises(UserError, match="real-valued labels for --task regression"):
         make_task("classification").check_data(values)
     with pytest.raises(UserError, match="--lm-output applies to --task causal-lm only"):
-        make_task("regression", "token")
+        make_task("regression", lm_output="token")

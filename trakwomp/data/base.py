@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from trakwomp.errors import UserError
+from trakwomp.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,9 @@ class Dataset(ABC, torch.utils.data.Dataset):
         """What a table row says of example i: its label, and its path or its text and source."""
 
 
-KINDS: dict[str, "DatasetKind"] = {}  # spec prefix -> kind, filled by subclasses as they are defined
+# spec prefix -> kind: every module of this package, and other packages' entry points (trakwomp.registry)
+DATASET_KINDS: Registry["DatasetKind"] = Registry("trakwomp.dataset_kinds", "dataset kind", lambda cls: cls(),
+                                                  builtins=("trakwomp.data.*",))
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,7 @@ class LoadOptions:
 
 class DatasetKind(ABC):
     """A kind of dataset, named by the prefix of its spec (`npz:PATH`): a subclass with a `name`
-    is registered under it (trakwomp.data.specs imports every module of this package)."""
+    is registered under it in DATASET_KINDS."""
 
     name: ClassVar[str]  # the spec prefix
     usage: ClassVar[str]  # the spec as help shows it, e.g. "npz:PATH"
@@ -212,7 +215,7 @@ class DatasetKind(ABC):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
-            KINDS[cls.name] = cls()
+            DATASET_KINDS.add(cls.name, cls)
 
     @abstractmethod
     def load(self, spec: str, rest: str, options: LoadOptions) -> Dataset:

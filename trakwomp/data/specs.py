@@ -1,31 +1,27 @@
 """Datasets by spec string: `load_dataset` finds the dataset kind a spec names (a `DatasetKind`
-of trakwomp.data.base; every module of this package is imported, so each kind defined in one is
-registered)."""
+in trakwomp.data.base's DATASET_KINDS)."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from pathlib import Path
 
-import trakwomp.data
-from trakwomp.data.base import KINDS, Dataset, DatasetKind, LoadOptions
+from trakwomp.data.base import DATASET_KINDS, Dataset, DatasetKind, LoadOptions
 from trakwomp.data.files import load_indices
 from trakwomp.errors import UserError
 from trakwomp.imports import import_object
 
-for _module in pkgutil.iter_modules(trakwomp.data.__path__):
-    importlib.import_module(f"trakwomp.data.{_module.name}")
 
-SPEC_HELP = ", ".join(kind.usage for kind in KINDS.values())
+def spec_help() -> str:
+    """Every dataset kind's spec, as help shows them."""
+    return ", ".join(kind.usage for _, kind in DATASET_KINDS.items())
 
 
 def dataset_kind(spec: str) -> DatasetKind:
     """The kind a spec names (by its prefix); an unknown one is refused."""
     name, _, rest = spec.partition(":")
-    if name not in KINDS or not rest:
-        raise UserError(f"unknown dataset spec {spec!r}; expected {SPEC_HELP}")
-    return KINDS[name]
+    if name not in DATASET_KINDS or not rest:
+        raise UserError(f"unknown dataset spec {spec!r}; expected {spec_help()}")
+    return DATASET_KINDS.get(name)
 
 
 def load_dataset(

@@ -46,24 +46,9 @@ from torch import nn
 from trakwomp.data.base import Batch
 from trakwomp.errors import UserError
 from trakwomp.features.base import BatchFeatures, GradientEngine
+from trakwomp.features.layer_rules import LINEAR, LayerRule, rule_of
 from trakwomp.features.projectors import side_dim
 from trakwomp.tasks.base import Task
-
-
-def module_kind(module: nn.Module) -> str | None:
-    """Which factored rule applies to `module`, or None if its parameters are left out."""
-    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim and module.bias_k is None \
-            and not module.add_zero_attn:
-        return "attention"  # its packed in-projection; its out_proj is a Linear of its own
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros":
-        return "conv2d"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(module.weight, nn.Parameter):
-        return "conv1d"  # transformers.pytorch_utils.Conv1D (GPT-2): y = x W + b, W in x out
-    return None
 
 
 @dataclass(frozen=True)
@@ -86,33 +71,18 @@ class FactoredLayer:
         return asdict(self)
 
 
-def weight_and_bias(module: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weight a factored rule covers, and its bias (MultiheadAttention: the in-projection)."""
-    if kind == "attention":
-        return module.in_proj_weight, module.in_proj_bias
-    return module.weight, getattr(module, "bias", None)
-
-
-def _shape(kind: str, module: nn.Module, with_bias: bool) -> tuple[int, int]:
-    weight, _ = weight_and_bias(module, kind)
-    rows, cols = weight.shape[0], weight[0].numel()
-    if with_bias and kind == "conv1d":
-        return rows + 1, cols
-    return rows, cols + int(with_bias)
-
-
-def weight_modules(model: nn.Module) -> list[tuple[nn.Module, str, str, str | None]]:
-    """(module, kind, weight name, bias name or None) of every module a factored rule applies to,
-    parameters named as `named_parameters` names them (a tied weight by its first name)."""
+def weight_modules(model: nn.Module) -> list[tuple[nn.Module, LayerRule, str, str | None]]:
+    """(module, its rule, weight name, bias name or None) of every module a factored rule applies
+    to, parameters named as `named_parameters` names them (a tied weight by its first name)."""
     name_of: dict[int, str] = {}
     for name, p in model.named_parameters():
         name_of.setdefault(id(p), name)
     found = []
     for module in model.modules():
-        kind = module_kind(module)
-        weight, bias = weight_and_bias(module, kind) if kind else (None, None)
-        if kind and id(weight) in name_of:
-            found.append((module, kind, name_of[id(weight)], name_of.get(id(bias))))
+        rule = rule_of(module)
+        weight, bias = rule.weight_and_bias(module) if rule else (None, None)
+        if rule and id(weight) in name_of:
+            found.append((module, rule, name_of[id(weight)], name_of.get(id(bias))))
     return found
 
 
@@ -122,11 +92,11 @@ def factored_layers(model: nn.Module, parameter_names: list[str], block_dim: int
     k = side_dim(block_dim)
     chosen = set(parameter_names)
     found: dict[str, FactoredLayer] = {}
-    for module, kind, weight, bias in weight_modules(model):
+    for module, rule, weight, bias in weight_modules(model):
         if weight not in chosen:
             continue
         bias = bias if bias in chosen else None
-        rows, cols = _shape(kind, module, bias is not None)
+        rows, cols = rule.shape(module, bias is not None)
         layer = FactoredLayer(weight, bias, rows, cols, min(rows, k), min(cols, k))
         if found.setdefault(weight, layer) != layer:
             raise UserError(f"the weight {weight} is shared by modules with different biases, which factored "
@@ -170,7 +140,7 @@ class LayerCall:
     the weight it used and the function that puts the example axis first."""
 
     module: nn.Module
-    kind: str
+    rule: LayerRule
     index: int
     inputs: torch.Tensor
     output: torch.Tensor
@@ -202,15 +172,15 @@ class FactoredFeatures(GradientEngine):
         self.model, self.task, self.device, self.layers = model.to(device).eval(), task, device, layers
         self.dims = sum(layer.width for layer in layers)
         index = {layer.name: i for i, layer in enumerate(layers)}
-        self.modules = {}  # module -> (kind, layer index)
-        self.weights = {}  # id of a covered weight -> (its module, kind, layer index)
-        for module, kind, weight, bias in weight_modules(self.model):
+        self.modules: dict[nn.Module, tuple[LayerRule, int]] = {}  # module -> (its rule, layer index)
+        self.weights = {}  # id of a covered weight -> (its module, layer index)
+        for module, rule, weight, bias in weight_modules(self.model):
             if weight in index:
-                self.modules[module] = (kind, index[weight])
-                tensor = weight_and_bias(module, kind)[0]
+                self.modules[module] = (rule, index[weight])
+                tensor = rule.weight_and_bias(module)[0]
                 tensor.requires_grad_(True)  # the graph must reach every hooked output
-                self.weights[id(tensor)] = (module, kind, index[weight])
-        self.kinds = {i: kind for kind, i in self.modules.values()}
+                self.weights[id(tensor)] = (module, index[weight])
+        self.rules = {i: rule for rule, i in self.modules.values()}
         self.projections = [
             tuple(side_projection(seed, model_id, layer.name, side, size, rank).to(device)
                   for side, (size, rank) in enumerate(((layer.rows, layer.rank_rows), (layer.cols, layer.rank_cols))))
@@ -266,7 +236,7 @@ class FactoredFeatures(GradientEngine):
         p_rows, p_cols = self.projections[call.index]
         if call.rows is not None:
             p_rows = p_rows[call.rows[0]:call.rows[1]]
-        u, v = self._factors(call.kind, call.module, inputs[examples], g[examples], p_rows, p_cols, call.with_bias)
+        u, v = call.rule.factors(call.module, inputs[examples], g[examples], p_rows, p_cols, call.with_bias)
         return torch.bmm(u.transpose(1, 2), v).flatten(1)
 
     def _forward_backward(self, batch: Batch):
@@ -276,14 +246,14 @@ class FactoredFeatures(GradientEngine):
         calls: list[LayerCall] = []
 
         def record(module, args, output):
-            kind, i = self.modules[module]
-            calls.append(LayerCall(module, kind, i, args[0], output, with_bias=getattr(module, "bias", None) is not None))
+            rule, i = self.modules[module]
+            calls.append(LayerCall(module, rule, i, args[0], output, with_bias=getattr(module, "bias", None) is not None))
             return output.clone() if self.copy_outputs else None
 
-        hooks = [module.register_forward_hook(record) for module, (kind, _) in self.modules.items()
-                 if kind != "attention"]
+        hooks = [module.register_forward_hook(record) for module, (rule, _) in self.modules.items()
+                 if not rule.uses_linear_inside]
         hooks += [module.register_forward_pre_hook(self._per_example_ids(len(batch.inputs[0])))
-                  for module, (kind, _) in self.modules.items() if kind == "embedding"]
+                  for module, (rule, _) in self.modules.items() if rule.per_example_ids]
         hooks += self._attention_hooks(calls, len(batch.inputs[0]))
         try:
             with torch.enable_grad():
@@ -324,10 +294,10 @@ class FactoredFeatures(GradientEngine):
             base = weight if weight._base is None else weight._base
             if id(base) not in self.weights:
                 return out
-            module, kind, i = self.weights[id(base)]
+            module, i = self.weights[id(base)]
             start = (weight.data_ptr() - base.data_ptr()) // (base.stride(0) * base.element_size())
             with_bias = bias is not None and self.layers[i].bias is not None
-            calls.append(LayerCall(module, "linear", i, x, out, (start, start + weight.shape[0]), with_bias,
+            calls.append(LayerCall(module, LINEAR, i, x, out, (start, start + weight.shape[0]), with_bias,
                                    sequence_first(x, batch_size)))
             return out.clone() if self.copy_outputs else out
 
@@ -337,7 +307,7 @@ class FactoredFeatures(GradientEngine):
         def leave(module, args, output):
             F.linear = ORIGINAL_LINEAR
 
-        attention = [module for module, (kind, _) in self.modules.items() if kind == "attention"]
+        attention = [module for module, (rule, _) in self.modules.items() if rule.uses_linear_inside]
         return [hook for module in attention for hook in (module.register_forward_pre_hook(enter),
                                                           module.register_forward_hook(leave))]
 
@@ -376,33 +346,6 @@ class FactoredFeatures(GradientEngine):
         dw = grads[layer.name].reshape(len(grads[layer.name]), -1)
         if layer.bias is not None:
             bias = grads[layer.bias].reshape(-1)
-            dw = torch.cat([dw, bias[None, :]]) if self.kinds[i] == "conv1d" else torch.cat([dw, bias[:, None]], 1)
+            dw = torch.cat([dw, bias[None, :]]) if self.rules[i].bias_on_rows else torch.cat([dw, bias[:, None]], 1)
         p_rows, p_cols = self.projections[i]
         return (p_rows.T @ dw.float() @ p_cols).flatten()
-
-    @staticmethod
-    def _factors(kind: str, module: nn.Module, a: torch.Tensor, g: torch.Tensor, p_rows: torch.Tensor,
-                 p_cols: torch.Tensor, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P_R^T u_t, P_C^T v_t) for every example and position: (batch, T, k_R), (batch, T, k_C);
-        `with_bias`: the use added the layer's bias (which is featurized if P has its row)."""
-        batch = len(g)
-        if kind == "conv2d":
-            width = a.shape[1] * module.weight[0, 0].numel()
-            kernels = p_cols[:width].T.reshape(-1, *module.weight.shape[1:])
-            v = F.conv2d(a.detach(), kernels, None, module.stride, module.padding, module.dilation).flatten(2)
-            if len(p_cols) > width:
-                v = v + p_cols[width].view(1, -1, 1)
-            return g.flatten(2).transpose(1, 2) @ p_rows, v.transpose(1, 2)
-        g = g.reshape(batch, -1, g.shape[-1])
-        if kind == "embedding":
-            ids = a.reshape(batch, -1)
-            u = p_rows[ids]
-            if module.padding_idx is not None:
-                u = u * (ids != module.padding_idx).unsqueeze(-1)
-            return u, g @ p_cols
-        a = a.detach().reshape(batch, -1, a.shape[-1])
-        if kind == "linear":
-            v = a @ p_cols[:a.shape[-1]]
-            return g @ p_rows, v + p_cols[-1] if with_bias and len(p_cols) > a.shape[-1] else v
-        u = a @ p_rows[:a.shape[-1]]
-        return (u + p_rows[-1] if with_bias and len(p_rows) > a.shape[-1] else u), g @ p_cols

@@ -1,4 +1,5 @@
-"""The two gradient engines, behind `FeatureMethod`: a projector kind names its method.
+"""The two gradient engines, behind `FeatureMethod`: a projector kind names its method
+(trakwomp.features.kinds).
 
 - `ProjectedGradients`: per-example gradients with torch.func, then a seeded projection of them
   (`sjlt`, `gaussian`, `rademacher`, `identity`), in `blocks` blocks of `block_dim` dims.
@@ -26,11 +27,12 @@ from trakwomp.features.factored import (
     factored_layers,
 )
 from trakwomp.features.gradients import PerExampleGradients, count_parameters
+from trakwomp.features.layer_rules import LAYER_RULES
 from trakwomp.features.memory import MemoryNeed
 from trakwomp.features.projectors import (
     DEFAULT_BLOCKS,
     GRADIENT_BUFFER_BYTES,
-    PROJECTORS,
+    PROJECTOR_KINDS,
     ProjectorSpec,
     make_projector,
 )
@@ -65,7 +67,7 @@ class ProjectedGradients(FeatureMethod):
         """`blocks` blocks (default DEFAULT_BLOCKS) of `block_dim` dims; `identity` keeps every coordinate."""
         projector = replace(projector, blocks=projector.blocks or DEFAULT_BLOCKS)
         num_params = count_parameters(net, names)
-        if projector.kind == "identity" and projector.dim != num_params:
+        if PROJECTOR_KINDS.get(projector.kind).keeps_every_coordinate and projector.dim != num_params:
             raise UserError(f"the identity projector keeps all {num_params} gradient coordinates: pass --blocks B and "
                             f"--block-dim D with B x D = {num_params}")
         return FeatureLayout(projector)
@@ -73,7 +75,7 @@ class ProjectedGradients(FeatureMethod):
     def add_memory(self, need: MemoryNeed, layout: FeatureLayout, num_params: int, activations: int) -> None:
         """The projector's tables or matrix cache, and 3 x p floats per example: the mapped
         gradients, their parameter-major copy, and autograd's per-example weight gradients."""
-        what, size, setting = PROJECTORS[layout.projector.kind].memory(layout.projector, num_params)
+        what, size, setting = PROJECTOR_KINDS.get(layout.projector.kind).memory(layout.projector, num_params)
         need.fixed[what] = (size, setting)
         need.per_example["per-example gradients"] = (3 * 4 * num_params, "pass --projector factored")
         need.per_example["activations"] = (activations, "lower --batch-size")
@@ -88,7 +90,7 @@ class Factored(FeatureMethod):
         layers = tuple(factored_layers(net, names, projector.block_dim))
         if not layers:
             raise UserError("none of the chosen parameters is the weight of a layer factored projections support "
-                            "(Linear, Conv2d, Embedding, GPT-2 Conv1D); use --projector sjlt")
+                            f"({', '.join(rule.module_name for _, rule in LAYER_RULES.items())}); use --projector sjlt")
         if projector.blocks not in (None, len(layers)):
             raise UserError(f"--blocks {projector.blocks} does not go with --projector factored, which makes one block "
                             f"per layer ({len(layers)} here)")
@@ -114,9 +116,6 @@ class Factored(FeatureMethod):
         return sorted(set(names) - set(covered_parameters(list(layout.layers))))
 
 
-METHODS: dict[str, FeatureMethod] = {kind: ProjectedGradients() for kind in PROJECTORS} | {"factored": Factored()}
-
-
 def feature_method(projector: ProjectorSpec) -> FeatureMethod:
     """The gradient engine kind that a projector kind names."""
-    return METHODS[projector.kind]
+    return PROJECTOR_KINDS.get(projector.kind).method

@@ -17,21 +17,30 @@ E <P_b^T u, P_b^T v> = <u, v> already; it costs O(p) per example and block inste
 `identity` (no projection: block b is coordinates [b * d_block, (b + 1) * d_block) of the
 gradient, so B * d_block must equal the number of parameters; exact TRAK for small models).
 The fifth kind, `factored`, projects each layer on its own without building per-example
-gradients; see trakwomp/factored.py (there `blocks` is the number of layers).
+gradients; see trakwomp/features/factored.py (there `blocks` is the number of layers).
+
+Kinds are `ProjectorKind`s in the registry PROJECTOR_KINDS (trakwomp's own in
+trakwomp.features.kinds; other packages' through the entry point group `trakwomp.projectors`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from abc import ABC
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 
 from trakwomp.errors import UserError
+from trakwomp.registry import Registry
 from trakwomp.settings import check_seed
 from trakwomp.store.records import ProjectorRecord
+
+if TYPE_CHECKING:
+    from trakwomp.features.base import FeatureMethod
 
 TILE_ROWS = 4096
 TILE_CACHE_BYTES = 2 << 30  # a dense projector keeps its tiles up to this size, else regenerates them per call
@@ -63,8 +72,7 @@ class ProjectorSpec:
     tile_rows: int = TILE_ROWS
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise UserError(f"unknown --projector {self.kind!r}: expected one of {', '.join(KINDS)}")
+        PROJECTOR_KINDS.get(self.kind)  # an unknown kind is refused naming the kinds
         if (self.blocks is not None and self.blocks < 1) or self.block_dim < 1 or self.tile_rows < 1:
             raise UserError("--blocks and --block-dim must be at least 1")
         check_seed("--projector-seed", self.seed)
@@ -85,7 +93,7 @@ class ProjectorSpec:
         return cls(recorded.kind, recorded.seed, recorded.blocks, recorded.block_dim, tile_rows)
 
 
-def _tile_generator(seed: int, model_id: int, block: int, tile: int) -> torch.Generator:
+def tile_generator(seed: int, model_id: int, block: int, tile: int) -> torch.Generator:
     state = np.random.SeedSequence([seed, model_id, block, tile]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state >> np.uint64(1)))
 
@@ -93,20 +101,20 @@ def _tile_generator(seed: int, model_id: int, block: int, tile: int) -> torch.Ge
 def sjlt_tile(spec: ProjectorSpec, model_id: int, block: int, tile: int, num_params: int):
     """For the parameters of tile `tile`: their output coordinate in the block, and their sign."""
     rows = min(spec.tile_rows, num_params - tile * spec.tile_rows)
-    generator = _tile_generator(spec.seed, model_id, block, tile)
+    generator = tile_generator(spec.seed, model_id, block, tile)
     positions = torch.randint(0, spec.block_dim, (rows,), generator=generator)
     signs = torch.randint(0, 2, (rows,), generator=generator, dtype=torch.int8).float().mul_(2).sub_(1)
     return positions, signs
 
 
-def _sjlt_rows(spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int, num_params: int) -> torch.Tensor:
+def sjlt_rows(spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int, num_params: int) -> torch.Tensor:
     positions, signs = sjlt_tile(spec, model_id, block, tile, num_params)
     out = torch.zeros(rows, spec.block_dim)
     out[torch.arange(rows), positions] = signs
     return out
 
 
-def _identity_rows(spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int, num_params: int) -> torch.Tensor:
+def identity_rows(spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int, num_params: int) -> torch.Tensor:
     columns = torch.arange(rows) + tile * spec.tile_rows - block * spec.block_dim
     inside = (columns >= 0) & (columns < spec.block_dim)
     out = torch.zeros(rows, spec.block_dim)
@@ -114,27 +122,55 @@ def _identity_rows(spec: ProjectorSpec, model_id: int, block: int, tile: int, ro
     return out
 
 
-def _gaussian_rows(spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int, num_params: int) -> torch.Tensor:
-    generator = _tile_generator(spec.seed, model_id, block, tile)
+def gaussian_rows(spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int, num_params: int) -> torch.Tensor:
+    generator = tile_generator(spec.seed, model_id, block, tile)
     return torch.randn(rows, spec.block_dim, generator=generator).mul_(1.0 / math.sqrt(spec.block_dim))
 
 
-def _rademacher_rows(spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int, num_params: int) -> torch.Tensor:
-    generator = _tile_generator(spec.seed, model_id, block, tile)
+def rademacher_rows(spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int, num_params: int) -> torch.Tensor:
+    generator = tile_generator(spec.seed, model_id, block, tile)
     scale = 1.0 / math.sqrt(spec.block_dim)
     signs = torch.randint(0, 2, (rows, spec.block_dim), generator=generator, dtype=torch.int8)
     return signs.float().mul_(2 * scale).sub_(scale)
 
 
-TILES = {"gaussian": _gaussian_rows, "rademacher": _rademacher_rows, "sjlt": _sjlt_rows,
-         "identity": _identity_rows}  # a projection of per-example gradients: its rows, tile by tile
-KINDS = (*TILES, "factored")  # `factored` projects each layer from hooks: trakwomp.features.methods
+class ProjectorKind(ABC):
+    """A kind of projection (`--projector`): its feature method and, for a projection of
+    per-example gradients, its rows tile by tile, its projector and that projector's memory."""
+
+    name: ClassVar[str]
+    help: ClassVar[str] = ""  # what it is, in a few words, for --help
+    method: ClassVar[FeatureMethod]  # the gradient engine that makes its features
+    keeps_every_coordinate: ClassVar[bool] = False  # no projection: B x d_block must be the parameter count
+
+    def rows(self, spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int,
+             num_params: int) -> torch.Tensor:
+        """Rows [tile * spec.tile_rows, + rows) of block `block` of model `model_id`'s projection."""
+        raise UserError(f"the {self.name} projector does not project per-example gradients")
+
+    def projector(self, spec: ProjectorSpec, model_id: int, num_params: int, device: torch.device):
+        """What projects gradient rows (default: the dense tiles of `rows`)."""
+        return DenseProjector(spec, model_id, num_params, device)
+
+    def memory(self, spec: ProjectorSpec, num_params: int) -> tuple[str, int, str]:
+        """(what, bytes, the setting that lowers it) of its projector."""
+        return DenseProjector.memory(spec, num_params)
+
+
+PROJECTOR_KINDS: Registry[ProjectorKind] = Registry("trakwomp.projectors", "--projector", lambda cls: cls(),
+                                                    builtins=("trakwomp.features.kinds",))
+
+
+def projector_help() -> str:
+    """Every projector kind, with its few words, as --help shows them."""
+    named = [f"{name} ({kind.help})" if kind.help else name for name, kind in PROJECTOR_KINDS.items()]
+    return ", ".join(named[:-1]) + f" or {named[-1]}" if len(named) > 1 else named[0]
 
 
 def projection_tile(spec: ProjectorSpec, model_id: int, block: int, tile: int, num_params: int) -> torch.Tensor:
     """Rows [tile * spec.tile_rows, ...) of block `block` of model `model_id`'s projection, float32 on CPU."""
     rows = min(spec.tile_rows, num_params - tile * spec.tile_rows)
-    return TILES[spec.kind](spec, model_id, block, tile, rows, num_params)
+    return PROJECTOR_KINDS.get(spec.kind).rows(spec, model_id, block, tile, rows, num_params)
 
 
 def projection_block(spec: ProjectorSpec, model_id: int, block: int, num_params: int) -> torch.Tensor:
@@ -227,9 +263,6 @@ class SparseProjector:
         return out.T
 
 
-PROJECTORS = {kind: DenseProjector for kind in TILES} | {"sjlt": SparseProjector}  # by kind
-
-
 def make_projector(spec: ProjectorSpec, model_id: int, num_params: int, device: torch.device):
-    """The projector of `spec` for one model: sparse for `sjlt`, dense tiles otherwise."""
-    return PROJECTORS[spec.kind](spec, model_id, num_params, device)
+    """The projector of `spec` for one model (its kind's)."""
+    return PROJECTOR_KINDS.get(spec.kind).projector(spec, model_id, num_params, device)

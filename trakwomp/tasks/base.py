@@ -11,8 +11,9 @@ does to f(z) when the training loss is a function of f: with l_i(f) the loss of 
 q_i = -l_i'(f_i) (docs/method.md). Where f is the log-odds log(p / (1 - p)) of a probability p
 of being right and the loss is -log p = -log sigmoid(f), q = 1 - p = sigmoid(-f): the default.
 
-A new task is one module in this package: a subclass of `Task` with a `name` is registered
-under that name (`trakwomp.tasks.registry` imports every module here).
+A new task is one module in this package, or in another package that names it as an entry
+point (group `trakwomp.tasks`, see trakwomp.registry): a subclass of `Task` with a `name` is
+registered under that name in `TASKS` (which imports every module here on first use).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch
 
 from trakwomp.data.base import Batch, Dataset
 from trakwomp.errors import UserError
+from trakwomp.registry import Registry
 
-REGISTERED: dict[str, type["Task"]] = {}  # task name -> class, filled by subclasses as they are defined
+TASKS: Registry[type["Task"]] = Registry("trakwomp.tasks", "--task", builtins=("trakwomp.tasks.*",))
 
 
 def logits_of(output) -> torch.Tensor:
@@ -47,18 +49,12 @@ class Task(ABC):
     summary_name: ClassVar[str]  # what `summary_terms` add up to, as recorded per LDS model
     recipe_defaults: ClassVar[dict] = {}  # training recipe values that differ from `Recipe`'s defaults
     generates_text: ClassVar[bool] = False  # a language model, whose answers `explain` attributes
+    options: ClassVar[dict[str, str]] = {}  # the task's own settings (`make_task`'s keywords) -> its fields
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
-            REGISTERED[cls.name] = cls
-
-    @classmethod
-    def create(cls, lm_output: str | None = None) -> "Task":
-        """The task with the options given on the command line (`--lm-output` is causal-lm's)."""
-        if lm_output is not None:
-            raise UserError(f"--lm-output applies to --task causal-lm only, not to --task {cls.name}")
-        return cls()
+            TASKS.add(cls.name, cls)
 
     @classmethod
     def from_record(cls, recorded: dict) -> "Task":

@@ -34,14 +34,10 @@ class CausalLM(Task):
     default_model = "gpt"
     summary_name = "target_token_loss"
     generates_text = True
+    options = {"lm_output": "output"}  # the output function (default: token, the better of the two on
+    # docs/results.md's benchmark)
     recipe_defaults = {"optimizer": "adamw", "epochs": 8, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.1,
                        "augment": False}
-
-    @classmethod
-    def create(cls, lm_output: str | None = None) -> "CausalLM":
-        """`lm_output`: the output function (default: token, the better of the two on
-        docs/results.md's benchmark)."""
-        return cls(lm_output or "token")
 
     def __post_init__(self):
         if self.output not in LM_OUTPUTS:

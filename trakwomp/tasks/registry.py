@@ -1,36 +1,30 @@
-"""Tasks by name: every module of this package is imported, so each `Task` subclass in it is
-registered under its `name` (a new task needs no line here)."""
+"""Tasks by name (`TASKS`, trakwomp.tasks.base: every module of this package, and other
+packages' entry points), made with their options or as a store records them."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
-import trakwomp.tasks
 from trakwomp.errors import UserError
 from trakwomp.store.records import TaskRecord
-from trakwomp.tasks.base import REGISTERED, Task
+from trakwomp.tasks.base import TASKS, Task
 
-for _module in pkgutil.iter_modules(trakwomp.tasks.__path__):
-    importlib.import_module(f"trakwomp.tasks.{_module.name}")
-
-TASKS = tuple(REGISTERED)
 DEFAULT_TASK = "classification"
 
 
-def task_class(name: str) -> type[Task]:
-    if name not in REGISTERED:
-        raise UserError(f"unknown --task {name!r}: expected one of {', '.join(REGISTERED)}")
-    return REGISTERED[name]
-
-
-def make_task(name: str, lm_output: str | None = None) -> Task:
-    """The task `name`, with the command-line options given (`lm_output`: causal-lm's output function)."""
-    return task_class(name).create(lm_output)
+def make_task(name: str, **options) -> Task:
+    """The task `name` with the task options given (None: not given), e.g. causal-lm's
+    `lm_output`; an option of another task is refused naming the tasks that take it."""
+    cls = TASKS.get(name)
+    given = {option: value for option, value in options.items() if value is not None}
+    for option in given:
+        if option not in cls.options:
+            owners = [other for other, task in TASKS.items() if option in task.options]
+            raise UserError(f"--{option.replace('_', '-')} applies to --task {' or '.join(owners)} only, not to "
+                            f"--task {name}")
+    return cls(**{cls.options[option]: value for option, value in given.items()})
 
 
 def task_of_store(recorded: TaskRecord | None) -> Task:
     """The task a store records (the default for a store that records none yet)."""
     if recorded is None:
-        return task_class(DEFAULT_TASK)()
-    return task_class(recorded.name).from_record(recorded.json)
+        return TASKS.get(DEFAULT_TASK)()
+    return TASKS.get(recorded.name).from_record(recorded.json)
