@@ -75,7 +75,7 @@ def lds_table(store: Path, targets, s: dict) -> dict:
     for view in candidates:
         finalize(store, view)
         score(store, targets, view)
-    half0 = {(v.dims, v.blocks): r["lds"] for v, r in zip(candidates, lds(store, candidates, half=0).as_dict()["results"])}
+    half0 = {(v.dims, v.blocks): r["lds"] for v, r in zip(candidates, lds(store, candidates, half=0).as_dict()["results"], strict=True)}
     trak = max((v for v in candidates if v.blocks == 1), key=lambda v: half0[(v.dims, v.blocks)])
     womp = max((v for v in candidates if v.blocks > 1), key=lambda v: half0[(v.dims, v.blocks)])
     default = ViewSpec(*s["default_view"])

@@ -168,7 +168,7 @@ def best(run: Run, candidates: list[tuple[int, int, float]], models: int) -> tup
     """The candidate view with the highest LDS on the selection half, and every candidate's LDS there."""
     report = run.lds(candidates, models, half=0)
     lds = [r["lds"] for r in report["results"]]
-    return candidates[max(range(len(lds)), key=lds.__getitem__)], [[*v, x] for v, x in zip(candidates, lds)]
+    return candidates[max(range(len(lds)), key=lds.__getitem__)], [[*v, x] for v, x in zip(candidates, lds, strict=True)]
 
 
 def evaluate(run: Run) -> dict:
@@ -253,7 +253,7 @@ def markdown(results: dict, work: Path) -> str:
                   "| B | d_block | ridge | LDS | minus B = 1 |", "|---|---|---|---|---|"]
         views = [(r["name"]) for r in entry["report"]["results"]]
         diffs = [None] + entry["report"]["paired_differences"]
-        for name, result, diff in zip(views, entry["report"]["results"], diffs):
+        for name, result, diff in zip(views, entry["report"]["results"], diffs, strict=True):
             fields = dict(part.split("=") for part in name.split() if "=" in part)
             b = int(fields["B"])
             lines.append(f"| {b} | {entry['dims'] // b} | {fields.get('ridge', '0')} | {interval(result)} | "
@@ -274,7 +274,7 @@ def plot(results: dict, work: Path) -> None:
 
     def errorbar(ax, xs, rs, **kw):
         ys = [r["lds"] for r in rs]
-        err = [[y - r["ci95"][0] for y, r in zip(ys, rs)], [r["ci95"][1] - y for y, r in zip(ys, rs)]]
+        err = [[y - r["ci95"][0] for y, r in zip(ys, rs, strict=True)], [r["ci95"][1] - y for y, r in zip(ys, rs, strict=True)]]
         ax.errorbar(xs, ys, yerr=err, capsize=3, marker="o", **kw)
 
     def finish(ax, xlabel, title, name):

@@ -98,17 +98,17 @@ def main() -> None:
     targets = predicted[0].targets
     base = outputs(variant_store(args.work, None), args.seeds)[:, targets].mean(axis=1)
     rows = []
-    for g, group in zip(chosen, groups[1:]):
+    for g, group in zip(chosen, groups[1:], strict=True):
         change = outputs(variant_store(args.work, group), args.seeds)[:, targets].mean(axis=1) - base
         rows.append({"group": group, "examples": predicted[0].sizes[g], "actual_change": float(change.mean()),
                      "actual_ci95": t_interval(change), "actual_per_seed": change.tolist(),
-                     "predicted_change": {name: float(-p.over_targets[g]) for name, p in zip(names, predicted)},
+                     "predicted_change": {name: float(-p.over_targets[g]) for name, p in zip(names, predicted, strict=True)},
                      "calibrated_change": {name: float(-p.over_targets[g] * p.calibration.slope)
-                                           for name, p in zip(names, predicted) if p.calibration and p.calibration.usable}})
+                                           for name, p in zip(names, predicted, strict=True) if p.calibration and p.calibration.usable}})
     result = {"store": args.store, "target_set": args.target_set, "targets": len(targets), "seeds": args.seeds,
               "mean_output_all": float(base.mean()), "groups": rows,
               "calibration": {name: p.calibration.describe() + ("" if p.calibration.usable else ", not positive at p < 0.05: unused")
-                              for name, p in zip(names, predicted) if p.calibration}}
+                              for name, p in zip(names, predicted, strict=True) if p.calibration}}
     name = f"counterfactual-{Path(args.target_set).stem if args.target_set else 'all'}"
     (args.work / f"{name}.json").write_text(json.dumps(result, indent=1))
     header = "| group | examples | " + " | ".join(f"predicted, {n} (calibrated)" for n in names) + " | actual [95% CI] |"

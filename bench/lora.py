@@ -66,7 +66,7 @@ def fine_tunes(work: Path, base: Path, s: dict) -> None:
             raise SystemExit(f"an LDS training shard of {setting} failed")
     if not (work / "lora-all").exists():  # the LoRA models again, attributed over every weight
         subprocess.run(["cp", "-r", str(work / "lora"), str(work / "lora-all")], check=True)
-    for name, (store, params) in ATTRIBUTIONS.items():
+    for store, params in ATTRIBUTIONS.values():
         run("featurize", str(work / store), *s["projector"], *params, "-q")
 
 

@@ -107,7 +107,7 @@ def evaluate(work: Path, s: dict) -> dict:
     for name in OUTPUTS:
         candidates = list(files[name])
         chosen = lds(work, 0, [files[name][v] for v in candidates])["results"]
-        by_view = dict(zip(candidates, (r["lds"] for r in chosen)))
+        by_view = dict(zip(candidates, (r["lds"] for r in chosen), strict=True))
         best_trak = max((v for v in candidates if v[1] == 1), key=by_view.get)
         best_womp = max((v for v in candidates if v[1] > 1), key=by_view.get)
         reported = [best_trak, best_womp] + ([DEFAULT_VIEW] if DEFAULT_VIEW in candidates else [])
@@ -123,7 +123,7 @@ def markdown(table: dict) -> str:
     for name, entry in table.items():
         results, diffs = entry["half1"]["results"], entry["half1"]["paired_differences"]
         trak_view, *womp_views = entry["views"]
-        for kind, view, result, diff in zip(("best", "default"), womp_views, results[1:], diffs):
+        for kind, view, result, diff in zip(("best", "default"), womp_views, results[1:], diffs, strict=True):
             lines.append(f"| {name} | d={trak_view[0]} | {cell(results[0])} | {kind}: d={view[0]} B={view[1]} | "
                          f"{cell(result)} | {diff['difference']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] |")
     return "\n".join(lines)

@@ -120,7 +120,8 @@ def train(
     recipe = Recipe.for_task(chosen_task, alpha=alpha, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                              threads=threads, group_alpha=group_alpha, save_checkpoints=save_checkpoints,
                              exclude_groups=tuple(parse_group_names(exclude_groups)), train_on_prompt=train_on_prompt)
-    settings = TrainSettings(device, Shard.parse(shard), chosen_task, role.value, num_models, recipe, groups)
+    settings = TrainSettings(device=device, shard=Shard.parse(shard), task=chosen_task, role=role.value,
+                             num_models=num_models, recipe=recipe, groups=groups)
     if target_indices is not None and targets is None:
         raise UserError("--target-indices needs --targets")
     train_set = load_dataset(data, indices, transform, download, tokenizer, max_length)
@@ -205,10 +206,11 @@ def featurize(
 
     Projector options given replace all of the store's (defaults for those not given); none
     given means the store's, so the same command resumes or adds checkpoints."""
-    settings = FeaturizeSettings(device, Shard.parse(shard), projector_of(projector, projector_seed, blocks, block_dim),
-                                 dtype, parameters or None, chunk_rows, batch_size,
-                                 parse_size(max_memory) if max_memory else None, run,
-                                 make_task(task, lm_output=lm_output) if task else None)
+    settings = FeaturizeSettings(device=device, shard=Shard.parse(shard),
+                                 projector=projector_of(projector, projector_seed, blocks, block_dim), dtype=dtype,
+                                 parameters=parameters or None, chunk_rows=chunk_rows, batch_size=batch_size,
+                                 memory_limit=parse_size(max_memory) if max_memory else None, run=run,
+                                 task=make_task(task, lm_output=lm_output) if task else None)
     spec = ModelSpec.parse(model, width, layers, heads) if model else None
     if not data and (indices or transform or tokenizer or max_length):
         raise UserError("--indices, --transform, --tokenizer and --max-length go with --data")
@@ -242,7 +244,8 @@ def finalize(
     json_out: bool = JsonOpt,
 ):
     """Invert each block's Gram matrix Phi_b^T Phi_b (+ ridge) for a view (D dims, B blocks)."""
-    settings = FinalizeSettings(device, Shard.parse(shard), ViewSpec(dims, blocks, ridge), parse_model_ids(models))
+    settings = FinalizeSettings(device=device, shard=Shard.parse(shard), view=ViewSpec(dims, blocks, ridge),
+                                models=parse_model_ids(models))
     with progress_for(quiet) as progress:
         report = Finalize(settings).run(store, progress)
     if json_out:
@@ -283,9 +286,11 @@ def score(
     json_out: bool = JsonOpt,
 ):
     """Attribution scores tau(z) of every train example for every target (TRAK-WOMP eq. 3)."""
-    settings = ScoreSettings(device, Shard.parse(shard), ViewSpec(dims, blocks, ridge), parse_model_ids(models),
-                             ModelSpec.parse(model, width, layers, heads) if model else None, chunk_rows, batch_size,
-                             parse_size(max_memory) if max_memory else None, out, top_k, top_k_out, threshold)
+    settings = ScoreSettings(device=device, shard=Shard.parse(shard), view=ViewSpec(dims, blocks, ridge),
+                             models=parse_model_ids(models), model=ModelSpec.parse(model, width, layers, heads) if model
+                             else None, target_chunk_rows=chunk_rows, batch_size=batch_size,
+                             memory_limit=parse_size(max_memory) if max_memory else None, out=out, top_k=top_k,
+                             top_k_out=top_k_out, threshold=threshold)
     target_set = load_store_data(store, targets, target_indices, transform, tokenizer, max_length)
     if per_token:
         target_set = target_set.per_token()

@@ -27,6 +27,7 @@ and from then on only that process writes to it:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import random
@@ -181,10 +182,8 @@ class ObjectStoreLease:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        try:
+        with contextlib.suppress(OSError):  # unreleased, the lease goes stale and is broken after LEASE_SECONDS
             sync(self.fs._pipe_file(self._path(self.generation), self._content(released=True)))
-        except OSError:
-            pass  # unreleased, the lease goes stale and is broken after LEASE_SECONDS
 
     def __enter__(self) -> "ObjectStoreLease":
         try:

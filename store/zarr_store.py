@@ -443,7 +443,7 @@ def _chunk_ranges(selection, shape: tuple[int, ...], chunks: tuple[int, ...]) ->
         parts[at:at + 1] = [slice(None)] * (len(shape) - len(parts) + 1)
     parts += [slice(None)] * (len(shape) - len(parts))
     ranges = []
-    for part, size, chunk in zip(parts, shape, chunks):
+    for part, size, chunk in zip(parts, shape, chunks, strict=True):
         if isinstance(part, slice):
             positions = range(*part.indices(size))
             ranges.append(range(min(positions) // chunk, max(positions) // chunk + 1) if positions else range(0))

@@ -107,7 +107,7 @@ def block_diagonal_scores(handle, widths: list[int], target_prefix: str, ridge: 
         phi = handle.array(f"features/{m:06d}/phi")[...].astype(np.float64)
         target = handle.array(f"{target_prefix}features/{m:06d}/phi")[...].astype(np.float64)
         q_sum = q_sum + handle.array(f"features/{m:06d}/q")[...].astype(np.float64)
-        for start, stop in zip(edges[:-1], edges[1:]):
+        for start, stop in zip(edges[:-1], edges[1:], strict=True):
             block = phi[:, start:stop]
             gram = block.T @ block
             gram += ridge * np.diag(gram).mean() * np.eye(len(gram))
@@ -278,4 +278,4 @@ def split_gradient(net, names: list[str], row: torch.Tensor) -> dict[str, torch.
     """A flat gradient over the parameters `names` (in `named_parameters` order) as {name: tensor}."""
     params = dict(net.named_parameters())
     sizes = [params[n].numel() for n in names]
-    return {n: part.view(params[n].shape) for n, part in zip(names, torch.split(row, sizes))}
+    return {n: part.view(params[n].shape) for n, part in zip(names, torch.split(row, sizes), strict=True)}

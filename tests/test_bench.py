@@ -80,7 +80,7 @@ def test_text_lds_smoke_chooses_on_the_even_half_and_reports_the_odd_half(tmp_pa
         trak, womp = entry["views"][:2]
         assert half0[f"d{trak[0]}-b{trak[1]}"] == max(v for k, v in half0.items() if k.endswith("-b1"))
         assert half0[f"d{womp[0]}-b{womp[1]}"] == max(v for k, v in half0.items() if not k.endswith("-b1"))
-        for (d, b), reported in zip(entry["views"], entry["half1"]["results"]):
+        for (d, b), reported in zip(entry["views"], entry["half1"]["results"], strict=True):
             tau = np.load(work / f"{name}-d{d}-b{b}.npy")
             predicted = masks @ tau.T.astype(float)
             rho = [spearmanr(outputs[:, t], predicted[:, t])[0] for t in range(tau.shape[0])]

@@ -31,3 +31,21 @@ def test_wheel_installs_only_the_trakwomp_package(tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.split()
     assert lines[0].startswith(str(site)) and lines[1].startswith(str(site)) and lines[2:] == ["500", "200"]
+
+
+def test_every_public_name_and_its_public_methods_say_what_they_do():
+    """Docstrings of the public API (trakwomp.__all__): each name, and each public method a
+    class defines without inheriting its docstring."""
+    import inspect
+
+    import trakwomp
+    missing = []
+    for name in trakwomp.__all__:
+        obj = getattr(trakwomp, name)
+        own = obj.__dict__.get("__doc__") if inspect.isclass(obj) else obj.__doc__
+        if not own or own.startswith(f"{name}("):  # a dataclass's generated signature is no docstring
+            missing.append(name)
+        for method, member in vars(obj).items() if inspect.isclass(obj) else ():
+            if not method.startswith("_") and inspect.isfunction(member) and not inspect.getdoc(getattr(obj, method)):
+                missing.append(f"{name}.{method}")
+    assert not missing, missing

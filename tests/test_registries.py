@@ -186,7 +186,7 @@ def test_every_layer_rule_gives_the_kronecker_projection_of_each_examples_own_gr
     for i in range(len(y)):
         one = Batch((x[i:i + 1],), y[i:i + 1])
         f = task.outputs(net(*one.inputs), one).sum()
-        expected.append(kronecker_features(net, layers, dict(zip(params, torch.autograd.grad(f, list(params.values()))))))
+        expected.append(kronecker_features(net, layers, dict(zip(params, torch.autograd.grad(f, list(params.values())), strict=True))))
     torch.testing.assert_close(out.rows.double(), torch.stack(expected), rtol=1e-4, atol=1e-6)
 
 

@@ -68,6 +68,7 @@ class Shard:
         return cls(index, count)
 
     def select(self, units: Iterable[T]) -> list[T]:
+        """This shard's units: every `count`-th, from the `index`-th."""
         return [u for p, u in enumerate(units) if p % self.count == self.index]
 
     def __str__(self) -> str:

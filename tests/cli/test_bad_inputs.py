@@ -58,7 +58,7 @@ def root(tmp_path_factory) -> Path:
         lambda s: score(s, targets),
         lambda s: train(s, train_set, TINY, role="lds", num_models=2, targets=targets, recipe=RECIPE),
     ]
-    for i, (stage, step) in enumerate(zip(STAGES, build)):
+    for i, (stage, step) in enumerate(zip(STAGES, build, strict=True)):
         if i:
             shutil.copytree(root / STAGES[i - 1], root / stage)
         step(root / stage)

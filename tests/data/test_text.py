@@ -234,7 +234,7 @@ def test_every_command_on_text_and_an_escaped_html_page(tmp_path, cli):
     handle = Store.open(store)
     keys = {blocks: next(k for k in handle.manifest.scores if f"-b{blocks}-" in k) for blocks in (1, 4)}
     assert [r["targets"] for r in report["results"]] == [6, 6] and report["results"][0]["models"] == 4
-    for result_row, blocks in zip(report["results"], (1, 4)):
+    for result_row, blocks in zip(report["results"], (1, 4), strict=True):
         assert result_row["lds"] == pytest.approx(independent_lds(handle, keys[blocks]), abs=1e-9)
     np.save(tmp_path / "subset.npy", np.arange(0, 48, 2))
     predicted = json.loads(cli("predict", store, "--subset", str(tmp_path / "subset.npy"), "--json").stdout)

@@ -99,7 +99,7 @@ def model_store(tmp_path_factory):
     keys = {}
     # Target chunks of 4 rows (3 chunks) scored one per pass over the train features, two per
     # pass, and all in one pass (the default budget).
-    for (blocks, ridge), pass_bytes in zip(((1, 0.0), (4, 0.5), (4, 0.0)), (1, 4 * 48 * 4 * 2, None)):
+    for (blocks, ridge), pass_bytes in zip(((1, 0.0), (4, 0.5), (4, 0.0)), (1, 4 * 48 * 4 * 2, None), strict=True):
         with pytest.MonkeyPatch.context() as patch:
             if blocks == 1:  # a block too big for one chunk is stored in row chunks (here 5 rows of 32)
                 patch.setattr(importlib.import_module("trakwomp.stages.finalize"), "INVERSE_CHUNK_BYTES", 8 * 32 * 5)

@@ -53,7 +53,7 @@ def test_train_featurize_finalize_score_lds_predict(cli, tmp_path):
     ok("score", store, "--targets", targets, "--blocks", "4", "--quiet", "--chunk-rows", "4", "--threshold", "0",
        "--out", tmp_path / "scoresraw.npy")
     np.testing.assert_array_equal(np.load(tmp_path / "scoresraw.npy"), raw)
-    rows = list(csv.DictReader(open(tmp_path / "top4.csv")))
+    rows = list(csv.DictReader((tmp_path / "top4.csv").read_text().splitlines()))
     assert len(rows) == 10 * 2 * 2
     first = [r for r in rows if r["target"] == "0" and r["direction"] == "supports"]
     assert float(first[0]["score"]) == scores[0].max() and int(first[0]["train_index"]) == scores[0].argmax()
@@ -70,7 +70,7 @@ def test_train_featurize_finalize_score_lds_predict(cli, tmp_path):
         margins = np.stack([lds_models[f"{j:06d}/margins"][...] for j in models])
         return np.array([spearmanr(margins[:, t], masks @ exported[t]).statistic for t in range(10)])
 
-    for result, blocks in zip(report["results"], ("1", "4")):
+    for result, blocks in zip(report["results"], ("1", "4"), strict=True):
         assert (result["targets"], result["models"]) == (10, 8)
         assert result["lds"] == pytest.approx(scipy_lds(blocks, range(8)).mean(), abs=1e-6)
     per_target = scipy_lds("4", range(8)) - scipy_lds("1", range(8))

@@ -67,7 +67,7 @@ def test_model_outputs_gives_margins_and_top1_accuracy(tiny_npz):
     np.testing.assert_allclose(got_margins, expected, rtol=1e-5, atol=1e-5)
     correct = logits.argmax(1) == y
     assert summary == {"target_accuracy": pytest.approx(correct.mean())}
-    assert 0 < correct.mean() and correct.mean() != (got_margins > 0).mean()
+    assert correct.mean() > 0 and correct.mean() != (got_margins > 0).mean()
 
 
 def test_rerun_skips_finished_and_redoes_unfinished(tmp_path, tiny_npz):

@@ -241,7 +241,7 @@ def lds(
     for path in score_files:
         sources.append(ScoreSource.from_file(path))
         thresholds.append(0.0 if threshold is None else threshold)
-    results = [lds_of_source(s, truth, t, tune_threshold, resamples, seed) for s, t in zip(sources, thresholds)]
+    results = [lds_of_source(s, truth, t, tune_threshold, resamples, seed) for s, t in zip(sources, thresholds, strict=True)]
     if by_group and sources:  # on the LDS models the others are reported on, never thresholded
         baseline = size_baseline(sources[0].num_targets, sources[0].num_train)
         results.append(lds_of_source(baseline, truth.split(1) if tune_threshold else truth, resamples=resamples, seed=seed))

@@ -107,7 +107,7 @@ def draw_group_chart(scores: GroupScores, k: int, png: str | Path) -> None:
     draw.text((8, 6), f"Strongest {len(strongest)} of {len(scores.names)} groups ({scores.origin}), {which}",
               fill="black", font=font)
     draw.text((8, 22), f"score: the sum of a group's train scores; scores/{scores.scores}", fill="black", font=font)
-    for row, (g, value) in enumerate(zip(strongest, values)):
+    for row, (g, value) in enumerate(zip(strongest, values, strict=True)):
         y = top + row * CHART_ROW
         end = zero + value * unit
         draw.rectangle([min(zero, end), y + 3, max(zero, end), y + CHART_ROW - 3],

@@ -87,11 +87,8 @@ class Fingerprint:
     sha256: str
 
     def as_dict(self) -> dict:
+        """What a store records of it (store.records.Fingerprint reads it)."""
         return {"num_examples": self.num_examples, "classes": list(self.classes), "sha256": self.sha256}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Fingerprint":
-        return cls(int(d["num_examples"]), tuple(d["classes"]), str(d["sha256"]))
 
 
 class Dataset(ABC, torch.utils.data.Dataset):

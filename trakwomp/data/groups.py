@@ -59,12 +59,14 @@ class Groups:
     @staticmethod
     def decoded_names(joined: np.ndarray, ends: np.ndarray) -> tuple[str, ...]:
         data = joined.tobytes()
-        return tuple(data[start:end].decode("utf-8") for start, end in zip([0, *ends[:-1].tolist()], ends.tolist()))
+        return tuple(data[start:end].decode("utf-8") for start, end in zip([0, *ends[:-1].tolist()], ends.tolist(), strict=True))
 
     def sizes(self) -> np.ndarray:
+        """The number of train examples in each group, in the order of `names`."""
         return np.bincount(self.codes, minlength=len(self.names))
 
     def positions(self, names: list[str]) -> np.ndarray:
+        """The positions of the groups `names` in `names` (an unknown name is refused)."""
         return group_positions(self.names, names)
 
     def members(self, positions: np.ndarray) -> np.ndarray:

@@ -129,10 +129,10 @@ def _from_uint8_images(spec: str, images: np.ndarray, labels: np.ndarray, classe
 
 def _cifar10_mini(spec: str, split: str) -> ImageDataset:
     _split(spec, split)
-    with resources.files("trakwomp").joinpath("assets/cifar10_mini.npz").open("rb") as f:
-        with np.load(f, allow_pickle=False) as z:
-            images, labels = z[f"x_{split}"], z[f"y_{split}"]
-            classes, files = [str(c) for c in z["classes"]], [str(p) for p in z[f"files_{split}"]]
+    with resources.files("trakwomp").joinpath("assets/cifar10_mini.npz").open("rb") as f, \
+            np.load(f, allow_pickle=False) as z:
+        images, labels = z[f"x_{split}"], z[f"y_{split}"]
+        classes, files = [str(c) for c in z["classes"]], [str(p) for p in z[f"files_{split}"]]
     return _from_uint8_images(spec, images, labels, classes, files)
 
 

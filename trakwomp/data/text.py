@@ -56,7 +56,7 @@ class ByteTokenizer:
     def encode_pairs(self, prompts: list[str], completions: list[str], limit: int | None):
         """(ids, full token counts, prompt token counts) of each prompt followed by its completion:
         the bytes of both after one start token, the completion starting at 1 + the prompt's bytes."""
-        ids, lengths = self.encode([p + c for p, c in zip(prompts, completions)], limit)
+        ids, lengths = self.encode([p + c for p, c in zip(prompts, completions, strict=True)], limit)
         return ids, lengths, np.array([1 + len(p.encode("utf-8")) for p in prompts], dtype=np.int64)
 
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -130,7 +130,7 @@ class HuggingFaceTokenizer:
         prompt_ids = [self.encode_prompt(p) for p in prompts]
         ending = [] if self.end is None else [self.end]
         completion_ids = self.tokenizer(completions, add_special_tokens=False)["input_ids"]
-        ids = [np.asarray(p + c + ending, dtype=np.int32) for p, c in zip(prompt_ids, completion_ids)]
+        ids = [np.asarray(p + c + ending, dtype=np.int32) for p, c in zip(prompt_ids, completion_ids, strict=True)]
         return ([i[:limit] for i in ids], np.array([len(i) for i in ids], dtype=np.int64),
                 np.array([len(p) for p in prompt_ids], dtype=np.int64))
 
@@ -274,9 +274,9 @@ class Tokens:
             return self.tokenizer.encode_conversations(self.conversations, self.max_length)
         if self.prompts is None:
             return (*self.tokenizer.encode(self.texts, self.max_length), None)
-        completions = [text[len(prompt):] for text, prompt in zip(self.texts, self.prompts)]
+        completions = [text[len(prompt):] for text, prompt in zip(self.texts, self.prompts, strict=True)]
         ids, lengths, starts = self.tokenizer.encode_pairs(self.prompts, completions, self.max_length)
-        return ids, lengths, [np.arange(len(i)) >= start for i, start in zip(ids, starts)]
+        return ids, lengths, [np.arange(len(i)) >= start for i, start in zip(ids, starts, strict=True)]
 
     @property
     def ids(self) -> list[np.ndarray]:
@@ -442,6 +442,7 @@ class TextDataset(Dataset):
         return 0 if self.max_length is None else int((self._lengths[self.indices] > self.max_length).sum())
 
     def text(self, i: int) -> str:
+        """Example i's text, as read."""
         return self._texts[int(self.indices[i])]
 
     def source(self, i: int) -> str:

@@ -39,9 +39,9 @@ def weighted_targets(handle: Store, view: View, model_id: int, target_prefix: st
         products = [torch.zeros(len(rows), width, dtype=torch.float64, device=device) for rows in chunks]
         for r in range(0, width, step):
             piece = torch.from_numpy(inverse[b, r:min(r + step, width), :width]).to(device)
-            for phi, product in zip(phi_b, products):
+            for phi, product in zip(phi_b, products, strict=True):
                 product.addmm_(phi[:, r:r + step], piece)
-        for out, product in zip(weighted, products):
+        for out, product in zip(weighted, products, strict=True):
             out[:, columns] = product.float()
     return weighted
 
@@ -58,7 +58,7 @@ def score_chunks(handle: Store, view: View, model_ids: list[int], q_bar: torch.T
         train_phi = handle.array(f"{layout.features(model_id)}/phi")
         for start in range(0, n, chunk_rows):
             block = torch.from_numpy(train_phi[start:start + chunk_rows, :view.dims]).to(device, torch.float32)
-            for out, w in zip(scores, weighted):
+            for out, w in zip(scores, weighted, strict=True):
                 out[:, start:start + len(block)].addmm_(w, block.T)
     return [out.mul_(q_bar.to(device)).cpu() for out in scores]
 

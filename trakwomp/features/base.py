@@ -41,7 +41,7 @@ class GradientEngine(ABC):
     def __call__(self, batch: Batch) -> BatchFeatures:
         """The rows, outputs f and weights q of a batch (on the engine's device)."""
 
-    def check(self, batch: Batch) -> None:
+    def check(self, batch: Batch) -> None:  # noqa: B027 (a hook with a default: nothing to check)
         """Check, before any features are kept, that the engine's features of every example of
         `batch` (chosen by `Dataset.coverage_probe` to exercise what could differ) are right;
         refuse in one line if not (default: nothing to check, the engine cannot be wrong so)."""
@@ -86,8 +86,8 @@ class FeatureMethod(ABC):
                device: torch.device, task: Task) -> GradientEngine:
         """The engine of model `model_id` (its projection regenerated from the recorded seed)."""
 
-    def check(self, net: nn.Module, layout: FeatureLayout, names: list[str], num_params: int, device: torch.device,
-              task: Task, batch: Batch) -> None:
+    def check(self, net: nn.Module, layout: FeatureLayout, names: list[str], num_params: int,  # noqa: B027 (a default)
+              device: torch.device, task: Task, batch: Batch) -> None:
         """Check the method's features of `net` on `batch` before any work (`GradientEngine.check`);
         default: nothing to check."""
 

@@ -174,7 +174,7 @@ class FactoredFeatures(GradientEngine):
         index = {layer.name: i for i, layer in enumerate(layers)}
         self.modules: dict[nn.Module, tuple[LayerRule, int]] = {}  # module -> (its rule, layer index)
         self.weights = {}  # id of a covered weight -> (its module, layer index)
-        for module, rule, weight, bias in weight_modules(self.model):
+        for module, rule, weight, _bias in weight_modules(self.model):
             if weight in index:
                 self.modules[module] = (rule, index[weight])
                 tensor = rule.weight_and_bias(module)[0]
@@ -218,7 +218,7 @@ class FactoredFeatures(GradientEngine):
         f, calls, backward = passes
         features = torch.zeros(len(batch), self.dims, device=self.device)
         for rows, examples, grads in backward:
-            for call, g in zip(calls, grads):
+            for call, g in zip(calls, grads, strict=True):
                 if g is not None:
                     block = slice(self.offsets[call.index], self.offsets[call.index + 1])
                     features[rows, block] += self._call_features(call, g, examples, len(batch.inputs[0]))
@@ -323,7 +323,7 @@ class FactoredFeatures(GradientEngine):
             with torch.enable_grad():
                 f = self.task.outputs(self.model(*one.inputs), one).sum()
                 grads = torch.autograd.grad(f, [parameters[n] for n in chosen], allow_unused=True)
-            grads = {n: torch.zeros_like(parameters[n]) if g is None else g for n, g in zip(chosen, grads)}
+            grads = {n: torch.zeros_like(parameters[n]) if g is None else g for n, g in zip(chosen, grads, strict=True)}
             expected = torch.cat([self._projected(i, layer, grads) for i, layer in enumerate(self.layers)])
             floor = 1e-6 * float(expected.norm())
             for i, layer in enumerate(self.layers):

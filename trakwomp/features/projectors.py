@@ -84,6 +84,7 @@ class ProjectorSpec:
         return self.blocks * self.block_dim
 
     def as_dict(self) -> dict:
+        """What a store records of the projection (`of_store` reads it back)."""
         return asdict(self)
 
     @classmethod

@@ -135,9 +135,10 @@ def coverage_batch(data: Dataset, rows: np.ndarray) -> Batch:
     return load_batch(data, data.coverage_probe(rows))
 
 
-def write_features(handle: Store, data: Dataset, model: ModelSpec, task: Task, settings: FeatureSettings,
+def write_features(handle: Store, data: Dataset, *, model: ModelSpec, task: Task, features: FeatureSettings,
                    todo: list[tuple[int, int]], chunk_rows: int, batch_size: int, device: torch.device,
-                   progress: Progress, prefix: str, report: FeaturizeReport) -> Iterator[tuple[tuple[int, int], dict]]:
+                   progress: Progress, report: FeaturizeReport,
+                   prefix: str = "") -> Iterator[tuple[tuple[int, int], dict]]:
     """Featurize the (model, row chunk) units `todo` of `data` into
     `<prefix>features/<model>/{phi,q,margins}` (margins: the task's output f), yielding each unit
     with its done marker's info (its rows, and the hash of the weights they came from) once its
@@ -146,24 +147,24 @@ def write_features(handle: Store, data: Dataset, model: ModelSpec, task: Task, s
     start = time.perf_counter()
     for model_id in sorted({m for m, _ in todo}):
         net = load_registered_model(handle, model_id, model, task.output_size(data))
-        engine = settings.method.engine(net, settings.layout, settings.parameter_names, settings.num_params, model_id,
+        engine = features.method.engine(net, features.layout, features.parameter_names, features.num_params, model_id,
                                         device, task)
         weights = handle.manifest.models[model_id].sha256
         first = min(c for m, c in todo if m == model_id)
         engine.check(coverage_batch(data, np.arange(first * chunk_rows, min(n, (first + 1) * chunk_rows))))
         base = layout.features(model_id, prefix)
-        phi = handle.require_array(f"{base}/phi", (n, settings.dims), settings.dtype,
-                                   (chunk_rows, settings.projector.block_dim))
+        phi = handle.require_array(f"{base}/phi", (n, features.dims), features.dtype,
+                                   (chunk_rows, features.projector.block_dim))
         q = handle.require_array(f"{base}/q", (n,), "float32", (chunk_rows,))
         f = handle.require_array(f"{base}/margins", (n,), "float32", (chunk_rows,))
         for _, chunk in [u for u in todo if u[0] == model_id]:
             rows = range(chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows))
             name = f"model {model_id} rows {rows.start}-{rows.stop - 1}"
             progress.unit_started(name, len(rows))
-            features, q_rows, f_rows = featurize_rows(data, rows, engine, batch_size, progress)
-            stored = features.numpy().astype(settings.dtype)
+            projected, q_rows, f_rows = featurize_rows(data, rows, engine, batch_size, progress)
+            stored = projected.numpy().astype(features.dtype)
             if not np.isfinite(stored).all():
-                raise UserError(f"{name}: projected features overflow {settings.dtype}; featurize with --dtype float32")
+                raise UserError(f"{name}: projected features overflow {features.dtype}; featurize with --dtype float32")
             phi[rows.start:rows.stop] = stored
             q[rows.start:rows.stop] = q_rows.numpy()
             f[rows.start:rows.stop] = f_rows.numpy()

@@ -51,6 +51,7 @@ class ModelSpec:
         return kind.parse(spec, width, layers, heads, lora)
 
     def as_dict(self) -> dict:
+        """What a store records of the model (its kind's record)."""
         return self.kind.record(self)
 
     @classmethod

@@ -92,8 +92,9 @@ def answer_features_scores(handle: Store, plan: ScorePlan, data: Dataset, prefix
     ids, targets = plan.model_ids, plan.targets
     batch_size = batch_size_that_fits(targets.net, data, targets.task, targets.features, batch_size, len(data), device,
                                       None, "explain")
-    for _ in write_features(handle, data, targets.model, targets.task, targets.features, [(m, 0) for m in ids],
-                            len(data), batch_size, device, StepsOnly(progress), prefix, FeaturizeReport()):
+    for _ in write_features(handle, data, model=targets.model, task=targets.task, features=targets.features,
+                            todo=[(m, 0) for m in ids], chunk_rows=len(data), batch_size=batch_size, device=device,
+                            progress=StepsOnly(progress), prefix=prefix, report=FeaturizeReport()):
         pass
     taus = score_chunks(handle, plan.view, ids, mean_q(handle, ids), prefix, [range(len(data))],
                         handle.manifest.featurize.chunk_rows, device)
@@ -109,7 +110,7 @@ def score_answer(store: str | Path, target: Dataset, view: ViewSpec, per_token: 
     if max_answers < 1:
         raise UserError(f"--max-answers must be at least 1, got {max_answers}")
     progress = progress or NoProgress()
-    stage = Score(ScoreSettings(device, view=view, target_chunk_rows=1, batch_size=1), target)
+    stage = Score(ScoreSettings(device=device, view=view, target_chunk_rows=1, batch_size=1), target)
     plan = stage.check(store)
     handle = stage.open(store, plan)
     plan = stage.bind(handle, plan)
@@ -127,7 +128,7 @@ def score_answer(store: str | Path, target: Dataset, view: ViewSpec, per_token: 
                                                                   progress))
     token_tau = None
     if per_token:
-        tokens = Score(ScoreSettings(device, view=view), target.per_token())
+        tokens = Score(ScoreSettings(device=device, view=view), target.per_token())
         token_plan = tokens.check(store)
         token_tau = answer_features_scores(handle, token_plan, tokens.targets, folder + "tokens/", 16, stage.device,
                                            progress)

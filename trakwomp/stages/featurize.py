@@ -26,7 +26,7 @@ from trakwomp.features.writer import (
 )
 from trakwomp.models.registry import read_checkpoints, register_models, trained_models
 from trakwomp.models.spec import ModelSpec, check_model_fits_data
-from trakwomp.runtime import Progress, Shard
+from trakwomp.runtime import Progress
 from trakwomp.settings import option
 from trakwomp.stages.bindings import as_trained, bind_training_inputs, stored_dataset, stored_task
 from trakwomp.stages.skeleton import Plan, RunSettings, Stage, Work
@@ -44,7 +44,7 @@ def default_projector(num_params: int) -> ProjectorSpec:
     return ProjectorSpec("factored" if num_params > FACTORED_FROM_PARAMS else "sjlt")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FeaturizeSettings(RunSettings):
     """How `featurize` makes features; None: the store's, once it has features, else the default."""
 
@@ -96,6 +96,7 @@ class Featurize(Stage[FeaturizePlan, tuple[int, int], FeaturizeReport]):
     """Units (model, row chunk): projected gradients, q and f of the chunk's train examples."""
 
     stage = "featurize"
+    settings: FeaturizeSettings
 
     def __init__(self, settings: FeaturizeSettings, data: Dataset | None = None, model: ModelSpec | None = None,
                  checkpoints: list[str] | None = None):
@@ -192,41 +193,19 @@ class Featurize(Stage[FeaturizePlan, tuple[int, int], FeaturizeReport]):
                                left_out=plan.features.left_out())
 
     def do(self, handle: Store, plan: FeaturizePlan, todo: list, report: FeaturizeReport, progress: Progress):
-        return write_features(handle, plan.data, plan.model, plan.task, plan.features, todo, plan.settings.chunk_rows,
-                              plan.batch_size, self.device, progress, "", report)
+        return write_features(handle, plan.data, model=plan.model, task=plan.task, features=plan.features, todo=todo,
+                              chunk_rows=plan.settings.chunk_rows, batch_size=plan.batch_size, device=self.device,
+                              progress=progress, report=report)
 
 
-def featurize(
-    store: str | Path,
-    data: Dataset | None = None,
-    model: ModelSpec | None = None,
-    checkpoints: list[str] | None = None,
-    *,
-    run: str | None = None,
-    task: Task | None = None,
-    projector: ProjectorSpec | None = None,
-    dtype: str | None = None,
-    parameters: list[str] | None = None,
-    chunk_rows: int | None = None,
-    batch_size: int = 64,
-    memory_limit: int | None = None,
-    device: str = "cpu",
-    shard: Shard = Shard(),
-    progress: Progress | None = None,
-) -> FeaturizeReport:
+def featurize(store: str | Path, data: Dataset | None = None, model: ModelSpec | None = None,
+              checkpoints: list[str] | None = None, *, progress: Progress | None = None, **settings) -> FeaturizeReport:
     """Featurize the store's trained reference models (with the checkpoints kept along their runs),
-    or the given checkpoints, on the train set.
+    or the given checkpoints, on the train set. `settings`: `FeaturizeSettings`' fields by
+    keyword (projector, dtype, parameters, chunk_rows, batch_size, memory_limit, run, task,
+    device, shard), each with its default and meaning there.
 
-    `run`: the name of the one training run the `checkpoints` come from (so that the store records
-    them as members of one model's ensemble); default: each checkpoint is its own run.
-    `task`: default the store's (classification for a new store).
-    `parameters`: glob patterns of parameter names to take gradients for (all by default).
-    `projector`, `dtype`, `parameters` and `chunk_rows` default to the store's, once it has
-    features, else to `default_projector` of the model, float32, all parameters and 1024 rows.
     Everything is checked before the store is first written (or created), memory included: the
     batch size is lowered (report.batch_size) if the estimate of trakwomp.features.memory exceeds
-    `memory_limit` bytes (the most the process may hold; default: what it holds now plus what is
-    free), and the call refused if one example does not fit."""
-    settings = FeaturizeSettings(device, shard, projector, dtype, parameters, chunk_rows, batch_size, memory_limit,
-                                 run, task)
-    return Featurize(settings, data, model, checkpoints).run(store, progress)
+    `memory_limit` bytes, and the call refused if one example does not fit."""
+    return Featurize(FeaturizeSettings(**settings), data, model, checkpoints).run(store, progress)

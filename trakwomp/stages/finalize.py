@@ -18,7 +18,7 @@ import torch
 from trakwomp.errors import UserError
 from trakwomp.estimator.inverse import block_gram, regularized_inverse
 from trakwomp.estimator.view import View, ViewSpec
-from trakwomp.runtime import Progress, Shard
+from trakwomp.runtime import Progress
 from trakwomp.settings import option
 from trakwomp.stages.selection import featurized_models, store_view
 from trakwomp.stages.skeleton import Plan, RunSettings, Stage, Work
@@ -41,7 +41,7 @@ class FinalizeReport:
     seconds: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FinalizeSettings(RunSettings):
     """What `finalize` inverts: a view of the features, for some of the models."""
 
@@ -59,6 +59,7 @@ class Finalize(Stage[FinalizePlan, tuple[int, int], FinalizeReport]):
     """Units (model, block): Phi_b^T Phi_b accumulated over row chunks, then its regularized inverse."""
 
     stage = "finalize"
+    settings: FinalizeSettings
 
     def check(self, store: str | Path) -> FinalizePlan:
         handle = Store.open(store)
@@ -112,14 +113,8 @@ def block_inverse(handle: Store, view: View, model_id: int, block: int, chunk_ro
         raise UserError(f"{name} of view {view.key}: {e}{hint}") from None
 
 
-def finalize(
-    store: str | Path,
-    view: ViewSpec = ViewSpec(),
-    models: list[int] | None = None,
-    *,
-    device: str = "cpu",
-    shard: Shard = Shard(),
-    progress: Progress | None = None,
-) -> FinalizeReport:
-    """Invert every block Gram matrix of the view (dims, blocks, ridge) for the chosen models."""
-    return Finalize(FinalizeSettings(device, shard, view, models)).run(store, progress)
+def finalize(store: str | Path, view: ViewSpec = ViewSpec(), models: list[int] | None = None, *,
+             progress: Progress | None = None, **settings) -> FinalizeReport:
+    """Invert every block Gram matrix of the view (dims, blocks, ridge) for the chosen models
+    (default: all featurized); `settings`: `FinalizeSettings`' other fields (device, shard)."""
+    return Finalize(FinalizeSettings(view=view, models=models, **settings)).run(store, progress)

@@ -138,7 +138,7 @@ def one_cycle_lr(step: int, total_steps: int, recipe: Recipe) -> float:
     start = peak / 25
     end = start / 1e4
     top = recipe.warmup_fraction * total_steps - 1
-    if 0 < top and step <= top:
+    if top > 0 and step <= top:
         return (peak - start) * (step / top) + start
     last = total_steps - 1
     if last <= top:

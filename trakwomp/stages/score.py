@@ -36,7 +36,6 @@ from trakwomp.models.spec import ModelSpec, check_model_fits_data
 from trakwomp.outputs import check_output
 from trakwomp.runtime import (
     Progress,
-    Shard,
     StepsOnly,
 )
 from trakwomp.settings import option
@@ -82,7 +81,7 @@ def check_finalized(handle: Store, view: View, model_ids: list[int]) -> None:
                             f" --ridge {ridge_text(view.ridge)}` first")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScoreSettings(RunSettings):
     """Which scores `score` computes, how, and what it writes out of the store once they are done."""
 
@@ -97,6 +96,12 @@ class ScoreSettings(RunSettings):
     top_k_out: Path = option(Path("top-k.csv"), "Where --top-k goes (.csv or .json).")
     threshold: float = option(DEFAULT_THRESHOLD, "Soft threshold for --out and --top-k, in units of each target's "
                                                  "RMS score (0 for the raw scores, as the store holds them).")
+
+    def __post_init__(self):
+        """Paths given as text are paths."""
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "top_k_out", Path(self.top_k_out))
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,7 @@ class Score(Stage[ScorePlan, int, ScoreReport]):
     """Units: chunks of targets, scored against every train example (see the module docstring)."""
 
     stage = "score"
+    settings: ScoreSettings
 
     def __init__(self, settings: ScoreSettings, targets: Dataset):
         super().__init__(settings)
@@ -216,7 +222,7 @@ class Score(Stage[ScorePlan, int, ScoreReport]):
             self.featurize_targets(handle, plan, group, report.batch_size, progress)
             taus = score_chunks(handle, plan.view, plan.model_ids, q_bar, layout.targets_prefix(plan.targets_id),
                                 ranges, handle.manifest.featurize.chunk_rows, self.device)
-            for chunk, rows, tau in zip(group, ranges, taus):
+            for chunk, rows, tau in zip(group, ranges, taus, strict=True):
                 out[rows.start:rows.stop] = tau.numpy()
                 yield chunk, {"rows": [rows.start, rows.stop]}
                 report.chunks_done += 1
@@ -232,9 +238,11 @@ class Score(Stage[ScorePlan, int, ScoreReport]):
                 if handle.done_info(stage, layout.unit(m, chunk)) is None]
         for m in plan.model_ids:
             check_made_from(handle, stage, [layout.unit(m, c) for c in chunks if (m, c) not in todo], m)
-        for unit, info in write_features(handle, self.targets, targets.model, targets.task, targets.features, todo,
-                                         self.settings.target_chunk_rows, batch_size, self.device, StepsOnly(progress),
-                                         layout.targets_prefix(plan.targets_id), FeaturizeReport()):
+        for unit, info in write_features(handle, self.targets, model=targets.model, task=targets.task,
+                                         features=targets.features, todo=todo,
+                                         chunk_rows=self.settings.target_chunk_rows, batch_size=batch_size,
+                                         device=self.device, progress=StepsOnly(progress),
+                                         prefix=layout.targets_prefix(plan.targets_id), report=FeaturizeReport()):
             handle.mark_done(stage, layout.unit(*unit), info)
 
     def finish(self, plan: ScorePlan, report: ScoreReport) -> ScoreReport:
@@ -251,31 +259,12 @@ class Score(Stage[ScorePlan, int, ScoreReport]):
 
 
 
-def score(
-    store: str | Path,
-    targets: Dataset,
-    view: ViewSpec = ViewSpec(),
-    models: list[int] | None = None,
-    *,
-    model: ModelSpec | None = None,
-    target_chunk_rows: int = 256,
-    batch_size: int = 64,
-    memory_limit: int | None = None,
-    out: str | Path | None = None,
-    top_k: int = 0,
-    top_k_out: str | Path = "top-k.csv",
-    threshold: float = DEFAULT_THRESHOLD,
-    device: str = "cpu",
-    shard: Shard = Shard(),
-    progress: Progress | None = None,
-) -> ScoreReport:
-    """Score every train example for every target at the view (dims, blocks, ridge); resumable by
-    target chunk. Then, if asked, write the scores (soft-thresholded at `threshold`) to the .npy
-    `out`, and each target's `top_k` most supporting and opposing train examples to `top_k_out`
-    (.csv or .json; the rows are also in the report).
-
-    `model`: the store's model spec, needed if the store was made with a user factory.
-    `batch_size` is lowered to fit in `memory_limit` bytes (see `featurize`)."""
-    settings = ScoreSettings(device, shard, view, models, model, target_chunk_rows, batch_size, memory_limit,
-                             None if out is None else Path(out), top_k, Path(top_k_out), threshold)
-    return Score(settings, targets).run(store, progress)
+def score(store: str | Path, targets: Dataset, view: ViewSpec = ViewSpec(), models: list[int] | None = None, *,
+          progress: Progress | None = None, **settings) -> ScoreReport:
+    """Score every train example for every target at the view (dims, blocks, ridge) with the
+    chosen models (default: all featurized); resumable by target chunk. Then, if asked, write the
+    scores (soft-thresholded at `threshold`) to the .npy `out`, and each target's `top_k` most
+    supporting and opposing train examples to `top_k_out` (.csv or .json; the rows are also in
+    the report). `settings`: `ScoreSettings`' other fields by keyword (model, target_chunk_rows,
+    batch_size, memory_limit, out, top_k, top_k_out, threshold, device, shard)."""
+    return Score(ScoreSettings(view=view, models=models, **settings), targets).run(store, progress)

@@ -41,7 +41,7 @@ class Plan:
     existing: Store | None = field(default=None, kw_only=True, repr=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunSettings:
     """Where a stage runs and which share of its units (every stage's settings extend these)."""
 

@@ -22,7 +22,7 @@ from trakwomp.data.groups import Groups
 from trakwomp.errors import UserError
 from trakwomp.models.checkpoints import state_hash
 from trakwomp.models.spec import ModelSpec, check_model_fits_data
-from trakwomp.runtime import Progress, Shard
+from trakwomp.runtime import Progress
 from trakwomp.settings import option
 from trakwomp.stages.bindings import (
     bind_groups,
@@ -43,6 +43,9 @@ ROLES = {"reference": 0, "lds": 1, "lds-groups": 2}  # lds-groups: LDS models on
 
 @dataclass
 class TrainReport:
+    """What a `train` run did: the models it trained and skipped (done before), and each LDS
+    model's summary on the targets."""
+
     trained: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     summaries: dict[str, dict[int, float]] = field(default_factory=dict)  # the task's summary name -> per LDS model
@@ -78,7 +81,7 @@ def training_mask(num_examples: int, recipe: Recipe, rng: np.random.Generator, g
     return groups.members(kept[rng.permutation(len(kept))[: max(1, round(recipe.group_alpha * len(kept)))]])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainSettings(RunSettings):
     """Which models `train` trains, and how."""
 
@@ -105,6 +108,7 @@ class Train(Stage[TrainPlan, int, TrainReport]):
     """Units: model j of the role, trained on its subset mask (see the module docstring)."""
 
     stage = "train"
+    settings: TrainSettings
 
     def __init__(self, settings: TrainSettings, data: Dataset, model: ModelSpec, targets: Dataset | None = None):
         super().__init__(settings)
@@ -228,32 +232,16 @@ class Train(Stage[TrainPlan, int, TrainReport]):
         return {k: v.detach().cpu().numpy() for k, v in self.model.stored_state(net).items()}
 
 
-def train(
-    store: str | Path,
-    data: Dataset,
-    model: ModelSpec,
-    *,
-    task: Task = Classification(),
-    role: str = "reference",
-    num_models: int = 1,
-    targets: Dataset | None = None,
-    recipe: Recipe | None = None,
-    device: str = "cpu",
-    shard: Shard = Shard(),
-    progress: Progress | None = None,
-    groups: Groups | str | Path | None = None,
-) -> TrainReport:
-    """Train models 0..num_models-1 of `role` into `store`, skipping finished ones.
+def train(store: str | Path, data: Dataset, model: ModelSpec, *, targets: Dataset | None = None,
+          progress: Progress | None = None, **settings) -> TrainReport:
+    """Train models 0..num_models-1 of `role` into `store`, skipping finished ones. `settings`:
+    `TrainSettings`' fields by keyword (task, role, num_models, recipe, groups, device, shard).
 
     role "reference": store each model's subset mask and weights.
     role "lds": store each model's subset mask and its outputs f on `targets` (the LDS ground
     truth); with `recipe.group_alpha`, these are group LDS models, kept apart as role "lds-groups".
-    `recipe`: default `Recipe.for_task(task)`. `groups` (Groups, or a groups file): the groups
-    that `recipe.group_alpha` and `recipe.exclude_groups` refer to, recorded in the store;
-    default the store's, else the sources of `data`.
     """
-    settings = TrainSettings(device, shard, task, role, num_models, recipe, groups)
-    return Train(settings, data, model, targets).run(store, progress)
+    return Train(TrainSettings(**settings), data, model, targets).run(store, progress)
 
 
 def _examples_per_epoch(n: int, recipe: Recipe) -> int:

@@ -97,10 +97,11 @@ class Task(ABC):
     def output_mismatch(self, shape: tuple[int, ...], batch: Batch, output_size: int) -> str | None:
         """None if a model's output of `shape` on `batch` suits the task, else what was expected."""
 
-    def check_targets(self, targets: Dataset, train_classes: tuple[str, ...]) -> None:
+    def check_targets(self, targets: Dataset, train_classes: tuple[str, ...]) -> None:  # noqa: B027 (a default)
         """Refuse targets the store's train set cannot be scored against (default: any are fine)."""
 
     def as_dict(self) -> dict:
+        """What a store records of the task (`from_record` reads it back)."""
         return {"name": self.name}
 
     def __str__(self) -> str:

@@ -95,6 +95,7 @@ class CausalLM(Task):
         return dataset.tokenizer.vocab_size
 
     def check_text(self, dataset: Dataset) -> None:
+        """Refuse data that is not text read with a tokenizer."""
         if dataset.tokenizer is None:
             raise UserError(f"causal-lm needs text data (fortunes-mini:..., jsonl:PATH), not {dataset.spec}")
 
@@ -118,6 +119,7 @@ class CausalLM(Task):
         return f"expected (batch, length, vocabulary) = ({ids[0]}, {ids[1]}, at least {output_size}) logits"
 
     def as_dict(self) -> dict:
+        """What a store records of the task (its name and output function)."""
         return {"name": self.name, "output": self.output}
 
     def __str__(self) -> str:
