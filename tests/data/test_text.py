@@ -27,7 +27,7 @@ from trakwomp.store import Store
 
 from trakwomp.data.base import Batch, load_batch
 from trakwomp.data.specs import load_dataset
-from trakwomp.data.text import ByteTokenizer, HuggingFaceTokenizer
+from trakwomp.data.tokenizers import ByteTokenizer, HuggingFaceTokenizer
 from trakwomp.errors import UserError
 from trakwomp.features.gradients import PerExampleGradients, select_parameters
 from trakwomp.features.projectors import ProjectorSpec

@@ -29,7 +29,7 @@ from trakwomp.features.factored import (
 from trakwomp.features.gradients import select_parameters
 from trakwomp.features.memory import featurize_need, saved_activation_bytes
 from trakwomp.features.projectors import ProjectorSpec
-from trakwomp.features.writer import FeatureSettings
+from trakwomp.features.settings import FeatureSettings
 from trakwomp.models.networks import GPT
 from trakwomp.models.spec import ModelSpec
 from trakwomp.stages.featurize import featurize
@@ -161,7 +161,7 @@ def nothing_held(monkeypatch):
     """The estimate without what the test process happens to hold already (pytest, other tests'
     data), so that a limit set in the test is the estimate's alone."""
     monkeypatch.setattr("trakwomp.features.memory.held_bytes", lambda device: 0)
-    monkeypatch.setattr("trakwomp.features.writer.held_bytes", lambda device: 0)
+    monkeypatch.setattr("trakwomp.features.memory.held_bytes", lambda device: 0)
 
 
 def test_a_model_too_large_for_the_memory_limit_is_refused_before_any_write(trained_once, tmp_path, cli, nothing_held):

@@ -30,7 +30,7 @@ from trakwomp.features.factored import factored_layers
 from trakwomp.features.gradients import select_parameters
 from trakwomp.features.memory import featurize_need
 from trakwomp.features.projectors import ProjectorSpec
-from trakwomp.features.writer import FeatureSettings
+from trakwomp.features.settings import FeatureSettings
 from trakwomp.models.checkpoints import state_hash
 from trakwomp.models.lora import LoraSpec
 from trakwomp.models.registry import read_checkpoints

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
@@ -34,6 +35,9 @@ from torch import nn
 from trakwomp.data.base import Dataset, load_batch
 from trakwomp.errors import UserError
 from trakwomp.tasks.base import Task
+
+if TYPE_CHECKING:
+    from trakwomp.features.settings import FeatureSettings
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -148,3 +152,16 @@ def fit_batch_size(need: MemoryNeed, batch_size: int, budget: int | None, stage:
     name, (largest, setting) = max(items.items(), key=lambda item: item[1][0])
     raise UserError(f"{stage} needs about {size(need.total(1))} with one example per batch, more than the "
                     f"{size(budget)} available; the largest part is the {name}, {size(largest)}: {setting}")
+
+
+def batch_size_that_fits(net: nn.Module, data: Dataset, task: Task, settings: FeatureSettings, batch_size: int,
+                         chunk_rows: int, device: torch.device, memory_limit: int | None, stage: str) -> int:
+    """`batch_size`, or a smaller one if featurizing `data` would not fit in `memory_limit` bytes
+    (the most the process may hold; default: what it holds now and what the device has free);
+    refused in one line if one example does not fit."""
+    free = free_bytes(device)
+    budget = memory_limit if memory_limit is not None else None if free is None else held_bytes(device) + free
+    chunk_rows = min(chunk_rows, len(data))
+    activations = saved_activation_bytes(net, data, task, device)
+    need = featurize_need(net, settings.method, settings.layout, settings.num_params, chunk_rows, activations, device)
+    return fit_batch_size(need, batch_size, budget, stage)

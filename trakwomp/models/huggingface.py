@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from trakwomp.data.text import import_transformers, refuse_remote_code
+from trakwomp.huggingface import import_transformers, refuse_remote_code
 from trakwomp.errors import UserError
 
 

@@ -27,7 +27,8 @@ from trakwomp.data.base import Dataset
 from trakwomp.errors import UserError
 from trakwomp.estimator.scores import mean_q, score_chunks
 from trakwomp.estimator.view import ViewSpec
-from trakwomp.features.writer import FeaturizeReport, batch_size_that_fits, write_features
+from trakwomp.features.memory import batch_size_that_fits
+from trakwomp.features.writer import FeaturizeReport, write_features
 from trakwomp.models.registry import verified_state
 from trakwomp.runtime import NoProgress, Progress, StepsOnly
 from trakwomp.stages.score import Score, ScorePlan, ScoreSettings

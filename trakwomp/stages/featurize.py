@@ -16,14 +16,9 @@ from trakwomp.data.base import Dataset
 from trakwomp.errors import UserError
 from trakwomp.features.gradients import count_parameters, select_parameters
 from trakwomp.features.projectors import ProjectorSpec
-from trakwomp.features.writer import (
-    DTYPES,
-    FeatureSettings,
-    FeaturizeReport,
-    batch_size_that_fits,
-    coverage_batch,
-    write_features,
-)
+from trakwomp.features.memory import batch_size_that_fits
+from trakwomp.features.settings import DTYPES, FeatureSettings
+from trakwomp.features.writer import FeaturizeReport, coverage_batch, write_features
 from trakwomp.models.registry import read_checkpoints, register_models, trained_models
 from trakwomp.models.spec import ModelSpec, check_model_fits_data
 from trakwomp.runtime import Progress

@@ -25,12 +25,9 @@ from trakwomp.errors import UserError
 from trakwomp.estimator.scores import mean_q, score_chunks, score_passes
 from trakwomp.estimator.threshold import DEFAULT_THRESHOLD, check_threshold
 from trakwomp.estimator.view import View, ViewSpec, ridge_text
-from trakwomp.features.writer import (
-    FeatureSettings,
-    FeaturizeReport,
-    batch_size_that_fits,
-    write_features,
-)
+from trakwomp.features.memory import batch_size_that_fits
+from trakwomp.features.settings import FeatureSettings
+from trakwomp.features.writer import FeaturizeReport, write_features
 from trakwomp.models.registry import check_made_from, load_registered_model
 from trakwomp.models.spec import ModelSpec, check_model_fits_data
 from trakwomp.outputs import check_output
