@@ -119,7 +119,7 @@ def lds(
     ridge: list[str] = typer.Option([], "--ridge", help="View ridge (auto or relative, as in finalize); repeat to pair with --dims/--blocks."),
     models: Optional[str] = ModelsOpt,
     scores: list[Path] = typer.Option([], "--scores", help="An .npy (n_targets, n_train) score matrix to evaluate; repeatable."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help=f"Soft threshold, in units of each target's RMS score [default: {DEFAULT_THRESHOLD:g} for the store's scores, 0 for --scores files, which may be thresholded already]."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help=f"Soft threshold, in units of each target's RMS score (default: {DEFAULT_THRESHOLD:g} for the store's scores, 0 for --scores files, which may be thresholded already)."),
     tune_threshold: bool = typer.Option(False, "--tune-threshold", help="Pick the threshold on half of the LDS models, report on the other half."),
     half: Optional[int] = typer.Option(None, "--half", help="Use only half of the LDS models: 0 = those at even positions (0, 2, ...), 1 = odd "
                                        "(choose views on one half, report on the other)."),
@@ -152,8 +152,8 @@ def lds(
 def show(
     store: str = typer.Argument(..., help="A store with scores."),
     target: Optional[int] = typer.Option(None, "--target", help="Which target (its position in the scored targets, from 0); with --by-group, default all."),
-    k: Optional[int] = typer.Option(None, "--k", help="How many supporting and how many opposing train examples [default: 8]; with --by-group, how many groups [default: 12]."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Images: a PNG grid, the target and its supporting examples, then its opposing ones [default: show.png]. Text: an HTML page [default: show.html]. --by-group: a PNG bar chart [default: groups.png]."),
+    k: Optional[int] = typer.Option(None, "--k", help="How many supporting and how many opposing train examples (default: 8); with --by-group, how many groups (default: 12)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Images: a PNG grid, the target and its supporting examples, then its opposing ones (default: show.png). Text: an HTML page (default: show.html). --by-group: a PNG bar chart (default: groups.png)."),
     table: Optional[Path] = typer.Option(None, "--table", help="Also write the rows to this .csv or .json file."),
     by_group: bool = typer.Option(False, "--by-group", help="Draw the strongest groups (sums of their members' scores) for --target or --target-set as a bar chart."),
     target_set: Optional[Path] = TargetSetOpt,
@@ -253,7 +253,7 @@ def explain(
 @reports_errors
 def groups_command(
     store: str = typer.Argument(..., help="A store with scores."),
-    target: list[int] = typer.Option([], "--target", help="A target (its position in the scored targets); repeat for a set [default: all]."),
+    target: list[int] = typer.Option([], "--target", help="A target (its position in the scored targets); repeat for a set (default: all)."),
     target_set: Optional[Path] = TargetSetOpt,
     groups: Optional[Path] = GroupsOpt,
     top: int = typer.Option(20, "--top", help="Show the N groups of largest |score| (0: all); --table and --json hold all."),

@@ -64,10 +64,10 @@ from trakwomp.tasks.registry import DEFAULT_TASK, make_task
 TASK_HELP = "; ".join(f"{name}: {task.help}" for name, task in TASKS.items()) + "."
 LoraOpt = typer.Option(None, "--lora", help="With --model hf:BASE: train LoRA fine-tunes of the base of this rank "
                        "(the store keeps each model's adapter weights; needs peft).")
-LoraAlphaOpt = typer.Option(None, "--lora-alpha", help="LoRA's alpha: the update is scaled by alpha / rank [default: "
-                            "2 x the rank].")
-LoraTargetsOpt = typer.Option(None, "--lora-targets", help="Comma-separated names of the modules to adapt [default: "
-                              "peft's for the base's model type].")
+LoraAlphaOpt = typer.Option(None, "--lora-alpha", help="LoRA's alpha: the update is scaled by alpha / rank (default: "
+                            "2 x the rank).")
+LoraTargetsOpt = typer.Option(None, "--lora-targets", help="Comma-separated names of the modules to adapt (default: "
+                              "peft's for the base's model type).")
 LoraDropoutOpt = typer.Option(0.0, "--lora-dropout", help="Dropout on the adapters' input while training.")
 LmOutputOpt = typer.Option(None, "--lm-output", help="causal-lm output f = log(p/(1-p)): token (p = exp(-L/T), T the "
                            "predicted tokens) or sequence (p = exp(-L)) (default token).")

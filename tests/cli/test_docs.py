@@ -12,3 +12,21 @@ def test_cli_reference_is_generated_from_the_app(tmp_path):
     subprocess.run([str(REPO / "scripts" / "cli_reference.sh"), str(out)], check=True, cwd=REPO,
                    env={**os.environ, "PYTHON": sys.executable}, capture_output=True)
     assert out.read_text() == (REPO / "docs" / "cli.md").read_text(), "run scripts/cli_reference.sh"
+
+
+def test_no_help_text_holds_what_rich_would_read_as_markup():
+    """The terminal help renders option help through Rich, which takes "[word ...]" for a style
+    tag and drops it ("gpt: embedding width [default: 64]" was shown as "gpt: embedding width .");
+    every command's help, and every option's, says its defaults in parentheses."""
+    import re
+
+    import typer
+
+    from trakwomp.cli.main import app
+
+    command = typer.main.get_command(app)
+    eaten = re.compile(r"(?<!\\)\[[a-z#/@]")
+    found = [f"{name}: {text}" for name, sub in command.commands.items()
+             for text in [sub.help or ""] + [param.help or "" for param in sub.params if hasattr(param, "help")]
+             if eaten.search(text)]
+    assert not found, found

@@ -128,6 +128,10 @@ class Dataset(ABC, torch.utils.data.Dataset):
         raise UserError(f"--per-token needs prompt/completion targets (jsonl rows with \"prompt\" and "
                         f"\"completion\"), not {self.spec}")
 
+    def augmented(self, batch: Batch, generator: torch.Generator) -> Batch:
+        """The batch as training sees it with the recipe's augmentation (default: as it is)."""
+        return batch
+
     def coverage_probe(self, positions: np.ndarray) -> list[int]:
         """A few of `positions` whose gradients exercise what an engine could get wrong, for its
         check (`GradientEngine.check`): the first two, and where examples have lengths the

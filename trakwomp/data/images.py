@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from trakwomp.data.base import (
     Batch,
@@ -79,6 +80,12 @@ class ImageDataset(Dataset):
     def describe(self, i: int) -> dict:
         return {"label": self.label_name(i), "path": self.path(i)}
 
+    def augmented(self, batch: Batch, generator: torch.Generator) -> Batch:
+        """Images (examples of C x H x W) with random flips and crops (`augment`); arrays as they are."""
+        if batch.inputs[0].ndim != 4:
+            return batch
+        return Batch((augment(batch.inputs[0], generator),), batch.labels)
+
     def collate(self, items: list[tuple[torch.Tensor, int | float]]) -> Batch:
         """Images stacked, and labels as int64 classes or float32 values."""
         labels = torch.tensor([y for _, y in items], dtype=torch.float32 if self.real_valued else torch.long)
@@ -106,6 +113,20 @@ class ImageDataset(Dataset):
             digest.update(f"{raw.dtype.str}{raw.shape}".encode())
             digest.update(raw.tobytes())
         return Fingerprint(len(self), self.classes, digest.hexdigest())
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random horizontal flips and random crops of the reflect-padded images, per example."""
+    n, c, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+    x = padded.gather(2, rows)
+    cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, c, h, w)
+    return x.gather(3, cols)
 
 
 def image_to_tensor(pixels: np.ndarray) -> torch.Tensor:

@@ -43,21 +43,21 @@ def default_projector(num_params: int) -> ProjectorSpec:
 class FeaturizeSettings(RunSettings):
     """How `featurize` makes features; None: the store's, once it has features, else the default."""
 
-    projector: ProjectorSpec | None = option(None, "The projection [default: the store's, else `default_projector`].")
-    dtype: str | None = option(None, "Storage dtype of the features: float32 or float16 [default: the store's, else "
-                                     "float32].")
+    projector: ProjectorSpec | None = option(None, "The projection (default: the store's, else `default_projector`).")
+    dtype: str | None = option(None, "Storage dtype of the features: float32 or float16 (default: the store's, else "
+                                     "float32).")
     parameters: list[str] | None = option(None, "Glob of parameter names to take gradients for; repeatable. Default: "
                                                 "the store's, else all.")
-    chunk_rows: int | None = option(None, "Train examples per stored chunk and per unit of work [default: the store's, "
-                                          "else 1024].")
+    chunk_rows: int | None = option(None, "Train examples per stored chunk and per unit of work (default: the store's, "
+                                          "else 1024).")
     batch_size: int = option(64, "Examples per gradient batch (lowered, and said, if it would not fit in memory).")
     memory_limit: int | None = option(None, "The most memory the process may hold while featurizing, in bytes (on "
-                                            "CUDA: of the GPU's) [default: what it holds now plus what is free]; "
+                                            "CUDA: of the GPU's) (default: what it holds now plus what is free); "
                                             "checked before any work.")
     run: str | None = option(None, "Name of the one training run the checkpoints come from: they become members of "
-                                   "one model's ensemble [default: each file its own run].")
-    task: Task | None = option(None, "With checkpoints in a new store: the task [default: the store's, else "
-                                     "classification].")
+                                   "one model's ensemble (default: each file its own run).")
+    task: Task | None = option(None, "With checkpoints in a new store: the task (default: the store's, else "
+                                     "classification).")
 
 
 @dataclass(frozen=True)

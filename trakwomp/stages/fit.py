@@ -8,27 +8,12 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from trakwomp.data.base import Batch, Dataset, length_sorted, load_batch
+from trakwomp.data.base import Dataset, length_sorted, load_batch
 from trakwomp.runtime import Progress
 from trakwomp.stages.recipe import CLIP_NORM, Recipe, one_cycle_lr
 from trakwomp.tasks.base import Task
-
-
-def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random horizontal flips and random crops of the reflect-padded images, per example."""
-    n, c, h, w = x.shape
-    flip = torch.rand(n, generator=generator) < 0.5
-    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
-    x = padded.gather(2, rows)
-    cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, c, h, w)
-    return x.gather(3, cols)
 
 
 def epoch_batches(dataset: Dataset, positions: torch.Tensor, batch_size: int,
@@ -62,8 +47,8 @@ def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recip
             for group in optimizer.param_groups:
                 group["lr"] = one_cycle_lr(epoch * steps_per_epoch + step, total_steps, recipe)
             batch = load_batch(dataset, batch_positions)
-            if recipe.augment and batch.inputs[0].ndim == 4:
-                batch = Batch((augment(batch.inputs[0], generator),), batch.labels)
+            if recipe.augment:
+                batch = dataset.augmented(batch, generator)
             batch = batch.to(device)
             loss = task.loss(model(*batch.inputs), batch)
             optimizer.zero_grad(set_to_none=True)

@@ -88,9 +88,9 @@ class TrainSettings(RunSettings):
     task: Task = option(Classification(), "What the models output and are trained for.")
     role: str = option("reference", "reference: models to attribute; lds: evaluation models.")
     num_models: int = option(1, "Number of models of this role (ids 0..M-1).")
-    recipe: Recipe | None = option(None, "The training recipe [default: the task's].")
+    recipe: Recipe | None = option(None, "The training recipe (default: the task's).")
     groups: Groups | str | Path | None = option(None, "The train examples' groups (Groups, or a groups file) "
-                                                      "[default: the store's, else the sources of text data].")
+                                                      "(default: the store's, else the sources of text data).")
 
 
 @dataclass(frozen=True)
