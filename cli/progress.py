@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import (
+    TaskID,
     BarColumn,
     MofNCompleteColumn,
     Progress,
@@ -36,8 +37,7 @@ class RichProgress:
             TaskProgressColumn(), RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=console, transient=False,
         )
-        self._units = None
-        self._current = None
+        self._units = self._current = TaskID(-1)  # none yet: plan and unit_started add them
 
     def __enter__(self) -> "RichProgress":
         self._bars.start()

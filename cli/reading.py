@@ -90,24 +90,23 @@ def predict(
     if groups is not None and not by_group:
         raise UserError("--groups goes with --drop-group or --keep-groups")
     chosen = selection(store, targets, target_indices, dims, blocks, ridge, models, threshold)
-    if by_group:
-        prediction = predict_groups(store, parse_group_names(drop_group), parse_group_names(keep_groups), groups,
-                                    chosen)
+    if subset is not None:
+        key, predictions = predict_margins(store, load_indices(subset, what="--subset"), chosen)
         if json_out:
-            typer.echo(json.dumps(prediction.as_dict()))
+            typer.echo(json.dumps({"scores": key, "predicted_margin": predictions.tolist()}))
             return
-        calibrated = prediction.calibrated_mean_change
-        note = f"calibrated: {calibrated:+.4f} ({prediction.calibration.describe()})" if calibrated is not None else \
-            calibration_note(prediction.calibration)[0]
-        show_predictions(prediction.change, "predicted change of the output",
-                         f"datamodel predictions from scores/{prediction.scores}, if the train set were changed so",
-                         f"mean over the {len(prediction.change)} targets: {prediction.mean_change:+.4f}; {note}")
+        show_predictions(predictions, "predicted margin (up to a constant)", f"datamodel predictions from scores/{key}")
         return
-    key, predictions = predict_margins(store, load_indices(subset, what="--subset"), chosen)
+    prediction = predict_groups(store, parse_group_names(drop_group), parse_group_names(keep_groups), groups, chosen)
     if json_out:
-        typer.echo(json.dumps({"scores": key, "predicted_margin": predictions.tolist()}))
+        typer.echo(json.dumps(prediction.as_dict()))
         return
-    show_predictions(predictions, "predicted margin (up to a constant)", f"datamodel predictions from scores/{key}")
+    calibration, calibrated = prediction.calibration, prediction.calibrated_mean_change
+    note = f"calibrated: {calibrated:+.4f} ({calibration.describe()})" if calibration is not None and calibrated is not None else \
+        calibration_note(calibration)[0]
+    show_predictions(prediction.change, "predicted change of the output",
+                     f"datamodel predictions from scores/{prediction.scores}, if the train set were changed so",
+                     f"mean over the {len(prediction.change)} targets: {prediction.mean_change:+.4f}; {note}")
 
 
 @app.command()
@@ -179,7 +178,7 @@ def show(
     check_output("--table", table, TABLE_SUFFIXES, store)
     chosen = selection(store, targets, target_indices, dims, blocks, ridge, models, threshold)
     k = (12 if by_group else 8) if k is None else k
-    if by_group:
+    if by_group or target is None:  # (without --by-group, --target was required above)
         scores = show_groups(store, k, out, None if target is None else [target], target_set, groups, chosen)
         rows = scores.strongest_rows(k)
     else:

@@ -85,12 +85,12 @@ def answer_order(seq: int) -> str:
     return f"{ANSWER_ORDER}/{seq:012d}"
 
 
-def trained_model(role: str, index: int) -> str:
-    """The folder of model `index` of `role`: its mask, and its weights or its target outputs."""
+def trained_model(role: str, index: int | str) -> str:
+    """The folder of model `index` (or its unit name) of `role`: its mask, and its weights or its target outputs."""
     return f"{role_folder(role)}/{unit(index)}"
 
 
-def checkpoint(role: str, index: int, epoch: int) -> str:
+def checkpoint(role: str, index: int | str, epoch: int) -> str:
     """The folder of a checkpoint kept along model `index`'s run, after epoch `epoch` (the last
     epoch's is the model itself, `trained_model`)."""
     return f"{trained_model(role, index)}/checkpoints/{unit(epoch)}"

@@ -50,7 +50,7 @@ class ObjectStoreLease:
     def __init__(self, fs, root: str, location: str):
         self.fs, self.folder, self.location = fs, f"{root.rstrip('/')}/{FOLDER}", location
         self.token = uuid.uuid4().hex
-        self.generation: int | None = None
+        self.generation = -1  # the generation this process holds (generations count from 0)
         self.renewals = 0
         self.renewed_at = 0.0
         self._stop = threading.Event()
@@ -129,7 +129,7 @@ class ObjectStoreLease:
             if content is not None or generation is None:
                 state = (generation, content and content["token"], content and content["renewals"])
                 first_seen = seen.setdefault(state, read_at)
-                free = generation is None or content["released"]
+                free = content is None or content["released"]  # None: no generation yet
                 if free or read_at - first_seen > LEASE_SECONDS:
                     if self._take(0 if generation is None else generation + 1):
                         self._remove_older(self.generation)

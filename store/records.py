@@ -27,7 +27,9 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+from trakwomp.store.errors import StoreError
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_LAYERS, MAX_TOKENS, MAX_THREADS = 1024, (1 << 31) - 1, 1024
@@ -50,7 +52,7 @@ def _fail(name: str, value: Any, expected: str) -> typing.NoReturn:
     raise ManifestError(f"its manifest field {name} is {shown[:60]}, expected {expected}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Record:
     """A JSON object read as a dataclass; `json`: the object as the store keeps it."""
 
@@ -145,7 +147,7 @@ def sha256(default: Any = dataclasses.MISSING):
     return bounded(pattern=HEX64, default=default)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Fingerprint(Record):
     """A data set's identity: `dataset`, `lds_targets` and each `targets` entry."""
 
@@ -154,25 +156,25 @@ class Fingerprint(Record):
     sha256: str = sha256()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TargetsRecord(Fingerprint):
     """A scored target set: its fingerprint and the spec it was read from."""
 
     spec: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TaskRecord(Record):
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TokenizerRecord(Record):
     spec: str
     vocab_size: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoraRecord(Record):
     r: int = bounded(1)
     alpha: float
@@ -180,7 +182,7 @@ class LoraRecord(Record):
     targets: tuple[str, ...] | None = bounded(at_least=1, default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelRecord(Record):
     name: str
     width: float | None = None
@@ -191,7 +193,7 @@ class ModelRecord(Record):
     base_sha256: str | None = sha256(default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DatasetSource(Record):
     """Where a train set was first found, and how text was read."""
 
@@ -201,7 +203,7 @@ class DatasetSource(Record):
     max_length: int | None = bounded(2, MAX_TOKENS, default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RecipeRecord(Record):
     """A role's training recipe (its JSON is `Recipe.as_recorded`'s)."""
 
@@ -211,7 +213,7 @@ class RecipeRecord(Record):
     train_on_prompt: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ProjectorRecord(Record):
     kind: str
     seed: int = bounded(0)
@@ -220,7 +222,7 @@ class ProjectorRecord(Record):
     tile_rows: int | None = bounded(1, default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayerRecord(Record):
     """A factored layer (its JSON is `LayerSpec.as_dict`'s): its projected ranks."""
 
@@ -232,7 +234,7 @@ class LayerRecord(Record):
         return self.rank_rows * self.rank_cols
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FeaturizeRecord(Record):
     projector: ProjectorRecord
     dtype: Literal["float32", "float16"]
@@ -242,7 +244,7 @@ class FeaturizeRecord(Record):
     layers: tuple[LayerRecord, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RegisteredModel(Record):
     """A model in the store's registry: id, where it came from, its weights and their hash."""
 
@@ -260,14 +262,14 @@ class RegisteredModel(Record):
         return self.run if self.run is not None else self.source
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScoresEntry(Record):
     view: tuple[Any, ...] = bounded(at_least=3)
     models: tuple[int, ...] = bounded(at_least=1)
     targets: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AnswersRange(Record):
     """The places in the order of the answers kept: first .. next - 1."""
 
@@ -279,7 +281,7 @@ class AnswersRange(Record):
         return self.next - self.first
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GroupsRecord(Record):
     sha256: str
     origin: str
@@ -291,7 +293,7 @@ class GroupsRecord(Record):
         return self.num_groups if self.num_groups is not None else len(self.names or ())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Manifest(Record):
     """The whole manifest (docs/store.md lists the sections); a section not yet written is None
     (or empty)."""
@@ -318,11 +320,45 @@ class Manifest(Record):
     @property
     def num_examples(self) -> int:
         """The train set's size (the store must have one)."""
-        assert self.dataset is not None, "read only where the store records a train set"
-        return self.dataset.num_examples
+        return self.dataset_record().num_examples
+
+    def asked_count(self, work: str) -> int:
+        """How many units of `work` were asked for (0 if never; a list of ids counts its ids)."""
+        value = self.asked.get(work, 0)
+        return value if isinstance(value, int) else len(value)
+
+    def asked_ids(self, prefix: str) -> dict[str, tuple[int, ...]]:
+        """The ids asked for by each work under `prefix`, named without it (a count asks for none)."""
+        return {work.removeprefix(prefix): value if isinstance(value, tuple) else ()
+                for work, value in self.asked.items() if work.startswith(prefix)}
+
+    def dataset_record(self) -> Fingerprint:
+        """The train set's fingerprint, which a stage reading it requires."""
+        return _required(self.dataset, "train set (train or featurize first)")
+
+    def model_record(self) -> ModelRecord:
+        """The model section, which a stage building the model requires."""
+        return _required(self.model, "model (train or featurize first)")
+
+    def source_record(self) -> DatasetSource:
+        """Where the train set was read from, which a stage reading it again requires."""
+        return _required(self.dataset_source, "train set source (train or featurize first)")
+
+    def featurize_record(self) -> FeaturizeRecord:
+        """The featurize settings, which finalize and score require."""
+        return _required(self.featurize, "features (run featurize first)")
 
     def recipe(self, role: str) -> RecipeRecord | None:
         return {"reference": self.train_reference, "lds": self.train_lds, "lds-groups": self.train_lds_groups}[role]
+
+
+Section = TypeVar("Section")
+
+
+def _required(section: Section | None, what: str) -> Section:
+    if section is None:
+        raise StoreError(f"the store records no {what}")
+    return section
 
 
 def read_manifest(value: Any, newest_version: int) -> Manifest:

@@ -26,6 +26,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.errors import BaseZarrError, ContainsArrayError
 from trakwomp.store import layout
 from trakwomp.store.durable import DurableStore
 from trakwomp.store.errors import StoreError, StoreWriteError
@@ -97,7 +98,7 @@ class Store:
             # A new store's group and manifest are one write: a kill leaves a store or no store.
             group = zarr.open_group(store=durable, mode="a" if create else "r+", zarr_format=3,
                                     attributes={MANIFEST_KEY: {"format_version": FORMAT_VERSION}})
-        except (OSError, ValueError, zarr.errors.BaseZarrError) as e:
+        except (OSError, ValueError, BaseZarrError) as e:
             raise StoreError(f"cannot open store {location!r}: {e}") from None
         except RecursionError:
             raise StoreError(f"cannot open store {location!r}: its metadata is JSON nested too deep to read") from None
@@ -147,6 +148,7 @@ class Store:
         dies; on an object store a lease (store/lease.py) whose check refuses a holder that lost it."""
         if self._durable.local_root is None:
             inner = self._durable.inner
+            assert isinstance(inner, FsspecStore)  # a store that is not local is an object store
             with ObjectStoreLease(inner.fs, inner.path, self.location) as lease:
                 yield lease.check
             return
@@ -240,7 +242,7 @@ class Store:
         """The attributes of the group `path`, or None if there is none or it does not read."""
         try:
             return self._group[self._checked(path)].attrs.asdict()
-        except (KeyError, ValueError, RecursionError, zarr.errors.BaseZarrError):
+        except (KeyError, ValueError, RecursionError, BaseZarrError):
             return None
 
     def done_info(self, stage: str, unit: str) -> dict | None:
@@ -270,8 +272,8 @@ class Store:
         try:
             array = self._group.create_array(path, shape=shape, dtype=dtype, chunks=chunks,
                                              compressors=compressors, overwrite=False)
-        except zarr.errors.ContainsArrayError:
-            array = self._node(path, "array")
+        except ContainsArrayError:
+            array = self._array_node(path)
             # zarr writes an array's metadata and its parents' at once: a run killed then may
             # have left the array without a parent group, which hides it from readers that walk.
             parents = path.split("/")[:-1]
@@ -299,7 +301,7 @@ class Store:
     def array(self, path: str) -> "StoredArray":
         """The array at `path`, for reading slices of it."""
         path = self._checked(path)
-        return StoredArray(self._node(path, "array"), path, self)
+        return StoredArray(self._array_node(path), path, self)
 
     def read_array(self, path: str) -> np.ndarray:
         return np.asarray(self.array(path)[...])
@@ -310,7 +312,7 @@ class Store:
 
     def read_arrays(self, path: str) -> dict[str, np.ndarray]:
         path = self._checked(path)
-        group = self._node(path, "group")
+        group = self._group_node(path)
         return {name: np.asarray(StoredArray(array, f"{path}/{name}", self)[...]) for name, array in group.arrays()}
 
     def _checked(self, path: str) -> str:
@@ -319,16 +321,25 @@ class Store:
             raise StoreError(f"store {self.location!r}: refusing the path {path!r}, which is not made of plain names")
         return path
 
+    def _array_node(self, path: str) -> zarr.Array:
+        node = self._node(path, "array")
+        if not isinstance(node, zarr.Array):
+            raise StoreError(f"store {self.location!r}: {path!r} is not an array")
+        return node
+
+    def _group_node(self, path: str) -> zarr.Group:
+        node = self._node(path, "group")
+        if not isinstance(node, zarr.Group):
+            raise StoreError(f"store {self.location!r}: {path!r} is not a group")
+        return node
+
     def _node(self, path: str, kind: str) -> zarr.Array | zarr.Group:
         try:
-            node = self._group[path]
+            return self._group[path]
         except KeyError:
             raise StoreError(f"store {self.location!r} has no {kind} {path!r}") from None
-        except (*_DAMAGE, zarr.errors.BaseZarrError) as e:
+        except (*_DAMAGE, BaseZarrError) as e:
             raise self.damaged(f"the metadata of {path!r} does not read ({e})") from None
-        if not isinstance(node, zarr.Array if kind == "array" else zarr.Group):
-            raise StoreError(f"store {self.location!r}: {path!r} is not an {kind}")
-        return node
 
     def size_bytes(self) -> int:
         """The bytes of every key in the store."""
@@ -340,7 +351,7 @@ class Store:
     def chunks_of(self, path: str) -> tuple[int, ...] | None:
         """The chunk shape of the array at `path`, or None if there is none yet."""
         try:
-            return self._node(self._checked(path), "array").chunks
+            return self._array_node(self._checked(path)).chunks
         except StoreError:
             return None
 

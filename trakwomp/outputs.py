@@ -52,7 +52,7 @@ def check_output(flag: str, path: str | Path | None, suffixes: tuple[str, ...], 
             raise UserError(f"{flag} {str(path)!r} lies inside the store {str(store)!r}; write exports elsewhere")
 
 
-def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """Call `write` on a temporary file beside `path`'s real file, make it durable and rename it
     over that file; any failure (a full disk) leaves the old file and removes the temporary."""
     real = real_path(path)

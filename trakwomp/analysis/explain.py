@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from trakwomp.analysis.show import write_page
-from trakwomp.data.base import Dataset
-from trakwomp.data.text import answer_dataset
+from trakwomp.data.base import Dataset, capable
+from trakwomp.data.text import TextDataset, answer_dataset
 from trakwomp.errors import UserError
 from trakwomp.estimator.threshold import DEFAULT_THRESHOLD, check_threshold, relative_soft_threshold
 from trakwomp.estimator.view import ViewSpec
@@ -81,7 +81,7 @@ class Explanation:
     cached: bool = False  # the answer's scores were read from the store (asked before)
 
 
-def token_rows(token_tau: np.ndarray, tokens: Dataset, train: Dataset, k: int) -> list[dict]:
+def token_rows(token_tau: np.ndarray, tokens: Dataset, train: TextDataset, k: int) -> list[dict]:
     """Per answer token (a row of the soft-thresholded `token_tau`): its id and how it shows, its
     position in the answer, the train example that most supports it (index, source, text, score;
     None where no train example's score is positive), and how concentrated its support is: the
@@ -110,7 +110,7 @@ class Answer:
 
 
 @torch.no_grad()
-def generate(net: nn.Module, data: Dataset, prompt: str, generation: Generation, device: torch.device) -> Answer:
+def generate(net: nn.Module, data: TextDataset, prompt: str, generation: Generation, device: torch.device) -> Answer:
     """The model's completion of `prompt`, as ids after the prompt's ids as the train set `data`
     begins a prompt/completion text. It ends at the tokenizer's end token (kept: the model said
     it, as it learnt to after every completion), once the answer ends with `generation.stop`,
@@ -142,14 +142,14 @@ def generate(net: nn.Module, data: Dataset, prompt: str, generation: Generation,
     return Answer(ids[start:], "max-new-tokens")
 
 
-def answer_target(handle: Store, train: Dataset, prompt: str, completion: str | None, model_id: int,
-                  generation: Generation, device: torch.device) -> tuple[Dataset, str]:
+def answer_target(handle: Store, train: TextDataset, prompt: str, completion: str | None, model_id: int,
+                  generation: Generation, device: torch.device) -> tuple[TextDataset, str]:
     """The answer as a prompt/completion target, and why it ends: `completion` tokenized as train
     completions are ("given"), else registered model `model_id`'s generated ids themselves."""
     featurized_models(handle, [model_id])
     if completion is not None:
         return answer_dataset(prompt, train, completion=completion), "given"
-    spec = ModelSpec.of_store(handle.manifest.model, handle.location)
+    spec = ModelSpec.of_store(handle.manifest.model_record(), handle.location)
     generated = generate(load_registered_model(handle, model_id, spec, train.vocab_size), train, prompt, generation,
                          device)
     if not generated.ids:
@@ -203,7 +203,7 @@ def explain(
     strongest support; an HTML page to `out`. Answers are kept in the store (the oldest removed
     beyond `max_answers`), so a query asked again reads its scores (stages/answers.py)."""
     handle = checked_store(store, k, out, max_answers, threshold)
-    train = stored_dataset(handle)
+    train = capable(stored_dataset(handle), TextDataset, "explain")
     target, ended = answer_target(handle, train, prompt, completion, model_id, generation, resolve_device(device))
     began = time.perf_counter()
     scored = score_answer(store, target, view, False, max_answers, device, progress)
@@ -214,7 +214,7 @@ def explain(
     explained.seconds = time.perf_counter() - began
     if per_token:
         tokens = score_answer(store, target, view, True, max_answers, device, progress)
-        explained.tokens = token_rows(thresholded(tokens.token_tau, threshold), target.per_token(), train, k)
+        explained.tokens = token_rows(thresholded(tokens.token_scores(), threshold), target.per_token(), train, k)
         explained.token_seconds = time.perf_counter() - began - explained.seconds
     if out is not None:
         write_page(explained.rows, target, train, k, out, explained.tokens)

@@ -14,8 +14,10 @@ SHA-256 over their names and every example's group, so other groups are refused.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse
@@ -77,7 +79,7 @@ class Calibration:
         a constant prediction or output."""
         if len(predicted) < 3 or np.ptp(predicted) == 0 or np.ptp(actual) == 0:
             return None
-        fit = scipy.stats.linregress(predicted, actual)
+        fit: Any = scipy.stats.linregress(predicted, actual)  # (a result whose fields scipy's stubs do not type)
         return cls(float(fit.slope), float(fit.rvalue), float(fit.pvalue), len(predicted), by_group)
 
     @property
@@ -188,7 +190,7 @@ def group_scores(
                        per_target, calibration)
 
 
-def predicted_change(scores: GroupScores, drop: list[str] = (), keep: list[str] = ()) -> np.ndarray:
+def predicted_change(scores: GroupScores, drop: Sequence[str] = (), keep: Sequence[str] = ()) -> np.ndarray:
     """Per chosen target, the predicted change of its output if the groups `drop` were removed
     from the train set, or if only the groups `keep` were kept: minus the removed groups' scores."""
     if bool(drop) == bool(keep):
@@ -214,8 +216,8 @@ class GroupPrediction:
 
     @property
     def calibrated_mean_change(self) -> float | None:
-        usable = self.calibration is not None and self.calibration.usable
-        return self.calibration.slope * self.mean_change if usable else None
+        calibration = self.calibration
+        return calibration.slope * self.mean_change if calibration is not None and calibration.usable else None
 
     def as_dict(self) -> dict:
         return {"scores": self.scores, "predicted_change": self.change.tolist(), "mean_predicted_change": self.mean_change,
@@ -225,8 +227,8 @@ class GroupPrediction:
 
 def predict_groups(
     store: str | Path,
-    drop: list[str] = (),
-    keep: list[str] = (),
+    drop: Sequence[str] = (),
+    keep: Sequence[str] = (),
     groups: Groups | str | Path | None = None,
     selection: Selection = Selection(),
 ) -> GroupPrediction:

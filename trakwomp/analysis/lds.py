@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -178,7 +178,7 @@ def view_name(view, num_models: int) -> str:
     return f"{method} d={view.dims} {blocks}{ridge} M={num_models}"
 
 
-def pair_views(dims: list[int], blocks: list[int], ridges: list[float | str] = ()) -> list[ViewSpec]:
+def pair_views(dims: Sequence[int], blocks: Sequence[int], ridges: Sequence[float | str] = ()) -> list[ViewSpec]:
     """Views from repeated --dims, --blocks and --ridge: paired by position, a single value (or
     none) applying to every view."""
     lists = {"--dims": list(dims), "--blocks": list(blocks), "--ridge": list(ridges)}
@@ -199,7 +199,7 @@ def lds(
     store: str | Path,
     views: list[ViewSpec] | None = None,
     models: list[int] | None = None,
-    score_files: list[str | Path] = (),
+    score_files: Sequence[str | Path] = (),
     *,
     threshold: float | None = None,
     tune_threshold: bool = False,

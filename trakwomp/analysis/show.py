@@ -8,6 +8,7 @@ row 1 holds the target and its supporting images, row 2 the opposing ones.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import html
 from pathlib import Path
 
@@ -51,6 +52,9 @@ def show(
     key, targets = selection.key(handle), selection.targets
     recorded = handle.manifest.targets[handle.manifest.scores[key].targets]
     if targets is None:
+        if recorded.spec is None:
+            raise UserError("the store does not record where the scored targets were read from; pass --targets "
+                            "(and --target-indices) as given to `trakwomp score`")
         targets = load_store_data(store, recorded.spec)
         if targets.fingerprint().sha256 != recorded.sha256:
             raise UserError(f"the targets at {recorded.spec!r} are not those scored (fingerprint differs); "
@@ -128,7 +132,7 @@ def default_show_file(store: str | Path) -> str:
     return "show.html" if handle.manifest.tokenizer is not None else "show.png"
 
 
-def token_section(tokens: list[dict]) -> str:
+def token_section(tokens: Sequence[dict]) -> str:
     """The answer's tokens, each shaded by how concentrated its support is (darker: fewer train
     examples carry it), its strongest supporting train example in its tooltip, then a table."""
     def shaded(t: dict) -> str:
@@ -149,8 +153,8 @@ def token_section(tokens: list[dict]) -> str:
             + body + "</table>")
 
 
-def write_page(rows: list[dict], targets: Dataset, train: Dataset, k: int, out: str | Path,
-               tokens: list[dict] = ()) -> None:
+def write_page(rows: Sequence[dict], targets: Dataset, train: Dataset, k: int, out: str | Path,
+               tokens: Sequence[dict] = ()) -> None:
     """A self-contained HTML page: the target's text, then its supporting and opposing train
     texts with their sources and scores (and, given, the answer token by token). Every text is
     escaped, so markup in a text shows as text."""
@@ -192,7 +196,7 @@ def tile(image: torch.Tensor, line1: str, line2: str) -> torch.Tensor:
     """An image scaled to TILE x TILE on white, with two lines of caption under it."""
     if image.ndim != 3 or image.shape[0] not in (1, 3):
         raise UserError(f"show draws images (channels x height x width), not examples of shape {tuple(image.shape)}")
-    picture = to_pil_image(image.clamp(0, 1).expand(3, -1, -1)).resize((TILE, TILE), Image.NEAREST)
+    picture = to_pil_image(image.clamp(0, 1).expand(3, -1, -1)).resize((TILE, TILE), Image.Resampling.NEAREST)
     canvas = Image.new("RGB", (TILE, TILE + CAPTION), "white")
     canvas.paste(picture, (0, 0))
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()

@@ -61,25 +61,23 @@ def status(store: str | Path) -> StoreStatus:
     """Done and total units of every stage that the store was asked for."""
     handle = Store.open(store)
     manifest = handle.manifest
-    asked = manifest.asked
     report = StoreStatus(handle.location, manifest.format_version, handle.size_bytes(),
                          manifest.dataset.json if manifest.dataset else None,
                          manifest.model.json if manifest.model else None, str(task_of_store(manifest.task)),
                          len(handle.temporaries()))
     for role in ROLES:
         done = len(handle.done_units("train", role))
-        if done or layout.asked_train(role) in asked:
-            total = max(done, asked.get(layout.asked_train(role), 0))
+        if done or layout.asked_train(role) in manifest.asked:
+            total = max(done, manifest.asked_count(layout.asked_train(role)))
             report.stages.append(StageProgress("train", f"{role} models", done, total))
     if manifest.featurize is not None:
-        chunks = math.ceil(manifest.num_examples / manifest.featurize.chunk_rows)
+        chunks = math.ceil(manifest.num_examples / manifest.featurize_record().chunk_rows)
         for entry in manifest.models:
             done = len(handle.done_units("featurize", layout.unit(entry.id)))
             report.stages.append(StageProgress("featurize", f"model {entry.id} ({entry.source}) row chunks",
                                                done, chunks))
             report.runs.setdefault(entry.training_run, []).append(entry.id)
-    views = {work.removeprefix(layout.asked_finalize("")): list(ids) for work, ids in asked.items()
-             if work.startswith(layout.asked_finalize(""))}
+    views = {view: list(ids) for view, ids in manifest.asked_ids(layout.asked_finalize("")).items()}
     for view in handle.children(layout.done("finalize")):  # views of stores made before "asked" recorded them
         views.setdefault(view, [int(m) for m in handle.children(layout.done("finalize", view))])
     for view, model_ids in sorted(views.items()):

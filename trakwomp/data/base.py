@@ -5,8 +5,8 @@ content fingerprint, and helpers over any dataset.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -14,53 +14,40 @@ import torch
 from trakwomp.errors import UserError
 from trakwomp.registry import Registry
 
+if TYPE_CHECKING:
+    from trakwomp.data.tokenizers import Tokenizer
+
 
 @dataclass(frozen=True)
 class Batch:
     """What the model is called with (`model(*inputs)`), the labels, and for prompt/completion
     text `predicted`: (batch, T) True at the tokens whose prediction the loss and f count (the
-    completion's); None where every real token after the first counts.
-
-    A batch of token examples (`tokens` given) calls the model once per text: its rows are
-    tokens, `tokens[r]` = (the row's text among `inputs`, the token's position), and `labels`
-    has a row each; the texts' forward pass is shared by their tokens."""
+    completion's); None where every real token after the first counts."""
 
     inputs: tuple[torch.Tensor, ...]
     labels: torch.Tensor
     predicted: torch.Tensor | None = None
-    tokens: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _moved(self, device: torch.device) -> dict:
+        return {"inputs": tuple(t.to(device) for t in self.inputs), "labels": self.labels.to(device),
+                "predicted": None if self.predicted is None else self.predicted.to(device)}
+
     def to(self, device: torch.device) -> "Batch":
-        moved = (None if t is None else t.to(device) for t in (self.predicted, self.tokens))
-        return Batch(tuple(t.to(device) for t in self.inputs), self.labels.to(device), *moved)
+        return Batch(**self._moved(device))
 
     def rows(self, start: int, stop: int) -> "Batch":
-        """Examples start..stop-1 of the batch (for token rows: with the texts they need)."""
-        if self.tokens is None:
-            return Batch(tuple(t[start:stop] for t in self.inputs), self.labels[start:stop],
-                         None if self.predicted is None else self.predicted[start:stop])
-        texts, where = torch.unique(self.tokens[start:stop, 0], return_inverse=True)
-        return Batch(tuple(t[texts] for t in self.inputs), self.labels[start:stop],
-                     None if self.predicted is None else self.predicted[texts],
-                     torch.stack([where, self.tokens[start:stop, 1]], dim=1))
-
-    def text_rows(self) -> list[torch.Tensor]:
-        """For token rows, the rows of each text, in order."""
-        return [torch.nonzero(self.tokens[:, 0] == text).flatten() for text in range(len(self.inputs[0]))]
+        """Examples start..stop-1 of the batch."""
+        return Batch(tuple(t[start:stop] for t in self.inputs), self.labels[start:stop],
+                     None if self.predicted is None else self.predicted[start:stop])
 
     def backward_groups(self) -> list[tuple[torch.Tensor | slice, torch.Tensor | slice]]:
         """(rows, the inputs they are computed from) for each group of rows whose f one backward
-        pass can differentiate together, each row's f depending on its own input alone: all rows
-        of an ordinary batch (slices: views, no copy); for token rows, the k-th token of each text."""
-        if self.tokens is None:
-            return [(slice(None), slice(None))]
-        per_text = self.text_rows()
-        groups = [torch.stack([rows[k] for rows in per_text if len(rows) > k])
-                  for k in range(max(len(rows) for rows in per_text))]
-        return [(rows, self.tokens[rows, 0]) for rows in groups]
+        pass can differentiate together, each row's f depending on its own input alone: here all
+        rows (slices: views, no copy)."""
+        return [(slice(None), slice(None))]
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
@@ -76,6 +63,36 @@ class Batch:
     def of_tensors(cls, tensors: tuple[torch.Tensor, ...], layout: tuple[int, bool]) -> "Batch":
         count, with_predicted = layout
         return cls(tuple(tensors[:count]), tensors[count], tensors[count + 1] if with_predicted else None)
+
+
+@dataclass(frozen=True)
+class TokenBatch(Batch):
+    """A batch of token examples, which calls the model once per text: its rows are tokens,
+    `tokens[r]` = (the row's text among `inputs`, the token's position), and `labels` has a row
+    each; the texts' forward pass is shared by their tokens."""
+
+    tokens: torch.Tensor = field(kw_only=True)
+
+    def to(self, device: torch.device) -> "TokenBatch":
+        return TokenBatch(**self._moved(device), tokens=self.tokens.to(device))
+
+    def rows(self, start: int, stop: int) -> "TokenBatch":
+        """Token rows start..stop-1, with the texts they need."""
+        texts, where = torch.unique(self.tokens[start:stop, 0], return_inverse=True)
+        return TokenBatch(tuple(t[texts] for t in self.inputs), self.labels[start:stop],
+                          None if self.predicted is None else self.predicted[texts],
+                          tokens=torch.stack([where, self.tokens[start:stop, 1]], dim=1))
+
+    def text_rows(self) -> list[torch.Tensor]:
+        """The rows of each text, in order."""
+        return [torch.nonzero(self.tokens[:, 0] == text).flatten() for text in range(len(self.inputs[0]))]
+
+    def backward_groups(self) -> list[tuple[torch.Tensor | slice, torch.Tensor | slice]]:
+        """The k-th token of each text: rows whose f one backward pass differentiates together."""
+        per_text = self.text_rows()
+        groups = [torch.stack([rows[k] for rows in per_text if len(rows) > k])
+                  for k in range(max(len(rows) for rows in per_text))]
+        return [(rows, self.tokens[rows, 0]) for rows in groups]
 
 
 @dataclass(frozen=True)
@@ -96,8 +113,9 @@ class Dataset(ABC, torch.utils.data.Dataset):
     `(model input, label)`; the examples are `indices` of a source, whose labels index `classes`
     (or, where `classes` is empty, are the values to predict or 0).
 
-    What a kind does not have, it leaves at the defaults here: images have no `lengths`,
-    `tokenizer` or `source`; texts have no `transform` and no `path`."""
+    What a kind does not have, it leaves at the defaults here: images have no `lengths` or
+    `source`; texts have no `transform` and no `path`. A capability that only some kinds have is
+    a subclass (`TokenizedTexts`) that a caller asks for by type (`capable`)."""
 
     spec: str
     indices: np.ndarray
@@ -108,11 +126,11 @@ class Dataset(ABC, torch.utils.data.Dataset):
     fewest_tokens: np.ndarray | None = None  # a lower bound of `lengths` known before tokenizing
     has_prompts: bool = False  # prompt/completion texts, of which the completions are predicted
     completion_tokens: np.ndarray | None = None  # per example, how many of its tokens are predicted
-    tokenizer = None  # what turned texts into tokens (its `record()` is bound to a store)
     max_length: int | None = None
     truncated: int = 0  # how many examples `max_length` cut
     transform = None  # a user's callable applied to every input tensor, and its spec
     transform_spec: str | None = None
+    needs: ClassVar[str] = "a dataset"  # what a user gives for a capability (`capable`) this kind is
     preview: str = "image"  # how `show` draws examples: "image" (a PNG grid) or "text" (an HTML page)
 
     def __len__(self) -> int:
@@ -136,10 +154,10 @@ class Dataset(ABC, torch.utils.data.Dataset):
         """A few of `positions` whose gradients exercise what an engine could get wrong, for its
         check (`GradientEngine.check`): the first two, and where examples have lengths the
         longest and the shortest (batched with the longest: padded)."""
-        positions = [int(i) for i in positions]
-        chosen = positions[:2]
-        if self.lengths is not None:
-            by_length = sorted(positions, key=lambda i: self.lengths[i])
+        given, lengths = [int(i) for i in positions], self.lengths
+        chosen = given[:2]
+        if lengths is not None:
+            by_length = sorted(given, key=lambda i: lengths[i])
             chosen += [by_length[-1], by_length[0]]
         return list(dict.fromkeys(chosen))
 
@@ -188,6 +206,34 @@ class Dataset(ABC, torch.utils.data.Dataset):
     @abstractmethod
     def describe(self, i: int) -> dict:
         """What a table row says of example i: its label, and its path or its text and source."""
+
+
+class TokenizedTexts(Dataset):
+    """The capability of language-model data: texts that `tokenizer` made token ids of (its
+    `record()` is bound to a store); `vocab_size` ids, `text(i)` example i's text."""
+
+    needs: ClassVar[str] = "text data (fortunes-mini:..., jsonl:PATH)"
+    tokenizer: Tokenizer
+    lengths: np.ndarray  # tokens per example, which every text has
+    preview = "text"
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def text(self, i: int) -> str: ...
+
+
+Capability = TypeVar("Capability", bound=Dataset)
+
+
+def capable(data: Dataset, capability: type[Capability], needed_by: str) -> Capability:
+    """`data` as a dataset with `capability` (a subclass of Dataset that declares `needs`: what
+    the user must give), refused in one line naming `needed_by` where it has not."""
+    if not isinstance(data, capability):
+        raise UserError(f"{needed_by} needs {capability.needs}, not {data.spec}")
+    return data
 
 
 # spec prefix -> kind: every module of this package, and other packages' entry points (trakwomp.registry)

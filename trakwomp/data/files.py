@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from trakwomp.errors import UserError
 
 
-def read_npy(path: str | Path, what: str, mmap_mode: str | None = None) -> np.ndarray:
+def read_npy(path: str | Path, what: str, mmap_mode: Literal["r", "r+", "c"] | None = None) -> np.ndarray:
     """The array in an .npy file (never unpickled); a missing or damaged file is a UserError."""
     refuse_special_file(path, what)
     try:

@@ -128,7 +128,7 @@ def decoded(label, path: Path, i: int):
         raise UserError(f"groups file {str(path)!r}: label {i} ({label[:20]!r}) is not UTF-8 text") from None
 
 
-def read_groups_csv(path: Path, num_examples: int) -> tuple[list[str], list[int]]:
+def read_groups_csv(path: Path, num_examples: int) -> tuple[list[str | None], list[int]]:
     """(label per train example, the examples without one) from a CSV of index,group rows."""
     labels: list[str | None] = [None] * num_examples
     refuse_special_file(path, "groups file")

@@ -30,15 +30,17 @@ from trakwomp.data.base import (
     DatasetKind,
     Fingerprint,
     LoadOptions,
+    TokenBatch,
+    TokenizedTexts,
     check_indices,
 )
 from trakwomp.errors import UserError
 from trakwomp.data.jsonl import is_text, read_jsonl
-from trakwomp.data.tokenizers import MAX_TOKENS, make_tokenizer
+from trakwomp.data.tokenizers import MAX_TOKENS, Tokenizer, make_tokenizer
 from trakwomp.data.tokens import GivenTokens, Tokens, padded
 
 
-class TextDataset(Dataset):
+class TextDataset(TokenizedTexts):
     """An ordered text dataset: example i is `(token ids, label, first predicted token)`; `text(i)`
     and `source(i)` give the text and where it came from. Labels index `classes` (the sorted
     distinct labels given); texts without labels have label 0 and no classes.
@@ -48,10 +50,8 @@ class TextDataset(Dataset):
     at their assistant turns' tokens: batches carry `Batch.predicted`, unless
     `predicting_prompts()` asked for every token (a model trained with --train-on-prompt)."""
 
-    preview = "text"
-
     def __init__(self, spec: str, texts: Sequence[str], sources: Sequence[str], labels: np.ndarray,
-                 classes: Sequence[str], tokenizer, max_length: int | None, tokens: "Tokens | None" = None,
+                 classes: Sequence[str], tokenizer: Tokenizer, max_length: int | None, tokens: "Tokens | None" = None,
                  indices: np.ndarray | None = None, prompts: Sequence[str] | None = None,
                  prompts_predicted: bool = False, conversations: list[list[dict]] | None = None):
         self.spec = spec
@@ -72,13 +72,13 @@ class TextDataset(Dataset):
         return TextDataset(self.spec, self._texts, self._sources, self._labels, self.classes, self.tokenizer,
                            self.max_length, **given)
 
-    def predicting_prompts(self) -> "TextDataset":
+    def predicting_prompts(self) -> Dataset:
         """The same examples with every token predicted, prompts included (--train-on-prompt)."""
         if not self.has_prompts:
             return super().predicting_prompts()
         return self._copy(prompts_predicted=True)
 
-    def per_token(self) -> "CompletionTokens":
+    def per_token(self) -> Dataset:
         """Each completion token its own example (--per-token)."""
         if not self.has_prompts:
             return super().per_token()
@@ -107,6 +107,13 @@ class TextDataset(Dataset):
         masks = self._tokens.masks
         return None if masks is None else masks[int(self.indices[i])]
 
+    def completion_mask(self, i: int) -> np.ndarray:
+        """True at the tokens of example i's completion (prompt/completion texts, conversations)."""
+        mask = self.predicted_mask(i)
+        if mask is None:
+            raise UserError(f"{self.spec} holds plain texts, without prompts: they have no completion")
+        return mask
+
     def coverage_probe(self, positions: np.ndarray) -> list[int]:
         """The base choice, and the text that repeats one token most often (a layer may treat a
         repeated token apart: Embedding(scale_grad_by_freq))."""
@@ -116,7 +123,7 @@ class TextDataset(Dataset):
 
     def completion_ids(self, i: int) -> list[int]:
         """The ids of example i's predicted tokens (its completion's)."""
-        return [int(t) for t in self._ids(int(self.indices[i]))[self.predicted_mask(i)]]
+        return [int(t) for t in self._ids(int(self.indices[i]))[self.completion_mask(i)]]
 
     @property
     def completion_tokens(self) -> np.ndarray | None:
@@ -193,7 +200,8 @@ class TextDataset(Dataset):
         if self.has_prompts and not self.prompts_predicted:
             predicted = torch.zeros_like(mask)
             for row, (_, _, counted) in enumerate(items):
-                predicted[row, :len(counted)] = counted
+                if counted is not None:  # (always, for texts with prompts whose prompts are not predicted)
+                    predicted[row, :len(counted)] = counted
         return Batch((ids, mask), torch.tensor([y for _, y, _ in items], dtype=torch.long), predicted)
 
     def select(self, indices: np.ndarray) -> "TextDataset":
@@ -217,18 +225,16 @@ class TextDataset(Dataset):
         return Fingerprint(len(self), self.classes, digest.hexdigest())
 
 
-class CompletionTokens(Dataset):
+class CompletionTokens(TokenizedTexts):
     """The completion tokens of prompt/completion texts, each its own example: row r, token t of
     text i, has f_r = log(p_t / (1 - p_t)), p_t the model's probability of token t given the
     tokens before it (under either causal-lm output: one predicted token). Its batches are token
-    batches (`Batch.tokens`): each text in a batch is run forward once, whatever the number of
+    batches (`TokenBatch`): each text in a batch is run forward once, whatever the number of
     its tokens there, and each token gets its own backward pass."""
-
-    preview = "text"
 
     def __init__(self, texts: TextDataset):
         self.texts = texts
-        self.rows = np.array([(i, int(t)) for i in range(len(texts)) for t in np.flatnonzero(texts.predicted_mask(i))],
+        self.rows = np.array([(i, int(t)) for i in range(len(texts)) for t in np.flatnonzero(texts.completion_mask(i))],
                              dtype=np.int64).reshape(-1, 2)
         self.spec = f"{texts.spec} (per token)"
         self.indices, self.classes, self.has_explicit_indices = np.arange(len(self.rows)), (), False
@@ -255,7 +261,7 @@ class CompletionTokens(Dataset):
             first.setdefault(i, ids)
         slot = {i: k for k, i in enumerate(first)}
         tokens = torch.tensor([(slot[i], t) for _, _, (i, t) in items], dtype=torch.long)
-        return Batch(padded(list(first.values())), torch.zeros(len(items), dtype=torch.long), None, tokens)
+        return TokenBatch(padded(list(first.values())), torch.zeros(len(items), dtype=torch.long), tokens=tokens)
 
     def select(self, indices: np.ndarray) -> "Dataset":
         raise UserError("per-token targets cannot be selected; select the texts before --per-token")
@@ -283,7 +289,7 @@ class CompletionTokens(Dataset):
 
     def describe(self, r: int) -> dict:
         i, t = (int(v) for v in self.rows[r])
-        first = int(np.flatnonzero(self.texts.predicted_mask(i))[0])
+        first = int(np.flatnonzero(self.texts.completion_mask(i))[0])
         return {**self.texts.describe(i), "text_index": i, "token": self.token(r), "token_id": self.token_id(r),
                 "token_position": t - first}
 
@@ -310,7 +316,7 @@ class Jsonl(DatasetKind):
         return text_dataset(spec, read_jsonl(spec, rest), options.tokenizer or "bytes", options.max_length)
 
 
-def answer_dataset(prompt: str, like: Dataset, completion: str | None = None,
+def answer_dataset(prompt: str, like: TextDataset, completion: str | None = None,
                    completion_ids: list[int] | None = None) -> TextDataset:
     """One prompt/completion target for the text dataset `like`'s store: the prompt's ids as a
     train prompt begins, then exactly `completion_ids` (a generated answer: the ids themselves,

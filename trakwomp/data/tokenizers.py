@@ -49,8 +49,18 @@ class ByteTokenizer:
         return bytes([token]).decode("utf-8", errors="backslashreplace")
 
     def render(self, conversations: list[list[dict]]) -> list[str]:
-        raise UserError("rows of \"messages\" need --tokenizer hf:DIR, a tokenizer with a chat template that "
-                        "renders them; the bytes tokenizer has none")
+        raise self._no_chat_template()
+
+    def encode_conversations(self, conversations: list[list[dict]], limit: int | None):
+        raise self._no_chat_template()
+
+    def chat_ids(self, messages: list[dict], generation_prompt: bool) -> list[int]:
+        raise self._no_chat_template()
+
+    @staticmethod
+    def _no_chat_template() -> UserError:
+        return UserError("rows of \"messages\" need --tokenizer hf:DIR, a tokenizer with a chat template that "
+                         "renders them; the bytes tokenizer has none")
 
     def decode(self, ids: list[int]) -> str:
         """The text of generated ids: their bytes as UTF-8 (a byte sequence that is not UTF-8
@@ -200,7 +210,10 @@ class HuggingFaceTokenizer:
         return self._record
 
 
-def make_tokenizer(spec: str) -> ByteTokenizer | HuggingFaceTokenizer:
+Tokenizer = ByteTokenizer | HuggingFaceTokenizer  # what a TokenizedTexts dataset's tokenizer is
+
+
+def make_tokenizer(spec: str) -> Tokenizer:
     """The tokenizer a --tokenizer spec names."""
     if spec == "bytes":
         return ByteTokenizer()

@@ -9,6 +9,8 @@ block-diagonal inverse that `finalize` stores (eq. 5), streaming the train featu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from trakwomp.estimator.view import View
@@ -19,7 +21,8 @@ SCORE_PASS_BYTES = 256 << 20
 
 def mean_q(handle: Store, model_ids: list[int]) -> torch.Tensor:
     """The train examples' weights (1/M^2) sum_m q_m,i, float32."""
-    q_sum = sum(torch.from_numpy(handle.array(f"{layout.features(m)}/q")[...]).double() for m in model_ids)
+    q_sum = functools.reduce(torch.add, [torch.from_numpy(handle.array(f"{layout.features(m)}/q")[...]).double()
+                                         for m in model_ids])
     return (q_sum / len(model_ids) ** 2).float()
 
 

@@ -65,9 +65,9 @@ class View:
 
     def block_ridge(self, block: int, num_train: int) -> float:
         """Block `block`'s relative ridge: the view's, or by the "auto" rule (module docstring)."""
-        if self.ridge == AUTO:
-            return AUTO_RIDGE_SCALE * math.sqrt(self.widths[block] * num_train) / self.blocks ** 0.75
-        return self.ridge
+        if self.ridge != AUTO:
+            return float(self.ridge)
+        return AUTO_RIDGE_SCALE * math.sqrt(self.widths[block] * num_train) / self.blocks ** 0.75
 
     def columns(self, block: int) -> slice:
         start = sum(self.widths[:block])
@@ -75,7 +75,7 @@ class View:
 
     @classmethod
     def resolve(cls, stored_dims: int, stored_block_dim: int, dims: int | None, blocks: int | None,
-                ridge: float, num_train: int) -> "View":
+                ridge: float | str, num_train: int) -> "View":
         """Check a requested view against what was featurized; defaults: all dims, finest blocks."""
         dims = stored_dims if dims is None else dims
         if not 0 < dims <= stored_dims:
@@ -89,11 +89,11 @@ class View:
         return cls(dims, blocks, check_ridge(ridge)).checked_against(num_train)
 
     @classmethod
-    def resolve_layers(cls, layer_widths: list[int], dims: int | None, blocks: int | None, ridge: float,
+    def resolve_layers(cls, layer_widths: list[int], dims: int | None, blocks: int | None, ridge: float | str,
                        num_train: int) -> "View":
         """A view of factored features: the first layers up to `dims` (default: all), one block per
         layer, or `blocks` equal blocks of those dims."""
-        edges = np.cumsum(layer_widths).tolist()
+        edges: list[int] = np.cumsum(layer_widths).tolist()
         dims = edges[-1] if dims is None else dims
         if dims not in edges:
             shown = ", ".join(map(str, edges[:8])) + (", ..." if len(edges) > 8 else "")
@@ -136,4 +136,4 @@ def check_ridge(ridge: float | str) -> float | str:
 
 
 def ridge_text(ridge: float | str) -> str:
-    return ridge if ridge == AUTO else f"{ridge:g}"
+    return AUTO if ridge == AUTO else f"{float(ridge):g}"

@@ -208,6 +208,8 @@ class FactoredFeatures(GradientEngine):
         if out is None:  # an output was changed in place after its layer: hand on copies from now on
             self.copy_outputs = True
             out = self._features(batch)
+        if out is None:
+            raise RuntimeError("a layer's output changed in place although copies were handed on")
         return out
 
     def _features(self, batch: Batch) -> BatchFeatures | None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from trakwomp.data.base import Batch
+from trakwomp.data.base import Batch, TokenBatch
 from trakwomp.errors import UserError
 from trakwomp.features.base import BatchFeatures
 from trakwomp.tasks.base import Task
@@ -69,11 +69,11 @@ class PerExampleGradients:
     def per_parameter(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """({name: (batch, *shape) gradients}, outputs f) for a batch on the engine's device."""
         batch = batch.to(self.device)
-        if batch.tokens is not None:
+        if isinstance(batch, TokenBatch):
             return self.per_token(batch)
         return self._grad(self.params, batch.tensors, batch.layout)
 
-    def per_token(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def per_token(self, batch: TokenBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The same for a token batch: text by text, the jacobian of its tokens' f (one forward
         pass of the text, a backward pass per token), placed at the tokens' rows."""
         grads = {n: torch.empty(len(batch), *p.shape, device=self.device) for n, p in self.params.items()}

@@ -23,7 +23,9 @@ PROJECTED, FACTORED = ProjectedGradients(), Factored()
 
 class Sjlt(ProjectorKind):
     name, help, method = "sjlt", "sparse, O(p) per block", PROJECTED
-    rows = staticmethod(sjlt_rows)
+    def rows(self, spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int,
+             num_params: int) -> torch.Tensor:
+        return sjlt_rows(spec, model_id, block, tile, rows, num_params)
 
     def projector(self, spec: ProjectorSpec, model_id: int, num_params: int, device: torch.device):
         return SparseProjector(spec, model_id, num_params, device)
@@ -34,18 +36,24 @@ class Sjlt(ProjectorKind):
 
 class Gaussian(ProjectorKind):
     name, method = "gaussian", PROJECTED
-    rows = staticmethod(gaussian_rows)
+    def rows(self, spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int,
+             num_params: int) -> torch.Tensor:
+        return gaussian_rows(spec, model_id, block, tile, rows, num_params)
 
 
 class Rademacher(ProjectorKind):
     name, method = "rademacher", PROJECTED
-    rows = staticmethod(rademacher_rows)
+    def rows(self, spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int,
+             num_params: int) -> torch.Tensor:
+        return rademacher_rows(spec, model_id, block, tile, rows, num_params)
 
 
 class Identity(ProjectorKind):
     name, help, method = "identity", "no projection", PROJECTED
     keeps_every_coordinate = True
-    rows = staticmethod(identity_rows)
+    def rows(self, spec: ProjectorSpec, model_id: int, block: int, tile: int, rows: int,
+             num_params: int) -> torch.Tensor:
+        return identity_rows(spec, model_id, block, tile, rows, num_params)
 
 
 class FactoredKind(ProjectorKind):

@@ -11,6 +11,7 @@ module type through the entry point group `trakwomp.layer_rules` (trakwomp.regis
 from __future__ import annotations
 
 import sys
+import typing
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -38,7 +39,7 @@ class LayerRule(ABC):
 
     def weight_and_bias(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight the rule covers, and its bias."""
-        return module.weight, getattr(module, "bias", None)
+        return typing.cast(torch.Tensor, module.weight), getattr(module, "bias", None)
 
     def shape(self, module: nn.Module, with_bias: bool) -> tuple[int, int]:
         """(R, C): the weight as a matrix (shape[0] by the rest), with the bias as one more column
@@ -107,7 +108,7 @@ class Embedding(LayerRule):
     def applies(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Embedding)
 
-    def factors(self, module, a, g, p_rows, p_cols, with_bias):
+    def factors(self, module: nn.Embedding, a, g, p_rows, p_cols, with_bias):
         batch = len(g)
         ids = a.reshape(batch, -1)
         u = p_rows[ids]
@@ -125,7 +126,7 @@ class Conv2d(LayerRule):
     def applies(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
 
-    def factors(self, module, a, g, p_rows, p_cols, with_bias):
+    def factors(self, module: nn.Conv2d, a, g, p_rows, p_cols, with_bias):
         width = a.shape[1] * module.weight[0, 0].numel()
         kernels = p_cols[:width].T.reshape(-1, *module.weight.shape[1:])
         v = F.conv2d(a.detach(), kernels, None, module.stride, module.padding, module.dilation).flatten(2)

@@ -80,8 +80,15 @@ class ProjectorSpec:
             side_dim(self.block_dim)
 
     @property
+    def num_blocks(self) -> int:
+        """B, which every spec that projects has (`blocks` is None only until featurize derives it)."""
+        if self.blocks is None:
+            raise ValueError("the projection's number of blocks is not resolved yet")
+        return self.blocks
+
+    @property
     def dim(self) -> int:
-        return self.blocks * self.block_dim
+        return self.num_blocks * self.block_dim
 
     def as_dict(self) -> dict:
         """What a store records of the projection (`of_store` reads it back)."""
@@ -205,7 +212,7 @@ class DenseProjector:
         """Rows of tile `tile` for all B blocks side by side: (rows, B * d_block) on the device."""
         if tile in self._cache:
             return self._cache[tile]
-        blocks = [projection_tile(self.spec, self.model_id, b, tile, self.num_params) for b in range(self.spec.blocks)]
+        blocks = [projection_tile(self.spec, self.model_id, b, tile, self.num_params) for b in range(self.spec.num_blocks)]
         value = torch.cat(blocks, dim=1).to(self.device)
         if not self.regenerates:
             self._cache[tile] = value
@@ -233,7 +240,7 @@ class SparseProjector:
         """(what, bytes, the setting that lowers it): the index tables, 12 bytes per parameter and
         block plus 8 per projected dim and tile."""
         tiles = math.ceil(num_params / spec.tile_rows)
-        tables = 12 * spec.blocks * num_params + 8 * tiles * (spec.dim + 1)
+        tables = 12 * spec.num_blocks * num_params + 8 * tiles * (spec.dim + 1)
         return f"sjlt tables ({spec.blocks} blocks)", tables, "pass --projector factored, or fewer --blocks"
 
     def __init__(self, spec: ProjectorSpec, model_id: int, num_params: int, device: torch.device):
@@ -242,11 +249,11 @@ class SparseProjector:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
             for tile in range(math.ceil(num_params / spec.tile_rows)):
-                drawn = [sjlt_tile(spec, model_id, block, tile, num_params) for block in range(spec.blocks)]
+                drawn = [sjlt_tile(spec, model_id, block, tile, num_params) for block in range(spec.num_blocks)]
                 rows = torch.cat([positions + block * spec.block_dim for block, (positions, _) in enumerate(drawn)])
                 signs = torch.cat([s for _, s in drawn])
                 width = len(drawn[0][0])
-                columns = torch.arange(width).repeat(spec.blocks)
+                columns = torch.arange(width).repeat(spec.num_blocks)
                 order = torch.argsort(rows, stable=True)
                 row_starts = torch.zeros(spec.dim + 1, dtype=torch.int64)
                 row_starts[1:] = torch.bincount(rows, minlength=spec.dim).cumsum(0)

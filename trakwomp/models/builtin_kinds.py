@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -37,6 +38,16 @@ def within_memory(spec: ModelSpec, make: Callable[[], nn.Module]) -> nn.Module:
     return make()
 
 
+Parsed = TypeVar("Parsed")
+
+
+def parsed(value: Parsed | None) -> Parsed:
+    """A setting of a model spec that its kind's `parse` set (None only in a spec made otherwise)."""
+    if value is None:
+        raise ValueError("a model spec that its kind did not parse")
+    return value
+
+
 class ResNet9(ModelKind):
     name = usage = "resnet9"
     size_options = ("width",)
@@ -51,7 +62,7 @@ class ResNet9(ModelKind):
         return ModelSpec(spec, width)
 
     def build(self, spec: ModelSpec, output_size: int) -> nn.Module:
-        return within_memory(spec, lambda: resnet9(output_size, spec.width))
+        return within_memory(spec, lambda: resnet9(output_size, parsed(spec.width)))
 
 
 class Gpt(ModelKind):
@@ -80,7 +91,8 @@ class Gpt(ModelKind):
         return f"gpt (width {spec.width}, {spec.layers} layers, {spec.heads} heads)"
 
     def build(self, spec: ModelSpec, output_size: int) -> nn.Module:
-        return within_memory(spec, lambda: GPT(output_size, spec.width, spec.layers, spec.heads))
+        return within_memory(spec, lambda: GPT(output_size, int(parsed(spec.width)), parsed(spec.layers),
+                                               parsed(spec.heads)))
 
 
 class HuggingFace(ModelKind):
@@ -98,9 +110,12 @@ class HuggingFace(ModelKind):
         if adapter is not None and lora is not None:
             raise UserError(f"--lora adds a new adapter to a base model; {spec[3:]!r} is an adapter already "
                             "(train with --model hf:BASE, or featurize this adapter without --lora)")
-        if adapter is None and lora is None:
+        if adapter is not None:
+            folder, lora = adapter.base, adapter.lora
+        elif lora is None:
             return ModelSpec(spec)
-        folder, lora = (adapter.base, adapter.lora) if adapter else (spec[3:], lora)
+        else:
+            folder = spec[3:]
         if not (Path(folder) / "config.json").is_file():
             raise UserError(f"--model hf:{folder}: no Hugging Face model there (no config.json)")
         model_type = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("model_type")
@@ -117,7 +132,7 @@ class HuggingFace(ModelKind):
         lora: LoraSpec | None = spec.lora
         if lora is None:
             return super().describe(spec)
-        return f"{spec.name} with LoRA (r {lora.r}, alpha {lora.alpha:g}, {', '.join(lora.targets)})"
+        return f"{spec.name} with LoRA (r {lora.r}, alpha {lora.alpha:g}, {', '.join(lora.targets or ())})"
 
     def build(self, spec: ModelSpec, output_size: int) -> nn.Module:
         net = load_huggingface(spec.name[3:]) if spec.lora is None else self._fine_tune(spec)
@@ -127,7 +142,7 @@ class HuggingFace(ModelKind):
     def _fine_tune(spec: ModelSpec) -> nn.Module:
         check_base(spec.name[3:], spec.base_sha256)
         net = load_huggingface(spec.name[3:])
-        with_adapter(net.model, spec.lora)
+        with_adapter(net.model, parsed(spec.lora))
         return net
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import typing
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,7 +80,7 @@ class LoraSpec:
         if self.targets is not None:
             return self
         peft = import_peft("--lora")
-        default = peft.utils.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        default = peft.utils.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type or "")
         if not default:
             raise UserError(f"peft knows no default LoRA modules for a {model_type!r} model; name them with "
                             "--lora-targets")
@@ -90,14 +91,18 @@ def with_adapter(model: nn.Module, lora: LoraSpec) -> nn.Module:
     """`model` (a transformers model, changed in place) with fresh LoRA layers in the modules
     `lora.targets`: A drawn from torch's global generator, B zero; only they are trainable."""
     peft = import_peft("--lora")
-    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=list(lora.targets),
+    targets = lora.targets
+    if targets is None:
+        raise ValueError("LoRA settings whose modules are not named yet (LoraSpec.resolved names them)")
+    # (peft's hints say an int alpha; the scale alpha / r takes any float)
+    config = peft.LoraConfig(r=lora.r, lora_alpha=typing.cast(int, lora.alpha), target_modules=list(targets),
                              lora_dropout=lora.dropout, bias="none")
     try:
         with warnings.catch_warnings():  # peft sets fan_in_fan_out itself for GPT-2's Conv1D, and says so
             warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
             adapted = peft.inject_adapter_in_model(config, model)
     except ValueError as e:
-        raise UserError(f"cannot add LoRA layers to the modules {', '.join(lora.targets)}: "
+        raise UserError(f"cannot add LoRA layers to the modules {', '.join(targets)}: "
                         f"{str(e).splitlines()[0]}") from None
     for name, parameter in adapted.named_parameters():
         parameter.requires_grad_(".lora_" in name)

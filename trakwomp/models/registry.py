@@ -7,6 +7,8 @@ run are members as independent runs are, and the registry records which run each
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -36,7 +38,7 @@ def checkpoint_state(spec: ModelSpec, output_size: int, path: str) -> dict:
 
 
 def register_models(handle: Store, checkpoints: list[tuple[str, dict]], run: str | None = None,
-                    trained: list[tuple[str, dict]] = ()) -> list[int]:
+                    trained: Sequence[tuple[str, dict]] = ()) -> list[int]:
     """Register the models to featurize and return their ids, in registration order.
 
     Without checkpoints: every finished reference model that `train` put in the store, each with
@@ -72,12 +74,15 @@ def trained_candidates(handle: Store, name: str) -> list[tuple[str, dict]]:
     order, each checked against the hash its run published (stores of trakwomp 0.1 have none): a
     unit whose arrays two runs of it wrote (the same shard run twice, on CUDA say) is refused."""
     info = handle.done_info("train", layout.unit("reference", name))
+    if info is None:
+        raise UserError(f"store {handle.location!r}: reference model {name} is not trained yet")
     trained_run = f"train:reference/{name}"
     epochs = info.get("checkpoint_epochs") or [None]
     candidates = []
     for epoch in epochs:
         last = epoch == epochs[-1]
-        folder = layout.trained_model("reference", name) if last else layout.checkpoint("reference", name, epoch)
+        folder = layout.trained_model("reference", name) if last or epoch is None else \
+            layout.checkpoint("reference", name, epoch)
         weights = layout.weights(folder)
         digest = state_hash({k: torch.from_numpy(v) for k, v in handle.read_arrays(weights).items()})
         published = info.get("sha256") if last else info.get("checkpoint_sha256", {}).get(str(epoch))

@@ -44,6 +44,12 @@ class AnswerScores:
     key: str
     tau: np.ndarray  # (1, n_train), raw
     token_tau: np.ndarray | None  # (answer tokens, n_train), raw; None unless asked
+
+    def token_scores(self) -> np.ndarray:
+        """`token_tau`, which scores asked per token have."""
+        if self.token_tau is None:
+            raise ValueError(f"answer {self.key}: its scores were not asked per token")
+        return self.token_tau
     cached: bool  # read from the store (True) or computed now
 
 
@@ -98,7 +104,7 @@ def answer_features_scores(handle: Store, plan: ScorePlan, data: Dataset, prefix
                             progress=StepsOnly(progress), prefix=prefix, report=FeaturizeReport()):
         pass
     taus = score_chunks(handle, plan.view, ids, mean_q(handle, ids), prefix, [range(len(data))],
-                        handle.manifest.featurize.chunk_rows, device)
+                        handle.manifest.featurize_record().chunk_rows, device)
     return taus[0].numpy()
 
 

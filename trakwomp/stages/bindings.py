@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from trakwomp.data.base import Dataset
+from trakwomp.data.base import Dataset, TokenizedTexts
 from trakwomp.data.groups import Groups, read_groups_file, sources_of
 from trakwomp.data.specs import dataset_kind, load_dataset
 from trakwomp.errors import UserError
@@ -31,18 +31,18 @@ def check_model_bound(store: Store, model: ModelSpec, transform: str | None) -> 
 def bind_tokenizer(store: Store, data: Dataset) -> None:
     """Record (or check) the tokenizer of a store's text (its vocabulary, wherever it lies)."""
     check_tokenizer(store, data)
-    if data.tokenizer is not None:
+    if isinstance(data, TokenizedTexts):
         store.bind("tokenizer", data.tokenizer.record(), BIND_HINT)
 
 
 def check_tokenizer(store: Store, data: Dataset) -> None:
     """Refuse text read with another tokenizer than the store's; a store of images or arrays
     refuses text, and a store of text refuses anything else. Writes nothing."""
-    tokenizer = data.tokenizer
+    tokenizer = data.tokenizer if isinstance(data, TokenizedTexts) else None
     recorded = store.manifest.tokenizer
-    if tokenizer is None and recorded is None:
-        return
     if tokenizer is None:
+        if recorded is None:
+            return
         raise UserError(f"store {store.location!r} holds text read with the tokenizer {recorded.spec!r}; "
                         f"{data.spec} is not text")
     if recorded is None and store.manifest.dataset is not None:
@@ -75,7 +75,7 @@ def bind_training_inputs(store: Store, data: Dataset, model: ModelSpec, task: Ta
         store.mark_done("data", "train_indices")
 
 
-def load_store_data(store: str, spec: str, indices=None, transform: str | None = None, tokenizer: str | None = None,
+def load_store_data(store: str | Path, spec: str, indices=None, transform: str | None = None, tokenizer: str | None = None,
                     max_length: int | None = None) -> Dataset:
     """Data (train examples or targets) for the store `store`: text is read with the store's
     tokenizer and cut at its --max-length unless others are given (and then checked against

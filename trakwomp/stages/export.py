@@ -31,7 +31,8 @@ def export_scores(store: str | Path, key: str, out: str | Path, threshold: float
             f.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
 
     write_atomically(out, write)
-    return tau.shape
+    rows, columns = tau.shape
+    return rows, columns
 
 
 def top_k_rows(store: str | Path, key: str, targets: Dataset, k: int, threshold: float = DEFAULT_THRESHOLD,

@@ -109,18 +109,18 @@ class Featurize(Stage[FeaturizePlan, tuple[int, int], FeaturizeReport]):
         if given.run is not None and not self.checkpoints:
             raise UserError("--run names the training run of the --checkpoint files; pass them too")
         handle = Store.open_existing(store)
-        if handle is None and self.data is None:
-            raise UserError(f"no trakwomp store at {str(store)!r}; make one with `trakwomp train`, or pass --data, "
-                            "--model and --checkpoint")
         resolved = self.resolved_settings(handle)
-        data, model, task = self.inputs(handle)
+        data, model, task = self.inputs(store, handle)
         output_size = task.output_size(data)
         features, batch_size = self.checked_model(data, model, task, output_size, resolved)
         states = read_checkpoints(model, output_size, self.checkpoints) if self.checkpoints else []
-        if not states and (handle is None or not handle.done_units("train", "reference")):
+        if states:
+            trained = []
+        elif handle is None or not handle.done_units("train", "reference"):
             raise UserError(f"store {str(store)!r} has no trained reference models; run `trakwomp train` first or "
                             "pass --checkpoint")
-        trained = [] if states else trained_models(handle)  # their weights checked before any write
+        else:
+            trained = trained_models(handle)  # their weights checked before any write
         return FeaturizePlan(data, model, task, resolved, features, batch_size, states, trained, existing=handle)
 
     def resolved_settings(self, handle: Store | None) -> Resolved:
@@ -138,9 +138,15 @@ class Featurize(Stage[FeaturizePlan, tuple[int, int], FeaturizeReport]):
             raise UserError("--chunk-rows and --batch-size must be at least 1")
         return Resolved(projector, dtype, parameters, chunk_rows)
 
-    def inputs(self, handle: Store | None) -> tuple[Dataset, ModelSpec, Task]:
-        """The train set, model spec and task: as given, else the store's."""
+    def inputs(self, store: str | Path, handle: Store | None) -> tuple[Dataset, ModelSpec, Task]:
+        """The train set, model spec and task: as given, else the store's (`handle`, None where
+        there is no store yet)."""
         data, model = self.data, self.model
+        if handle is None:
+            if data is None or model is None:
+                raise UserError(f"no trakwomp store at {str(store)!r}; make one with `trakwomp train`, or pass "
+                                "--data, --model and --checkpoint")
+            return data, model, self.settings.task or task_of_store(None)
         if data is None:
             transform = handle.manifest.model.transform if handle.manifest.model else None
             if transform is not None:
@@ -151,8 +157,7 @@ class Featurize(Stage[FeaturizePlan, tuple[int, int], FeaturizeReport]):
             if handle.manifest.model is None:
                 raise UserError(f"store {handle.location!r} records no model; pass --model")
             model = ModelSpec.of_store(handle.manifest.model, handle.location)
-        task = self.settings.task or (stored_task(handle) if handle is not None else task_of_store(None))
-        return data, model, task
+        return data, model, self.settings.task or stored_task(handle)
 
     def checked_model(self, data: Dataset, model: ModelSpec, task: Task, output_size: int,
                       resolved: Resolved) -> tuple[FeatureSettings, int]:

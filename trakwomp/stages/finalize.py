@@ -82,8 +82,8 @@ class Finalize(Stage[FinalizePlan, tuple[int, int], FinalizeReport]):
     def do(self, handle: Store, plan: FinalizePlan, todo: list, report: FinalizeReport, progress: Progress):
         start = time.perf_counter()
         view, width = plan.view, plan.view.max_width
-        chunk_rows = handle.manifest.featurize.chunk_rows
-        layers = handle.manifest.featurize.layers if view.layer_widths else None
+        chunk_rows = handle.manifest.featurize_record().chunk_rows
+        layers = handle.manifest.featurize_record().layers if view.layer_widths else None
         for model_id, block in todo:
             name = f"model {model_id} block {block}" + (f" (layer {layers[block].json['name']})" if layers else "")
             progress.unit_started(name, 1)

@@ -39,11 +39,11 @@ def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recip
     `epoch_done(epoch, model)` is called after each epoch (counted from 1) but the last."""
     model.to(device).train()
     optimizer = recipe.make_optimizer(model)
-    positions = torch.as_tensor(positions)
-    steps_per_epoch = len(positions) // recipe.batch_size if len(positions) > recipe.batch_size else 1
+    order = torch.as_tensor(positions)
+    steps_per_epoch = len(order) // recipe.batch_size if len(order) > recipe.batch_size else 1
     total_steps = recipe.epochs * steps_per_epoch
     for epoch in range(recipe.epochs):
-        for step, batch_positions in enumerate(epoch_batches(dataset, positions, recipe.batch_size, generator)):
+        for step, batch_positions in enumerate(epoch_batches(dataset, order, recipe.batch_size, generator)):
             for group in optimizer.param_groups:
                 group["lr"] = one_cycle_lr(epoch * steps_per_epoch + step, total_steps, recipe)
             batch = load_batch(dataset, batch_positions)

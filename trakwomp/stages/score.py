@@ -163,15 +163,15 @@ class Score(Stage[ScorePlan, int, ScoreReport]):
     def checked_targets(self, handle: Store) -> TargetsPlan:
         """The targets against the store (transform, tokenizer, classes) and the model on them."""
         manifest, targets = handle.manifest, self.targets
-        if targets.transform_spec != manifest.model.transform:
+        if targets.transform_spec != manifest.model_record().transform:
             raise UserError(f"targets must be seen through the store's --transform "
-                            f"({manifest.model.transform}), not {targets.transform_spec}")
+                            f"({manifest.model_record().transform}), not {targets.transform_spec}")
         task = stored_task(handle)
         check_tokenizer(handle, targets)
         fingerprint = targets.fingerprint()
-        model = self.settings.model or ModelSpec.of_store(manifest.model, handle.location)
+        model = self.settings.model or ModelSpec.of_store(manifest.model_record(), handle.location)
         check_model_bound(handle, model, targets.transform_spec)
-        task.check_targets(targets, manifest.dataset.classes)
+        task.check_targets(targets, manifest.dataset_record().classes)
         output_size = task.output_size(targets)
         net = model.build(output_size)
         check_model_fits_data(net, targets, self.device, model, task, output_size)
@@ -218,7 +218,7 @@ class Score(Stage[ScorePlan, int, ScoreReport]):
             progress.unit_started(name, (ranges[-1].stop - ranges[0].start) * len(plan.model_ids))
             self.featurize_targets(handle, plan, group, report.batch_size, progress)
             taus = score_chunks(handle, plan.view, plan.model_ids, q_bar, layout.targets_prefix(plan.targets_id),
-                                ranges, handle.manifest.featurize.chunk_rows, self.device)
+                                ranges, handle.manifest.featurize_record().chunk_rows, self.device)
             for chunk, rows, tau in zip(group, ranges, taus, strict=True):
                 out[rows.start:rows.stop] = tau.numpy()
                 yield chunk, {"rows": [rows.start, rows.stop]}

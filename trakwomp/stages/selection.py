@@ -35,7 +35,7 @@ def featurized_models(handle: Store, requested: list[int] | None) -> list[int]:
     if manifest.featurize is None:
         raise UserError(f"store {handle.location!r} has no features yet; run `trakwomp featurize` first")
     registered = [entry.id for entry in manifest.models]
-    num_chunks = math.ceil(manifest.num_examples / manifest.featurize.chunk_rows)
+    num_chunks = math.ceil(manifest.num_examples / manifest.featurize_record().chunk_rows)
     ids = sorted(set(registered if requested is None else requested))
     for model_id in ids:
         if model_id not in registered:

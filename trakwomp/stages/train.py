@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trakwomp.data.base import Dataset
+from trakwomp.data.base import Dataset, TokenizedTexts
 from trakwomp.data.groups import Groups
 from trakwomp.errors import UserError
 from trakwomp.models.checkpoints import state_hash
@@ -123,7 +123,7 @@ class Train(Stage[TrainPlan, int, TrainReport]):
             net = self.model.build(output_size)
         for examples in (self.data, self.targets) if self.targets is not None else (self.data,):
             check_model_fits_data(net, examples, self.device, self.model, self.task, output_size)
-        if self.targets is not None and self.targets.tokenizer is not None and \
+        if isinstance(self.targets, TokenizedTexts) and isinstance(self.data, TokenizedTexts) and \
                 self.targets.tokenizer.record() != self.data.tokenizer.record():
             raise UserError("--targets must be read with the train set's tokenizer")
         data = self.data.predicting_prompts() if self.recipe.train_on_prompt else self.data
@@ -213,6 +213,7 @@ class Train(Stage[TrainPlan, int, TrainReport]):
             fit(net, plan.data, np.flatnonzero(mask), recipe, self.task, generator, self.device, progress,
                 keep_checkpoint)
             if role != "reference":
+                assert self.targets is not None, "check_role refuses LDS models without targets"
                 target_outputs, summary = model_outputs(net, self.targets, self.task, self.device)
         handle.write_array(f"{path}/mask", mask)
         info: dict = {"num_examples": int(mask.sum())}
@@ -261,7 +262,7 @@ def load_reference_model(store: str | Path, index: int, output_size: int, model:
     handle = Store.open(store)
     if handle.done_info("train", layout.unit("reference", index)) is None:
         raise UserError(f"store {str(store)!r} has no finished reference model {index}")
-    spec = model or ModelSpec.of_store(handle.manifest.model, handle.location)
-    bind_model(handle, spec, handle.manifest.model.transform)
+    spec = model or ModelSpec.of_store(handle.manifest.model_record(), handle.location)
+    bind_model(handle, spec, handle.manifest.model_record().transform)
     state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(layout.weights(layout.trained_model("reference", index))).items()}
     return spec.load_state(spec.build(output_size), state)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trakwomp.data.base import Batch, Dataset
+from trakwomp.data.base import Batch, Dataset, TokenBatch, TokenizedTexts, capable
 from trakwomp.errors import UserError
 from trakwomp.tasks.base import Task, log_odds_from_loss, logits_of
 
@@ -67,7 +67,7 @@ class CausalLM(Task):
         return log_odds_from_loss(self.next_token_losses(output, batch)[texts, positions - 1])
 
     def outputs(self, output, batch: Batch) -> torch.Tensor:
-        if batch.tokens is not None:  # token rows: each its token's f, from its text's one forward pass
+        if isinstance(batch, TokenBatch):  # token rows: each its token's f, from its text's one forward pass
             return self.token_outputs(output, batch, batch.tokens[:, 0], batch.tokens[:, 1])
         losses, predicted = self.token_losses(output, batch)
         total = losses.sum(dim=1)
@@ -91,17 +91,10 @@ class CausalLM(Task):
     def output_size(self, dataset: Dataset) -> int:
         """The vocabulary of `dataset`'s tokenizer (checked to be text; its lengths are checked
         by `check_data`, once the model's context is known not to be exceeded)."""
-        self.check_text(dataset)
-        return dataset.tokenizer.vocab_size
-
-    def check_text(self, dataset: Dataset) -> None:
-        """Refuse data that is not text read with a tokenizer."""
-        if dataset.tokenizer is None:
-            raise UserError(f"causal-lm needs text data (fortunes-mini:..., jsonl:PATH), not {dataset.spec}")
+        return capable(dataset, TokenizedTexts, "causal-lm").tokenizer.vocab_size
 
     def check_data(self, dataset: Dataset) -> None:
-        self.check_text(dataset)
-        lengths = dataset.lengths
+        lengths = capable(dataset, TokenizedTexts, "causal-lm").lengths
         if lengths.min() < 2:
             i = int(lengths.argmin())
             raise UserError(f"text {i} of {dataset.spec} has {lengths[i]} token(s): a causal LM needs at least 2, "
