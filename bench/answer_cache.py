@@ -54,7 +54,7 @@ def median_seconds(store: Path, queries: list[tuple[str, str]], max_answers: int
 def fill(store: Path, count: int, max_answers: int) -> float:
     """Add answers until `count` are kept, each as explain adds one (random scores); seconds taken."""
     from trakwomp.stages.answers import STAGE, reserve
-    from trakwomp.store import Store, layout
+    from trakwomp.store import Store, paths
 
     handle = Store.open(store)
     n, rng = handle.manifest.num_examples, np.random.default_rng(0)
@@ -63,7 +63,7 @@ def fill(store: Path, count: int, max_answers: int) -> float:
     for i in range(handle.manifest.answers.kept, count):
         key = f"filler{i:08d}"
         seq = reserve(handle, key, max_answers)
-        handle.write_array(layout.answer(key) + "tau", rng.standard_normal((1, n)).astype(np.float32))
+        handle.write_array(paths.answer(key) + "tau", rng.standard_normal((1, n)).astype(np.float32))
         handle.mark_done(STAGE, key, {"seq": seq, "weights": weights, "tokens": False})
     return time.perf_counter() - began
 

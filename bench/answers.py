@@ -129,7 +129,7 @@ def author_precision(work: Path, s: dict) -> dict:
     """(b) and (c) at the default view."""
     from trakwomp import ViewSpec, load_dataset, score
     from trakwomp.stages.export import export_scores
-    from trakwomp.store import Store, layout
+    from trakwomp.store import Store, paths
 
     view = ViewSpec(*s["default_view"])
     store = work / "store"
@@ -143,7 +143,7 @@ def author_precision(work: Path, s: dict) -> dict:
     export_scores(store, key, work / "token-scores.npy")
     per_token = np.load(work / "token-scores.npy")
     handle = Store.open(store)  # q_t = 1 - p_t of each token: the answer's score is sum_t w_t tau_t, w_t ~ q_t
-    q = handle.read_array(f"{layout.features(0, layout.targets_prefix(handle.manifest.scores[key].targets))}/q")
+    q = handle.read_array(f"{paths.features(0, paths.targets_prefix(handle.manifest.scores[key].targets))}/q")
     name_rows = [[] for _ in range(len(targets))]  # per target, the rows of its name's tokens (bytes)
     for r, (t, _) in enumerate(tokens.rows):
         if tokens.describe(r)["token_position"] < len(target_authors[t].encode("utf-8")):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import stats
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 
 from trakwomp.analysis.groups import group_scores
 from trakwomp.analysis.lds import view_name
@@ -41,7 +41,7 @@ from trakwomp.stages.bindings import (
 )
 from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.selection import store_view
-from trakwomp.stages.stored_scores import Selection
+from trakwomp.stages.selection import Selection
 from trakwomp.stages.train import train
 
 
@@ -64,7 +64,7 @@ def train_variant(store: str, work: str, group: str | None, seeds: int, shard: S
 def outputs(store: Path, seeds: int) -> np.ndarray:
     """The (seeds, n_targets) outputs f of a variant's models."""
     handle = Store.open(store)
-    return np.stack([handle.read_array(f"{layout.trained_model('lds', j)}/margins") for j in range(seeds)]).astype(np.float64)
+    return np.stack([handle.read_array(f"{paths.trained_model('lds', j)}/margins") for j in range(seeds)]).astype(np.float64)
 
 
 def t_interval(values: np.ndarray) -> tuple[float, float]:

@@ -39,7 +39,7 @@ def partial_spearman_given_size(truth: GroundTruth, tau: np.ndarray) -> np.ndarr
         ranks -= ranks.mean(axis=0)
         return ranks - np.outer(size, size @ ranks) / (size @ size)
 
-    actual, predicted = residual(truth.margins), residual(truth.masks.astype(np.float64) @ tau.T)
+    actual, predicted = residual(truth.outputs), residual(truth.masks.astype(np.float64) @ tau.T)
     return (actual * predicted).sum(axis=0) / np.sqrt((actual ** 2).sum(axis=0) * (predicted ** 2).sum(axis=0))
 
 

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trakwomp.store import Store, layout  # noqa: E402
+from trakwomp.store import Store, paths  # noqa: E402
 
 from trakwomp.analysis.ground_truth import GroundTruth  # noqa: E402
 from trakwomp.analysis.lds import spearman_columns  # noqa: E402
@@ -56,14 +56,14 @@ def study(store: Store, truth: GroundTruth, members: list[int], views: list[tupl
     """LDS per (view, ridge, half, target); a last ridge, per view, is `automatic[view]`
     (`--ridge auto`'s)."""
     sha = truth.targets_sha[:16]
-    q = sum(torch.from_numpy(store.read_array(f"{layout.features(m)}/q")).double() for m in members)
+    q = sum(torch.from_numpy(store.read_array(f"{paths.features(m)}/q")).double() for m in members)
     weighted_masks = torch.from_numpy(truth.masks.astype(np.float64)) * q
     n = truth.masks.shape[1]
-    out = np.empty((len(views), len(ridges) + 1, 2, truth.margins.shape[1]))
-    predicted = torch.zeros(len(views), len(ridges) + 1, len(truth.masks), truth.margins.shape[1], dtype=torch.float64)
+    out = np.empty((len(views), len(ridges) + 1, 2, truth.outputs.shape[1]))
+    predicted = torch.zeros(len(views), len(ridges) + 1, len(truth.masks), truth.outputs.shape[1], dtype=torch.float64)
     for m in members:
-        train_phi = torch.from_numpy(store.read_array(f"{layout.features(m)}/phi")).double()
-        target_phi = torch.from_numpy(store.read_array(f"{layout.features(m, layout.targets_prefix(sha))}/phi")).double()
+        train_phi = torch.from_numpy(store.read_array(f"{paths.features(m)}/phi")).double()
+        target_phi = torch.from_numpy(store.read_array(f"{paths.features(m, paths.targets_prefix(sha))}/phi")).double()
         pieces = {}  # by (first, last) column: views are prefixes, so many share blocks
         for v, (dims, blocks) in enumerate(views):
             width = dims // blocks
@@ -79,7 +79,7 @@ def study(store: Store, truth: GroundTruth, members: list[int], views: list[tupl
                         inverse = torch.where(s > s.max() * 1e-12, inverse, torch.zeros_like(inverse))
                     predicted[v, r] += (P * inverse) @ A.T
     for half in (0, 1):
-        margins = truth.margins[half::2]
+        margins = truth.outputs[half::2]
         for v, (dims, blocks) in enumerate(views):
             for r, ridge in enumerate((*ridges, automatic[v])):
                 singular = ridge == 0 and dims // blocks > n  # `finalize` refuses these

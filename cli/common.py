@@ -1,5 +1,5 @@
-"""What every command shares: the app, one-line errors, JSON output, progress, and each option
-declared once. Options that the library's settings objects have take their help (and default)
+"""What every command shares: the app, one-line errors (the settings a library message names, as
+`name`, shown as the flags that set them), JSON output, progress, and each option declared once. Options that the library's settings objects have take their help (and default)
 from the settings field (`setting`), so the CLI cannot drift from the library.
 """
 
@@ -8,9 +8,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
+import re
 from enum import Enum
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.markup import escape
@@ -27,7 +30,7 @@ from trakwomp.stages.bindings import load_store_data
 from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.selection import parse_model_ids
 from trakwomp.stages.skeleton import RunSettings
-from trakwomp.stages.stored_scores import Selection
+from trakwomp.stages.selection import Selection
 from trakwomp.tasks.base import TASKS
 
 app = typer.Typer(
@@ -47,6 +50,34 @@ def setting(settings: type, name: str, *flags: str, default=SAME, **kwargs):
     return typer.Option(field.default if default is SAME else default, *flags, help=field.metadata["help"], **kwargs)
 
 
+@functools.cache
+def flags_of_settings() -> dict[str, str]:
+    """Each setting by the name the library gives it (a command's parameter name: `block_dim`) ->
+    the flag that sets it (--block-dim), read off every command of the app: the one place where
+    settings meet flags."""
+    flags: dict[str, str] = {}
+
+    def visit(command) -> None:
+        for subcommand in getattr(command, "commands", {}).values():
+            visit(subcommand)
+        for param in command.params:
+            long = [option for option in param.opts if option.startswith("--")]
+            if long and param.name:
+                flags.setdefault(param.name, long[0])
+
+    visit(typer.main.get_command(app))
+    return flags
+
+
+NAMED_SETTING = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def as_flags(message: str) -> str:
+    """A library message with each setting it names (`name`) shown as the flag that sets it."""
+    flags = flags_of_settings()
+    return NAMED_SETTING.sub(lambda match: flags.get(match.group(1), match.group(0)), message)
+
+
 def reports_errors(command):
     """Print a user's mistake as one line on stderr and exit 2, instead of a traceback."""
 
@@ -55,8 +86,8 @@ def reports_errors(command):
         try:
             return command(*args, **kwargs)
         except (UserError, StoreError) as e:
-            console.print(f"[bold red]error:[/] {escape(printable(str(e), one_line=True))}", highlight=False,
-                          soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(printable(as_flags(str(e)), one_line=True))}",
+                          highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("interrupted: finished units are kept; run the same command again to resume")
@@ -103,13 +134,6 @@ def report_batch_size(asked: int, used: int) -> None:
         console.print(f"lowered --batch-size from {asked} to {used} to fit in memory")
 
 
-def selection(store: str, targets: str | None, target_indices: Path | None, dims: int | None, blocks: int | None,
-              ridge: str, models: str | None, threshold: float) -> Selection:
-    """The stored scores a reading command selects, from its options."""
-    scored = load_store_data(store, targets, target_indices) if targets else None
-    return Selection(ViewSpec(dims, blocks, ridge), parse_model_ids(models), scored, threshold)
-
-
 StoreArg = typer.Argument(..., help="The store: a folder, or an fsspec URL such as s3://bucket/store (created if missing).")
 DeviceOpt = setting(RunSettings, "device", "--device", envvar="TRAKWOMP_DEVICE")
 ShardOpt = setting(RunSettings, "shard", "--shard", default="0/1", envvar="TRAKWOMP_SHARD")
@@ -132,6 +156,52 @@ BlocksOpt = setting(ViewSpec, "blocks", "--blocks")
 RidgeOpt = setting(ViewSpec, "ridge", "--ridge")
 ModelsOpt = setting(Selection, "models", "--models")
 ThresholdOpt = setting(Selection, "threshold", "--threshold")
-ScoredTargetsOpt = typer.Option(None, "--targets", help="Which scored targets (needed if several are scored).")
+ScoredTargetsOpt = typer.Option(None, "--targets", help="Which scored targets (default: the only ones; needed if several are scored).")
 TargetIndicesOpt = typer.Option(None, "--target-indices", help="The --target-indices they were scored with.")
 TargetSetOpt = typer.Option(None, "--target-set", help="An .npy of scored target positions, or a boolean mask over them: the target set (default: all scored targets).")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoresOptions:
+    """The options that choose which stored scores a reading command reads (`chooses_scores`)."""
+
+    targets: str | None
+    target_indices: Path | None
+    dims: int | None
+    blocks: int | None
+    ridge: str
+    models: str | None
+    threshold: float
+
+    def selection(self, store: str) -> Selection:
+        """The library's Selection of them (the targets read, if named, for their fingerprint)."""
+        scored = load_store_data(store, self.targets, self.target_indices) if self.targets else None
+        return Selection(ViewSpec(self.dims, self.blocks, self.ridge), parse_model_ids(self.models), scored,
+                         self.threshold)
+
+
+SCORES_OPTIONS = [  # (name, type, option): declared once for every command that reads scores
+    ("targets", Optional[str], ScoredTargetsOpt), ("target_indices", Optional[Path], TargetIndicesOpt),
+    ("dims", Optional[int], DimsOpt), ("blocks", Optional[int], BlocksOpt), ("ridge", str, RidgeOpt),
+    ("models", Optional[str], ModelsOpt), ("threshold", float, ThresholdOpt),
+]
+
+
+def chooses_scores(command):
+    """`command`, whose parameter `scores_options: ScoresOptions` stands for the options of SCORES_OPTIONS:
+    the command line shows them in its place, and the command receives them as one record."""
+    signature = inspect.signature(command, eval_str=True)
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+             for name, kind, option in SCORES_OPTIONS]
+    parameters = []
+    for parameter in signature.parameters.values():
+        parameters += added if parameter.name == "scores_options" else [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)]
+
+    @functools.wraps(command)
+    def wrapper(**given):
+        chosen = ScoresOptions(**{name: given.pop(name) for name, _, _ in SCORES_OPTIONS})
+        return command(**given, scores_options=chosen)
+
+    wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+    return wrapper

@@ -1,7 +1,8 @@
 """`trakwomp` subcommands. Each parses its options, makes one library call and shows progress.
 
-The commands live in `stages` (train, featurize, finalize, score) and `reading` (predict, lds,
-show, groups, status); importing them registers them on the app, in that order.
+The commands live in `reading` (predict, lds, show, explain, groups, status) and `stages` (train,
+featurize, finalize, score); importing them registers them on the app, in that order (the order
+`trakwomp --help` lists them in).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 
 import typer
 from trakwomp.cli import (
-    reading,  # noqa: F401  (then predict, lds, show, groups, status)
+    reading,  # noqa: F401  (registers predict, lds, show, explain, groups, status)
     stages,  # noqa: F401  (registers train, featurize, finalize, score)
 )
 from trakwomp.cli.common import app

@@ -1,4 +1,5 @@
-"""The commands that read a store's results: `predict`, `lds`, `show`, `groups`, `status`.
+"""The commands that read a store's results: `predict`, `lds`, `show`, `explain` (which scores a model's
+answer, then reads), `groups`, `status`.
 """
 
 from __future__ import annotations
@@ -19,15 +20,14 @@ from trakwomp.cli.common import (
     ModelsOpt,
     QuietOpt,
     RidgeOpt,
-    ScoredTargetsOpt,
-    TargetIndicesOpt,
     TargetSetOpt,
     ThresholdOpt,
+    ScoresOptions,
     app,
+    chooses_scores,
     print_json,
     progress_for,
     reports_errors,
-    selection,
     setting,
     wrote,
 )
@@ -48,7 +48,7 @@ from trakwomp.stages.answers import DEFAULT_MAX_ANSWERS
 from trakwomp.analysis.groups import group_scores, predict_groups
 from trakwomp.analysis.lds import lds as lds_report
 from trakwomp.analysis.lds import pair_views
-from trakwomp.analysis.predict import predict as predict_margins
+from trakwomp.analysis.predict import predict as predict_outputs
 from trakwomp.analysis.show import default_show_file, show_groups
 from trakwomp.analysis.show import show as show_target
 from trakwomp.analysis.status import status as store_status
@@ -64,24 +64,20 @@ from trakwomp.stages.selection import parse_model_ids
 
 @app.command()
 @reports_errors
+@chooses_scores
 def predict(
+    *,
     store: str = typer.Argument(..., help="A store with scores."),
     subset: Optional[Path] = typer.Option(None, "--subset", help="An .npy boolean mask over the train set, or train indices."),
     drop_group: list[str] = typer.Option([], "--drop-group", help="Instead of --subset: groups to remove from the train set (comma-separated or repeated)."),
     keep_groups: list[str] = typer.Option([], "--keep-groups", help="Instead of --subset: the only groups to keep (comma-separated or repeated)."),
     groups: Optional[Path] = GroupsOpt,
-    targets: Optional[str] = ScoredTargetsOpt,
-    target_indices: Optional[Path] = TargetIndicesOpt,
-    dims: Optional[int] = DimsOpt,
-    blocks: Optional[int] = BlocksOpt,
-    ridge: str = RidgeOpt,
-    models: Optional[str] = ModelsOpt,
-    threshold: float = ThresholdOpt,
+    scores_options: ScoresOptions,
     json_out: bool = JsonOpt,
 ):
     """Predicted output of each target for a train subset, or its change without some groups.
 
-    --subset: the predicted margin of a model trained on the subset (the sum of its scores, up
+    --subset: the predicted output of a model trained on the subset (the sum of its scores, up
     to a constant). --drop-group or --keep-groups: the predicted change of each target's output
     if the groups were removed, or if only those were kept (minus the removed groups' scores)."""
     by_group = bool(drop_group or keep_groups)
@@ -89,13 +85,13 @@ def predict(
         raise UserError("give --subset, or groups to drop (--drop-group) or keep (--keep-groups)")
     if groups is not None and not by_group:
         raise UserError("--groups goes with --drop-group or --keep-groups")
-    chosen = selection(store, targets, target_indices, dims, blocks, ridge, models, threshold)
+    chosen = scores_options.selection(store)
     if subset is not None:
-        key, predictions = predict_margins(store, load_indices(subset, what="--subset"), chosen)
+        key, predictions = predict_outputs(store, load_indices(subset, what="--subset"), chosen)
         if json_out:
             typer.echo(json.dumps({"scores": key, "predicted_margin": predictions.tolist()}))
             return
-        show_predictions(predictions, "predicted margin (up to a constant)", f"datamodel predictions from scores/{key}")
+        show_predictions(predictions, "predicted output (up to a constant)", f"datamodel predictions from scores/{key}")
         return
     prediction = predict_groups(store, parse_group_names(drop_group), parse_group_names(keep_groups), groups, chosen)
     if json_out:
@@ -148,7 +144,9 @@ def lds(
 
 @app.command()
 @reports_errors
+@chooses_scores
 def show(
+    *,
     store: str = typer.Argument(..., help="A store with scores."),
     target: Optional[int] = typer.Option(None, "--target", help="Which target (its position in the scored targets, from 0); with --by-group, default all."),
     k: Optional[int] = typer.Option(None, "--k", help="How many supporting and how many opposing train examples (default: 8); with --by-group, how many groups (default: 12)."),
@@ -157,13 +155,7 @@ def show(
     by_group: bool = typer.Option(False, "--by-group", help="Draw the strongest groups (sums of their members' scores) for --target or --target-set as a bar chart."),
     target_set: Optional[Path] = TargetSetOpt,
     groups: Optional[Path] = GroupsOpt,
-    targets: Optional[str] = typer.Option(None, "--targets", help="Which scored targets (default: the only ones, from their stored spec)."),
-    target_indices: Optional[Path] = TargetIndicesOpt,
-    dims: Optional[int] = DimsOpt,
-    blocks: Optional[int] = BlocksOpt,
-    ridge: str = RidgeOpt,
-    models: Optional[str] = ModelsOpt,
-    threshold: float = ThresholdOpt,
+    scores_options: ScoresOptions,
     json_out: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ):
@@ -176,7 +168,7 @@ def show(
     out = out or Path("groups.png" if by_group else default_show_file(store))
     check_output("--out", out, (".png",) if by_group else (".png", ".html"), store)
     check_output("--table", table, TABLE_SUFFIXES, store)
-    chosen = selection(store, targets, target_indices, dims, blocks, ridge, models, threshold)
+    chosen = scores_options.selection(store)
     k = (12 if by_group else 8) if k is None else k
     if by_group or target is None:  # (without --by-group, --target was required above)
         scores = show_groups(store, k, out, None if target is None else [target], target_set, groups, chosen)
@@ -250,20 +242,16 @@ def explain(
 
 @app.command("groups")
 @reports_errors
+@chooses_scores
 def groups_command(
+    *,
     store: str = typer.Argument(..., help="A store with scores."),
     target: list[int] = typer.Option([], "--target", help="A target (its position in the scored targets); repeat for a set (default: all)."),
     target_set: Optional[Path] = TargetSetOpt,
     groups: Optional[Path] = GroupsOpt,
     top: int = typer.Option(20, "--top", help="Show the N groups of largest |score| (0: all); --table and --json hold all."),
     table: Optional[Path] = typer.Option(None, "--table", help="Write every group's row to this .csv or .json file."),
-    targets: Optional[str] = ScoredTargetsOpt,
-    target_indices: Optional[Path] = TargetIndicesOpt,
-    dims: Optional[int] = DimsOpt,
-    blocks: Optional[int] = BlocksOpt,
-    ridge: str = RidgeOpt,
-    models: Optional[str] = ModelsOpt,
-    threshold: float = ThresholdOpt,
+    scores_options: ScoresOptions,
     json_out: bool = JsonOpt,
 ):
     """Each group's score for a target or a target set, ranked: which source did the heavy lifting.
@@ -273,7 +261,7 @@ def groups_command(
     if top < 0:
         raise UserError("--top must be >= 0")
     check_output("--table", table, TABLE_SUFFIXES, store)
-    chosen = selection(store, targets, target_indices, dims, blocks, ridge, models, threshold)
+    chosen = scores_options.selection(store)
     scores = group_scores(store, groups, chosen, target or None, target_set)
     if table is not None:
         write_table(scores.rows(), table)

@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 from zarr.errors import BaseZarrError, ContainsArrayError
-from trakwomp.store import layout
+from trakwomp.store import paths
 from trakwomp.store.durable import DurableStore
 from trakwomp.store.errors import StoreError, StoreWriteError
 from trakwomp.store.lease import ObjectStoreLease
@@ -220,7 +220,7 @@ class Store:
         """Publish `unit` of `stage` as finished: call only after all its data are written.
         The data are made durable first, then the marker."""
         self._durable.sync()
-        self.write_record(layout.done(stage, unit), {"unit": unit, **(info or {})})
+        self.write_record(paths.done(stage, unit), {"unit": unit, **(info or {})})
 
     def write_record(self, path: str, attributes: dict) -> None:
         """Write `attributes` (JSON data) as the group `path`'s metadata, in a single write, and
@@ -247,7 +247,7 @@ class Store:
 
     def done_info(self, stage: str, unit: str) -> dict | None:
         """The info a finished unit was published with, or None if the unit is not finished."""
-        attributes = self.read_record(layout.done(stage, unit))
+        attributes = self.read_record(paths.done(stage, unit))
         return attributes if attributes is not None and attributes.get("unit") == unit else None
 
     def write_array(self, path: str, values: np.ndarray, chunks: tuple[int, ...] | None = None) -> None:
@@ -288,7 +288,7 @@ class Store:
 
     def done_units(self, stage: str, prefix: str = "") -> list[str]:
         """Names of the finished units under `done/<stage>/<prefix>`, sorted."""
-        names = self.children(layout.done(stage, prefix))
+        names = self.children(paths.done(stage, prefix))
         return [n for n in names if self.done_info(stage, f"{prefix}/{n}" if prefix else n) is not None]
 
     def children(self, path: str) -> list[str]:

@@ -19,7 +19,7 @@ def test_wheel_installs_only_the_trakwomp_package(tmp_path):
     assert top_level == {"trakwomp"}
     assert "trakwomp/cli/main.py" in names and "trakwomp/store/zarr_store.py" in names
     assert {"trakwomp/assets/cifar10_mini.npz", "trakwomp/assets/fortunes_mini.jsonl.gz",
-            "trakwomp/assets/fortunes_mini.md", "trakwomp/store/layout.py"} <= set(names)
+            "trakwomp/assets/fortunes_mini.md", "trakwomp/store/paths.py"} <= set(names)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     probe = ("import trakwomp, trakwomp.cli.main, trakwomp.store; "

@@ -38,7 +38,7 @@ def test_every_task_is_described_made_and_read_back_as_a_store_records_it(name):
     assert isinstance(kind_of(task.default_model), type(MODEL_KINDS.get(kind_of(task.default_model).name)))
     recipe = Recipe.for_task(task)
     assert all(getattr(recipe, field) == value for field, value in task.recipe_defaults.items())
-    with pytest.raises(UserError, match=f"applies to --task .* only, not to --task {name}"):
+    with pytest.raises(UserError, match=f"applies to `task` .* only, not to `task` {name}"):
         make_task(name, not_an_option_of_any_task="x")
 
 
@@ -75,7 +75,7 @@ def test_every_task_weights_examples_by_minus_the_derivative_of_its_loss_in_f(na
     batch = load_batch(data, range(len(data)))
     output = net(*batch.inputs).detach().requires_grad_(True)
     f = task.outputs(output, batch)
-    q = task.weights(f.detach(), batch)
+    q = task.q(f.detach(), batch)
     (loss_grad,) = torch.autograd.grad(task.loss(output, batch), output)
     (f_grad,) = torch.autograd.grad((q * f).sum(), output)
     scale = float(loss_grad.abs().max()) or 1.0  # the loss is a mean: compare directions up to its count
@@ -237,7 +237,7 @@ def test_an_entry_point_that_does_not_load_is_refused_in_one_line_when_chosen_an
     with pytest.raises(UserError, match="entry point 'broken' .* does not load: AttributeError") as refused:
         make_task("broken")
     assert len(str(refused.value).splitlines()) == 1
-    with pytest.raises(UserError, match="unknown --task 'nothing': expected one of causal-lm, classification"):
+    with pytest.raises(UserError, match="unknown `task` 'nothing': expected one of causal-lm, classification"):
         make_task("nothing")
 
 

@@ -22,7 +22,7 @@ from trakwomp.stages.finalize import finalize
 from trakwomp.stages.fit import model_outputs
 from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.score import score
-from trakwomp.stages.stored_scores import Selection
+from trakwomp.stages.selection import Selection
 from trakwomp.stages.train import TrainReport, load_reference_model, train
 from trakwomp.tasks.base import Task
 from trakwomp.tasks.causal_lm import CausalLM

@@ -36,12 +36,13 @@ T = TypeVar("T")
 
 class Registry(Generic[T]):
     """Entries by name: trakwomp's own (the modules `builtins`, imported on first use, add them;
-    "package.*": every module of the package), then the entry points of the group `group`. `make` turns a registered class into the entry
-    (an instance, for kinds that are used as objects)."""
+    "package.*": every module of the package), then the entry points of the group `group`. `make`
+    turns a registered class into the entry (an instance, for kinds that are used as objects);
+    `what` names an entry in messages (a setting in backticks: `task`, which the CLI shows as its flag)."""
 
-    def __init__(self, group: str, flag: str, make: Callable[[type], T] = lambda cls: cls,
+    def __init__(self, group: str, what: str, make: Callable[[type], T] = lambda cls: cls,
                  builtins: tuple[str, ...] = ()):
-        self.group, self.flag, self._make, self._builtins = group, flag, make, builtins
+        self.group, self.what, self._make, self._builtins = group, what, make, builtins
         self._entries: dict[str, T] = {}
         self._classes: dict[str, type] = {}
         self._broken: dict[str, str] = {}  # entry points that did not load: name -> why
@@ -53,7 +54,7 @@ class Registry(Generic[T]):
         if self._classes.get(name) is cls:
             return cls
         if name in self._entries:
-            raise UserError(f"{self.flag} {name!r} is registered twice ({self._classes[name].__module__} and "
+            raise UserError(f"{self.what} {name!r} is registered twice ({self._classes[name].__module__} and "
                             f"{cls.__module__})")
         self._entries[name], self._classes[name] = self._make(cls), cls
         return cls
@@ -87,7 +88,7 @@ class Registry(Generic[T]):
         if name in self._broken:
             raise UserError(self._broken[name])
         if name not in self._entries:
-            raise UserError(f"unknown {self.flag} {name!r}: expected one of {', '.join(self._entries)}")
+            raise UserError(f"unknown {self.what} {name!r}: expected one of {', '.join(self._entries)}")
         return self._entries[name]
 
     def names(self) -> tuple[str, ...]:

@@ -29,10 +29,10 @@ class Shard:
             return cls.from_environment(environ)
         match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
         if not match:
-            raise UserError(f"malformed --shard {text!r}: expected K/N, e.g. 0/2 and 1/2 for two shards")
+            raise UserError(f"malformed `shard` {text!r}: expected K/N, e.g. 0/2 and 1/2 for two shards")
         index, count = int(match.group(1)), int(match.group(2))
         if count < 1 or index >= count:
-            raise UserError(f"--shard {text!r} is out of range: K counts from 0 and must be below N (0/{max(count, 1)} .. {max(count, 1) - 1}/{max(count, 1)})")
+            raise UserError(f"`shard` {text!r} is out of range: K counts from 0 and must be below N (0/{max(count, 1)} .. {max(count, 1) - 1}/{max(count, 1)})")
         return cls(index, count)
 
     @classmethod
@@ -45,26 +45,26 @@ class Shard:
             if value is None and default is not None:
                 return default
             if value is None or not value.strip().lstrip("-").isdigit():
-                raise UserError(f"--shard auto: {name}={value!r} is not a whole number")
+                raise UserError(f"`shard` auto: {name}={value!r} is not a whole number")
             return int(value)
 
         slurm, torchrun = "SLURM_ARRAY_TASK_ID" in environ, "RANK" in environ or "WORLD_SIZE" in environ
         if not slurm and not torchrun:
-            raise UserError("--shard auto: neither a Slurm job array (SLURM_ARRAY_TASK_ID) nor torchrun (RANK, "
-                            "WORLD_SIZE) launched this process; pass --shard K/N")
+            raise UserError("`shard` auto: neither a Slurm job array (SLURM_ARRAY_TASK_ID) nor torchrun (RANK, "
+                            "WORLD_SIZE) launched this process; pass `shard` K/N")
         index, count = 0, 1
         if slurm:
             task, first, step = number("SLURM_ARRAY_TASK_ID"), number("SLURM_ARRAY_TASK_MIN", 0), number("SLURM_ARRAY_TASK_STEP", 1)
             count = number("SLURM_ARRAY_TASK_COUNT")
             if step < 1 or (task - first) % step:
-                raise UserError(f"--shard auto: array task {task} is not on the grid {first}, {first + step}, ... "
+                raise UserError(f"`shard` auto: array task {task} is not on the grid {first}, {first + step}, ... "
                                 "(give the array as a range, e.g. --array=0-7)")
             index = (task - first) // step
         if torchrun:
             rank, world = number("RANK"), number("WORLD_SIZE")
             index, count = index * world + rank, count * world
         if not 0 <= index < count:
-            raise UserError(f"--shard auto: the environment gives shard {index} of {count}, out of range")
+            raise UserError(f"`shard` auto: the environment gives shard {index} of {count}, out of range")
         return cls(index, count)
 
     def select(self, units: Iterable[T]) -> list[T]:
@@ -83,14 +83,14 @@ def resolve_device(name: str, environ: Mapping[str, str] = os.environ) -> torch.
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown --device {name!r}: expected cpu, cuda or cuda:N") from None
+        raise UserError(f"unknown `device` {name!r}: expected cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine")
+            raise UserError(f"`device` {name}: CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UserError(f"`device` {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
-        raise UserError(f"unsupported --device {name!r}: expected cpu, cuda or cuda:N")
+        raise UserError(f"unsupported `device` {name!r}: expected cpu, cuda or cuda:N")
     return device
 
 

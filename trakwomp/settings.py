@@ -26,4 +26,4 @@ def check_threads(threads: int) -> None:
     """A thread count OpenMP can start (it aborts the process on a huge one); not bound by this
     machine's CPUs, since a store's recipe records the count it was made with elsewhere."""
     if not 1 <= threads <= MAX_THREADS:
-        raise UserError(f"--threads must lie between 1 and {MAX_THREADS}, got {threads}")
+        raise UserError(f"`threads` must lie between 1 and {MAX_THREADS}, got {threads}")

@@ -125,7 +125,7 @@ def test_a_store_whose_only_scores_are_answers_says_so(finalized, tmp_path, cli)
 
 
 def test_max_answers_below_one_is_refused(store):
-    with pytest.raises(UserError, match="--max-answers must be at least 1"):
+    with pytest.raises(UserError, match="`max_answers` must be at least 1"):
         explain(store, PROMPT, "x", view=VIEW, max_answers=0)
 
 

@@ -114,7 +114,7 @@ def test_the_command_prints_the_answer_and_its_examples_and_refuses_what_it_cann
                           (["--out", str(tmp_path / "page.png")], "give --out a .html name")):
         result = cli("explain", str(store), "--prompt", PROMPT, *args)
         assert result.exit_code == 2 and message in plain(result.stderr), plain(result.output)
-    with pytest.raises(UserError, match="--prompt must be non-empty text"):
+    with pytest.raises(UserError, match="`prompt` must be non-empty text"):
         explain(store, "", "x", view=VIEW)
 
 
@@ -204,7 +204,7 @@ def test_generation_stops_where_max_length_would_cut_and_a_longer_answer_is_refu
     generated = generate(net, short, PROMPT, Generation(max_new_tokens=12, stop=None), torch.device("cpu"))
     assert len(generated.ids) == 3 and generated.ended == "max-length"
     assert generated.ids == greedy_ids_by_hand(net, PROMPT, 3)
-    with pytest.raises(UserError, match=f"take {prompt_tokens + 5} tokens, more than the store's --max-length"):
+    with pytest.raises(UserError, match=f"take {prompt_tokens + 5} tokens, more than the store's `max_length`"):
         answer_dataset(PROMPT, short, completion="abcde")
     with pytest.raises(UserError, match="no room for an answer"):
         short.max_length = prompt_tokens

@@ -16,7 +16,7 @@ from PIL import Image
 from scipy.stats import spearmanr
 from scipy.stats import t as student_t
 from trakwomp.cli.main import app
-from trakwomp.store import Store, StoreError, layout
+from trakwomp.store import Store, StoreError, paths
 from typer.testing import CliRunner
 
 from trakwomp.analysis.groups import group_scores, predict_groups
@@ -238,7 +238,7 @@ def test_a_hundred_thousand_groups_stay_out_of_the_manifest_and_read_back_whole(
     back = Store.open(tmp_path / "store")
     assert stored_groups(back).names == tuple(sorted(labels)) and stored_groups(back).sha256 == groups.sha256
     older = Store.open(tmp_path / "older", create=True)
-    older.write_array(layout.GROUP_CODES, groups.codes)
+    older.write_array(paths.GROUP_CODES, groups.codes)
     older.set_section("groups", {**groups.record(), "names": list(groups.names)})
     assert stored_groups(Store.open(tmp_path / "older")).names == groups.names
 

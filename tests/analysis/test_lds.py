@@ -90,7 +90,7 @@ def test_views_pair_by_position_or_broadcast():
     assert pair_views([16384], [1, 2, 64], [0.1, 0.01, 0.0]) == [V(16384, 1, 0.1), V(16384, 2, 0.01), V(16384, 64, 0.0)]
     with pytest.raises(UserError, match="one of each per view"):
         pair_views([1, 2, 3], [1, 2])
-    with pytest.raises(UserError, match="2 --blocks and 3 --ridge"):
+    with pytest.raises(UserError, match="2 `blocks` and 3 `ridge`"):
         pair_views([], [1, 2], [0.1, 0.2, 0.3])
 
 

@@ -114,7 +114,7 @@ def test_cifar10_root_in_torchvision_format(tmp_path, monkeypatch):
 
 
 def test_cifar10_root_missing_says_download(tmp_path):
-    with pytest.raises(UserError, match="--download"):
+    with pytest.raises(UserError, match="`download`"):
         load_dataset(f"cifar10:{tmp_path / 'nowhere'}:train")
 
 

@@ -186,7 +186,7 @@ def test_a_prompt_that_leaves_no_completion_within_max_length_is_refused(tmp_pat
                                               {"prompt": "a much longer prompt", "completion": "no"}])
     data = load_dataset(f"jsonl:{path}", max_length=12)
     with pytest.raises(UserError, match=r"text 1 of .* keeps none of its completion \(or assistant turns\) within "
-                                        r"--max-length 12 tokens"):
+                                        r"`max_length` 12 tokens"):
         train(tmp_path / "store", data, TINY_GPT, task=CausalLM())
     assert not (tmp_path / "store").exists()
     assert np.array_equal(load_dataset(f"jsonl:{path}", max_length=12).completion_tokens, [2, 0])

@@ -26,7 +26,7 @@ from trakwomp.stages.finalize import finalize
 from trakwomp.stages.recipe import Recipe
 from trakwomp.stages.score import score
 from trakwomp.stages.selection import parse_model_ids
-from trakwomp.stages.stored_scores import Selection
+from trakwomp.stages.selection import Selection
 from trakwomp.stages.train import train
 
 
@@ -49,7 +49,7 @@ def test_regularized_inverse_with_relative_ridge():
     dependent = g.clone()
     dependent[:, 5] = 0  # a feature that is always zero: the Gram matrix has a zero pivot
     singular = dependent.T @ dependent
-    with pytest.raises(UserError, match="--ridge"):
+    with pytest.raises(UserError, match="`ridge`"):
         regularized_inverse(singular, 0.0)
     # features that sum to zero (as a margin's logit gradients do): singular, though rounding
     # leaves a Cholesky pivot of 3e-16 of the largest diagonal entry, so the factorization succeeds
@@ -67,7 +67,7 @@ def test_regularized_inverse_with_relative_ridge():
     (4096, 3, 0, 5000, "whole stored blocks"),
     (2048, 4, 0, 5000, "whole stored blocks"),
     (4096, 1, 0, 3000, "singular"),
-    (4096, 1, -1, 5000, "--ridge"),
+    (4096, 1, -1, 5000, "`ridge` must be auto or a number >= 0"),
 ])
 def test_view_refuses_what_the_features_cannot_give(dims, blocks, ridge, n, message):
     with pytest.raises(UserError, match=message):
@@ -228,7 +228,7 @@ def test_agrees_with_traker_without_projection(tmp_path, user_module):
     spec = ModelSpec.parse("linear_trak_model:build")
     featurize(store, data, spec, [tmp_path / "m0.pt", tmp_path / "m1.pt"], projector=ProjectorSpec("identity", 0, 1, 14))
     finalize(store, ViewSpec(blocks=1, ridge=0.0))
-    with pytest.raises(UserError, match="imports code only when you name it: pass --model linear_trak_model:build"):
+    with pytest.raises(UserError, match="imports code only when you name it: pass `model` linear_trak_model:build"):
         score(store, targets, ViewSpec(blocks=1, ridge=0.0))  # the store names a user module: not imported unless the user names it
     ours = {}
     for models in ([0], [1], [0, 1]):

@@ -179,9 +179,9 @@ def test_the_memory_estimate_counts_the_frozen_base_once(lora_files):
 
 def test_lora_options_that_cannot_work_are_refused(lora_files, tmp_path):
     root, base, data = lora_files
-    for make, message in ((lambda: ModelSpec.parse("gpt", lora=LoraSpec(4)), "--lora fine-tunes a Hugging Face model"),
+    for make, message in ((lambda: ModelSpec.parse("gpt", lora=LoraSpec(4)), "`lora` fine-tunes a Hugging Face model"),
                           (lambda: ModelSpec.parse(f"hf:{root / 'adapter'}", lora=LoraSpec(4)), "is an adapter already"),
-                          (lambda: LoraSpec(0), "--lora must be a rank of at least 1"),
+                          (lambda: LoraSpec(0), "`lora` must be a rank of at least 1"),
                           (lambda: ModelSpec.parse(f"hf:{base}", lora=LoraSpec(2, targets=("no_such",))).build(300),
                            "cannot add LoRA layers to the modules no_such")):
         with pytest.raises(UserError, match=message):

@@ -48,7 +48,7 @@ def test_cuda_under_torchrun_is_the_local_rank_gpu(monkeypatch, gpus):
         assert resolve_device("cuda", {"LOCAL_RANK": "1"}) == torch.device("cuda", 1)
         assert resolve_device("cuda", {}) == torch.device("cuda")
         return
-    with pytest.raises(UserError, match="--device cuda:1: " + ("this machine has 1 CUDA device" if gpus else "CUDA is not available")):
+    with pytest.raises(UserError, match="`device` cuda:1: " + ("this machine has 1 CUDA device" if gpus else "CUDA is not available")):
         resolve_device("cuda", {"LOCAL_RANK": "1"})
 
 

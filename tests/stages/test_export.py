@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import soft_thresholded, write_tiny_images
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 
 from trakwomp import outputs
 from trakwomp.data.specs import load_dataset
@@ -57,7 +57,7 @@ def test_a_finished_export_is_the_thresholded_scores(scored, tmp_path):
     store, key = scored
     out = tmp_path / "scores.npy"
     assert export.export_scores(store, key, out, threshold=0.25) == (9, 48)
-    tau = Store.open(store).read_array(layout.scores(key))
+    tau = Store.open(store).read_array(paths.scores(key))
     np.testing.assert_allclose(np.load(out), soft_thresholded(tau), rtol=1e-5, atol=1e-7 * np.abs(tau).max())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.npy"]
 
@@ -86,7 +86,7 @@ def test_an_export_through_a_link_writes_where_it_points_and_keeps_the_link(scor
     link.symlink_to(target)
     export.export_scores(store, key, link, threshold=0)
     assert link.is_symlink() and link.resolve() == target
-    np.testing.assert_array_equal(np.load(target), Store.open(store).read_array(layout.scores(key)))
+    np.testing.assert_array_equal(np.load(target), Store.open(store).read_array(paths.scores(key)))
 
 
 def test_csv_cells_that_would_run_as_formulas_are_neutralized_and_json_stays_exact(tmp_path):

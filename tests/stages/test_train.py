@@ -7,7 +7,7 @@ import pytest
 import torch
 import zarr
 from conftest import REPO, TINY, read_store
-from trakwomp.store import Store, StoreError, layout
+from trakwomp.store import Store, StoreError, paths
 
 from trakwomp.data.specs import load_dataset
 from trakwomp.errors import UserError
@@ -134,11 +134,11 @@ def test_two_shard_processes_equal_one_process(tmp_path, tiny_npz):
 
 def test_bad_training_arguments(tmp_path, tiny_npz):
     data = load_dataset(f"npz:{tiny_npz}")
-    with pytest.raises(UserError, match="--role lds needs --targets"):
+    with pytest.raises(UserError, match="`role` lds needs `targets`"):
         train(tmp_path / "s", data, TINY, role="lds", recipe=RECIPE)
     with pytest.raises(UserError, match="alpha"):
         Recipe(alpha=1.5)
-    with pytest.raises(UserError, match="CUDA is not available|unknown --device"):
+    with pytest.raises(UserError, match="CUDA is not available|unknown `device`"):
         train(tmp_path / "s", data, TINY, recipe=RECIPE, device="cuda:7" if not _has_cuda() else "tpu")
 
 
@@ -236,12 +236,12 @@ def test_weights_that_two_runs_of_a_unit_wrote_are_refused(tmp_path, tiny_npz, m
     store = tmp_path / "store"
     train(store, data, TINY, recipe=Recipe(epochs=2, batch_size=16, lr=0.05, save_checkpoints=2))
     handle = Store.open(store)
-    folder = layout.trained_model("reference", 0)
+    folder = paths.trained_model("reference", 0)
     if mixed == "a checkpoint":
-        folder = layout.checkpoint("reference", 0, 1)
-    weights = handle.read_arrays(layout.weights(folder))
+        folder = paths.checkpoint("reference", 0, 1)
+    weights = handle.read_arrays(paths.weights(folder))
     name = sorted(weights)[0]
-    handle.write_array(f"{layout.weights(folder)}/{name}", weights[name] + 1e-3)  # another run's values
+    handle.write_array(f"{paths.weights(folder)}/{name}", weights[name] + 1e-3)  # another run's values
     with pytest.raises(UserError, match=f"the weights in {folder} are not those its training run published"):
         featurize(store, projector=ProjectorSpec("sjlt", 0, 2, 8))
     assert Store.open(store).manifest.featurize is None

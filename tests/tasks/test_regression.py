@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import plain
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 
 from trakwomp.data.base import load_batch
 from trakwomp.data.specs import load_dataset
@@ -70,7 +70,7 @@ def test_scores_of_a_least_squares_fit_are_its_exact_leave_one_out_times_one_min
               projector=ProjectorSpec("identity", blocks=1, block_dim=6))
     finalize(store, ViewSpec(ridge=0))
     report = score(store, load_dataset(f"npz:{target_path}"), ViewSpec(ridge=0), model=spec)
-    tau = Store.open(store).read_array(layout.scores(report.key))
+    tau = Store.open(store).read_array(paths.scores(report.key))
     leverage = np.einsum("ij,jk,ik->i", x, np.linalg.inv(x.T @ x), x)
     expected = np.empty((len(xz), len(x)))
     for i in range(len(x)):
@@ -95,10 +95,10 @@ def test_every_command_runs_on_real_valued_labels(tmp_path, cli):
         assert result.exit_code == 0, (args[0], plain(result.output))
     handle = Store.open(store)
     assert handle.manifest.task.json == {"name": "regression"}
-    outputs = handle.read_array(f"{layout.features(0)}/margins")
+    outputs = handle.read_array(f"{paths.features(0)}/margins")
     net = ModelSpec.parse("resnet9", 0.125).build(1)
     net.load_state_dict({k: torch.from_numpy(v) for k, v in
-                         handle.read_arrays(layout.weights(layout.trained_model("reference", 0))).items()})
+                         handle.read_arrays(paths.weights(paths.trained_model("reference", 0))).items()})
     with torch.no_grad(), np.load(train_path) as z:
         direct = net.eval()(torch.from_numpy(z["x"])).squeeze(1).numpy()
     np.testing.assert_allclose(outputs, direct, rtol=1e-4, atol=1e-5)
@@ -114,7 +114,7 @@ def test_regression_refuses_class_labels_and_classification_refuses_values(tmp_p
     values = load_dataset(f"npz:{write_values(tmp_path / 'v.npz', 8)}")
     with pytest.raises(UserError, match="regression needs real-valued labels"):
         REGRESSION.check_data(load_dataset(f"npz:{tiny_npz}"))
-    with pytest.raises(UserError, match="real-valued labels for --task regression"):
+    with pytest.raises(UserError, match="real-valued labels for `task` regression"):
         make_task("classification").check_data(values)
-    with pytest.raises(UserError, match="--lm-output applies to --task causal-lm only"):
+    with pytest.raises(UserError, match="`lm_output` applies to `task` causal-lm only"):
         make_task("regression", lm_output="token")

@@ -55,14 +55,14 @@ class Generation:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+            raise UserError(f"`max_new_tokens` must be at least 1, got {self.max_new_tokens}")
         if not self.temperature >= 0 or self.temperature == float("inf"):
-            raise UserError(f"--temperature must be 0 (greedy) or a positive number, got {self.temperature}")
-        check_seed("--seed", self.seed)
+            raise UserError(f"`temperature` must be 0 (greedy) or a positive number, got {self.temperature}")
+        check_seed("`seed`", self.seed)
         if self.temperature != 0 and self.temperature < MIN_TEMPERATURE:
-            raise UserError(f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {self.temperature:g}")
+            raise UserError(f"`temperature` must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {self.temperature:g}")
         if self.stop == "":
-            raise UserError("--stop must be a non-empty text")
+            raise UserError("`stop` must be a non-empty text")
 
 
 @dataclass
@@ -154,7 +154,7 @@ def answer_target(handle: Store, train: TextDataset, prompt: str, completion: st
                          device)
     if not generated.ids:
         raise UserError(f"model {model_id} answers {prompt!r} with nothing (it ends at once: {generated.ended}); "
-                        "give the answer to attribute with --completion")
+                        "give the answer to attribute with `completion`")
     return answer_dataset(prompt, train, completion_ids=generated.ids), generated.ended
 
 
@@ -165,13 +165,13 @@ def checked_store(store: str | Path, k: int, out: str | Path | None, max_answers
     task = stored_task(handle)
     if not task.generates_text:
         raise UserError(f"explain attributes a language model's answers; store {str(store)!r} holds a {task.name} "
-                        "model (train with --task causal-lm)")
+                        "model (train with `task` causal-lm)")
     if k < 1:
-        raise UserError("--k must be at least 1")
+        raise UserError("`k` must be at least 1")
     if max_answers < 1:
-        raise UserError(f"--max-answers must be at least 1, got {max_answers}")
+        raise UserError(f"`max_answers` must be at least 1, got {max_answers}")
     check_threshold(threshold)
-    check_output("--out", out, (".html",), store, "explain writes an HTML page")
+    check_output("`out`", out, (".html",), store, "explain writes an HTML page")
     return handle
 
 

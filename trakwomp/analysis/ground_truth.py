@@ -8,15 +8,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from trakwomp.errors import UserError
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 
 
 @dataclass
 class GroundTruth:
-    """LDS models' subset masks (J x n) and actual margins (J x n_targets)."""
+    """LDS models' subset masks (J x n) and actual outputs f on the targets (J x n_targets)."""
 
     masks: np.ndarray
-    margins: np.ndarray
+    outputs: np.ndarray
     targets_sha: str
 
     @classmethod
@@ -30,10 +30,10 @@ class GroundTruth:
             flag = " --group-alpha 0.5" if by_group else ""
             raise UserError(f"store {handle.location!r} has no {'group ' if by_group else ''}LDS models; run "
                             f"`trakwomp train --role lds{flag} --targets SPEC --num-models 100` first")
-        masks = np.stack([handle.read_array(f"{layout.trained_model(role, name)}/mask") for name in names])
-        margins = np.stack([handle.read_array(f"{layout.trained_model(role, name)}/margins") for name in names])
-        return cls(masks, margins.astype(np.float64), recorded.sha256)
+        masks = np.stack([handle.read_array(f"{paths.trained_model(role, name)}/mask") for name in names])
+        outputs = np.stack([handle.read_array(paths.outputs(paths.trained_model(role, name))) for name in names])
+        return cls(masks, outputs.astype(np.float64), recorded.sha256)
 
     def split(self, part: int) -> "GroundTruth":
         """Half `part` (0 or 1) of the LDS models: those at even or odd positions."""
-        return GroundTruth(self.masks[part::2], self.margins[part::2], self.targets_sha)
+        return GroundTruth(self.masks[part::2], self.outputs[part::2], self.targets_sha)

@@ -29,23 +29,23 @@ from trakwomp.data.groups import Groups, group_positions
 from trakwomp.errors import UserError
 from trakwomp.features.memory import check_dense_fits
 from trakwomp.stages.bindings import resolve_groups
-from trakwomp.stages.stored_scores import Selection
-from trakwomp.store import Store, layout
+from trakwomp.stages.selection import Selection
+from trakwomp.store import Store, paths
 
 
 def target_rows(num_targets: int, chosen: list[int] | None = None, target_set: str | Path | None = None) -> np.ndarray:
     """Positions of the chosen scored targets: `chosen`, or an .npy (indices or a boolean mask
     over the scored targets), or all of them."""
     if chosen and target_set is not None:
-        raise UserError("give --target or --target-set, not both")
+        raise UserError("give `target` or `target_set`, not both")
     if target_set is not None:
-        values = load_indices(target_set, "--target-set")
+        values = load_indices(target_set, "`target_set`")
         if values.dtype == bool:
             if values.shape != (num_targets,):
-                raise UserError(f"--target-set mask has {len(values)} entries for the {num_targets} scored targets")
+                raise UserError(f"`target_set` mask has {len(values)} entries for the {num_targets} scored targets")
             values = np.flatnonzero(values)
         if not len(values):
-            raise UserError("--target-set chooses no target")
+            raise UserError("`target_set` chooses no target")
         chosen = values.tolist()
     if not chosen:
         return np.arange(num_targets)
@@ -96,7 +96,7 @@ def calibration_truth(handle: Store, key: str) -> tuple[GroundTruth | None, bool
     those if the store has them, else the LDS models; None if it has neither, or they were
     measured on other targets."""
     recorded = handle.manifest.lds_targets
-    if recorded is None or layout.short_id(recorded.sha256) != handle.manifest.scores[key].targets:
+    if recorded is None or paths.short_id(recorded.sha256) != handle.manifest.scores[key].targets:
         return None, False
     for by_group in (True, False):
         if handle.done_units("train", "lds-groups" if by_group else "lds"):
@@ -170,10 +170,10 @@ def group_scores(
     handle = Store.open(store)
     key = selection.key(handle)
     chosen = resolve_groups(handle, groups)
-    num_targets = handle.array(layout.scores(key)).shape[0]
+    num_targets = handle.array(paths.scores(key)).shape[0]
     rows = target_rows(num_targets, chosen_targets, target_set)
     check_dense_fits(2 * 8 * len(rows) * len(chosen.names), f"the group scores of {len(rows)} targets x "
-                     f"{len(chosen.names)} groups", "choose fewer targets (--target, --target-set) or fewer groups")
+                     f"{len(chosen.names)} groups", "choose fewer targets (`target`, `target_set`) or fewer groups")
     membership, position = chosen.membership(), np.full(num_targets, -1)
     position[rows] = np.arange(len(rows))
     per_target, row_sum = np.zeros((len(rows), len(chosen.names))), np.zeros(len(chosen.codes))
@@ -185,7 +185,7 @@ def group_scores(
     truth, by_group = calibration_truth(handle, key)
     calibration = None
     if truth is not None:  # model j's prediction, averaged over the chosen targets: mask_j . (their mean scores)
-        calibration = Calibration.fit(truth.masks @ (row_sum / len(rows)), truth.margins[:, rows].mean(axis=1), by_group)
+        calibration = Calibration.fit(truth.masks @ (row_sum / len(rows)), truth.outputs[:, rows].mean(axis=1), by_group)
     return GroupScores(key, chosen.origin, rows.tolist(), list(chosen.names), chosen.sizes().tolist(),
                        per_target, calibration)
 
@@ -194,7 +194,7 @@ def predicted_change(scores: GroupScores, drop: Sequence[str] = (), keep: Sequen
     """Per chosen target, the predicted change of its output if the groups `drop` were removed
     from the train set, or if only the groups `keep` were kept: minus the removed groups' scores."""
     if bool(drop) == bool(keep):
-        raise UserError("give the groups to drop (--drop-group) or to keep (--keep-groups), not both")
+        raise UserError("give the groups to drop (`drop_group`) or to keep (`keep_groups`), not both")
     where = group_positions(scores.names, list(drop or keep))
     removed = where if drop else np.setdiff1d(np.arange(len(scores.names)), where)
     return -scores.per_target[:, removed].sum(axis=1)

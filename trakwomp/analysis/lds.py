@@ -1,9 +1,9 @@
 """The linear datamodeling score (LDS).
 
-For LDS models j = 1..J trained on random subsets D_j (masks, J x n) with actual margins
+For LDS models j = 1..J trained on random subsets D_j (masks, J x n) with actual outputs f
 y_j(z) on the targets, and a score matrix tau (n_targets x n_train), the prediction for model j
 is sum_{i in D_j} tau_i(z). LDS(z) is the Spearman correlation over j of actual and predicted
-margins; the reported LDS is its mean over targets, with a bootstrap interval over targets.
+outputs; the reported LDS is its mean over targets, with a bootstrap interval over targets.
 A target whose predictions are all equal (e.g. all scores thresholded to 0) counts as 0.
 """
 
@@ -28,7 +28,7 @@ from trakwomp.estimator.threshold import (
 from trakwomp.estimator.view import AUTO, ViewSpec, check_ridge
 from trakwomp.stages.selection import featurized_models, store_view
 from trakwomp.stages.stored_scores import find_scores, iterate_scores
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 
 THRESHOLD_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 SIZE_BASELINE = "examples kept (baseline)"
@@ -61,10 +61,10 @@ def bootstrap_interval(values: np.ndarray, resamples: int = 2000, seed: int = 0,
 def lds_per_target(chunks: Iterable[tuple[range, np.ndarray]], truth: GroundTruth) -> np.ndarray:
     """LDS of each target from score chunks (rows, scores of those targets x n_train)."""
     masks = torch.from_numpy(truth.masks.astype(np.float64))
-    out = np.empty(truth.margins.shape[1])
+    out = np.empty(truth.outputs.shape[1])
     for rows, block in chunks:
         predicted = (masks @ torch.from_numpy(np.asarray(block, dtype=np.float64)).T).numpy()
-        out[rows.start:rows.stop] = spearman_columns(truth.margins[:, rows.start:rows.stop], predicted)
+        out[rows.start:rows.stop] = spearman_columns(truth.outputs[:, rows.start:rows.stop], predicted)
     return out
 
 
@@ -138,12 +138,12 @@ def lds_of_source(source: ScoreSource, truth: GroundTruth, threshold: float = 0.
     """LDS of one score source; with `tune_threshold`, the soft threshold is chosen on half of the
     LDS models and the LDS is reported on the other half."""
     n_models, n_train = truth.masks.shape
-    if (source.num_targets, source.num_train) != (truth.margins.shape[1], n_train):
+    if (source.num_targets, source.num_train) != (truth.outputs.shape[1], n_train):
         raise UserError(f"scores {source.name} are {source.num_targets} x {source.num_train}, but the LDS ground "
-                        f"truth has {truth.margins.shape[1]} targets x {n_train} train examples")
+                        f"truth has {truth.outputs.shape[1]} targets x {n_train} train examples")
     if tune_threshold:
         if n_models < 4:
-            raise UserError("--tune-threshold needs at least 4 LDS models")
+            raise UserError("`tune_threshold` needs at least 4 LDS models")
         selection = truth.split(0)
         threshold = max(THRESHOLD_GRID, key=lambda t: lds_per_target(source.chunks(t), selection).mean())
         truth = truth.split(1)
@@ -179,9 +179,9 @@ def view_name(view, num_models: int) -> str:
 
 
 def pair_views(dims: Sequence[int], blocks: Sequence[int], ridges: Sequence[float | str] = ()) -> list[ViewSpec]:
-    """Views from repeated --dims, --blocks and --ridge: paired by position, a single value (or
-    none) applying to every view."""
-    lists = {"--dims": list(dims), "--blocks": list(blocks), "--ridge": list(ridges)}
+    """Views from repeated dims, blocks and ridges: paired by position, a single value (or none)
+    applying to every view."""
+    lists = {"`dims`": list(dims), "`blocks`": list(blocks), "`ridge`": list(ridges)}
     count = max(len(v) for v in lists.values())
     repeated = {name: len(v) for name, v in lists.items() if len(v) > 1}
     if any(n != count for n in repeated.values()):
@@ -191,7 +191,7 @@ def pair_views(dims: Sequence[int], blocks: Sequence[int], ridges: Sequence[floa
     def pick(values: list, i: int, default):
         return values[i] if len(values) > 1 else (values[0] if values else default)
 
-    return [ViewSpec(pick(lists["--dims"], i, None), pick(lists["--blocks"], i, None), check_ridge(pick(lists["--ridge"], i, AUTO)))
+    return [ViewSpec(pick(lists["`dims`"], i, None), pick(lists["`blocks`"], i, None), check_ridge(pick(lists["`ridge`"], i, AUTO)))
             for i in range(max(count, 1))]
 
 
@@ -218,9 +218,9 @@ def lds(
     gives the LDS of predicting by the number of examples kept (`size_baseline`), which the
     varying sizes of the groups let reach a high group LDS with no attribution at all."""
     if half is not None and (half not in (0, 1) or tune_threshold):
-        raise UserError("--half must be 0 or 1, and cannot go with --tune-threshold (which uses both halves)")
+        raise UserError("`half` must be 0 or 1, and cannot go with `tune_threshold` (which uses both halves)")
     if resamples < 1:
-        raise UserError("--bootstrap must be at least 1")
+        raise UserError("`resamples` must be at least 1")
     if threshold is not None:
         check_threshold(threshold)
     handle = Store.open(store)
@@ -235,7 +235,7 @@ def lds(
         for spec in views:
             view = store_view(handle, spec)
             key = find_scores(handle, view, model_ids, truth.targets_sha)
-            shape = handle.array(layout.scores(key)).shape
+            shape = handle.array(paths.scores(key)).shape
             sources.append(ScoreSource(view_name(view, len(model_ids)), lambda key=key: iterate_scores(handle, key), *shape))
             thresholds.append(DEFAULT_THRESHOLD if threshold is None else threshold)
     for path in score_files:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from trakwomp.errors import UserError
-from trakwomp.stages.stored_scores import Selection
+from trakwomp.stages.selection import Selection
 from trakwomp.store import Store
 
 
@@ -25,13 +25,13 @@ def predict(
     n = handle.manifest.num_examples
     if subset.dtype != bool:
         if not np.issubdtype(subset.dtype, np.integer) or subset.ndim != 1:
-            raise UserError("--subset must be a boolean mask over the train set or a 1-d array of train indices")
+            raise UserError("`subset` must be a boolean mask over the train set or a 1-d array of train indices")
         if len(subset) and (subset.min() < 0 or subset.max() >= n):
-            raise UserError(f"--subset indices must lie in [0, {n})")
+            raise UserError(f"`subset` indices must lie in [0, {n})")
         mask = np.zeros(n, dtype=bool)
         mask[subset] = True
         subset = mask
     if subset.shape != (n,):
-        raise UserError(f"--subset mask has shape {subset.shape}, expected ({n},) for the store's train set")
+        raise UserError(f"`subset` mask has shape {subset.shape}, expected ({n},) for the store's train set")
     parts = [block @ subset.astype(np.float32) for _, block in selection.read(handle, key)]
     return key, np.concatenate(parts)

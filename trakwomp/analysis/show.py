@@ -26,8 +26,8 @@ from trakwomp.estimator.threshold import relative_soft_threshold
 from trakwomp.outputs import check_output, write_atomically
 from trakwomp.stages.bindings import load_store_data, stored_dataset
 from trakwomp.stages.export import strongest_rows
-from trakwomp.stages.stored_scores import Selection
-from trakwomp.store import Store, layout
+from trakwomp.stages.selection import Selection
+from trakwomp.store import Store, paths
 
 TILE = 96  # pixels per image side in the grid
 CAPTION = 28  # pixels of caption under each image
@@ -47,27 +47,27 @@ def show(
     the stored spec no longer finds them); drawn to `out` if given: a PNG grid of images, or an
     HTML page of texts."""
     if k < 1:
-        raise UserError("--k must be at least 1")
+        raise UserError("`k` must be at least 1")
     handle = Store.open(store)
     key, targets = selection.key(handle), selection.targets
     recorded = handle.manifest.targets[handle.manifest.scores[key].targets]
     if targets is None:
         if recorded.spec is None:
-            raise UserError("the store does not record where the scored targets were read from; pass --targets "
-                            "(and --target-indices) as given to `trakwomp score`")
+            raise UserError("the store does not record where the scored targets were read from; pass `targets` "
+                            "(and `target_indices`) as given to `trakwomp score`")
         targets = load_store_data(store, recorded.spec)
         if targets.fingerprint().sha256 != recorded.sha256:
             raise UserError(f"the targets at {recorded.spec!r} are not those scored (fingerprint differs); "
-                            "pass --targets (and --target-indices) as given to `trakwomp score`")
-    tau = handle.array(layout.scores(key))
+                            "pass `targets` (and `target_indices`) as given to `trakwomp score`")
+    tau = handle.array(paths.scores(key))
     if not 0 <= target < tau.shape[0]:
-        raise UserError(f"--target {target} is out of range: the scores hold targets 0 to {tau.shape[0] - 1}")
+        raise UserError(f"`target` {target} is out of range: the scores hold targets 0 to {tau.shape[0] - 1}")
     row = relative_soft_threshold(torch.from_numpy(tau[target:target + 1]), selection.threshold).numpy()[0]
     train = stored_dataset(handle)
     rows = strongest_rows(targets, target, train, row, k)
     if out is not None:
         suffix, what, draw = DRAWINGS[train.preview]
-        check_output("--out", out, (suffix,), store, f"show draws {what}")
+        check_output("`out`", out, (suffix,), store, f"show draws {what}")
         draw(rows, targets, train, k, out)
     return rows
 
@@ -84,8 +84,8 @@ def show_groups(
     """The k groups of largest |score| for the chosen targets (default: all scored targets), drawn
     to `out` (a PNG bar chart) if given; see `group_scores`."""
     if k < 1:
-        raise UserError("--k must be at least 1")
-    check_output("--out", out, (".png",), store, "show --by-group draws a PNG bar chart")
+        raise UserError("`k` must be at least 1")
+    check_output("`out`", out, (".png",), store, "show `by_group` draws a PNG bar chart")
     scores = group_scores(store, groups, selection, chosen_targets, target_set)
     if out is not None:
         draw_group_chart(scores, k, out)

@@ -18,7 +18,7 @@ from pathlib import Path
 from trakwomp.estimator.view import blocks_of_key
 from trakwomp.stages.answers import STAGE as ANSWERS_STAGE
 from trakwomp.stages.train import ROLES
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 from trakwomp.tasks.registry import task_of_store
 
 
@@ -67,31 +67,31 @@ def status(store: str | Path) -> StoreStatus:
                          len(handle.temporaries()))
     for role in ROLES:
         done = len(handle.done_units("train", role))
-        if done or layout.asked_train(role) in manifest.asked:
-            total = max(done, manifest.asked_count(layout.asked_train(role)))
+        if done or paths.asked_train(role) in manifest.asked:
+            total = max(done, manifest.asked_count(paths.asked_train(role)))
             report.stages.append(StageProgress("train", f"{role} models", done, total))
     if manifest.featurize is not None:
         chunks = math.ceil(manifest.num_examples / manifest.featurize_record().chunk_rows)
         for entry in manifest.models:
-            done = len(handle.done_units("featurize", layout.unit(entry.id)))
+            done = len(handle.done_units("featurize", paths.unit(entry.id)))
             report.stages.append(StageProgress("featurize", f"model {entry.id} ({entry.source}) row chunks",
                                                done, chunks))
             report.runs.setdefault(entry.training_run, []).append(entry.id)
-    views = {view: list(ids) for view, ids in manifest.asked_ids(layout.asked_finalize("")).items()}
-    for view in handle.children(layout.done("finalize")):  # views of stores made before "asked" recorded them
-        views.setdefault(view, [int(m) for m in handle.children(layout.done("finalize", view))])
+    views = {view: list(ids) for view, ids in manifest.asked_ids(paths.asked_finalize("")).items()}
+    for view in handle.children(paths.done("finalize")):  # views of stores made before "asked" recorded them
+        views.setdefault(view, [int(m) for m in handle.children(paths.done("finalize", view))])
     for view, model_ids in sorted(views.items()):
         blocks = blocks_of_key(view)
         for model_id in model_ids:
-            done = len(handle.done_units("finalize", layout.unit(view, model_id)))
+            done = len(handle.done_units("finalize", paths.unit(view, model_id)))
             report.stages.append(StageProgress("finalize", f"view {view} model {model_id} blocks", done, blocks))
-    finished = set(handle.children(layout.done(ANSWERS_STAGE)))
+    finished = set(handle.children(paths.done(ANSWERS_STAGE)))
     report.answers = len(finished)
-    report.unfinished_answers = len(set(handle.children(layout.ANSWERS)) - finished)
+    report.unfinished_answers = len(set(handle.children(paths.ANSWERS)) - finished)
     for key, entry in sorted(manifest.scores.items()):
         done = len(handle.done_units("score", key))
         n_targets = manifest.targets[entry.targets].num_examples
-        chunk_rows = handle.chunks_of(layout.scores(key))
+        chunk_rows = handle.chunks_of(paths.scores(key))
         total = math.ceil(n_targets / chunk_rows[0]) if chunk_rows else max(done, 1)
         report.stages.append(StageProgress("score", f"scores {key} target chunks", done, total))
     return report

@@ -55,13 +55,13 @@ class Batch:
         return (*self.inputs, self.labels, *(() if self.predicted is None else (self.predicted,)))
 
     @property
-    def layout(self) -> tuple[int, bool]:
+    def parts(self) -> tuple[int, bool]:
         """How `tensors` splits back into a batch: (number of inputs, whether `predicted` follows)."""
         return len(self.inputs), self.predicted is not None
 
     @classmethod
-    def of_tensors(cls, tensors: tuple[torch.Tensor, ...], layout: tuple[int, bool]) -> "Batch":
-        count, with_predicted = layout
+    def of_tensors(cls, tensors: tuple[torch.Tensor, ...], parts: tuple[int, bool]) -> "Batch":
+        count, with_predicted = parts
         return cls(tuple(tensors[:count]), tensors[count], tensors[count + 1] if with_predicted else None)
 
 
@@ -138,12 +138,12 @@ class Dataset(ABC, torch.utils.data.Dataset):
 
     def predicting_prompts(self) -> "Dataset":
         """The same examples with the prompts' tokens predicted too (--train-on-prompt)."""
-        raise UserError(f"--train-on-prompt needs prompt/completion data (jsonl rows with \"prompt\" and "
+        raise UserError(f"`train_on_prompt` needs prompt/completion data (jsonl rows with \"prompt\" and "
                         f"\"completion\"), not {self.spec}")
 
     def per_token(self) -> "Dataset":
         """Each completion token its own example (--per-token)."""
-        raise UserError(f"--per-token needs prompt/completion targets (jsonl rows with \"prompt\" and "
+        raise UserError(f"`per_token` needs prompt/completion targets (jsonl rows with \"prompt\" and "
                         f"\"completion\"), not {self.spec}")
 
     def augmented(self, batch: Batch, generator: torch.Generator) -> Batch:

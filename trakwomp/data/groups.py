@@ -155,11 +155,11 @@ def sources_of(data: Dataset) -> Groups:
     """Groups from the sources of a text dataset; refused if some text has none."""
     labels = [data.source(i) for i in range(len(data))]
     if all(label is None for label in labels):
-        raise UserError(f"{data.spec} has no sources; pass --groups FILE ({GROUPS_HELP})")
+        raise UserError(f"{data.spec} has no sources; pass `groups` FILE ({GROUPS_HELP})")
     missing = [i for i, label in enumerate(labels) if not label]
     if missing:
         raise UserError(f"{len(missing)} of the {len(data)} texts of {data.spec} have no source (first: {missing[0]}); "
-                        f"pass --groups FILE ({GROUPS_HELP})")
+                        f"pass `groups` FILE ({GROUPS_HELP})")
     return Groups.from_labels(labels, f"sources of {data.spec}")
 
 

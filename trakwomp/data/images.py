@@ -92,7 +92,7 @@ class ImageDataset(Dataset):
         shapes = sorted({tuple(x.shape) for x, _ in items})
         if len(shapes) > 1:
             raise UserError(f"{self.spec} holds examples of different shapes ({', '.join(map(str, shapes[:3]))}); "
-                            "a model takes one size: resize the images (or give --transform)")
+                            "a model takes one size: resize the images (or give `transform`)")
         return Batch((torch.stack([x for x, _ in items]),), labels)
 
     def source_record(self) -> dict:
@@ -162,11 +162,11 @@ def _cifar10(spec: str, root: str, split: str, download: bool) -> ImageDataset:
     from torchvision.datasets import CIFAR10
 
     if not download and not Path(root).is_dir():
-        raise UserError(f"dataset spec {spec!r}: no folder {root!r} (pass --download to fetch CIFAR-10 there)")
+        raise UserError(f"dataset spec {spec!r}: no folder {root!r} (pass `download` to fetch CIFAR-10 there)")
     try:
         ds = CIFAR10(root, train=train, download=download)
     except RuntimeError as e:
-        raise UserError(f"dataset spec {spec!r}: {e} (pass --download to fetch it)") from None
+        raise UserError(f"dataset spec {spec!r}: {e} (pass `download` to fetch it)") from None
     return _from_uint8_images(spec, np.asarray(ds.data), np.asarray(ds.targets), ds.classes)
 
 

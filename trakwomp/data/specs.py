@@ -37,9 +37,9 @@ def load_dataset(
     with `tokenizer` (default bytes) and cut at `max_length` tokens if given."""
     kind = dataset_kind(spec)
     if kind.tokenized and transform is not None:
-        raise UserError("--transform applies to tensors of images or arrays, not to text")
+        raise UserError("`transform` applies to tensors of images or arrays, not to text")
     if not kind.tokenized and (tokenizer is not None or max_length is not None):
-        raise UserError(f"--tokenizer and --max-length apply to text data, not to {spec!r}")
+        raise UserError(f"`tokenizer` and `max_length` apply to text data, not to {spec!r}")
     ds = kind.load(spec, spec.partition(":")[2], LoadOptions(download, tokenizer, max_length))
     if len(ds) == 0:
         raise UserError(f"dataset {spec!r} has no examples")

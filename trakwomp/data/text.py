@@ -264,7 +264,7 @@ class CompletionTokens(TokenizedTexts):
         return TokenBatch(padded(list(first.values())), torch.zeros(len(items), dtype=torch.long), tokens=tokens)
 
     def select(self, indices: np.ndarray) -> "Dataset":
-        raise UserError("per-token targets cannot be selected; select the texts before --per-token")
+        raise UserError("per-token targets cannot be selected; select the texts before `per_token`")
 
     def fingerprint(self) -> Fingerprint:
         digest = hashlib.sha256(f"{self.texts.fingerprint().sha256}|per token".encode())
@@ -324,19 +324,19 @@ def answer_dataset(prompt: str, like: TextDataset, completion: str | None = None
     end token included). An answer that the store's --max-length would cut is refused: it is
     scored whole or not at all."""
     if not prompt or not is_text(prompt):
-        raise UserError("--prompt must be non-empty text")
+        raise UserError("`prompt` must be non-empty text")
     tokenizer = like.tokenizer
     if completion_ids is None:
         if not completion or not is_text(completion):
-            raise UserError("--completion must be non-empty text (the answer to attribute)")
+            raise UserError("`completion` must be non-empty text (the answer to attribute)")
         ids, mask = like.encode_answer(prompt, completion)
     else:
         prompt_ids = like.answer_prompt_ids(prompt)
         ids = np.asarray(prompt_ids + list(completion_ids), dtype=np.int32)
         mask = np.arange(len(ids)) >= len(prompt_ids)
     if like.max_length is not None and len(ids) > like.max_length:
-        raise UserError(f"the prompt and its answer take {len(ids)} tokens, more than the store's --max-length "
-                        f"{like.max_length}; a shorter answer (--max-new-tokens) is scored whole")
+        raise UserError(f"the prompt and its answer take {len(ids)} tokens, more than the store's `max_length` "
+                        f"{like.max_length}; a shorter answer (`max_new_tokens`) is scored whole")
     text = prompt + tokenizer.decode([int(i) for i in ids[mask]])
     name = hashlib.sha256(ids.astype("<i4").tobytes() + np.packbits(mask).tobytes()).hexdigest()[:16]
     tokens = GivenTokens([ids], [mask])
@@ -347,7 +347,7 @@ def answer_dataset(prompt: str, like: TextDataset, completion: str | None = None
 def text_dataset(spec: str, rows: list[dict], tokenizer: str, max_length: int | None) -> TextDataset:
     """The texts of `rows` (with their labels and sources), tokenized with `tokenizer`."""
     if max_length is not None and not 2 <= max_length <= MAX_TOKENS:
-        raise UserError(f"--max-length must lie between 2 and {MAX_TOKENS} tokens, got {max_length}")
+        raise UserError(f"`max_length` must lie between 2 and {MAX_TOKENS} tokens, got {max_length}")
     labels = [row.get("label") for row in rows]
     given = [label for label in labels if label is not None]
     if given and len(given) != len(labels):

@@ -59,7 +59,7 @@ class ByteTokenizer:
 
     @staticmethod
     def _no_chat_template() -> UserError:
-        return UserError("rows of \"messages\" need --tokenizer hf:DIR, a tokenizer with a chat template that "
+        return UserError("rows of \"messages\" need `tokenizer` hf:DIR, a tokenizer with a chat template that "
                          "renders them; the bytes tokenizer has none")
 
     def decode(self, ids: list[int]) -> str:
@@ -87,17 +87,17 @@ class HuggingFaceTokenizer:
         self.spec = f"hf:{folder}"
         path = Path(folder)
         if not path.is_dir():
-            raise UserError(f"--tokenizer {self.spec}: no folder {folder!r}")
+            raise UserError(f"`tokenizer` {self.spec}: no folder {folder!r}")
         if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")):
-            raise UserError(f"--tokenizer {self.spec}: the folder holds no tokenizer files (tokenizer.json, "
+            raise UserError(f"`tokenizer` {self.spec}: the folder holds no tokenizer files (tokenizer.json, "
                             "vocab.json, tokenizer.model or vocab.txt); save one there with tokenizer.save_pretrained")
-        refuse_remote_code(path / "tokenizer_config.json", f"--tokenizer {self.spec}")
+        refuse_remote_code(path / "tokenizer_config.json", f"`tokenizer` {self.spec}")
         transformers = import_transformers(self.spec)
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True,
                                                                         trust_remote_code=False)
         except (OSError, ValueError) as e:
-            raise UserError(f"--tokenizer {self.spec}: cannot load the tokenizer: {str(e).splitlines()[0]}") from None
+            raise UserError(f"`tokenizer` {self.spec}: cannot load the tokenizer: {str(e).splitlines()[0]}") from None
         self.vocab_size = len(self.tokenizer)
         vocabulary = json.dumps(sorted(self.tokenizer.get_vocab().items()), ensure_ascii=False).encode("utf-8")
         self._record = {"spec": "hf", "vocab_size": self.vocab_size, "sha256": hashlib.sha256(vocabulary).hexdigest()}
@@ -219,4 +219,4 @@ def make_tokenizer(spec: str) -> Tokenizer:
         return ByteTokenizer()
     if spec.startswith("hf:") and len(spec) > 3:
         return HuggingFaceTokenizer(spec[3:])
-    raise UserError(f"unknown --tokenizer {spec!r}: expected bytes or hf:DIR")
+    raise UserError(f"unknown `tokenizer` {spec!r}: expected bytes or hf:DIR")

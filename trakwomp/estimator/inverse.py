@@ -21,7 +21,7 @@ def regularized_inverse(gram: torch.Tensor, ridge: float) -> torch.Tensor:
     tolerance = len(gram) * torch.finfo(gram.dtype).eps * gram.diagonal().max()
     if info.item() != 0 or not bool((factor.diagonal() ** 2 > tolerance).all()):
         raise UserError("a Gram matrix is not positive definite (its features are linearly dependent); "
-                        "pass --ridge > 0, e.g. 1e-3")
+                        "pass `ridge` > 0, e.g. 1e-3")
     return torch.cholesky_inverse(factor)
 
 

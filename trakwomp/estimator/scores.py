@@ -14,14 +14,14 @@ import functools
 import torch
 
 from trakwomp.estimator.view import View
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 
 SCORE_PASS_BYTES = 256 << 20
 
 
 def mean_q(handle: Store, model_ids: list[int]) -> torch.Tensor:
     """The train examples' weights (1/M^2) sum_m q_m,i, float32."""
-    q_sum = functools.reduce(torch.add, [torch.from_numpy(handle.array(f"{layout.features(m)}/q")[...]).double()
+    q_sum = functools.reduce(torch.add, [torch.from_numpy(handle.array(f"{paths.features(m)}/q")[...]).double()
                                          for m in model_ids])
     return (q_sum / len(model_ids) ** 2).float()
 
@@ -30,8 +30,8 @@ def weighted_targets(handle: Store, view: View, model_id: int, target_prefix: st
                      device: torch.device) -> list[torch.Tensor]:
     """phi_m(z)[:D] K_m^-1 for the targets of each range in `chunks`, float32 (rows x D), computed
     in float64 block by block, reading each block's inverse once, in its stored row chunks."""
-    target_phi = handle.array(f"{layout.features(model_id, target_prefix)}/phi")
-    inverse = handle.array(layout.inverse(view.key, model_id))
+    target_phi = handle.array(f"{paths.features(model_id, target_prefix)}/phi")
+    inverse = handle.array(paths.inverse(view.key, model_id))
     step = inverse.chunks[1]
     weighted = [torch.empty(len(rows), view.dims, dtype=torch.float32, device=device) for rows in chunks]
     for b in range(view.blocks):
@@ -58,7 +58,7 @@ def score_chunks(handle: Store, view: View, model_ids: list[int], q_bar: torch.T
     scores = [torch.zeros(len(rows), n, dtype=torch.float32, device=device) for rows in chunks]
     for model_id in model_ids:
         weighted = weighted_targets(handle, view, model_id, target_prefix, chunks, device)
-        train_phi = handle.array(f"{layout.features(model_id)}/phi")
+        train_phi = handle.array(f"{paths.features(model_id)}/phi")
         for start in range(0, n, chunk_rows):
             block = torch.from_numpy(train_phi[start:start + chunk_rows, :view.dims]).to(device, torch.float32)
             for out, w in zip(scores, weighted, strict=True):

@@ -23,7 +23,7 @@ def soft_threshold(values: torch.Tensor, threshold: torch.Tensor | float) -> tor
 def check_threshold(threshold: float) -> float:
     """`threshold` if it is a finite number >= 0 (NaN or infinity would turn every score into NaN or 0)."""
     if not (math.isfinite(threshold) and threshold >= 0):
-        raise UserError(f"--threshold must be a finite number >= 0, got {threshold}")
+        raise UserError(f"`threshold` must be a finite number >= 0, got {threshold}")
     return threshold
 
 

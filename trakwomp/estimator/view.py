@@ -79,12 +79,12 @@ class View:
         """Check a requested view against what was featurized; defaults: all dims, finest blocks."""
         dims = stored_dims if dims is None else dims
         if not 0 < dims <= stored_dims:
-            raise UserError(f"--dims {dims} is not available: the store holds {stored_dims} featurized dims")
+            raise UserError(f"`dims` {dims} is not available: the store holds {stored_dims} featurized dims")
         if dims % stored_block_dim:
-            raise UserError(f"--dims {dims} must be a multiple of the stored block dim {stored_block_dim}")
+            raise UserError(f"`dims` {dims} must be a multiple of the stored block dim {stored_block_dim}")
         blocks = dims // stored_block_dim if blocks is None else blocks
         if blocks < 1 or dims % blocks or (dims // blocks) % stored_block_dim:
-            raise UserError(f"--blocks {blocks} must divide --dims {dims} into whole stored blocks of "
+            raise UserError(f"`blocks` {blocks} must divide `dims` {dims} into whole stored blocks of "
                             f"{stored_block_dim} dims (so B must divide {dims // stored_block_dim})")
         return cls(dims, blocks, check_ridge(ridge)).checked_against(num_train)
 
@@ -97,19 +97,19 @@ class View:
         dims = edges[-1] if dims is None else dims
         if dims not in edges:
             shown = ", ".join(map(str, edges[:8])) + (", ..." if len(edges) > 8 else "")
-            raise UserError(f"--dims {dims} must end on a layer of the factored features: one of {shown}")
+            raise UserError(f"`dims` {dims} must end on a layer of the factored features: one of {shown}")
         if blocks is None:
             return cls(dims, edges.index(dims) + 1, check_ridge(ridge),
                        tuple(layer_widths[:edges.index(dims) + 1])).checked_against(num_train)
         if blocks < 1 or dims % blocks:
-            raise UserError(f"--blocks {blocks} must divide --dims {dims} into equal blocks (or leave --blocks out "
+            raise UserError(f"`blocks` {blocks} must divide `dims` {dims} into equal blocks (or leave `blocks` out "
                             "for one block per layer)")
         return cls(dims, blocks, check_ridge(ridge)).checked_against(num_train)
 
     def checked_against(self, num_train: int) -> "View":
         if self.max_width > num_train and self.ridge == 0:
             raise UserError(f"blocks of {self.max_width} dims exceed the {num_train} train examples, so each "
-                            "block's Gram matrix is singular; pass --ridge auto (the default), a ridge > 0 or more "
+                            "block's Gram matrix is singular; pass `ridge` auto (the default), a ridge > 0 or more "
                             "blocks")
         return self
 
@@ -129,9 +129,9 @@ def check_ridge(ridge: float | str) -> float | str:
     try:
         value = float(ridge)
     except ValueError:
-        raise UserError(f"--ridge must be auto or a number >= 0, got {ridge!r}") from None
+        raise UserError(f"`ridge` must be auto or a number >= 0, got {ridge!r}") from None
     if not value >= 0 or math.isinf(value):
-        raise UserError(f"--ridge must be auto or a number >= 0, got {ridge}")
+        raise UserError(f"`ridge` must be auto or a number >= 0, got {ridge}")
     return value
 
 

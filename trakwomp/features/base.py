@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 @dataclass
 class BatchFeatures:
     """One batch's rows (projected gradients, or gradients that `GradientEngine.project` projects),
-    its outputs f and its weights q, each (batch, ...) float32."""
+    its outputs f and q = -l'(f), each (batch, ...) float32."""
 
     rows: torch.Tensor
     outputs: torch.Tensor
@@ -39,7 +39,7 @@ class GradientEngine(ABC):
 
     @abstractmethod
     def __call__(self, batch: Batch) -> BatchFeatures:
-        """The rows, outputs f and weights q of a batch (on the engine's device)."""
+        """The rows, outputs f and q of a batch (on the engine's device)."""
 
     def check(self, batch: Batch) -> None:  # noqa: B027 (a hook with a default: nothing to check)
         """Check, before any features are kept, that the engine's features of every example of

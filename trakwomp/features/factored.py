@@ -100,7 +100,7 @@ def factored_layers(model: nn.Module, parameter_names: list[str], block_dim: int
         layer = FactoredLayer(weight, bias, rows, cols, min(rows, k), min(cols, k))
         if found.setdefault(weight, layer) != layer:
             raise UserError(f"the weight {weight} is shared by modules with different biases, which factored "
-                            "projections do not support; use --projector sjlt")
+                            "projections do not support; use `projector` sjlt")
     order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
     return sorted(found.values(), key=lambda layer: order[layer.name])
 
@@ -225,7 +225,7 @@ class FactoredFeatures(GradientEngine):
                     block = slice(self.offsets[call.index], self.offsets[call.index + 1])
                     features[rows, block] += self._call_features(call, g, examples, len(batch.inputs[0]))
         f = f.detach().float()
-        return BatchFeatures(features, f, self.task.weights(f, batch))
+        return BatchFeatures(features, f, self.task.q(f, batch))
 
     def _call_features(self, call: LayerCall, g: torch.Tensor, examples: torch.Tensor | slice,
                        batch_size: int) -> torch.Tensor:
@@ -234,7 +234,7 @@ class FactoredFeatures(GradientEngine):
         g, inputs = call.arrange(g), call.arrange(call.inputs)
         if g.shape[0] != batch_size:
             raise UserError(f"a {type(call.module).__name__} layer runs on inputs shared by the whole batch, "
-                            "which a factored projection cannot split by example; use --projector sjlt")
+                            "which a factored projection cannot split by example; use `projector` sjlt")
         p_rows, p_cols = self.projections[call.index]
         if call.rows is not None:
             p_rows = p_rows[call.rows[0]:call.rows[1]]
@@ -265,7 +265,7 @@ class FactoredFeatures(GradientEngine):
                 for call in calls:
                     if call.inputs._version != call.versions[1]:
                         raise UserError(f"the input of layer {self.layers[call.index].name} is changed in place "
-                                        "after the layer, so hooks cannot read its gradient; use --projector sjlt "
+                                        "after the layer, so hooks cannot read its gradient; use `projector` sjlt "
                                         "for this model")
                 groups = batch.backward_groups()
                 backward = [(rows, examples, torch.autograd.grad(f[rows].sum(), [call.output for call in calls],
@@ -339,7 +339,7 @@ class FactoredFeatures(GradientEngine):
                                     f"per-example gradient (relative error {error:.2g}): the weight is used outside "
                                     "the layer's forward (a weight tied by F.linear; an nn.MultiheadAttention with "
                                     "kdim, vdim, bias_k or add_zero_attn), or the layer changes its gradient "
-                                    "(Embedding(scale_grad_by_freq)); use --projector sjlt for this model")
+                                    "(Embedding(scale_grad_by_freq)); use `projector` sjlt for this model")
         self.verified = True
 
     def _projected(self, i: int, layer: FactoredLayer, grads: dict) -> torch.Tensor:

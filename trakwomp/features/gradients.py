@@ -52,13 +52,13 @@ class PerExampleGradients:
         self.num_params = sum(p.numel() for p in self.params.values())
         self.device, self.task = device, task
 
-        def output(params, tensors, layout):
-            one = Batch.of_tensors(tuple(t.unsqueeze(0) for t in tensors), layout)
+        def output(params, tensors, parts):
+            one = Batch.of_tensors(tuple(t.unsqueeze(0) for t in tensors), parts)
             f = task.outputs(functional_call(self.model, {**params, **self.constants}, one.inputs), one).squeeze(0)
             return f, f
 
-        def token_output(params, tensors, layout, positions):
-            one = Batch.of_tensors(tuple(t.unsqueeze(0) for t in tensors), layout)
+        def token_output(params, tensors, parts, positions):
+            one = Batch.of_tensors(tuple(t.unsqueeze(0) for t in tensors), parts)
             f = task.token_outputs(functional_call(self.model, {**params, **self.constants}, one.inputs), one,
                                    torch.zeros_like(positions), positions)
             return f, f
@@ -71,7 +71,7 @@ class PerExampleGradients:
         batch = batch.to(self.device)
         if isinstance(batch, TokenBatch):
             return self.per_token(batch)
-        return self._grad(self.params, batch.tensors, batch.layout)
+        return self._grad(self.params, batch.tensors, batch.parts)
 
     def per_token(self, batch: TokenBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The same for a token batch: text by text, the jacobian of its tokens' f (one forward
@@ -81,7 +81,7 @@ class PerExampleGradients:
         for text, rows in enumerate(batch.text_rows()):
             one = Batch(tuple(t[text:text + 1] for t in batch.inputs), batch.labels[:1],
                         None if batch.predicted is None else batch.predicted[text:text + 1])
-            jacobian, f[rows] = self._token_jacobian(self.params, tuple(t[0] for t in one.tensors), one.layout,
+            jacobian, f[rows] = self._token_jacobian(self.params, tuple(t[0] for t in one.tensors), one.parts,
                                                      batch.tokens[rows, 1])
             for name, value in jacobian.items():
                 grads[name][rows] = value
@@ -95,4 +95,4 @@ class PerExampleGradients:
         grads, f = self.per_parameter(batch)
         columns = torch.cat([grads[n].reshape(len(batch), -1).T for n in self.parameter_names], dim=0)
         f = f.detach().float()
-        return BatchFeatures(columns.float().T, f, self.task.weights(f, batch))
+        return BatchFeatures(columns.float().T, f, self.task.q(f, batch))

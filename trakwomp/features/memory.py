@@ -46,7 +46,7 @@ def parse_size(text: str) -> int:
     """'8G', '512M', '2.5G' or a number of bytes -> bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, flags=re.IGNORECASE)
     if not match or float(match.group(1)) <= 0:
-        raise UserError(f"malformed --max-memory {text!r}: expected a size like 8G, 512M or 2.5G")
+        raise UserError(f"malformed `max_memory` {text!r}: expected a size like 8G, 512M or 2.5G")
     return int(float(match.group(1)) * UNITS[match.group(2).upper()])
 
 
@@ -132,7 +132,7 @@ def featurize_need(model: nn.Module, method, layout, num_params: int, chunk_rows
         if frozen:  # a LoRA model's base: its weights are never stored or read back, only rebuilt once
             need.fixed["frozen base (1 more copy)"] = (frozen, "use a machine with more memory")
         need.fixed[f"row chunk ({chunk_rows} rows x {layout.dims} dims)"] = (3 * 4 * chunk_rows * layout.dims,
-                                                                             "lower --chunk-rows")
+                                                                             "lower `chunk_rows`")
     else:
         need.fixed["model (1 more copy)"] = (model_bytes, "use a machine with more memory")
     method.add_memory(need, layout, num_params, activations)

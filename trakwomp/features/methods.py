@@ -68,8 +68,8 @@ class ProjectedGradients(FeatureMethod):
         projector = replace(projector, blocks=projector.blocks or DEFAULT_BLOCKS)
         num_params = count_parameters(net, names)
         if PROJECTOR_KINDS.get(projector.kind).keeps_every_coordinate and projector.dim != num_params:
-            raise UserError(f"the identity projector keeps all {num_params} gradient coordinates: pass --blocks B and "
-                            f"--block-dim D with B x D = {num_params}")
+            raise UserError(f"the identity projector keeps all {num_params} gradient coordinates: pass `blocks` B and "
+                            f"`block_dim` D with B x D = {num_params}")
         return FeatureLayout(projector)
 
     def add_memory(self, need: MemoryNeed, layout: FeatureLayout, num_params: int, activations: int) -> None:
@@ -77,8 +77,8 @@ class ProjectedGradients(FeatureMethod):
         gradients, their parameter-major copy, and autograd's per-example weight gradients."""
         what, size, setting = PROJECTOR_KINDS.get(layout.projector.kind).memory(layout.projector, num_params)
         need.fixed[what] = (size, setting)
-        need.per_example["per-example gradients"] = (3 * 4 * num_params, "pass --projector factored")
-        need.per_example["activations"] = (activations, "lower --batch-size")
+        need.per_example["per-example gradients"] = (3 * 4 * num_params, "pass `projector` factored")
+        need.per_example["activations"] = (activations, "lower `batch_size`")
 
     def engine(self, net, layout, names, num_params, model_id, device, task) -> GradientEngine:
         return ProjectedGradientsEngine(net, layout, names, num_params, model_id, device, task)
@@ -90,9 +90,9 @@ class Factored(FeatureMethod):
         layers = tuple(factored_layers(net, names, projector.block_dim))
         if not layers:
             raise UserError("none of the chosen parameters is the weight of a layer factored projections support "
-                            f"({', '.join(rule.module_name for _, rule in LAYER_RULES.items())}); use --projector sjlt")
+                            f"({', '.join(rule.module_name for _, rule in LAYER_RULES.items())}); use `projector` sjlt")
         if projector.blocks not in (None, len(layers)):
-            raise UserError(f"--blocks {projector.blocks} does not go with --projector factored, which makes one block "
+            raise UserError(f"`blocks` {projector.blocks} does not go with `projector` factored, which makes one block "
                             f"per layer ({len(layers)} here)")
         return FeatureLayout(replace(projector, blocks=len(layers)), layers)
 
@@ -101,9 +101,9 @@ class Factored(FeatureMethod):
         per example the activations, the copies of outputs changed in place, and the gradients at
         every layer output."""
         sides = sum(4 * (layer.rows * layer.rank_rows + layer.cols * layer.rank_cols) for layer in layout.layers)
-        need.fixed["factored side projections"] = (sides, "lower --block-dim")
-        need.fixed["coverage check (one example's gradient)"] = (4 * num_params, "pass --projector sjlt")
-        need.per_example["activations, copies and their gradients"] = (3 * activations, "lower --batch-size")
+        need.fixed["factored side projections"] = (sides, "lower `block_dim`")
+        need.fixed["coverage check (one example's gradient)"] = (4 * num_params, "pass `projector` sjlt")
+        need.per_example["activations, copies and their gradients"] = (3 * activations, "lower `batch_size`")
 
     def engine(self, net, layout, names, num_params, model_id, device, task) -> GradientEngine:
         return FactoredFeatures(net, list(layout.layers), layout.projector.seed, model_id, device, task)

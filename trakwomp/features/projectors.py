@@ -54,7 +54,7 @@ def side_dim(block_dim: int) -> int:
     """k for factored per-layer blocks of block_dim = k x k dims."""
     k = math.isqrt(block_dim)
     if k * k != block_dim:
-        raise UserError(f"--block-dim {block_dim}: factored projections make k x k blocks per layer, so the block "
+        raise UserError(f"`block_dim` {block_dim}: factored projections make k x k blocks per layer, so the block "
                         f"dim must be a square (e.g. {k * k} or {(k + 1) ** 2})")
     return k
 
@@ -74,8 +74,8 @@ class ProjectorSpec:
     def __post_init__(self):
         PROJECTOR_KINDS.get(self.kind)  # an unknown kind is refused naming the kinds
         if (self.blocks is not None and self.blocks < 1) or self.block_dim < 1 or self.tile_rows < 1:
-            raise UserError("--blocks and --block-dim must be at least 1")
-        check_seed("--projector-seed", self.seed)
+            raise UserError("`blocks` and `block_dim` must be at least 1")
+        check_seed("`projector_seed`", self.seed)
         if self.kind == "factored":
             side_dim(self.block_dim)
 
@@ -165,7 +165,7 @@ class ProjectorKind(ABC):
         return DenseProjector.memory(spec, num_params)
 
 
-PROJECTOR_KINDS: Registry[ProjectorKind] = Registry("trakwomp.projectors", "--projector", lambda cls: cls(),
+PROJECTOR_KINDS: Registry[ProjectorKind] = Registry("trakwomp.projectors", "`projector`", lambda cls: cls(),
                                                     builtins=("trakwomp.features.kinds",))
 
 
@@ -199,7 +199,7 @@ class DenseProjector:
         """(what, bytes, the setting that lowers it): the tile cache, and a gradient buffer if it regenerates."""
         matrix = 4 * num_params * spec.dim
         buffer = GRADIENT_BUFFER_BYTES if matrix > TILE_CACHE_BYTES else 0  # regenerating: gradients gathered
-        return "projection matrix cache", min(matrix, TILE_CACHE_BYTES) + buffer, "pass --projector factored"
+        return "projection matrix cache", min(matrix, TILE_CACHE_BYTES) + buffer, "pass `projector` factored"
 
     def __init__(self, spec: ProjectorSpec, model_id: int, num_params: int, device: torch.device,
                  cache_bytes: int = TILE_CACHE_BYTES):
@@ -241,7 +241,7 @@ class SparseProjector:
         block plus 8 per projected dim and tile."""
         tiles = math.ceil(num_params / spec.tile_rows)
         tables = 12 * spec.num_blocks * num_params + 8 * tiles * (spec.dim + 1)
-        return f"sjlt tables ({spec.blocks} blocks)", tables, "pass --projector factored, or fewer --blocks"
+        return f"sjlt tables ({spec.blocks} blocks)", tables, "pass `projector` factored, or fewer `blocks`"
 
     def __init__(self, spec: ProjectorSpec, model_id: int, num_params: int, device: torch.device):
         self.spec, self.num_params = spec, num_params

@@ -19,7 +19,7 @@ from trakwomp.features.settings import FeatureSettings
 from trakwomp.models.registry import load_registered_model
 from trakwomp.models.spec import ModelSpec
 from trakwomp.runtime import Progress
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 from trakwomp.tasks.base import Task
 
 @dataclass
@@ -47,7 +47,7 @@ def write_features(handle: Store, data: Dataset, *, model: ModelSpec, task: Task
                    progress: Progress, report: FeaturizeReport,
                    prefix: str = "") -> Iterator[tuple[tuple[int, int], dict]]:
     """Featurize the (model, row chunk) units `todo` of `data` into
-    `<prefix>features/<model>/{phi,q,margins}` (margins: the task's output f), yielding each unit
+    `<prefix>features/<model>/{phi,q,margins}` (margins: the task's outputs f, `paths.outputs`), yielding each unit
     with its done marker's info (its rows, and the hash of the weights they came from) once its
     rows are written (the caller publishes it)."""
     n = len(data)
@@ -59,11 +59,11 @@ def write_features(handle: Store, data: Dataset, *, model: ModelSpec, task: Task
         weights = handle.manifest.models[model_id].sha256
         first = min(c for m, c in todo if m == model_id)
         engine.check(coverage_batch(data, np.arange(first * chunk_rows, min(n, (first + 1) * chunk_rows))))
-        base = layout.features(model_id, prefix)
+        base = paths.features(model_id, prefix)
         phi = handle.require_array(f"{base}/phi", (n, features.dims), features.dtype,
                                    (chunk_rows, features.projector.block_dim))
         q = handle.require_array(f"{base}/q", (n,), "float32", (chunk_rows,))
-        f = handle.require_array(f"{base}/margins", (n,), "float32", (chunk_rows,))
+        f = handle.require_array(paths.outputs(base), (n,), "float32", (chunk_rows,))
         for _, chunk in [u for u in todo if u[0] == model_id]:
             rows = range(chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows))
             name = f"model {model_id} rows {rows.start}-{rows.stop - 1}"
@@ -71,7 +71,7 @@ def write_features(handle: Store, data: Dataset, *, model: ModelSpec, task: Task
             projected, q_rows, f_rows = featurize_rows(data, rows, engine, batch_size, progress)
             stored = projected.numpy().astype(features.dtype)
             if not np.isfinite(stored).all():
-                raise UserError(f"{name}: projected features overflow {features.dtype}; featurize with --dtype float32")
+                raise UserError(f"{name}: projected features overflow {features.dtype}; featurize with `dtype` float32")
             phi[rows.start:rows.stop] = stored
             q[rows.start:rows.stop] = q_rows.numpy()
             f[rows.start:rows.stop] = f_rows.numpy()

@@ -58,7 +58,7 @@ class ResNet9(ModelKind):
     def parse(self, spec, width, layers, heads, lora) -> ModelSpec:
         width = 1.0 if width is None else float(width)
         if not 0 < width <= RESNET9_MAX_WIDTH:
-            raise UserError(f"resnet9 takes a --width above 0 and up to {RESNET9_MAX_WIDTH}, got {width:g}")
+            raise UserError(f"resnet9 takes a `width` above 0 and up to {RESNET9_MAX_WIDTH}, got {width:g}")
         return ModelSpec(spec, width)
 
     def build(self, spec: ModelSpec, output_size: int) -> nn.Module:
@@ -77,10 +77,10 @@ class Gpt(ModelKind):
         layers = GPT_DEFAULTS["layers"] if layers is None else layers
         heads = GPT_DEFAULTS["heads"] if heads is None else heads
         if width != int(width) or width < 1 or layers < 1 or heads < 1 or int(width) % heads:
-            raise UserError(f"gpt needs a whole --width divisible by --heads and at least 1 layer, got width {width:g}, "
+            raise UserError(f"gpt needs a whole `width` divisible by `heads` and at least 1 layer, got width {width:g}, "
                             f"{layers} layers, {heads} heads")
         if width > GPT_LIMITS["width"] or layers > GPT_LIMITS["layers"]:
-            raise UserError(f"gpt takes --width up to {GPT_LIMITS['width']} and --layers up to {GPT_LIMITS['layers']}, "
+            raise UserError(f"gpt takes `width` up to {GPT_LIMITS['width']} and `layers` up to {GPT_LIMITS['layers']}, "
                             f"got width {width:g}, {layers} layers")
         return ModelSpec("gpt", int(width), int(layers), int(heads))
 
@@ -108,8 +108,8 @@ class HuggingFace(ModelKind):
     def parse(self, spec, width, layers, heads, lora) -> ModelSpec:
         adapter = read_adapter(spec[3:])
         if adapter is not None and lora is not None:
-            raise UserError(f"--lora adds a new adapter to a base model; {spec[3:]!r} is an adapter already "
-                            "(train with --model hf:BASE, or featurize this adapter without --lora)")
+            raise UserError(f"`lora` adds a new adapter to a base model; {spec[3:]!r} is an adapter already "
+                            "(train with `model` hf:BASE, or featurize this adapter without `lora`)")
         if adapter is not None:
             folder, lora = adapter.base, adapter.lora
         elif lora is None:
@@ -117,7 +117,7 @@ class HuggingFace(ModelKind):
         else:
             folder = spec[3:]
         if not (Path(folder) / "config.json").is_file():
-            raise UserError(f"--model hf:{folder}: no Hugging Face model there (no config.json)")
+            raise UserError(f"`model` hf:{folder}: no Hugging Face model there (no config.json)")
         model_type = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("model_type")
         return ModelSpec(f"hf:{folder}", lora=lora.resolved(model_type), base_sha256=base_fingerprint(folder),
                          adapter=adapter.folder if adapter else None)

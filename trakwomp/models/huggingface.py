@@ -32,17 +32,17 @@ def load_huggingface(folder: str) -> HuggingFaceCausalLM:
     """The causal LM saved (`save_pretrained`) in `folder`, from local files only."""
     path = Path(folder)
     if not (path / "config.json").is_file():
-        raise UserError(f"--model hf:{folder}: no Hugging Face model there (no config.json); save one with "
+        raise UserError(f"`model` hf:{folder}: no Hugging Face model there (no config.json); save one with "
                         "model.save_pretrained(FOLDER)")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise UserError(f"--model hf:{folder}: the folder holds no weights ({' or '.join(WEIGHT_FILES[:2])})")
-    refuse_remote_code(path / "config.json", f"--model hf:{folder}")
-    transformers = import_transformers(f"--model hf:{folder}")
+        raise UserError(f"`model` hf:{folder}: the folder holds no weights ({' or '.join(WEIGHT_FILES[:2])})")
+    refuse_remote_code(path / "config.json", f"`model` hf:{folder}")
+    transformers = import_transformers(f"`model` hf:{folder}")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
                                                                   attn_implementation="eager")
     except (OSError, ValueError) as e:
-        raise UserError(f"--model hf:{folder}: cannot load the model: {str(e).splitlines()[0]}") from None
+        raise UserError(f"`model` hf:{folder}: cannot load the model: {str(e).splitlines()[0]}") from None
     return HuggingFaceCausalLM(model.float())

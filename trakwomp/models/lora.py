@@ -56,11 +56,11 @@ class LoraSpec:
 
     def __post_init__(self):
         if self.r < 1:
-            raise UserError(f"--lora must be a rank of at least 1, got {self.r}")
+            raise UserError(f"`lora` must be a rank of at least 1, got {self.r}")
         if self.alpha is not None and not self.alpha > 0:
-            raise UserError(f"--lora-alpha must be positive, got {self.alpha}")
+            raise UserError(f"`lora_alpha` must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
-            raise UserError(f"--lora-dropout must lie in [0, 1), got {self.dropout}")
+            raise UserError(f"`lora_dropout` must lie in [0, 1), got {self.dropout}")
         object.__setattr__(self, "alpha", float(2 * self.r if self.alpha is None else self.alpha))
         if self.targets is not None:
             object.__setattr__(self, "targets", tuple(sorted(self.targets)))
@@ -79,18 +79,18 @@ class LoraSpec:
         `model_type` if none were given)."""
         if self.targets is not None:
             return self
-        peft = import_peft("--lora")
+        peft = import_peft("`lora`")
         default = peft.utils.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type or "")
         if not default:
             raise UserError(f"peft knows no default LoRA modules for a {model_type!r} model; name them with "
-                            "--lora-targets")
+                            "`lora_targets`")
         return LoraSpec(self.r, self.alpha, tuple(default), self.dropout)
 
 
 def with_adapter(model: nn.Module, lora: LoraSpec) -> nn.Module:
     """`model` (a transformers model, changed in place) with fresh LoRA layers in the modules
     `lora.targets`: A drawn from torch's global generator, B zero; only they are trainable."""
-    peft = import_peft("--lora")
+    peft = import_peft("`lora`")
     targets = lora.targets
     if targets is None:
         raise ValueError("LoRA settings whose modules are not named yet (LoraSpec.resolved names them)")
@@ -154,8 +154,8 @@ def read_adapter(folder: str) -> Adapter | None:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise UserError(f"--model hf:{folder}: cannot read {ADAPTER_CONFIG}: {e}") from None
-    where = f"--model hf:{folder}"
+        raise UserError(f"`model` hf:{folder}: cannot read {ADAPTER_CONFIG}: {e}") from None
+    where = f"`model` hf:{folder}"
     if config.get("peft_type") != "LORA":
         raise UserError(f"{where}: a {config.get('peft_type')} adapter; trakwomp reads LoRA adapters only")
     base = config.get("base_model_name_or_path")
@@ -182,7 +182,7 @@ def read_adapter(folder: str) -> Adapter | None:
 def adapter_state(model: nn.Module, folder: str) -> dict[str, torch.Tensor]:
     """The adapter weights saved in `folder`, loaded into `model` (built with its settings) by
     peft's own reader; every adapter weight must be found."""
-    peft = import_peft(f"--model hf:{folder}")
+    peft = import_peft(f"`model` hf:{folder}")
     weights = peft.utils.load_peft_weights(folder, device="cpu")
     inner = model.model if hasattr(model, "model") else model
     result = peft.set_peft_model_state_dict(inner, weights)

@@ -16,7 +16,7 @@ from trakwomp.errors import UserError
 from trakwomp.models.checkpoints import load_checkpoint, load_weights, state_hash
 from trakwomp.models.lora import adapter_state, read_adapter
 from trakwomp.models.spec import ModelSpec
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 from trakwomp.store.records import registering
 
 
@@ -51,10 +51,10 @@ def register_models(handle: Store, checkpoints: list[tuple[str, dict]], run: str
     if checkpoints:
         for path, state in checkpoints:
             digest = state_hash(state)
-            weights = layout.weights(layout.user_checkpoint(digest))
-            if handle.done_info("checkpoints", layout.short_id(digest)) is None:
+            weights = paths.weights(paths.user_checkpoint(digest))
+            if handle.done_info("checkpoints", paths.short_id(digest)) is None:
                 handle.write_arrays(weights, {k: v.numpy() for k, v in state.items()})
-                handle.mark_done("checkpoints", layout.short_id(digest))
+                handle.mark_done("checkpoints", paths.short_id(digest))
             candidates.append((digest, {"source": path, "weights": weights, "run": run or path}))
     else:
         candidates = list(trained)
@@ -73,7 +73,7 @@ def trained_candidates(handle: Store, name: str) -> list[tuple[str, dict]]:
     """(sha256, entry) of reference model `name` and the checkpoints kept along its run, in epoch
     order, each checked against the hash its run published (stores of trakwomp 0.1 have none): a
     unit whose arrays two runs of it wrote (the same shard run twice, on CUDA say) is refused."""
-    info = handle.done_info("train", layout.unit("reference", name))
+    info = handle.done_info("train", paths.unit("reference", name))
     if info is None:
         raise UserError(f"store {handle.location!r}: reference model {name} is not trained yet")
     trained_run = f"train:reference/{name}"
@@ -81,15 +81,15 @@ def trained_candidates(handle: Store, name: str) -> list[tuple[str, dict]]:
     candidates = []
     for epoch in epochs:
         last = epoch == epochs[-1]
-        folder = layout.trained_model("reference", name) if last or epoch is None else \
-            layout.checkpoint("reference", name, epoch)
-        weights = layout.weights(folder)
+        folder = paths.trained_model("reference", name) if last or epoch is None else \
+            paths.checkpoint("reference", name, epoch)
+        weights = paths.weights(folder)
         digest = state_hash({k: torch.from_numpy(v) for k, v in handle.read_arrays(weights).items()})
         published = info.get("sha256") if last else info.get("checkpoint_sha256", {}).get(str(epoch))
         if published is not None and published != digest:
             raise UserError(f"store {handle.location!r}: the weights in {folder} are not those its training run "
                             f"published (two runs of unit reference/{name} wrote them); remove {folder} and "
-                            f"{layout.done('train', layout.unit('reference', name))}, then train it again")
+                            f"{paths.done('train', paths.unit('reference', name))}, then train it again")
         entry = {"source": trained_run if last else f"{trained_run}@epoch{epoch}", "weights": weights,
                  "run": trained_run}
         candidates.append((digest, entry if epoch is None else {**entry, "epoch": epoch}))

@@ -43,11 +43,11 @@ class ModelSpec:
         kind = kind_of(spec)
         if (layers is not None and "layers" not in kind.size_options) or \
                 (heads is not None and "heads" not in kind.size_options):
-            raise UserError(f"--layers and --heads apply to the built-in gpt only, not to {spec!r}")
+            raise UserError(f"`layers` and `heads` apply to the built-in gpt only, not to {spec!r}")
         if lora is not None and not kind.takes_lora:
-            raise UserError(f"--lora fine-tunes a Hugging Face model (--model hf:DIR), not {spec!r}")
+            raise UserError(f"`lora` fine-tunes a Hugging Face model (`model` hf:DIR), not {spec!r}")
         if width is not None and "width" not in kind.size_options:
-            raise UserError(f"--width applies to the built-in models only, not to {spec!r}")
+            raise UserError(f"`width` applies to the built-in models only, not to {spec!r}")
         return kind.parse(spec, width, layers, heads, lora)
 
     def as_dict(self) -> dict:
@@ -61,7 +61,7 @@ class ModelSpec:
         read as data: config and weights, no code)."""
         if not kind_of(recorded.name).from_store:
             raise UserError(f"store {location!r} was made with the model {recorded.name!r}; trakwomp imports "
-                            f"code only when you name it: pass --model {recorded.name}")
+                            f"code only when you name it: pass `model` {recorded.name}")
         lora = LoraSpec.of_store(recorded.lora) if recorded.lora else None
         return cls(recorded.name, recorded.width, recorded.layers, recorded.heads, lora, recorded.base_sha256)
 
@@ -98,7 +98,7 @@ def refuse_beyond_context(lengths, bound: str, dataset, context: int, spec: Mode
     if lengths is not None and lengths.max() > context:
         i = int(lengths.argmax())
         raise UserError(f"text {i} of {dataset.spec} has {bound}{lengths[i]} tokens, more than the context of model "
-                        f"{spec} ({context}); pass --max-length {context} to cut longer texts")
+                        f"{spec} ({context}); pass `max_length` {context} to cut longer texts")
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from trakwomp.features.writer import FeaturizeReport, write_features
 from trakwomp.models.registry import verified_state
 from trakwomp.runtime import NoProgress, Progress, StepsOnly
 from trakwomp.stages.score import Score, ScorePlan, ScoreSettings
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 from trakwomp.store.records import take_answer_place
 
 STAGE = "answers"
@@ -57,8 +57,8 @@ def reserve(handle: Store, key: str, max_answers: int) -> int:
     """The next place in the order for answer `key`; the oldest answers beyond `max_answers`
     removed."""
     seq, evicted = handle.update(take_answer_place(max_answers))
-    handle.write_record(layout.answer_order(seq), {"key": key})
-    handle.write_record(layout.answer(key).rstrip("/"), {})  # its folder: unfinished until its marker
+    handle.write_record(paths.answer_order(seq), {"key": key})
+    handle.write_record(paths.answer(key).rstrip("/"), {})  # its folder: unfinished until its marker
     for old in evicted:
         forget(handle, old)
     return seq
@@ -67,13 +67,13 @@ def reserve(handle: Store, key: str, max_answers: int) -> int:
 def forget(handle: Store, seq: int) -> None:
     """Remove the answer begun `seq`-th (unless the same query finished it again later, under a
     newer place), then its order entry."""
-    order = handle.read_record(layout.answer_order(seq))
+    order = handle.read_record(paths.answer_order(seq))
     if order is not None:
         info = handle.done_info(STAGE, order["key"])
         if info is None or info["seq"] == seq:
-            handle.remove(layout.done(STAGE, order["key"]))
-            handle.remove(layout.answer(order["key"]).rstrip("/"))
-    handle.remove(layout.answer_order(seq))
+            handle.remove(paths.done(STAGE, order["key"]))
+            handle.remove(paths.answer(order["key"]).rstrip("/"))
+    handle.remove(paths.answer_order(seq))
 
 
 def cached_info(handle: Store, key: str, model_ids: list[int], per_token: bool) -> dict | None:
@@ -87,7 +87,7 @@ def cached_info(handle: Store, key: str, model_ids: list[int], per_token: bool) 
     for model_id in model_ids:
         if info["weights"].get(str(model_id)) != registry[model_id].sha256:
             raise UserError(f"store {handle.location!r}: the stored answer {key} was made from other weights than model "
-                            f"{model_id}'s; remove {layout.answer(key)} and {layout.done(STAGE, key)}")
+                            f"{model_id}'s; remove {paths.answer(key)} and {paths.done(STAGE, key)}")
         verified_state(handle, model_id)
     return info if info["tokens"] or not per_token else None
 
@@ -115,13 +115,13 @@ def score_answer(store: str | Path, target: Dataset, view: ViewSpec, per_token: 
     `per_token`, each answer token's), read from the store if it holds them, else computed and
     kept, the oldest answers beyond `max_answers` removed."""
     if max_answers < 1:
-        raise UserError(f"--max-answers must be at least 1, got {max_answers}")
+        raise UserError(f"`max_answers` must be at least 1, got {max_answers}")
     progress = progress or NoProgress()
     stage = Score(ScoreSettings(device=device, view=view, target_chunk_rows=1, batch_size=1), target)
     plan = stage.check(store)
     handle = stage.open(store, plan)
     plan = stage.bind(handle, plan)
-    key, folder = plan.key, layout.answer(plan.key)
+    key, folder = plan.key, paths.answer(plan.key)
     info = cached_info(handle, key, plan.model_ids, per_token)
     if info is not None:
         token_tau = handle.read_array(folder + "token_tau") if per_token else None

@@ -11,68 +11,68 @@ from trakwomp.data.groups import Groups, read_groups_file, sources_of
 from trakwomp.data.specs import dataset_kind, load_dataset
 from trakwomp.errors import UserError
 from trakwomp.models.spec import ModelSpec
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 from trakwomp.tasks.base import Task
 from trakwomp.tasks.registry import task_of_store
 
 BIND_HINT = "use a new store for other data or another model"
 
 
-def bind_model(store: Store, model: ModelSpec, transform: str | None) -> None:
+def bind_model(handle: Store, model: ModelSpec, transform: str | None) -> None:
     """Record (or check) the model spec, and the transform of its inputs, that a store is made for."""
-    store.bind("model", {**model.as_dict(), "transform": transform}, BIND_HINT)
+    handle.bind("model", {**model.as_dict(), "transform": transform}, BIND_HINT)
 
 
-def check_model_bound(store: Store, model: ModelSpec, transform: str | None) -> None:
+def check_model_bound(handle: Store, model: ModelSpec, transform: str | None) -> None:
     """Refuse what `bind_model` would refuse; writes nothing."""
-    store.check_bound("model", {**model.as_dict(), "transform": transform}, BIND_HINT)
+    handle.check_bound("model", {**model.as_dict(), "transform": transform}, BIND_HINT)
 
 
-def bind_tokenizer(store: Store, data: Dataset) -> None:
+def bind_tokenizer(handle: Store, data: Dataset) -> None:
     """Record (or check) the tokenizer of a store's text (its vocabulary, wherever it lies)."""
-    check_tokenizer(store, data)
+    check_tokenizer(handle, data)
     if isinstance(data, TokenizedTexts):
-        store.bind("tokenizer", data.tokenizer.record(), BIND_HINT)
+        handle.bind("tokenizer", data.tokenizer.record(), BIND_HINT)
 
 
-def check_tokenizer(store: Store, data: Dataset) -> None:
+def check_tokenizer(handle: Store, data: Dataset) -> None:
     """Refuse text read with another tokenizer than the store's; a store of images or arrays
     refuses text, and a store of text refuses anything else. Writes nothing."""
     tokenizer = data.tokenizer if isinstance(data, TokenizedTexts) else None
-    recorded = store.manifest.tokenizer
+    recorded = handle.manifest.tokenizer
     if tokenizer is None:
         if recorded is None:
             return
-        raise UserError(f"store {store.location!r} holds text read with the tokenizer {recorded.spec!r}; "
+        raise UserError(f"store {handle.location!r} holds text read with the tokenizer {recorded.spec!r}; "
                         f"{data.spec} is not text")
-    if recorded is None and store.manifest.dataset is not None:
-        raise UserError(f"store {store.location!r} holds images or arrays, not text; {data.spec} is text")
+    if recorded is None and handle.manifest.dataset is not None:
+        raise UserError(f"store {handle.location!r} holds images or arrays, not text; {data.spec} is text")
     if recorded is not None and recorded.json != tokenizer.record():
         size = f", a vocabulary of {recorded.vocab_size}" if recorded.vocab_size is not None else ""
-        raise UserError(f"the tokenizer {tokenizer.spec} differs from the one store {store.location!r} was made with "
-                        f"({recorded.spec}{size}); pass --tokenizer as given to `trakwomp train`")
+        raise UserError(f"the tokenizer {tokenizer.spec} differs from the one store {handle.location!r} was made with "
+                        f"({recorded.spec}{size}); pass `tokenizer` as given to `trakwomp train`")
 
 
-def bind_task(store: Store, task: Task) -> None:
+def bind_task(handle: Store, task: Task) -> None:
     """Record (or check) the task a store is made for."""
-    if store.manifest.task is not None and stored_task(store) != task:
-        raise UserError(f"store {store.location!r} was made for the task {stored_task(store)}, not {task}; "
+    if handle.manifest.task is not None and stored_task(handle) != task:
+        raise UserError(f"store {handle.location!r} was made for the task {stored_task(handle)}, not {task}; "
                         "use a new store for another task")
-    store.bind("task", task.as_dict(), BIND_HINT)
+    handle.bind("task", task.as_dict(), BIND_HINT)
 
 
-def bind_training_inputs(store: Store, data: Dataset, model: ModelSpec, task: Task) -> None:
+def bind_training_inputs(handle: Store, data: Dataset, model: ModelSpec, task: Task) -> None:
     """Record (or check) the task, train set and model spec that a store is made for."""
-    bind_task(store, task)
-    bind_tokenizer(store, data)
-    store.bind("dataset", data.fingerprint().as_dict(), BIND_HINT)
-    bind_model(store, model, data.transform_spec)
-    if store.manifest.dataset_source is None:  # where the data was first found; a moved copy is the same data
-        store.set_section("dataset_source", {"spec": data.spec, "has_indices": data.has_explicit_indices,
-                                             **data.source_record()})
-    if data.has_explicit_indices and store.done_info("data", "train_indices") is None:
-        store.write_array(layout.TRAIN_INDICES, data.indices)
-        store.mark_done("data", "train_indices")
+    bind_task(handle, task)
+    bind_tokenizer(handle, data)
+    handle.bind("dataset", data.fingerprint().as_dict(), BIND_HINT)
+    bind_model(handle, model, data.transform_spec)
+    if handle.manifest.dataset_source is None:  # where the data was first found; a moved copy is the same data
+        handle.set_section("dataset_source", {"spec": data.spec, "has_indices": data.has_explicit_indices,
+                                              **data.source_record()})
+    if data.has_explicit_indices and handle.done_info("data", "train_indices") is None:
+        handle.write_array(paths.TRAIN_INDICES, data.indices)
+        handle.mark_done("data", "train_indices")
 
 
 def load_store_data(store: str | Path, spec: str, indices=None, transform: str | None = None, tokenizer: str | None = None,
@@ -98,13 +98,13 @@ def stored_dataset(handle: Store) -> Dataset:
     reordered since is refused, wherever train examples are featurized, shown or grouped."""
     source, recorded = handle.manifest.dataset_source, handle.manifest.dataset
     if source is None or recorded is None:
-        raise UserError(f"store {handle.location!r} records no dataset yet; pass --data (and --model, --checkpoint)")
+        raise UserError(f"store {handle.location!r} records no dataset yet; pass `data` (and `model`, `checkpoint`)")
     data = load_dataset(source.spec, tokenizer=source.tokenizer, max_length=source.max_length)
     if source.has_indices:
-        data = data.select(handle.read_array(layout.TRAIN_INDICES))
+        data = data.select(handle.read_array(paths.TRAIN_INDICES))
     if len(data) != recorded.num_examples or data.fingerprint().as_dict() != recorded.json:
         raise UserError(f"the data at {source.spec!r} changed since the store was made (fingerprint differs); "
-                        "put the original data back there (featurize also takes it as --data)")
+                        "put the original data back there (featurize also takes it as `data`)")
     return data
 
 
@@ -120,9 +120,9 @@ def stored_groups(handle: Store) -> Groups | None:
     recorded = handle.manifest.groups
     if recorded is None:
         return None
-    codes = handle.read_array(layout.GROUP_CODES)
+    codes = handle.read_array(paths.GROUP_CODES)
     names = recorded.names if recorded.names is not None else \
-        Groups.decoded_names(handle.read_array(layout.GROUP_NAMES), handle.read_array(layout.GROUP_NAME_ENDS))
+        Groups.decoded_names(handle.read_array(paths.GROUP_NAMES), handle.read_array(paths.GROUP_NAME_ENDS))
     groups = Groups(names, codes, recorded.origin)
     if groups.sha256 != recorded.sha256:
         raise handle.damaged("its groups (groups/codes does not match the recorded SHA-256)")
@@ -139,7 +139,7 @@ def check_groups(handle: Store, groups: Groups) -> None:
     if recorded is not None and recorded.sha256 != groups.sha256:
         raise UserError(f"the groups of {groups.origin} ({len(groups.names)} groups) differ from those store "
                         f"{handle.location!r} records ({recorded.origin}, {recorded.count} groups); "
-                        "leave out --groups to use the store's, or use a new store")
+                        "leave out `groups` to use the store's, or use a new store")
 
 
 def bind_groups(handle: Store, groups: Groups) -> None:
@@ -147,9 +147,9 @@ def bind_groups(handle: Store, groups: Groups) -> None:
     check_groups(handle, groups)
     if handle.manifest.groups is None:
         joined, ends = groups.encoded_names()
-        handle.write_array(layout.GROUP_NAMES, joined, chunks=(max(1, min(len(joined), 1 << 22)),))
-        handle.write_array(layout.GROUP_NAME_ENDS, ends)
-        handle.write_array(layout.GROUP_CODES, groups.codes)
+        handle.write_array(paths.GROUP_NAMES, joined, chunks=(max(1, min(len(joined), 1 << 22)),))
+        handle.write_array(paths.GROUP_NAME_ENDS, ends)
+        handle.write_array(paths.GROUP_CODES, groups.codes)
         handle.set_section("groups", groups.record())
 
 

@@ -14,16 +14,16 @@ from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
 from trakwomp.outputs import check_output, csv_cell, write_atomically
 from trakwomp.stages.bindings import stored_dataset
 from trakwomp.stages.stored_scores import find_scores_by_key, iterate_scores
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 
 
 def export_scores(store: str | Path, key: str, out: str | Path, threshold: float = DEFAULT_THRESHOLD) -> tuple[int, int]:
     """Write the (n_targets, n_train) scores `key`, soft-thresholded, to an .npy file, streaming
     block by block; the file appears whole or not at all (`write_atomically`)."""
-    check_output("--out", out, (".npy",), store)
+    check_output("`out`", out, (".npy",), store)
     handle = Store.open(store)
     find_scores_by_key(handle, key)
-    tau = handle.array(layout.scores(key))
+    tau = handle.array(paths.scores(key))
 
     def write(f) -> None:
         np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": tau.shape})

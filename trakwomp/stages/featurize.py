@@ -25,7 +25,7 @@ from trakwomp.runtime import Progress
 from trakwomp.settings import option
 from trakwomp.stages.bindings import as_trained, bind_training_inputs, stored_dataset, stored_task
 from trakwomp.stages.skeleton import Plan, RunSettings, Stage, Work
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 from trakwomp.tasks.base import Task
 from trakwomp.tasks.registry import task_of_store
 
@@ -105,9 +105,9 @@ class Featurize(Stage[FeaturizePlan, tuple[int, int], FeaturizeReport]):
         fits the data and the memory, all before the store is first written (or created)."""
         given = self.settings
         if self.checkpoints and (self.data is None or self.model is None):
-            raise UserError("--checkpoint needs --data and --model (the train set and the architecture)")
+            raise UserError("`checkpoint` needs `data` and `model` (the train set and the architecture)")
         if given.run is not None and not self.checkpoints:
-            raise UserError("--run names the training run of the --checkpoint files; pass them too")
+            raise UserError("`run` names the training run of the `checkpoint` files; pass them too")
         handle = Store.open_existing(store)
         resolved = self.resolved_settings(handle)
         data, model, task = self.inputs(store, handle)
@@ -118,7 +118,7 @@ class Featurize(Stage[FeaturizePlan, tuple[int, int], FeaturizeReport]):
             trained = []
         elif handle is None or not handle.done_units("train", "reference"):
             raise UserError(f"store {str(store)!r} has no trained reference models; run `trakwomp train` first or "
-                            "pass --checkpoint")
+                            "pass `checkpoint`")
         else:
             trained = trained_models(handle)  # their weights checked before any write
         return FeaturizePlan(data, model, task, resolved, features, batch_size, states, trained, existing=handle)
@@ -133,9 +133,9 @@ class Featurize(Stage[FeaturizePlan, tuple[int, int], FeaturizeReport]):
         parameters = given.parameters if given.parameters is not None else parameters
         chunk_rows = given.chunk_rows if given.chunk_rows is not None else (recorded.chunk_rows if recorded else 1024)
         if dtype not in DTYPES:
-            raise UserError(f"unknown --dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+            raise UserError(f"unknown `dtype` {dtype!r}: expected one of {', '.join(DTYPES)}")
         if chunk_rows < 1 or given.batch_size < 1:
-            raise UserError("--chunk-rows and --batch-size must be at least 1")
+            raise UserError("`chunk_rows` and `batch_size` must be at least 1")
         return Resolved(projector, dtype, parameters, chunk_rows)
 
     def inputs(self, store: str | Path, handle: Store | None) -> tuple[Dataset, ModelSpec, Task]:
@@ -145,17 +145,17 @@ class Featurize(Stage[FeaturizePlan, tuple[int, int], FeaturizeReport]):
         if handle is None:
             if data is None or model is None:
                 raise UserError(f"no trakwomp store at {str(store)!r}; make one with `trakwomp train`, or pass "
-                                "--data, --model and --checkpoint")
+                                "`data`, `model` and `checkpoint`")
             return data, model, self.settings.task or task_of_store(None)
         if data is None:
             transform = handle.manifest.model.transform if handle.manifest.model else None
             if transform is not None:
                 raise UserError(f"store {handle.location!r} sees its data through the transform {transform!r}; "
-                                "trakwomp imports code only when you name it: pass --data and --transform")
+                                "trakwomp imports code only when you name it: pass `data` and `transform`")
             data = stored_dataset(handle)
         if model is None:
             if handle.manifest.model is None:
-                raise UserError(f"store {handle.location!r} records no model; pass --model")
+                raise UserError(f"store {handle.location!r} records no model; pass `model`")
             model = ModelSpec.of_store(handle.manifest.model, handle.location)
         return data, model, self.settings.task or stored_task(handle)
 
@@ -185,8 +185,8 @@ class Featurize(Stage[FeaturizePlan, tuple[int, int], FeaturizeReport]):
 
     def work(self, plan: FeaturizePlan) -> Work[tuple[int, int]]:
         chunks = range(math.ceil(len(plan.data) / plan.settings.chunk_rows))
-        return Work([(m, c) for m in plan.model_ids for c in chunks], lambda u: layout.unit(*u),
-                    "featurize (model, row chunk) units", [layout.FEATURES, layout.done("featurize")])
+        return Work([(m, c) for m in plan.model_ids for c in chunks], lambda u: paths.unit(*u),
+                    "featurize (model, row chunk) units", [paths.FEATURES, paths.done("featurize")])
 
     def start(self, handle: Store, plan: FeaturizePlan, owned: list, todo: list) -> FeaturizeReport:
         return FeaturizeReport(list(plan.model_ids), units_skipped=len(owned) - len(todo), batch_size=plan.batch_size,

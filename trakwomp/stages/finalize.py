@@ -22,7 +22,7 @@ from trakwomp.runtime import Progress
 from trakwomp.settings import option
 from trakwomp.stages.selection import featurized_models, store_view
 from trakwomp.stages.skeleton import Plan, RunSettings, Stage, Work
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 
 INVERSE_CHUNK_BYTES = 512 << 20  # under the 2 GiB that a compressor takes in one buffer
 
@@ -67,14 +67,14 @@ class Finalize(Stage[FinalizePlan, tuple[int, int], FinalizeReport]):
                             existing=handle)
 
     def bind(self, handle: Store, plan: FinalizePlan) -> FinalizePlan:
-        handle.ask(layout.asked_finalize(plan.view.key), plan.model_ids)
+        handle.ask(paths.asked_finalize(plan.view.key), plan.model_ids)
         return plan
 
     def work(self, plan: FinalizePlan) -> Work[tuple[int, int]]:
         key = plan.view.key
         return Work([(m, b) for m in plan.model_ids for b in range(plan.view.blocks)],
-                    lambda u: layout.unit(key, *u), f"finalize {key} (model, block) units",
-                    [layout.view_folder(key), layout.done("finalize", key)])
+                    lambda u: paths.unit(key, *u), f"finalize {key} (model, block) units",
+                    [paths.view_folder(key), paths.done("finalize", key)])
 
     def start(self, handle: Store, plan: FinalizePlan, owned: list, todo: list) -> FinalizeReport:
         return FinalizeReport(plan.view, plan.model_ids, units_skipped=len(owned) - len(todo))
@@ -88,7 +88,7 @@ class Finalize(Stage[FinalizePlan, tuple[int, int], FinalizeReport]):
             name = f"model {model_id} block {block}" + (f" (layer {layers[block].json['name']})" if layers else "")
             progress.unit_started(name, 1)
             inverse = block_inverse(handle, view, model_id, block, chunk_rows, self.device, name, bool(layers))
-            out = handle.require_array(layout.inverse(view.key, model_id), (view.blocks, width, width), "float64",
+            out = handle.require_array(paths.inverse(view.key, model_id), (view.blocks, width, width), "float64",
                                        inverse_chunks(width))
             padded = torch.zeros(width, width, dtype=torch.float64)
             padded[:len(inverse), :len(inverse)] = inverse.cpu()
@@ -103,7 +103,7 @@ class Finalize(Stage[FinalizePlan, tuple[int, int], FinalizeReport]):
 def block_inverse(handle: Store, view: View, model_id: int, block: int, chunk_rows: int, device: torch.device,
                   name: str, per_layer: bool) -> torch.Tensor:
     """(Phi_b^T Phi_b + r I)^-1 of one model's block; a singular one refused in one line naming it."""
-    phi = handle.array(f"{layout.features(model_id)}/phi")
+    phi = handle.array(f"{paths.features(model_id)}/phi")
     try:
         return regularized_inverse(block_gram(phi, view.columns(block), chunk_rows, device),
                                    view.block_ridge(block, phi.shape[0]))

@@ -74,20 +74,20 @@ class Recipe:
 
     def __post_init__(self):
         if not 0 < self.alpha <= 1:
-            raise UserError(f"--alpha must lie in (0, 1], got {self.alpha}")
+            raise UserError(f"`alpha` must lie in (0, 1], got {self.alpha}")
         if self.epochs < 1 or self.batch_size < 1:
-            raise UserError("--epochs and --batch-size must be at least 1")
+            raise UserError("`epochs` and `batch_size` must be at least 1")
         if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+            raise UserError(f"`lr` must be positive, got {self.lr}")
         check_threads(self.threads)
-        check_seed("--seed", self.seed)
+        check_seed("`seed`", self.seed)
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         object.__setattr__(self, "exclude_groups", tuple(sorted(set(self.exclude_groups))))
         if self.group_alpha is not None and not 0 < self.group_alpha < 1:
-            raise UserError(f"--group-alpha must lie in (0, 1), got {self.group_alpha}")
+            raise UserError(f"`group_alpha` must lie in (0, 1), got {self.group_alpha}")
         if not 1 <= self.save_checkpoints <= self.epochs:
-            raise UserError(f"--save-checkpoints must lie between 1 and --epochs ({self.epochs}), "
+            raise UserError(f"`save_checkpoints` must lie between 1 and `epochs` ({self.epochs}), "
                             f"got {self.save_checkpoints}")
 
     @property

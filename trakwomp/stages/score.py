@@ -46,7 +46,7 @@ from trakwomp.stages.export import (
 from trakwomp.stages.selection import featurized_models, store_view
 from trakwomp.stages.skeleton import Plan, RunSettings, Stage, Work
 from trakwomp.stages.stored_scores import scores_key, view_record
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 from trakwomp.tasks.base import Task
 
 
@@ -69,8 +69,8 @@ class ScoreReport:
 def check_finalized(handle: Store, view: View, model_ids: list[int]) -> None:
     """Every block of the view finalized for each model, from that model's registered weights."""
     for model_id in model_ids:
-        blocks = handle.done_units("finalize", layout.unit(view.key, model_id))
-        check_made_from(handle, "finalize", [layout.unit(view.key, model_id, int(b)) for b in blocks], model_id)
+        blocks = handle.done_units("finalize", paths.unit(view.key, model_id))
+        check_made_from(handle, "finalize", [paths.unit(view.key, model_id, int(b)) for b in blocks], model_id)
         done = len(blocks)
         if done < view.blocks:
             raise UserError(f"view {view.key} of model {model_id} is finalized in {done} of {view.blocks} blocks; "
@@ -144,27 +144,27 @@ class Score(Stage[ScorePlan, int, ScoreReport]):
         check_finalized(handle, view, model_ids)
         targets = self.checked_targets(handle)
         sha = targets.fingerprint.sha256
-        return ScorePlan(store, view, model_ids, targets, scores_key(view, model_ids, sha), layout.short_id(sha),
+        return ScorePlan(store, view, model_ids, targets, scores_key(view, model_ids, sha), paths.short_id(sha),
                          existing=handle)
 
     def check_settings(self, store: str | Path) -> None:
         given = self.settings
         if given.target_chunk_rows < 1 or given.batch_size < 1:
-            raise UserError("--chunk-rows and --batch-size must be at least 1")
+            raise UserError("`chunk_rows` and `batch_size` must be at least 1")
         if (given.out or given.top_k) and given.shard.count > 1:
-            raise UserError("--out and --top-k need all shards' scores: run them without --shard once every shard is "
+            raise UserError("`out` and `top_k` need all shards' scores: run them without `shard` once every shard is "
                             "done")
         if given.top_k < 0:
-            raise UserError("--top-k must be >= 0")
+            raise UserError("`top_k` must be >= 0")
         check_threshold(given.threshold)
-        check_output("--out", given.out, (".npy",), store)
-        check_output("--top-k-out", given.top_k_out if given.top_k else None, TABLE_SUFFIXES, store)
+        check_output("`out`", given.out, (".npy",), store)
+        check_output("`top_k_out`", given.top_k_out if given.top_k else None, TABLE_SUFFIXES, store)
 
     def checked_targets(self, handle: Store) -> TargetsPlan:
         """The targets against the store (transform, tokenizer, classes) and the model on them."""
         manifest, targets = handle.manifest, self.targets
         if targets.transform_spec != manifest.model_record().transform:
-            raise UserError(f"targets must be seen through the store's --transform "
+            raise UserError(f"targets must be seen through the store's `transform` "
                             f"({manifest.model_record().transform}), not {targets.transform_spec}")
         task = stored_task(handle)
         check_tokenizer(handle, targets)
@@ -183,11 +183,11 @@ class Score(Stage[ScorePlan, int, ScoreReport]):
         return plan
 
     def work(self, plan: ScorePlan) -> Work[int]:
-        key, stage = plan.key, layout.target_features_stage(plan.targets_id)
+        key, stage = plan.key, paths.target_features_stage(plan.targets_id)
         return Work(list(range(math.ceil(len(self.targets) / self.settings.target_chunk_rows))),
-                    lambda c: layout.unit(key, c), f"score {key} target chunks",
-                    [layout.scores_folder(key), layout.done("score", key), layout.targets_prefix(plan.targets_id),
-                     layout.done(stage)])
+                    lambda c: paths.unit(key, c), f"score {key} target chunks",
+                    [paths.scores_folder(key), paths.done("score", key), paths.targets_prefix(plan.targets_id),
+                     paths.done(stage)])
 
     def start(self, handle: Store, plan: ScorePlan, owned: list[int], todo: list[int]) -> ScoreReport:
         """Before the first write: the models' weights against their recorded hashes, and the
@@ -211,13 +211,13 @@ class Score(Stage[ScorePlan, int, ScoreReport]):
         start, rows_per_chunk = time.perf_counter(), self.settings.target_chunk_rows
         n, n_targets = report.num_train, report.num_targets
         q_bar = mean_q(handle, plan.model_ids)
-        out = handle.require_array(layout.scores(plan.key), (n_targets, n), "float32", (rows_per_chunk, min(n, 8192)))
+        out = handle.require_array(paths.scores(plan.key), (n_targets, n), "float32", (rows_per_chunk, min(n, 8192)))
         for group in score_passes(todo, rows_per_chunk, n):
             ranges = [range(c * rows_per_chunk, min(n_targets, (c + 1) * rows_per_chunk)) for c in group]
             name = f"targets {ranges[0].start}-{ranges[-1].stop - 1}"
             progress.unit_started(name, (ranges[-1].stop - ranges[0].start) * len(plan.model_ids))
             self.featurize_targets(handle, plan, group, report.batch_size, progress)
-            taus = score_chunks(handle, plan.view, plan.model_ids, q_bar, layout.targets_prefix(plan.targets_id),
+            taus = score_chunks(handle, plan.view, plan.model_ids, q_bar, paths.targets_prefix(plan.targets_id),
                                 ranges, handle.manifest.featurize_record().chunk_rows, self.device)
             for chunk, rows, tau in zip(group, ranges, taus, strict=True):
                 out[rows.start:rows.stop] = tau.numpy()
@@ -230,17 +230,17 @@ class Score(Stage[ScorePlan, int, ScoreReport]):
                           progress: Progress) -> None:
         """The targets' features of `chunks` for every model (those not yet published), made as the
         train features were, each (model, chunk) published on its own."""
-        stage, targets = layout.target_features_stage(plan.targets_id), plan.targets
+        stage, targets = paths.target_features_stage(plan.targets_id), plan.targets
         todo = [(m, chunk) for m in plan.model_ids for chunk in chunks
-                if handle.done_info(stage, layout.unit(m, chunk)) is None]
+                if handle.done_info(stage, paths.unit(m, chunk)) is None]
         for m in plan.model_ids:
-            check_made_from(handle, stage, [layout.unit(m, c) for c in chunks if (m, c) not in todo], m)
+            check_made_from(handle, stage, [paths.unit(m, c) for c in chunks if (m, c) not in todo], m)
         for unit, info in write_features(handle, self.targets, model=targets.model, task=targets.task,
                                          features=targets.features, todo=todo,
                                          chunk_rows=self.settings.target_chunk_rows, batch_size=batch_size,
                                          device=self.device, progress=StepsOnly(progress),
-                                         prefix=layout.targets_prefix(plan.targets_id), report=FeaturizeReport()):
-            handle.mark_done(stage, layout.unit(*unit), info)
+                                         prefix=paths.targets_prefix(plan.targets_id), report=FeaturizeReport()):
+            handle.mark_done(stage, paths.unit(*unit), info)
 
     def finish(self, plan: ScorePlan, report: ScoreReport) -> ScoreReport:
         """The exports asked for, from the finished scores (soft-thresholded at `threshold`)."""

@@ -1,14 +1,19 @@
-"""Which models and which view of the stored features a command works on."""
+"""Which models, which view of the stored features and which stored scores a command works on."""
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
+from trakwomp.data.base import Dataset
 from trakwomp.errors import UserError
+from trakwomp.estimator.threshold import DEFAULT_THRESHOLD, check_threshold
 from trakwomp.estimator.view import View, ViewSpec
 from trakwomp.models.registry import check_made_from
-from trakwomp.store import Store, layout
+from trakwomp.settings import option
+from trakwomp.stages.stored_scores import find_scores, iterate_scores
+from trakwomp.store import Store, paths
 
 
 def parse_model_ids(text: str | None) -> list[int] | None:
@@ -20,11 +25,11 @@ def parse_model_ids(text: str | None) -> list[int] | None:
     for part in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not match:
-            raise UserError(f"malformed --models {text!r}: expected ids like 0,2,5-7")
+            raise UserError(f"malformed `models` {text!r}: expected ids like 0,2,5-7")
         first, last = int(match.group(1)), int(match.group(2) or match.group(1))
         ids.extend(range(first, last + 1))
     if len(set(ids)) != len(ids) or not ids:
-        raise UserError(f"--models {text!r} is empty or names a model twice")
+        raise UserError(f"`models` {text!r} is empty or names a model twice")
     return sorted(ids)
 
 
@@ -40,8 +45,8 @@ def featurized_models(handle: Store, requested: list[int] | None) -> list[int]:
     for model_id in ids:
         if model_id not in registered:
             raise UserError(f"model {model_id} is not in store {handle.location!r} (models: {registered})")
-        chunks = handle.done_units("featurize", layout.unit(model_id))
-        check_made_from(handle, "featurize", [layout.unit(model_id, int(c)) for c in chunks], model_id)
+        chunks = handle.done_units("featurize", paths.unit(model_id))
+        check_made_from(handle, "featurize", [paths.unit(model_id, int(c)) for c in chunks], model_id)
         done = len(chunks)
         if done < num_chunks:
             raise UserError(f"model {model_id} is featurized in {done} of {num_chunks} row chunks; "
@@ -61,3 +66,34 @@ def store_view(handle: Store, spec: ViewSpec) -> View:
     projector = recorded.projector
     return View.resolve(projector.blocks * projector.block_dim, projector.block_dim, spec.dims, spec.blocks,
                         spec.ridge, num_train)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which stored scores a command reads: those of `view` and `models` (default: all featurized)
+    for `targets` (needed only if several target sets are scored), soft-thresholded at `threshold`
+    (in units of each target's RMS score; 0 for the raw scores)."""
+
+    view: ViewSpec = option(ViewSpec(), "The view: its dims, blocks and ridge.")
+    models: list[int] | None = option(None, "Model ids to use, e.g. 0,2,5-7 (default: all featurized).")
+    targets: Dataset | None = option(None, "Which scored targets (needed if several are scored).")
+    threshold: float = option(DEFAULT_THRESHOLD, "Soft threshold of the scores, in units of each target's RMS score "
+                                                 "(0 for the raw scores; docs/method.md).")
+
+    def __post_init__(self):
+        check_threshold(self.threshold)
+
+    def key(self, handle: Store) -> str:
+        """The key of the finished scores selected."""
+        return find_view_scores(handle, self.targets, self.view, self.models)
+
+    def read(self, handle: Store, key: str):
+        """(rows, soft-thresholded scores) for successive target chunks of the scores `key`."""
+        return iterate_scores(handle, key, self.threshold)
+
+
+def find_view_scores(handle: Store, targets: Dataset | None, view: ViewSpec, models: list[int] | None) -> str:
+    """The key of finished scores of the view and models, for `targets` (needed only if several
+    target sets are scored)."""
+    return find_scores(handle, store_view(handle, view), featurized_models(handle, models),
+                       targets.fingerprint().sha256 if targets is not None else None)

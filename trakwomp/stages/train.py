@@ -34,7 +34,7 @@ from trakwomp.stages.bindings import (
 from trakwomp.stages.fit import fit, model_outputs
 from trakwomp.stages.recipe import Recipe, torch_threads
 from trakwomp.stages.skeleton import Plan, RunSettings, Stage, Work
-from trakwomp.store import Store, layout
+from trakwomp.store import Store, paths
 from trakwomp.tasks.base import Task
 from trakwomp.tasks.classification import Classification
 
@@ -125,7 +125,7 @@ class Train(Stage[TrainPlan, int, TrainReport]):
             check_model_fits_data(net, examples, self.device, self.model, self.task, output_size)
         if isinstance(self.targets, TokenizedTexts) and isinstance(self.data, TokenizedTexts) and \
                 self.targets.tokenizer.record() != self.data.tokenizer.record():
-            raise UserError("--targets must be read with the train set's tokenizer")
+            raise UserError("`targets` must be read with the train set's tokenizer")
         data = self.data.predicting_prompts() if self.recipe.train_on_prompt else self.data
         existing = Store.open_existing(store)
         role = "lds-groups" if self.recipe.group_alpha is not None else self.settings.role
@@ -134,17 +134,17 @@ class Train(Stage[TrainPlan, int, TrainReport]):
     def check_role(self) -> None:
         role, recipe = self.settings.role, self.recipe
         if role not in ("reference", "lds"):
-            raise UserError(f"unknown --role {role!r}: expected reference or lds")
+            raise UserError(f"unknown `role` {role!r}: expected reference or lds")
         if recipe.group_alpha is not None and role != "lds":
-            raise UserError("--group-alpha is for --role lds (LDS models on random halves of the groups)")
+            raise UserError("`group_alpha` is for `role` lds (LDS models on random halves of the groups)")
         if recipe.save_checkpoints > 1 and role != "reference":
-            raise UserError("--save-checkpoints is for reference models (LDS models keep only their outputs)")
+            raise UserError("`save_checkpoints` is for reference models (LDS models keep only their outputs)")
         if self.settings.num_models < 1:
-            raise UserError("--num-models must be at least 1")
+            raise UserError("`num_models` must be at least 1")
         if role == "lds" and self.targets is None:
-            raise UserError("--role lds needs --targets: the examples whose margins the LDS models are scored on")
+            raise UserError("`role` lds needs `targets`: the examples whose outputs the LDS models are scored on")
         if role == "reference" and self.targets is not None:
-            raise UserError("--targets is only for --role lds")
+            raise UserError("`targets` is only for `role` lds")
 
     def chosen_groups(self, existing: Store | None, data: Dataset) -> Groups | None:
         """The groups the recipe refers to (None if it refers to none), checked against the store's."""
@@ -153,7 +153,7 @@ class Train(Stage[TrainPlan, int, TrainReport]):
             return None
         groups = choose_groups(existing, given, len(data), lambda: data)
         if len(groups.positions(list(recipe.exclude_groups))) == len(groups.names):
-            raise UserError("--exclude-groups names every group: no example is left to train on")
+            raise UserError("`exclude_groups` names every group: no example is left to train on")
         if existing is not None and existing.manifest.dataset is not None:
             check_groups(existing, groups)
         return groups
@@ -167,7 +167,7 @@ class Train(Stage[TrainPlan, int, TrainReport]):
             bind_groups(handle, plan.groups)
         handle.bind(f"train_{plan.role}", self.recipe.as_recorded(handle.manifest.recipe(plan.role)),
                     "pass the same recipe flags as before, or use a new store")
-        handle.ask(layout.asked_train(plan.role), self.settings.num_models)
+        handle.ask(paths.asked_train(plan.role), self.settings.num_models)
         if self.targets is not None:
             handle.bind("lds_targets", self.targets.fingerprint().as_dict(),
                         "LDS models of one store share their targets; use a new store for other targets")
@@ -177,8 +177,8 @@ class Train(Stage[TrainPlan, int, TrainReport]):
 
     def work(self, plan: TrainPlan) -> Work[int]:
         role = plan.role
-        return Work(list(range(self.settings.num_models)), lambda j: layout.unit(role, j), f"train {role} models",
-                    [layout.role_folder(role), layout.done("train", role)])
+        return Work(list(range(self.settings.num_models)), lambda j: paths.unit(role, j), f"train {role} models",
+                    [paths.role_folder(role), paths.done("train", role)])
 
     def start(self, handle: Store, plan: TrainPlan, owned: list[int], todo: list[int]) -> TrainReport:
         return TrainReport(skipped=[j for j in owned if j not in todo])
@@ -193,7 +193,7 @@ class Train(Stage[TrainPlan, int, TrainReport]):
     def train_model(self, handle: Store, plan: TrainPlan, j: int, report: TrainReport, progress: Progress) -> dict:
         """Model j: its subset, initialisation and data order from (seed, role, j); its mask and
         weights (with the checkpoints kept along the run) or its outputs on the targets written."""
-        role, recipe, path = plan.role, self.recipe, layout.trained_model(plan.role, j)
+        role, recipe, path = plan.role, self.recipe, paths.trained_model(plan.role, j)
         rng, torch_seed = unit_generators(recipe.seed, role, j)
         mask = training_mask(len(plan.data), recipe, rng, plan.groups)
         generator = torch.Generator().manual_seed(torch_seed)
@@ -206,7 +206,7 @@ class Train(Stage[TrainPlan, int, TrainReport]):
 
         def keep_checkpoint(epoch: int, net: nn.Module) -> None:
             if epoch in keep:
-                handle.write_arrays(layout.weights(layout.checkpoint(role, j, epoch)), self._state_arrays(net))
+                handle.write_arrays(paths.weights(paths.checkpoint(role, j, epoch)), self._state_arrays(net))
                 kept[str(epoch)] = state_hash(self.model.stored_state(net))
 
         with torch_threads(recipe.threads):
@@ -218,12 +218,12 @@ class Train(Stage[TrainPlan, int, TrainReport]):
         handle.write_array(f"{path}/mask", mask)
         info: dict = {"num_examples": int(mask.sum())}
         if role == "reference":
-            handle.write_arrays(layout.weights(path), self._state_arrays(net))
+            handle.write_arrays(paths.weights(path), self._state_arrays(net))
             info["sha256"] = state_hash(self.model.stored_state(net))
             if recipe.save_checkpoints > 1:
                 info.update(checkpoint_epochs=recipe.checkpoint_epochs, checkpoint_sha256=kept)
             return info
-        handle.write_array(f"{path}/margins", target_outputs)
+        handle.write_array(paths.outputs(path), target_outputs)
         for name, value in summary.items():
             report.summaries.setdefault(name, {})[j] = value
         return {**info, **summary}
@@ -260,9 +260,9 @@ def load_reference_model(store: str | Path, index: int, output_size: int, model:
     """Reference model `index` of a store, rebuilt from its stored weights and its model spec
     (`model`, which a store made with a user factory needs)."""
     handle = Store.open(store)
-    if handle.done_info("train", layout.unit("reference", index)) is None:
+    if handle.done_info("train", paths.unit("reference", index)) is None:
         raise UserError(f"store {str(store)!r} has no finished reference model {index}")
     spec = model or ModelSpec.of_store(handle.manifest.model_record(), handle.location)
     bind_model(handle, spec, handle.manifest.model_record().transform)
-    state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(layout.weights(layout.trained_model("reference", index))).items()}
+    state = {k: torch.from_numpy(v) for k, v in handle.read_arrays(paths.weights(paths.trained_model("reference", index))).items()}
     return spec.load_state(spec.build(output_size), state)

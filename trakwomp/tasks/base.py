@@ -27,7 +27,7 @@ from trakwomp.data.base import Batch, Dataset
 from trakwomp.errors import UserError
 from trakwomp.registry import Registry
 
-TASKS: Registry[type["Task"]] = Registry("trakwomp.tasks", "--task", builtins=("trakwomp.tasks.*",))
+TASKS: Registry[type["Task"]] = Registry("trakwomp.tasks", "`task`", builtins=("trakwomp.tasks.*",))
 
 
 def logits_of(output) -> torch.Tensor:
@@ -69,7 +69,7 @@ class Task(ABC):
         """f of token `positions[r]` of text `texts[r]` given the tokens before it: per-token attribution."""
         raise UserError(f"per-token attribution needs a language model (causal-lm), not the {self.name} task")
 
-    def weights(self, f: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def q(self, f: torch.Tensor, batch: Batch) -> torch.Tensor:
         """q_i = -l_i'(f_i); for a log-odds output trained with -log sigmoid(f): q = sigmoid(-f) = 1 - p."""
         return torch.sigmoid(-f)
 

@@ -41,7 +41,7 @@ class CausalLM(Task):
 
     def __post_init__(self):
         if self.output not in LM_OUTPUTS:
-            raise UserError(f"unknown --lm-output {self.output!r}: expected one of {', '.join(LM_OUTPUTS)}")
+            raise UserError(f"unknown `lm_output` {self.output!r}: expected one of {', '.join(LM_OUTPUTS)}")
 
     def token_losses(self, output, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, T) cross-entropies of the predicted tokens (0 at padding) and the float mask."""
@@ -103,7 +103,7 @@ class CausalLM(Task):
         if counted is not None and (counted == 0).any():
             i = int(np.flatnonzero(counted == 0)[0])
             raise UserError(f"text {i} of {dataset.spec} keeps none of its completion (or assistant turns) within "
-                            f"--max-length {dataset.max_length} tokens; raise --max-length or shorten the prompt")
+                            f"`max_length` {dataset.max_length} tokens; raise `max_length` or shorten the prompt")
 
     def output_mismatch(self, shape: tuple[int, ...], batch: Batch, output_size: int) -> str | None:
         ids = tuple(batch.inputs[0].shape)

@@ -51,8 +51,8 @@ class Classification(Task):
     def check_data(self, dataset: Dataset) -> None:
         if dataset.num_classes < 2:
             raise UserError(f"classification needs labels of at least 2 classes; {dataset.spec} has "
-                            f"{dataset.num_classes} (texts without \"label\" are for --task causal-lm, real-valued "
-                            "labels for --task regression)")
+                            f"{dataset.num_classes} (texts without \"label\" are for `task` causal-lm, real-valued "
+                            "labels for `task` regression)")
 
     def output_mismatch(self, shape: tuple[int, ...], batch: Batch, output_size: int) -> str | None:
         expected = (len(batch), output_size)

@@ -18,8 +18,8 @@ def make_task(name: str, **options) -> Task:
     for option in given:
         if option not in cls.options:
             owners = [other for other, task in TASKS.items() if option in task.options]
-            raise UserError(f"--{option.replace('_', '-')} applies to --task {' or '.join(owners)} only, not to "
-                            f"--task {name}")
+            raise UserError(f"`{option}` applies to `task` {' or '.join(owners)} only, not to "
+                            f"`task` {name}")
     return cls(**{cls.options[option]: value for option, value in given.items()})
 
 

@@ -31,7 +31,7 @@ class Regression(Task):
     def outputs(self, output, batch: Batch) -> torch.Tensor:
         return output.reshape(len(batch))
 
-    def weights(self, f: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def q(self, f: torch.Tensor, batch: Batch) -> torch.Tensor:
         """q_i = y_i - f_i, the residual (-l_i'(f_i) for l_i = (f - y_i)^2 / 2)."""
         return batch.labels.to(f.dtype) - f
 

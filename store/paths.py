@@ -36,7 +36,7 @@ def short_id(sha256: str) -> str:
 
 
 def features(model_id: int, prefix: str = "") -> str:
-    """The folder of a model's phi, q and margins (the task's output f); `prefix` is that of a
+    """The folder of a model's phi, q and outputs f (`outputs`); `prefix` is that of a
     target set (`targets_prefix`), empty for the train set."""
     return f"{prefix}{FEATURES}/{unit(model_id)}"
 
@@ -99,6 +99,12 @@ def checkpoint(role: str, index: int | str, epoch: int) -> str:
 def user_checkpoint(digest: str) -> str:
     """The folder of a checkpoint file registered by `featurize --checkpoint`, by its weights' hash."""
     return f"{MODELS}/checkpoints/{short_id(digest)}"
+
+
+def outputs(folder: str) -> str:
+    """The task's outputs f in `folder` (a model's features, or an LDS model's outputs on the
+    targets); named `margins` on disk, as the classification task first called them."""
+    return f"{folder}/margins"
 
 
 def weights(folder: str) -> str:
