@@ -21,6 +21,7 @@ from trakwomp.cli.progress import RichProgress, console
 from trakwomp.cli.tables import cell, printable
 from trakwomp.store import StoreError
 
+from trakwomp.data.base import Dataset, TokenizedTexts
 from trakwomp.data.groups import GROUPS_HELP
 from trakwomp.errors import UserError
 from trakwomp.estimator.view import ViewSpec
@@ -118,9 +119,9 @@ def recipe_default(field: str) -> str:
     return f"(default {getattr(Recipe, field)}" + (f"; {own})" if own else ")")
 
 
-def report_truncation(dataset, what: str) -> None:
+def report_truncation(dataset: Dataset | None, what: str) -> None:
     """Say how many texts --max-length cut (once the command has run, so that an error stays one line)."""
-    if dataset is not None and dataset.truncated:
+    if isinstance(dataset, TokenizedTexts) and dataset.truncated:
         console.print(f"{what}: cut {dataset.truncated} of {len(dataset)} texts to --max-length {dataset.max_length} tokens")
 
 

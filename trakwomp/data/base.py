@@ -123,11 +123,6 @@ class Dataset(ABC, torch.utils.data.Dataset):
     has_explicit_indices: bool
     _labels: np.ndarray
     lengths: np.ndarray | None = None  # tokens per example, for data batched by length
-    fewest_tokens: np.ndarray | None = None  # a lower bound of `lengths` known before tokenizing
-    has_prompts: bool = False  # prompt/completion texts, of which the completions are predicted
-    completion_tokens: np.ndarray | None = None  # per example, how many of its tokens are predicted
-    max_length: int | None = None
-    truncated: int = 0  # how many examples `max_length` cut
     transform = None  # a user's callable applied to every input tensor, and its spec
     transform_spec: str | None = None
     needs: ClassVar[str] = "a dataset"  # what a user gives for a capability (`capable`) this kind is
@@ -215,6 +210,11 @@ class TokenizedTexts(Dataset):
     needs: ClassVar[str] = "text data (fortunes-mini:..., jsonl:PATH)"
     tokenizer: Tokenizer
     lengths: np.ndarray  # tokens per example, which every text has
+    fewest_tokens: np.ndarray | None = None  # a lower bound of `lengths` known before tokenizing
+    has_prompts: bool = False  # prompt/completion texts, of which the completions are predicted
+    completion_tokens: np.ndarray | None = None  # per example, how many of its tokens are predicted
+    max_length: int | None = None  # where texts are cut (None: nowhere)
+    truncated: int = 0  # how many examples `max_length` cut
     preview = "text"
 
     @property

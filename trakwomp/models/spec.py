@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
-from trakwomp.data.base import load_batch
+from trakwomp.data.base import Dataset, TokenizedTexts, load_batch
 from trakwomp.errors import UserError
 from trakwomp.models.kinds import ModelKind, kind_of
 from trakwomp.models.lora import LoraSpec, trainable_state
@@ -93,7 +94,8 @@ class ModelSpec:
         return self.kind.build(self, output_size)
 
 
-def refuse_beyond_context(lengths, bound: str, dataset, context: int, spec: ModelSpec) -> None:
+def refuse_beyond_context(lengths: np.ndarray | None, bound: str, dataset: Dataset, context: int,
+                          spec: ModelSpec) -> None:
     """Refuse the first text whose token count (or its lower bound) exceeds the model's context."""
     if lengths is not None and lengths.max() > context:
         i = int(lengths.argmax())
@@ -102,13 +104,13 @@ def refuse_beyond_context(lengths, bound: str, dataset, context: int, spec: Mode
 
 
 @torch.no_grad()
-def check_model_fits_data(model: nn.Module, dataset, device: torch.device, spec: ModelSpec, task: Task,
+def check_model_fits_data(model: nn.Module, dataset: Dataset, device: torch.device, spec: ModelSpec, task: Task,
                           output_size: int) -> None:
     """Refuse, with one clear message, data the task cannot use, and a model that cannot take
     the data (a text longer than its context included) or does not give the task's output shape
     with `output_size` outputs."""
     context = getattr(model, "context", None)
-    if context is not None:
+    if context is not None and isinstance(dataset, TokenizedTexts):  # (a model that reads tokens, on texts)
         refuse_beyond_context(dataset.fewest_tokens, "at least ", dataset, context, spec)  # needs no tokenizing
         refuse_beyond_context(dataset.lengths, "", dataset, context, spec)
     task.check_data(dataset)

@@ -94,16 +94,17 @@ class CausalLM(Task):
         return capable(dataset, TokenizedTexts, "causal-lm").tokenizer.vocab_size
 
     def check_data(self, dataset: Dataset) -> None:
-        lengths = capable(dataset, TokenizedTexts, "causal-lm").lengths
+        texts = capable(dataset, TokenizedTexts, "causal-lm")
+        lengths = texts.lengths
         if lengths.min() < 2:
             i = int(lengths.argmin())
             raise UserError(f"text {i} of {dataset.spec} has {lengths[i]} token(s): a causal LM needs at least 2, "
                             "one to predict from and one to predict")
-        counted = dataset.completion_tokens
+        counted = texts.completion_tokens
         if counted is not None and (counted == 0).any():
             i = int(np.flatnonzero(counted == 0)[0])
             raise UserError(f"text {i} of {dataset.spec} keeps none of its completion (or assistant turns) within "
-                            f"`max_length` {dataset.max_length} tokens; raise `max_length` or shorten the prompt")
+                            f"`max_length` {texts.max_length} tokens; raise `max_length` or shorten the prompt")
 
     def output_mismatch(self, shape: tuple[int, ...], batch: Batch, output_size: int) -> str | None:
         ids = tuple(batch.inputs[0].shape)
