@@ -224,8 +224,9 @@ class ProjectorRecord(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class LayerRecord(Record):
-    """A factored layer (its JSON is `LayerSpec.as_dict`'s): its projected ranks."""
+    """A factored layer (its JSON is `LayerSpec.as_dict`'s): its module's name and projected ranks."""
 
+    name: str
     rank_rows: int = bounded(1)
     rank_cols: int = bounded(1)
 

@@ -85,7 +85,7 @@ class Finalize(Stage[FinalizePlan, tuple[int, int], FinalizeReport]):
         chunk_rows = handle.manifest.featurize_record().chunk_rows
         layers = handle.manifest.featurize_record().layers if view.layer_widths else None
         for model_id, block in todo:
-            name = f"model {model_id} block {block}" + (f" (layer {layers[block].json['name']})" if layers else "")
+            name = f"model {model_id} block {block}" + (f" (layer {layers[block].name})" if layers else "")
             progress.unit_started(name, 1)
             inverse = block_inverse(handle, view, model_id, block, chunk_rows, self.device, name, bool(layers))
             out = handle.require_array(paths.inverse(view.key, model_id), (view.blocks, width, width), "float64",
