@@ -123,7 +123,8 @@ def markdown(table: dict) -> str:
     for name, entry in table.items():
         results, diffs = entry["half1"]["results"], entry["half1"]["paired_differences"]
         trak_view, *womp_views = entry["views"]
-        for kind, view, result, diff in zip(("best", "default"), womp_views, results[1:], diffs, strict=True):
+        kinds = ("best", "default")[:len(womp_views)]  # (the default view only where it was a candidate)
+        for kind, view, result, diff in zip(kinds, womp_views, results[1:], diffs, strict=True):
             lines.append(f"| {name} | d={trak_view[0]} | {cell(results[0])} | {kind}: d={view[0]} B={view[1]} | "
                          f"{cell(result)} | {diff['difference']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] |")
     return "\n".join(lines)
