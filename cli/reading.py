@@ -42,6 +42,7 @@ from trakwomp.cli.tables import (
     show_top_k,
 )
 
+from trakwomp.analysis.baselines import baseline_help
 from trakwomp.analysis.explain import Generation
 from trakwomp.analysis.explain import explain as explain_answer
 from trakwomp.stages.answers import DEFAULT_MAX_ANSWERS
@@ -60,6 +61,9 @@ from trakwomp.estimator.view import ViewSpec
 from trakwomp.outputs import check_output
 from trakwomp.stages.export import TABLE_SUFFIXES, write_table
 from trakwomp.stages.selection import parse_model_ids
+
+
+BaselineOpt = typer.Option([], "--baseline", help=baseline_help())
 
 
 @app.command()
@@ -120,12 +124,15 @@ def lds(
                                        "(choose views on one half, report on the other)."),
     resamples: int = typer.Option(2000, "--bootstrap", help="Bootstrap resamples of the targets for the 95% intervals."),
     by_group: bool = typer.Option(False, "--by-group", help="Against the group LDS models (train --role lds --group-alpha): the group-level LDS."),
+    baseline: list[str] = BaselineOpt,
+    device: str = DeviceOpt,
     json_out: bool = JsonOpt,
 ):
     """Linear datamodeling score of the scores against the store's LDS models, with 95% intervals."""
     views = pair_views(dims, blocks, ridge) if (dims or blocks or ridge or not scores) else []
-    report = lds_report(store, views, parse_model_ids(models), scores, threshold=threshold,
-                        tune_threshold=tune_threshold, half=half, resamples=resamples, by_group=by_group)
+    report = lds_report(store, views, parse_model_ids(models), scores, baselines=baseline, threshold=threshold,
+                        tune_threshold=tune_threshold, half=half, resamples=resamples, by_group=by_group,
+                        device=device)
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=1))
         return

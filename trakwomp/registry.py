@@ -15,6 +15,7 @@ editing trakwomp. In the package's pyproject.toml, for example:
 | `trakwomp.models.kinds.MODEL_KINDS` | `trakwomp.model_kinds` | a `ModelKind` subclass |
 | `trakwomp.features.projectors.PROJECTOR_KINDS` | `trakwomp.projectors` | a `ProjectorKind` subclass |
 | `trakwomp.features.factored.LAYER_RULES` | `trakwomp.layer_rules` | a `LayerRule` subclass |
+| `trakwomp.analysis.baselines.BASELINES` | `trakwomp.baselines` | a `Baseline` subclass |
 
 An entry's name is the name it is chosen by (`--task poisson`). A name already taken is refused
 in one line; an entry point that does not load is left out of the choices (help still works)

@@ -362,6 +362,8 @@ CASES = [
          "--target 9 is out of range: the scores hold targets 0 to 8"),
     Case("lds-without-lds-models", "scored", ["lds", "S"], "has no LDS models"),
     Case("lds-scores-of-another-shape", "full", ["lds", "S", "--scores", "F/scores-3x5.npy"], "are 3 x 5, but the LDS ground truth has 9 targets"),
+    Case("lds-unknown-baseline", "full", ["lds", "S", "--baseline", "nothing"], "unknown --baseline 'nothing': expected one of gradcos"),
+    Case("lds-bm25-baseline-of-images", "full", ["lds", "S", "--baseline", "bm25"], "the bm25 baseline needs text data"),
     # the store's bindings (compatibility checks)
     Case("other-dataset-size", "featurized", ["featurize", "S", "--data", "npz:F/targets.npz"],
          "dataset.num_examples is 48 in the store but 9 here"),

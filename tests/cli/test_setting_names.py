@@ -13,7 +13,7 @@ from trakwomp.errors import UserError
 from trakwomp.features.projectors import ProjectorSpec
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES_NAMED = {"peft", "transformers"}  # packages a message names in backticks, not settings
+PACKAGES_NAMED = {"bm25s", "peft", "transformers"}  # packages a message names in backticks, not settings
 QUOTED_COMMAND = re.compile(r"`trakwomp [^`]*`")  # a command to run, flags and all
 
 

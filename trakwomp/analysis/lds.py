@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from trakwomp.analysis.baselines import BASELINES, BaselineInputs
 from trakwomp.analysis.ground_truth import GroundTruth
 from trakwomp.data.files import read_npy
 from trakwomp.errors import UserError
@@ -26,6 +27,7 @@ from trakwomp.estimator.threshold import (
     relative_soft_threshold,
 )
 from trakwomp.estimator.view import AUTO, ViewSpec, check_ridge
+from trakwomp.runtime import resolve_device
 from trakwomp.stages.selection import featurized_models, store_view
 from trakwomp.stages.stored_scores import find_scores, iterate_scores
 from trakwomp.store import Store, paths
@@ -201,18 +203,21 @@ def lds(
     models: list[int] | None = None,
     score_files: Sequence[str | Path] = (),
     *,
+    baselines: Sequence[str] = (),
     threshold: float | None = None,
     tune_threshold: bool = False,
     half: int | None = None,
     resamples: int = 2000,
     seed: int = 0,
     by_group: bool = False,
+    device: str = "cpu",
 ) -> LdsReport:
     """LDS of the store's scores at each of `views` (default: the default view, unless score
-    files are given), and of each score file, against the store's LDS models (or `half` 0 or 1 of
-    them, see `GroundTruth.split`); paired differences are taken against the first. `threshold`
-    soft-thresholds every source (default: the store's views at DEFAULT_THRESHOLD, score files as
-    given, since they may have been thresholded when exported). `by_group`:
+    files are given), of each score file and of each baseline (trakwomp.analysis.baselines), against
+    the store's LDS models (or `half` 0 or 1 of them, see `GroundTruth.split`); paired differences
+    are taken against the first. `threshold` soft-thresholds the views and score files (default:
+    the store's views at DEFAULT_THRESHOLD, score files as given, since they may have been
+    thresholded when exported; baselines never). `by_group`:
     against the group LDS models, each trained on a random half of the groups, so that the
     prediction sum_{i in D_j} tau_i(z) is a sum of group scores (the group LDS); a last row
     gives the LDS of predicting by the number of examples kept (`size_baseline`), which the
@@ -227,22 +232,40 @@ def lds(
     truth = GroundTruth.from_store(handle, by_group)
     if half is not None:
         truth = truth.split(half)
-    sources, thresholds = [], []
     if views is None:
         views = [] if score_files else [ViewSpec()]
-    if views:
-        model_ids = featurized_models(handle, models)
-        for spec in views:
-            view = store_view(handle, spec)
-            key = find_scores(handle, view, model_ids, truth.targets_sha)
-            shape = handle.array(paths.scores(key)).shape
-            sources.append(ScoreSource(view_name(view, len(model_ids)), lambda key=key: iterate_scores(handle, key), *shape))
-            thresholds.append(DEFAULT_THRESHOLD if threshold is None else threshold)
-    for path in score_files:
-        sources.append(ScoreSource.from_file(path))
-        thresholds.append(0.0 if threshold is None else threshold)
-    results = [lds_of_source(s, truth, t, tune_threshold, resamples, seed) for s, t in zip(sources, thresholds, strict=True)]
+    sources = view_sources(handle, views, models, truth, DEFAULT_THRESHOLD if threshold is None else threshold)
+    sources += [(ScoreSource.from_file(path), 0.0 if threshold is None else threshold) for path in score_files]
+    sources += baseline_sources(handle, baselines, models, truth, resolve_device(device))
+    results = [lds_of_source(s, truth, t, tune_threshold, resamples, seed) for s, t in sources]
     if by_group and sources:  # on the LDS models the others are reported on, never thresholded
-        baseline = size_baseline(sources[0].num_targets, sources[0].num_train)
+        baseline = size_baseline(sources[0][0].num_targets, sources[0][0].num_train)
         results.append(lds_of_source(baseline, truth.split(1) if tune_threshold else truth, resamples=resamples, seed=seed))
     return LdsReport(results, [paired_difference(r, results[0], resamples, seed) for r in results[1:]])
+
+
+def view_sources(handle: Store, views: list[ViewSpec], models: list[int] | None, truth: GroundTruth,
+                 threshold: float) -> list[tuple[ScoreSource, float]]:
+    """The store's finished scores of the LDS targets at each view, with the threshold to apply."""
+    if not views:
+        return []
+    model_ids, sources = featurized_models(handle, models), []
+    for spec in views:
+        view = store_view(handle, spec)
+        key = find_scores(handle, view, model_ids, truth.targets_sha)
+        shape = handle.array(paths.scores(key)).shape
+        sources.append((ScoreSource(view_name(view, len(model_ids)), lambda key=key: iterate_scores(handle, key),
+                                    *shape), threshold))
+    return sources
+
+
+def baseline_sources(handle: Store, names: Sequence[str], models: list[int] | None, truth: GroundTruth,
+                     device: torch.device) -> list[tuple[ScoreSource, float]]:
+    """Each baseline's scores of the LDS targets (never thresholded), all checked before any is read."""
+    if not names:
+        return []
+    baselines = [BASELINES.get(name) for name in dict.fromkeys(names)]
+    n_targets, n_train = truth.outputs.shape[1], truth.masks.shape[1]
+    inputs = BaselineInputs(handle, featurized_models(handle, models), truth.targets_sha, n_targets, n_train, device)
+    return [(ScoreSource(f"{baseline.name} (baseline)", baseline.chunks(inputs), n_targets, n_train), 0.0)
+            for baseline in baselines]

@@ -65,6 +65,11 @@ class Task(ABC):
     def outputs(self, output, batch: Batch) -> torch.Tensor:
         """f, one per example of the batch, from the model's output on it."""
 
+    def representation(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """One vector per example from `hidden`, the input of the model's output layer (the
+        repsim baseline): here that input itself, flattened."""
+        return hidden.reshape(len(hidden), -1)
+
     def token_outputs(self, output, batch: Batch, texts: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """f of token `positions[r]` of text `texts[r]` given the tokens before it: per-token attribution."""
         raise UserError(f"per-token attribution needs a language model (causal-lm), not the {self.name} task")

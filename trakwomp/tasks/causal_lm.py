@@ -66,6 +66,12 @@ class CausalLM(Task):
         of (a loss of exactly 0, f = inf) leaves them, and their gradients, finite."""
         return log_odds_from_loss(self.next_token_losses(output, batch)[texts, positions - 1])
 
+    def representation(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The mean over a text's real tokens of the hidden states (batch, T, width) that enter
+        the output layer."""
+        real = batch.inputs[1].to(hidden.dtype).unsqueeze(-1)
+        return (hidden * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
+
     def outputs(self, output, batch: Batch) -> torch.Tensor:
         if isinstance(batch, TokenBatch):  # token rows: each its token's f, from its text's one forward pass
             return self.token_outputs(output, batch, batch.tokens[:, 0], batch.tokens[:, 1])
