@@ -15,6 +15,7 @@ from conftest import TINY, TINY_GPT, TINY_RECIPE, fortunes, write_jsonl, write_t
 from trakwomp.analysis.baselines import BASELINES, BaselineInputs
 from trakwomp.analysis.ground_truth import GroundTruth
 from trakwomp.analysis.lds import lds
+from trakwomp.analysis.show import show
 from trakwomp.data.specs import load_dataset
 from trakwomp.errors import UserError
 from trakwomp.features.projectors import ProjectorSpec
@@ -180,3 +181,18 @@ def test_the_cli_reports_baseline_rows_and_their_paired_differences(image_store,
     assert names[1:] == ["gradcos (baseline)", "repsim (baseline)"] and names[0].startswith("TRAK")
     assert [(d["name"], d["baseline"]) for d in report["paired_differences"]] == [(n, names[0]) for n in names[1:]]
     assert report["results"][1]["lds"] == pytest.approx(lds(store, baselines=["gradcos"], resamples=20).results[1].mean)
+
+
+def test_targets_changed_since_they_were_recorded_are_refused_by_show_and_repsim(image_store, tmp_path):
+    store, _, _ = image_store
+    spec_file = store.parent / "targets.npz"
+    kept = spec_file.read_bytes()
+    try:
+        write_tiny_images(spec_file, n=12, seed=2)  # the same size, other images
+        with pytest.raises(UserError, match=r"^the scored targets at 'npz:.*' are not those the store recorded "
+                                            r"\(fingerprint differs\); pass `targets`"):
+            show(store, 0, out=tmp_path / "show.png")
+        with pytest.raises(UserError, match=r"^the LDS targets at .* are not those the store recorded .*repsim"):
+            lds(store, baselines=["repsim"])
+    finally:
+        spec_file.write_bytes(kept)

@@ -32,7 +32,7 @@ from trakwomp.errors import UserError
 from trakwomp.models.registry import load_registered_model
 from trakwomp.models.spec import ModelSpec
 from trakwomp.registry import Registry
-from trakwomp.stages.bindings import load_store_data, stored_dataset, stored_task
+from trakwomp.stages.bindings import recorded_data, stored_dataset, stored_task
 from trakwomp.store import Store, paths
 
 TARGET_ROWS = 256  # targets per chunk of baseline scores
@@ -122,14 +122,8 @@ class GradientCosine(Baseline):
 def lds_targets(handle: Store, targets_sha: str, needed_by: str) -> Dataset:
     """The LDS targets, read again from their recorded spec and checked by fingerprint."""
     source = handle.manifest.lds_targets_source
-    if source is None:
-        raise UserError(f"the {needed_by} baseline reads the LDS targets, whose spec store {handle.location!r} "
-                        "does not record")
-    targets = load_store_data(handle.location, source.spec)
-    if targets.fingerprint().sha256 != targets_sha:
-        raise UserError(f"the LDS targets at {source.spec!r} are not those the LDS models were scored on "
-                        "(fingerprint differs)")
-    return targets
+    return recorded_data(handle, None if source is None else source.spec, targets_sha, "LDS targets",
+                         f"the {needed_by} baseline reads them: put them back where they were")
 
 
 @torch.no_grad()

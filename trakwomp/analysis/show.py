@@ -24,7 +24,7 @@ from trakwomp.data.groups import Groups
 from trakwomp.errors import UserError
 from trakwomp.estimator.threshold import relative_soft_threshold
 from trakwomp.outputs import check_output, write_atomically
-from trakwomp.stages.bindings import load_store_data, stored_dataset
+from trakwomp.stages.bindings import recorded_data, stored_dataset
 from trakwomp.stages.export import strongest_rows
 from trakwomp.stages.selection import Selection
 from trakwomp.store import Store, paths
@@ -52,13 +52,8 @@ def show(
     key, targets = selection.key(handle), selection.targets
     recorded = handle.manifest.targets[handle.manifest.scores[key].targets]
     if targets is None:
-        if recorded.spec is None:
-            raise UserError("the store does not record where the scored targets were read from; pass `targets` "
-                            "(and `target_indices`) as given to `trakwomp score`")
-        targets = load_store_data(store, recorded.spec)
-        if targets.fingerprint().sha256 != recorded.sha256:
-            raise UserError(f"the targets at {recorded.spec!r} are not those scored (fingerprint differs); "
-                            "pass `targets` (and `target_indices`) as given to `trakwomp score`")
+        targets = recorded_data(handle, recorded.spec, recorded.sha256, "scored targets",
+                                "pass `targets` (and `target_indices`) as given to `trakwomp score`")
     tau = handle.array(paths.scores(key))
     if not 0 <= target < tau.shape[0]:
         raise UserError(f"`target` {target} is out of range: the scores hold targets 0 to {tau.shape[0] - 1}")

@@ -75,6 +75,17 @@ def bind_training_inputs(handle: Store, data: Dataset, model: ModelSpec, task: T
         handle.mark_done("data", "train_indices")
 
 
+def recorded_data(handle: Store, spec: str | None, sha256: str, what: str, hint: str) -> Dataset:
+    """Data a store records by its spec and fingerprint (scored targets, LDS targets), read again
+    and checked: a spec not recorded, or data changed since, is refused in one line ending `hint`."""
+    if spec is None:
+        raise UserError(f"the store does not record where the {what} were read from; {hint}")
+    data = load_store_data(handle.location, spec)
+    if data.fingerprint().sha256 != sha256:
+        raise UserError(f"the {what} at {spec!r} are not those the store recorded (fingerprint differs); {hint}")
+    return data
+
+
 def load_store_data(store: str | Path, spec: str, indices=None, transform: str | None = None, tokenizer: str | None = None,
                     max_length: int | None = None) -> Dataset:
     """Data (train examples or targets) for the store `store`: text is read with the store's
