@@ -26,7 +26,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import zarr
 import zarr.codecs
-from zarr.errors import BaseZarrError, ContainsArrayError
+from zarr.errors import BaseZarrError, ContainsArrayError, ContainsGroupError
 from trakwomp.store import paths
 from trakwomp.store.durable import DurableStore
 from trakwomp.store.errors import StoreError, StoreWriteError
@@ -278,7 +278,8 @@ class Store:
             # have left the array without a parent group, which hides it from readers that walk.
             parents = path.split("/")[:-1]
             for depth in range(1, len(parents) + 1):
-                self._group.require_group("/".join(parents[:depth]))
+                with contextlib.suppress(ContainsGroupError):  # made meanwhile, by the process that made the array
+                    self._group.require_group("/".join(parents[:depth]))
         if array.shape != shape or array.dtype != dtype or (chunks != "auto" and array.chunks != chunks):
             raise StoreError(
                 f"store {self.location!r}: array {path!r} is {array.dtype} {array.shape} in chunks {array.chunks}, "

@@ -343,3 +343,18 @@ def test_a_409_conditional_conflict_is_read_again_and_an_access_denied_is_one_li
     with pytest.raises(StoreError, match=r"cannot create the manifest lease object .*: \[Errno 13\] Access Denied$"):
         s3_like_lease(tmp_path / "b", "403").__enter__()
     assert not list((tmp_path / "b").rglob("*"))
+
+
+def test_an_array_whose_parent_group_another_process_makes_meanwhile_is_taken(tmp_path, monkeypatch):
+    """Two runs of one shard: the second finds the array made by the first, whose parent group's
+    metadata is written at the same moment; its repair of the parents then meets a group that did
+    not exist when it looked (zarr's ContainsGroupError), which is what it wanted."""
+    handle = Store.open(tmp_path / "s", create=True)
+    handle.require_array("scores/key/tau", (4, 3), "float32", (2, 3))[...] = np.ones((4, 3), np.float32)
+
+    def made_meanwhile(self, name, **kwargs):
+        raise zarr.errors.ContainsGroupError(f"A group exists at path {name!r}")
+
+    monkeypatch.setattr(zarr.Group, "require_group", made_meanwhile)
+    again = Store.open(tmp_path / "s").require_array("scores/key/tau", (4, 3), "float32", (2, 3))
+    np.testing.assert_array_equal(again[...], np.ones((4, 3), np.float32))
