@@ -2,7 +2,8 @@
 
 - `gradcos`: the cosine of the projected gradients, cos(phi_m(z), phi_m(x_i)), averaged over the
   models m: TracIn at the final weights, normalized, with neither the Gram inverse nor q. It
-  reads the features `featurize` and `score` stored (the LDS targets must be scored).
+  reads the features `featurize` and `score` stored (the LDS targets must be scored), the train
+  features chunk by chunk.
 - `repsim`: the cosine of the models' last hidden representations, cos(h_m(z), h_m(x_i)),
   averaged over the models: h is the input of the model's last `nn.Linear` (its output layer, for
   every built-in and Hugging Face model), pooled over a text's tokens by the task.
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+from numpy.typing import ArrayLike
 import torch
 from torch import nn
 
@@ -79,7 +81,7 @@ def baseline_help() -> str:
             "(docs/method.md).")
 
 
-def unit_rows(rows: np.ndarray) -> np.ndarray:
+def unit_rows(rows: ArrayLike) -> np.ndarray:
     """Each row divided by its Euclidean norm (a zero row stays zero), float32."""
     rows = np.asarray(rows, dtype=np.float32)
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
@@ -105,18 +107,27 @@ class GradientCosine(Baseline):
     name, help = "gradcos", "cosine of the projected gradients, no inverse (TracIn at the final weights)"
 
     def chunks(self, inputs: BaselineInputs) -> Chunks:
-        handle, prefix = inputs.handle, paths.targets_prefix(paths.short_id(inputs.targets_sha))
-        recorded = handle.manifest.featurize_record()
-        chunks = -(-inputs.num_targets // recorded.chunk_rows)
+        handle, targets_id = inputs.handle, paths.short_id(inputs.targets_sha)
+        chunk_rows = handle.manifest.featurize_record().chunk_rows
+        chunks = -(-inputs.num_targets // chunk_rows)
         for m in inputs.model_ids:
-            done = len(handle.done_units(paths.target_features_stage(paths.short_id(inputs.targets_sha)),
-                                         paths.unit(m)))
+            done = len(handle.done_units(paths.target_features_stage(targets_id), paths.unit(m)))
             if done < chunks:
                 raise UserError(f"the gradcos baseline reads the LDS targets' features, which model {m} has for "
                                 f"{done} of {chunks} chunks; run `trakwomp score` on the LDS targets first")
-        targets = [handle.read_array(f"{paths.features(m, prefix)}/phi") for m in inputs.model_ids]
-        train = [handle.read_array(f"{paths.features(m)}/phi") for m in inputs.model_ids]
-        return mean_cosines(targets, train)
+
+        def cosines():  # the train features streamed by stored chunk, as `score` reads them
+            for start in range(0, inputs.num_targets, TARGET_ROWS):
+                rows = range(start, min(start + TARGET_ROWS, inputs.num_targets))
+                total = np.zeros((len(rows), inputs.num_train), np.float32)
+                for m in inputs.model_ids:
+                    phi = handle.array(f"{paths.features(m, paths.targets_prefix(targets_id))}/phi")
+                    z, train = unit_rows(phi[rows.start:rows.stop]), handle.array(f"{paths.features(m)}/phi")
+                    for first in range(0, inputs.num_train, chunk_rows):
+                        total[:, first:first + chunk_rows] += z @ unit_rows(train[first:first + chunk_rows]).T
+                yield rows, total / len(inputs.model_ids)
+
+        return cosines
 
 
 def lds_targets(handle: Store, targets_sha: str, needed_by: str) -> Dataset:
