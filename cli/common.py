@@ -1,6 +1,7 @@
 """What every command shares: the app, one-line errors (the settings a library message names, as
-`name`, shown as the flags that set them), JSON output, progress, and each option declared once. Options that the library's settings objects have take their help (and default)
-from the settings field (`setting`), so the CLI cannot drift from the library.
+`name`, shown as the flags that set them), JSON output, progress, and each option declared once.
+Options that the library's settings objects have take their help (and default) from the settings
+field (`setting`), so the CLI cannot drift from the library.
 """
 
 from __future__ import annotations

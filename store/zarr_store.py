@@ -39,6 +39,7 @@ from zarr.storage import FsspecStore, LocalStore
 # before have none, so damage that still decodes goes unseen there (docs/store.md).
 FORMAT_VERSION = 2
 MANIFEST_KEY = "trakwomp"
+Node = TypeVar("Node", zarr.Array, zarr.Group)
 T = TypeVar("T")
 # Projected gradients are random-like floats: bit-shuffled lz4 saves about as much space as zstd
 # (12% of float32) and encodes 6x and decodes 2.5x faster (bench/throughput, docs/performance.md).
@@ -273,7 +274,7 @@ class Store:
             array = self._group.create_array(path, shape=shape, dtype=dtype, chunks=chunks,
                                              compressors=compressors, overwrite=False)
         except ContainsArrayError:
-            array = self._array_node(path)
+            array = self._node(path, zarr.Array)
             # zarr writes an array's metadata and its parents' at once: a run killed then may
             # have left the array without a parent group, which hides it from readers that walk.
             parents = path.split("/")[:-1]
@@ -302,7 +303,7 @@ class Store:
     def array(self, path: str) -> "StoredArray":
         """The array at `path`, for reading slices of it."""
         path = self._checked(path)
-        return StoredArray(self._array_node(path), path, self)
+        return StoredArray(self._node(path, zarr.Array), path, self)
 
     def read_array(self, path: str) -> np.ndarray:
         return np.asarray(self.array(path)[...])
@@ -313,7 +314,7 @@ class Store:
 
     def read_arrays(self, path: str) -> dict[str, np.ndarray]:
         path = self._checked(path)
-        group = self._group_node(path)
+        group = self._node(path, zarr.Group)
         return {name: np.asarray(StoredArray(array, f"{path}/{name}", self)[...]) for name, array in group.arrays()}
 
     def _checked(self, path: str) -> str:
@@ -322,25 +323,18 @@ class Store:
             raise StoreError(f"store {self.location!r}: refusing the path {path!r}, which is not made of plain names")
         return path
 
-    def _array_node(self, path: str) -> zarr.Array:
-        node = self._node(path, "array")
-        if not isinstance(node, zarr.Array):
-            raise StoreError(f"store {self.location!r}: {path!r} is not an array")
-        return node
-
-    def _group_node(self, path: str) -> zarr.Group:
-        node = self._node(path, "group")
-        if not isinstance(node, zarr.Group):
-            raise StoreError(f"store {self.location!r}: {path!r} is not a group")
-        return node
-
-    def _node(self, path: str, kind: str) -> zarr.Array | zarr.Group:
+    def _node(self, path: str, kind: type[Node]) -> Node:
+        """The node at `path`, refused unless it is a `kind` (zarr.Array or zarr.Group)."""
+        name, a_name = ("array", "an array") if kind is zarr.Array else ("group", "a group")
         try:
-            return self._group[path]
+            node = self._group[path]
         except KeyError:
-            raise StoreError(f"store {self.location!r} has no {kind} {path!r}") from None
+            raise StoreError(f"store {self.location!r} has no {name} {path!r}") from None
         except (*_DAMAGE, BaseZarrError) as e:
             raise self.damaged(f"the metadata of {path!r} does not read ({e})") from None
+        if not isinstance(node, kind):
+            raise StoreError(f"store {self.location!r}: {path!r} is not {a_name}")
+        return node
 
     def size_bytes(self) -> int:
         """The bytes of every key in the store."""
@@ -352,7 +346,7 @@ class Store:
     def chunks_of(self, path: str) -> tuple[int, ...] | None:
         """The chunk shape of the array at `path`, or None if there is none yet."""
         try:
-            return self._array_node(self._checked(path)).chunks
+            return self._node(self._checked(path), zarr.Array).chunks
         except StoreError:
             return None
 

@@ -88,16 +88,17 @@ def unit_rows(rows: ArrayLike) -> np.ndarray:
     return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
 
 
-def mean_cosines(targets: list[np.ndarray], train: list[np.ndarray]) -> Chunks:
-    """Chunks of the mean over models m of cos(targets[m][z], train[m][i])."""
-    targets, train = [unit_rows(t) for t in targets], [unit_rows(t) for t in train]
-
+def mean_cosines(targets: list, train: list, num_targets: int, num_train: int, train_rows: int) -> Chunks:
+    """Chunks of the mean over models m of cos(targets[m][z], train[m][i]): `targets[m]` and
+    `train[m]` are arrays of rows (in memory or stored), the train rows read `train_rows` at a time."""
     def chunks():
-        for start in range(0, len(targets[0]), TARGET_ROWS):
-            rows = range(start, min(start + TARGET_ROWS, len(targets[0])))
-            total = np.zeros((len(rows), len(train[0])), np.float32)
+        for start in range(0, num_targets, TARGET_ROWS):
+            rows = range(start, min(start + TARGET_ROWS, num_targets))
+            total = np.zeros((len(rows), num_train), np.float32)
             for z, x in zip(targets, train, strict=True):
-                total += z[rows.start:rows.stop] @ x.T
+                z = unit_rows(z[rows.start:rows.stop])
+                for first in range(0, num_train, train_rows):
+                    total[:, first:first + train_rows] += z @ unit_rows(x[first:first + train_rows]).T
             yield rows, total / len(train)
 
     return chunks
@@ -116,18 +117,10 @@ class GradientCosine(Baseline):
                 raise UserError(f"the gradcos baseline reads the LDS targets' features, which model {m} has for "
                                 f"{done} of {chunks} chunks; run `trakwomp score` on the LDS targets first")
 
-        def cosines():  # the train features streamed by stored chunk, as `score` reads them
-            for start in range(0, inputs.num_targets, TARGET_ROWS):
-                rows = range(start, min(start + TARGET_ROWS, inputs.num_targets))
-                total = np.zeros((len(rows), inputs.num_train), np.float32)
-                for m in inputs.model_ids:
-                    phi = handle.array(f"{paths.features(m, paths.targets_prefix(targets_id))}/phi")
-                    z, train = unit_rows(phi[rows.start:rows.stop]), handle.array(f"{paths.features(m)}/phi")
-                    for first in range(0, inputs.num_train, chunk_rows):
-                        total[:, first:first + chunk_rows] += z @ unit_rows(train[first:first + chunk_rows]).T
-                yield rows, total / len(inputs.model_ids)
-
-        return cosines
+        prefix = paths.targets_prefix(targets_id)  # the train features are read by stored chunk, as score does
+        return mean_cosines([handle.array(f"{paths.features(m, prefix)}/phi") for m in inputs.model_ids],
+                            [handle.array(f"{paths.features(m)}/phi") for m in inputs.model_ids],
+                            inputs.num_targets, inputs.num_train, chunk_rows)
 
 
 def lds_targets(handle: Store, targets_sha: str, needed_by: str) -> Dataset:
@@ -177,7 +170,8 @@ class RepresentationCosine(Baseline):
         spec, output_size = ModelSpec.of_store(model, handle.location), task.output_size(train)
         nets = [load_registered_model(handle, m, spec, output_size) for m in inputs.model_ids]
         return mean_cosines([representations(net, targets, task.representation, inputs.device) for net in nets],
-                            [representations(net, train, task.representation, inputs.device) for net in nets])
+                            [representations(net, train, task.representation, inputs.device) for net in nets],
+                            inputs.num_targets, inputs.num_train, inputs.num_train)
 
 
 def import_bm25s() -> Any:
