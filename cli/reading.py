@@ -56,6 +56,7 @@ from trakwomp.analysis.status import status as store_status
 from trakwomp.data.files import load_indices
 from trakwomp.data.groups import parse_group_names
 from trakwomp.errors import UserError
+from trakwomp.estimator.scores import SCORE_MEANING
 from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
 from trakwomp.estimator.view import ViewSpec
 from trakwomp.outputs import check_output
@@ -66,7 +67,7 @@ from trakwomp.stages.selection import parse_model_ids
 BaselineOpt = typer.Option([], "--baseline", help=baseline_help())
 
 
-@app.command()
+@app.command(epilog=SCORE_MEANING)
 @reports_errors
 @chooses_scores
 def predict(
@@ -149,7 +150,7 @@ def lds(
     Console().print(table)
 
 
-@app.command()
+@app.command(epilog=SCORE_MEANING)
 @reports_errors
 @chooses_scores
 def show(
@@ -198,7 +199,7 @@ def show(
     show_top_k(rows, f"Train examples that most support and oppose target {target}")
 
 
-@app.command()
+@app.command(epilog=SCORE_MEANING)
 @reports_errors
 def explain(
     store: str = typer.Argument(..., help="A store of a language model (train --task causal-lm), finalized."),
@@ -247,7 +248,7 @@ def explain(
         wrote(out)
 
 
-@app.command("groups")
+@app.command("groups", epilog=SCORE_MEANING)
 @reports_errors
 @chooses_scores
 def groups_command(

@@ -1,9 +1,10 @@
-"""The pipeline's commands: `train`, `featurize`, `finalize`, `score`. Each builds its stage's
+"""The pipeline's commands: `train`, `featurize`, `finalize`, `score`, and `verify`, which trains again. Each builds its stage's
 settings object from its options (the same object a Python user passes) and runs the stage."""
 
 from __future__ import annotations
 
 import glob
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -24,12 +25,14 @@ from trakwomp.cli.common import (
     QuietOpt,
     RidgeOpt,
     Role,
+    ScoresOptions,
     ShardOpt,
     StoreArg,
     TokenizerOpt,
     TransformOpt,
     WidthOpt,
     app,
+    chooses_scores,
     print_json,
     progress_for,
     recipe_default,
@@ -40,11 +43,13 @@ from trakwomp.cli.common import (
     wrote,
 )
 from trakwomp.cli.progress import console
-from trakwomp.cli.tables import cell, show_top_k
+from trakwomp.cli.tables import cell, show_top_k, show_verify
 
+from trakwomp.analysis.verify import Verify, VerifySettings
 from trakwomp.data.groups import parse_group_names
 from trakwomp.data.specs import load_dataset, spec_help
 from trakwomp.errors import UserError
+from trakwomp.estimator.scores import SCORE_MEANING
 from trakwomp.estimator.view import ViewSpec
 from trakwomp.features.memory import parse_size
 from trakwomp.features.projectors import DEFAULT_BLOCKS, ProjectorSpec, projector_help
@@ -255,7 +260,7 @@ def finalize(
                       f"inverted in {report.seconds:.1f}s, {report.units_skipped} already done")
 
 
-@app.command()
+@app.command(epilog=SCORE_MEANING)
 @reports_errors
 def score(
     store: str = typer.Argument(..., help="A finalized store."),
@@ -310,3 +315,46 @@ def score(
     if top_k:
         show_top_k([r for r in report.top_k_rows if r["target"] < 3],
                    "Train examples that most support and oppose the first 3 targets")
+
+
+@app.command(epilog=SCORE_MEANING)
+@reports_errors
+@chooses_scores
+def verify(
+    *,
+    store: str = typer.Argument(..., help="A scored store whose reference models `trakwomp train` trained."),
+    target: list[int] = typer.Option([], "--target", help="A target (its position in the scored targets); repeat for "
+                                     "a set."),
+    target_set: Optional[Path] = typer.Option(None, "--target-set", help="An .npy of scored target positions, or a "
+                                              "boolean mask over them: the target set."),
+    group: Optional[str] = setting(VerifySettings, "group", "--group"),
+    k: int = setting(VerifySettings, "k", "--k"),
+    seeds: int = setting(VerifySettings, "seeds", "--seeds"),
+    method: str = setting(VerifySettings, "method", "--method"),
+    out: Optional[Path] = setting(VerifySettings, "out", "--out"),
+    model: Optional[str] = typer.Option(None, "--model", help="The store's model, where it was made with a "
+                                        "package.module:factory (default: the store's)."),
+    scores_options: ScoresOptions,
+    device: str = DeviceOpt,
+    shard: str = ShardOpt,
+    quiet: bool = QuietOpt,
+    json_out: bool = JsonOpt,
+):
+    """Retrain without the train examples the scores name, and compare f's actual change with the predicted one.
+
+    Conditions, N seeds each (paired by seed): the K examples that most support the target(s)
+    removed, the K that most oppose them, K random ones (the control), none; with --group, the
+    group's members and as many random ones. The cost is printed before the runs; each run is a
+    unit (resumable, --shard). Changes are in f's units: the predicted change is minus the removed
+    examples' scores, calibrated by the store's LDS models where it has them on these targets."""
+    settings = VerifySettings(device=device, shard=Shard.parse(shard), k=k, seeds=seeds, method=method, group=group,
+                              target=tuple(target), target_set=target_set, selection=scores_options.selection(store),
+                              out=out)
+    with progress_for(quiet) as progress:
+        report = Verify(settings, ModelSpec.parse(model, None, None, None) if model else None).run(store, progress)
+    if json_out:
+        typer.echo(json.dumps(report.as_dict(), indent=1))
+    elif not quiet:
+        show_verify(report)
+        if out is not None and report.complete:
+            wrote(out)

@@ -99,3 +99,49 @@ def calibration_note(calibration) -> list[str]:
         return [f"change if removed: in score units; not calibrated: the {calibration.describe()} is not "
                 "positive at p < 0.05 on these targets"]
     return [f"calibrated change: the change x {calibration.describe()} on these targets"]
+
+
+def interval(low: float | None, high: float | None) -> str:
+    return "" if low is None or high is None else f"[{low:+.3g}, {high:+.3g}]"
+
+
+def show_verify(report) -> None:
+    """verify's findings: per condition, the actual change of f (95% interval over seeds) and the
+    predicted one, for the target set's mean, then target by target (up to 20); or what is left."""
+    if not report.complete:
+        console = Console(stderr=True)
+        console.print(f"verify: {report.runs_done} run(s) done here, {report.runs_skipped} done before, of "
+                      f"{report.runs}; the findings come once every run (of every --shard) is done")
+        return
+    calibrated = report.conditions[0].calibrated is not None
+    which = f"target {report.targets[0]}" if len(report.targets) == 1 else f"the mean of {len(report.targets)} targets"
+    table = Table("condition", "removed", "actual change", "95% interval", "predicted", *(["calibrated"] if calibrated else []),
+                  title=f"verify: {which}, {report.seeds} seed(s), removals ranked by {report.method} (scores/{report.scores})",
+                  caption=verify_caption(report))
+    for c in report.conditions:
+        table.add_row(c.condition, str(c.removed), f"{c.mean_actual:+.4g}", interval(c.mean_low, c.mean_high),
+                      f"{c.mean_predicted:+.4g}", *([f"{c.mean_calibrated:+.4g}"] if calibrated else []))
+    Console().print(table)
+    if len(report.targets) > 1:
+        shown = report.targets[:20]
+        per_target = Table("target", *(f"{c.condition} actual / predicted" for c in report.conditions), "order holds",
+                           title="Target by target" + (f" (the first 20 of {len(report.targets)}; --json has all)"
+                                                       if len(report.targets) > 20 else ""))
+        for t, target in enumerate(shown):
+            holds = all(checks[t] for checks in report.holds.values())
+            per_target.add_row(str(target), *(f"{c.actual[t]:+.3g} / {c.predicted[t]:+.3g}" for c in report.conditions),
+                               "yes" if holds else "no")
+        Console().print(per_target)
+
+
+def verify_caption(report) -> str:
+    """The checks of sign and order on the set's mean, and the predicted-actual correlation."""
+    checks = [f"{name.replace('_', ' ')}: {'yes' if values[-1] else 'no'}" for name, values in report.holds.items()]
+    per_target = [f"{sum(values[:-1])} of {len(values) - 1} targets" for values in report.holds.values()]
+    lines = [f"{check} ({count})" for check, count in zip(checks, per_target, strict=True)]
+    if report.correlation is not None:
+        lines.append(f"correlation of predicted and actual changes (targets x conditions): {report.correlation:+.2f}")
+    lines.append("changes in f's units; predicted = minus the removed examples' scores"
+                 + (", calibrated by the LDS models" if report.conditions[0].calibrated is not None else
+                    " (score units: no usable LDS calibration on these targets)"))
+    return "\n".join(lines)

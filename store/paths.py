@@ -18,6 +18,7 @@ SCORES = "scores"
 FINALIZE = "finalize"
 ANSWERS = "answers"  # explain's answers: apart from scores, bounded (trakwomp/stages/answers.py)
 ANSWER_ORDER = "answer_order"
+VERIFY = "verify"  # verify's retraining runs, per scored target set
 
 
 def unit(*parts: int | str) -> str:
@@ -120,3 +121,28 @@ def asked_train(role: str) -> str:
 def asked_finalize(view_key: str) -> str:
     """The manifest's "asked" entry of `finalize` for a view (the models asked for)."""
     return f"{FINALIZE}/{view_key}"
+
+
+def verify_folder(targets_id: str) -> str:
+    """verify's runs for a scored target set: `verify/<targets>/<removal>/<seed>`."""
+    return f"{VERIFY}/{targets_id}"
+
+
+def verify_run(targets_id: str, removal: str, seed: int) -> str:
+    """The unit name of a verify run: what it removes (`none`, `random-k<K>`, `set-<hash>`) and its seed."""
+    return unit(targets_id, removal, seed)
+
+
+def verify_run_folder(run: str) -> str:
+    """A verify run's folder (`run`: its unit name): the removed positions and the outputs f on the targets."""
+    return f"{VERIFY}/{run}"
+
+
+def verify_experiments(targets_id: str) -> str:
+    """The records of the verifies of a scored target set, one per set of runs asked for."""
+    return f"{verify_folder(targets_id)}/experiments"
+
+
+def verify_experiment(targets_id: str, experiment: str) -> str:
+    """The record of one verify's runs (their unit names), which `status` counts."""
+    return f"{verify_experiments(targets_id)}/{experiment}"

@@ -192,7 +192,7 @@ def test_targets_changed_since_they_were_recorded_are_refused_by_show_and_repsim
         with pytest.raises(UserError, match=r"^the scored targets at 'npz:.*' are not those the store recorded "
                                             r"\(fingerprint differs\); pass `targets`"):
             show(store, 0, out=tmp_path / "show.png")
-        with pytest.raises(UserError, match=r"^the LDS targets at .* are not those the store recorded .*repsim"):
+        with pytest.raises(UserError, match=r"^the targets at .* are not those the store recorded .*repsim"):
             lds(store, baselines=["repsim"])
     finally:
         spec_file.write_bytes(kept)

@@ -86,6 +86,8 @@ def root(tmp_path_factory) -> Path:
     good = root / "good.pt"
     torch.save(TINY.build(4).state_dict(), good)
     (root / "truncated.pt").write_bytes(good.read_bytes()[:1000])
+    featurize(root / "checkpointed", load_dataset(f"npz:{root / 'train.npz'}"), TINY, [str(good)],
+              projector=ProjectorSpec("sjlt", 0, 2, 8))
     (root / "junk.pt").write_bytes(b"junk" * 100)
     torch.save({"layer": torch.nn.Linear(2, 2)}, root / "pickled.pt")
     (root / "images" / "cat").mkdir(parents=True)
@@ -642,6 +644,22 @@ CASES = [
     Case("predict-without-subset-or-groups", "grouped", ["predict", "S"], "give --subset, or groups to drop"),
     Case("target-set-beyond-the-targets", "grouped", ["groups", "S", "--target-set", "F/beyond.npy"],
          "target 9 is out of range"),
+    # verify
+    Case("verify-nothing-chosen", "scored", ["verify", "S"], "choose what to verify: --target, --target-set or --group"),
+    Case("verify-target-not-scored", "scored", ["verify", "S", "--target", "9"], "target 9 is out of range"),
+    Case("verify-k-beyond-the-train-set", "scored", ["verify", "S", "--target", "0", "--k", "48"],
+         "--k (48) must be smaller than the 48 train examples the recipe trains on"),
+    Case("verify-zero-seeds", "scored", ["verify", "S", "--target", "0", "--seeds", "0"],
+         "--seeds and --k must be at least 1"),
+    Case("verify-unknown-group", "grouped", ["verify", "S", "--group", "nosuch"], "unknown group 'nosuch'"),
+    Case("verify-unknown-method", "scored", ["verify", "S", "--target", "0", "--method", "lucky"],
+         "unknown --method 'lucky': expected trak or a baseline (gradcos, repsim, bm25)"),
+    Case("verify-group-and-method", "grouped", ["verify", "S", "--group", "g0", "--method", "gradcos"],
+         "give --group or --method"),
+    Case("verify-without-a-recipe", "checkpointed", ["verify", "S", "--target", "0"],
+         "records no training recipe"),
+    Case("verify-drawing-not-png", "scored", ["verify", "S", "--target", "0", "--out", "F/verify.svg"],
+         "give --out a .png name"),
 ]
 
 

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, plain
 
 
 def test_cli_reference_is_generated_from_the_app(tmp_path):
@@ -30,3 +30,11 @@ def test_no_help_text_holds_what_rich_would_read_as_markup():
              for text in [sub.help or ""] + [param.help or "" for param in sub.params if hasattr(param, "help")]
              if eaten.search(text)]
     assert not found, found
+
+
+def test_every_command_that_prints_scores_states_their_unit_and_sign(cli):
+    """docs/method.md, "What a score means": the help of each command that prints scores says it."""
+    for command in ("score", "show", "explain", "groups", "predict", "verify"):
+        text = " ".join(plain(cli(command, "--help").output).split())
+        assert "the predicted drop of the target's f if train example i were removed (positive: it supports z" \
+            in text, command

@@ -90,7 +90,8 @@ def test_every_command_runs_on_real_valued_labels(tmp_path, cli):
                                              "--targets", targets],
                  ["featurize", store, "--blocks", "2", "--block-dim", "32"], ["finalize", store],
                  ["score", store, "--targets", targets, "--top-k", "2", "--top-k-out", tmp_path / "top.json"],
-                 ["lds", store], ["predict", store, "--subset", write_mask(tmp_path)], ["status", store]):
+                 ["lds", store], ["predict", store, "--subset", write_mask(tmp_path)],
+                 ["verify", store, "--target", "0", "--k", "4", "--seeds", "1"], ["status", store]):
         result = cli(*args, *(["--quiet"] if args[0] in ("train", "featurize", "finalize", "score") else []))
         assert result.exit_code == 0, (args[0], plain(result.output))
     handle = Store.open(store)

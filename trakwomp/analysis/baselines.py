@@ -43,8 +43,9 @@ Chunks = Callable[[], Iterator[tuple[range, np.ndarray]]]  # (targets, their (ta
 
 @dataclass(frozen=True)
 class BaselineInputs:
-    """What a baseline reads: the store, the models (registered ids) and the LDS targets'
-    fingerprint, with the number of targets and train examples the scores must have."""
+    """What a baseline reads: the store, the models (registered ids) and the targets'
+    fingerprint (the LDS targets, or those `verify` ranks removals for), with the number of
+    targets and train examples the scores must have."""
 
     handle: Store
     model_ids: list[int]
@@ -123,10 +124,13 @@ class GradientCosine(Baseline):
                             inputs.num_targets, inputs.num_train, chunk_rows)
 
 
-def lds_targets(handle: Store, targets_sha: str, needed_by: str) -> Dataset:
-    """The LDS targets, read again from their recorded spec and checked by fingerprint."""
+def baseline_targets(handle: Store, targets_sha: str, needed_by: str) -> Dataset:
+    """The targets a baseline scores (a scored target set, or the LDS targets), read again from
+    their recorded spec and checked by fingerprint."""
+    scored = handle.manifest.targets.get(paths.short_id(targets_sha))
     source = handle.manifest.lds_targets_source
-    return recorded_data(handle, None if source is None else source.spec, targets_sha, "LDS targets",
+    spec = scored.spec if scored is not None and scored.spec is not None else None if source is None else source.spec
+    return recorded_data(handle, spec, targets_sha, "targets",
                          f"the {needed_by} baseline reads them: put them back where they were")
 
 
@@ -166,7 +170,7 @@ class RepresentationCosine(Baseline):
             raise UserError(f"store {handle.location!r} sees its data through the transform {model.transform!r}, "
                             "which the repsim baseline does not import")
         train, task = stored_dataset(handle), stored_task(handle)
-        targets = lds_targets(handle, inputs.targets_sha, "repsim")
+        targets = baseline_targets(handle, inputs.targets_sha, "repsim")
         spec, output_size = ModelSpec.of_store(model, handle.location), task.output_size(train)
         nets = [load_registered_model(handle, m, spec, output_size) for m in inputs.model_ids]
         return mean_cosines([representations(net, targets, task.representation, inputs.device) for net in nets],
@@ -189,7 +193,7 @@ class Bm25(Baseline):
         bm25s = import_bm25s()
         handle = inputs.handle
         train = capable(stored_dataset(handle), TokenizedTexts, "the bm25 baseline")
-        targets = capable(lds_targets(handle, inputs.targets_sha, "bm25"), TokenizedTexts, "the bm25 baseline")
+        targets = capable(baseline_targets(handle, inputs.targets_sha, "bm25"), TokenizedTexts, "the bm25 baseline")
         words = {"stopwords": None, "show_progress": False}
         index = bm25s.BM25(k1=1.5, b=0.75, method="lucene")
         index.index(bm25s.tokenize([train.text(i) for i in range(len(train))], **words), show_progress=False)

@@ -104,6 +104,15 @@ def calibration_truth(handle: Store, key: str) -> tuple[GroundTruth | None, bool
     return None, False
 
 
+def target_set_calibration(handle: Store, key: str, rows: np.ndarray, mean_scores: np.ndarray) -> Calibration | None:
+    """The calibration of the scores `key` on the target set `rows` (`mean_scores`: their mean
+    score per train example) by the store's LDS models, if they were measured on these targets."""
+    truth, by_group = calibration_truth(handle, key)
+    if truth is None:
+        return None  # model j's prediction, averaged over the targets: mask_j . (their mean scores)
+    return Calibration.fit(truth.masks @ mean_scores, truth.outputs[:, rows].mean(axis=1), by_group)
+
+
 @dataclass
 class GroupScores:
     """Each group's score T_G(z) for each chosen target z (`per_target`, targets x groups), from
@@ -182,12 +191,8 @@ def group_scores(
         block = block[at >= 0].astype(np.float64)
         per_target[at[at >= 0]] = membership.T.dot(block.T).T
         row_sum += block.sum(axis=0)
-    truth, by_group = calibration_truth(handle, key)
-    calibration = None
-    if truth is not None:  # model j's prediction, averaged over the chosen targets: mask_j . (their mean scores)
-        calibration = Calibration.fit(truth.masks @ (row_sum / len(rows)), truth.outputs[:, rows].mean(axis=1), by_group)
     return GroupScores(key, chosen.origin, rows.tolist(), list(chosen.names), chosen.sizes().tolist(),
-                       per_target, calibration)
+                       per_target, target_set_calibration(handle, key, rows, row_sum / len(rows)))
 
 
 def predicted_change(scores: GroupScores, drop: Sequence[str] = (), keep: Sequence[str] = ()) -> np.ndarray:

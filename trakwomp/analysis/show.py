@@ -24,7 +24,7 @@ from trakwomp.data.groups import Groups
 from trakwomp.errors import UserError
 from trakwomp.estimator.threshold import relative_soft_threshold
 from trakwomp.outputs import check_output, write_atomically
-from trakwomp.stages.bindings import recorded_data, stored_dataset
+from trakwomp.stages.bindings import stored_dataset
 from trakwomp.stages.export import strongest_rows
 from trakwomp.stages.selection import Selection
 from trakwomp.store import Store, paths
@@ -49,11 +49,8 @@ def show(
     if k < 1:
         raise UserError("`k` must be at least 1")
     handle = Store.open(store)
-    key, targets = selection.key(handle), selection.targets
-    recorded = handle.manifest.targets[handle.manifest.scores[key].targets]
-    if targets is None:
-        targets = recorded_data(handle, recorded.spec, recorded.sha256, "scored targets",
-                                "pass `targets` (and `target_indices`) as given to `trakwomp score`")
+    key = selection.key(handle)
+    targets = selection.scored_targets(handle, key)
     tau = handle.array(paths.scores(key))
     if not 0 <= target < tau.shape[0]:
         raise UserError(f"`target` {target} is out of range: the scores hold targets 0 to {tau.shape[0] - 1}")

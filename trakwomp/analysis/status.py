@@ -2,7 +2,7 @@
 
 What was asked for is what commands recorded: the number of models `train` was asked for per
 role, the models `featurize` registered, the models each `finalize` view was asked for, and the
-scores `score` started. A stage is complete when every unit of that is published.
+scores `score` started, and the runs each `verify` asked for. A stage is complete when every unit of that is published.
 explain's answers are counted apart: they are not work that a stage has left (an answer a kill
 interrupted is finished by the same query, and removed in its turn like the others).
 Temporary files (`*.partial`) are counted: writes in flight, or leftovers of killed writes that
@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from trakwomp.estimator.view import blocks_of_key
+from trakwomp.analysis.verify import STAGE as VERIFY_STAGE
 from trakwomp.stages.answers import STAGE as ANSWERS_STAGE
 from trakwomp.stages.train import ROLES
 from trakwomp.store import Store, paths
@@ -94,4 +95,17 @@ def status(store: str | Path) -> StoreStatus:
         chunk_rows = handle.chunks_of(paths.scores(key))
         total = math.ceil(n_targets / chunk_rows[0]) if chunk_rows else max(done, 1)
         report.stages.append(StageProgress("score", f"scores {key} target chunks", done, total))
+    report.stages += verify_progress(handle)
     return report
+
+
+def verify_progress(handle: Store) -> list[StageProgress]:
+    """Per scored target set, the runs that verifies asked for (their records) and those done."""
+    found = []
+    for targets_id in handle.children(paths.VERIFY):
+        asked: set[str] = set()
+        for experiment in handle.children(paths.verify_experiments(targets_id)):
+            asked.update((handle.read_record(paths.verify_experiment(targets_id, experiment)) or {}).get("runs", []))
+        done = sum(handle.done_info(VERIFY_STAGE, run) is not None for run in asked)
+        found.append(StageProgress("verify", f"runs for targets {targets_id}", done, len(asked)))
+    return found

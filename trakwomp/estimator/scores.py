@@ -18,6 +18,10 @@ from trakwomp.store import Store, paths
 
 SCORE_PASS_BYTES = 256 << 20
 
+SCORE_MEANING = ("Scores: tau_i(z) is the predicted drop of the target's f if train example i were removed (positive: "
+                 "it supports z; a sum over examples, their joint removal), in f's units up to one scale per target set, "
+                 "calibrated by the store's LDS models where shown (docs/method.md, \"What a score means\").")
+
 
 def mean_q(handle: Store, model_ids: list[int]) -> torch.Tensor:
     """The train examples' weights (1/M^2) sum_m q_m,i, float32."""

@@ -11,6 +11,7 @@ from trakwomp.errors import UserError
 from trakwomp.estimator.threshold import DEFAULT_THRESHOLD, check_threshold
 from trakwomp.estimator.view import View, ViewSpec
 from trakwomp.models.registry import check_made_from
+from trakwomp.stages.bindings import recorded_data
 from trakwomp.settings import option
 from trakwomp.stages.stored_scores import find_scores, iterate_scores
 from trakwomp.store import Store, paths
@@ -90,6 +91,15 @@ class Selection:
     def read(self, handle: Store, key: str):
         """(rows, soft-thresholded scores) for successive target chunks of the scores `key`."""
         return iterate_scores(handle, key, self.threshold)
+
+    def scored_targets(self, handle: Store, key: str) -> Dataset:
+        """The targets of the scores `key`: `targets` if given, else read again from the spec
+        `score` recorded, checked by fingerprint."""
+        if self.targets is not None:
+            return self.targets
+        recorded = handle.manifest.targets[handle.manifest.scores[key].targets]
+        return recorded_data(handle, recorded.spec, recorded.sha256, "scored targets",
+                             "pass `targets` (and `target_indices`) as given to `trakwomp score`")
 
 
 def find_view_scores(handle: Store, targets: Dataset | None, view: ViewSpec, models: list[int] | None) -> str:
