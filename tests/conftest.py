@@ -215,6 +215,26 @@ def tree_digest(path: Path, skip: set[str] = frozenset(), contents: bool = True)
     return digest.hexdigest()
 
 
+def write_scored_image_store(root: Path):
+    """root/store: two reference TINY resnet9s on 48 images (root/train.npz), 6 LDS models on 12
+    target images (root/targets.npz), featurized (sjlt, 2 x 16), finalized and scored on those
+    targets; returns (store, train set, targets)."""
+    from trakwomp.features.projectors import ProjectorSpec
+    from trakwomp.stages.featurize import featurize
+    from trakwomp.stages.finalize import finalize
+    from trakwomp.stages.score import score
+
+    data = load_dataset(f"npz:{write_tiny_images(root / 'train.npz')}")
+    targets = load_dataset(f"npz:{write_tiny_images(root / 'targets.npz', n=12, seed=1)}")
+    store = root / "store"
+    train(store, data, TINY, num_models=2, recipe=TINY_RECIPE)
+    train(store, data, TINY, targets=targets, role="lds", num_models=6, recipe=TINY_RECIPE)
+    featurize(store, projector=ProjectorSpec("sjlt", 0, 2, 16))
+    finalize(store)
+    score(store, targets)
+    return store, data, targets
+
+
 def write_scored_text_store(root: Path, store: str, train_file: str, targets_file: str) -> Path:
     """root/store: the tiny gpt trained one epoch on 24 fortunes (written to root/train_file),
     featurized at 2 x 8 (sjlt), finalized and scored on 4 test fortunes (root/targets_file)."""

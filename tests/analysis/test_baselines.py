@@ -11,7 +11,7 @@ import torch
 import zarr
 from scipy.stats import spearmanr
 
-from conftest import TINY, TINY_GPT, TINY_RECIPE, fortunes, write_jsonl, write_tiny_images
+from conftest import TINY_GPT, fortunes, write_jsonl, write_scored_image_store, write_tiny_images
 from trakwomp.analysis.baselines import BASELINES, BaselineInputs
 from trakwomp.analysis.ground_truth import GroundTruth
 from trakwomp.analysis.lds import lds
@@ -30,18 +30,8 @@ from trakwomp.tasks.causal_lm import CausalLM
 
 @pytest.fixture(scope="module")
 def image_store(tmp_path_factory):
-    """Two reference resnet9s on 48 images, 6 LDS models on 12 target images, featurized
-    (sjlt, 2 x 16), finalized and scored on those targets."""
-    root = tmp_path_factory.mktemp("baselines")
-    data = load_dataset(f"npz:{write_tiny_images(root / 'train.npz')}")
-    targets = load_dataset(f"npz:{write_tiny_images(root / 'targets.npz', n=12, seed=1)}")
-    store = root / "store"
-    train(store, data, TINY, num_models=2, recipe=TINY_RECIPE)
-    train(store, data, TINY, targets=targets, role="lds", num_models=6, recipe=TINY_RECIPE)
-    featurize(store, projector=ProjectorSpec("sjlt", 0, 2, 16))
-    finalize(store)
-    score(store, targets)
-    return store, data, targets
+    """Two reference resnet9s on 48 images, 6 LDS models on 12 target images, scored."""
+    return write_scored_image_store(tmp_path_factory.mktemp("baselines"))
 
 
 @pytest.fixture(scope="module")

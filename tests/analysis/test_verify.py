@@ -11,18 +11,14 @@ import torch
 import zarr
 from PIL import Image
 
-from conftest import TINY, TINY_GPT, TINY_RECIPE, plain, soft_thresholded, write_scored_text_store, write_tiny_images
+from conftest import (TINY, TINY_GPT, TINY_RECIPE, plain, soft_thresholded, write_scored_image_store,
+                      write_scored_text_store)
 from trakwomp.analysis.status import status
 from trakwomp.analysis.verify import verify
 from trakwomp.data.specs import load_dataset
-from trakwomp.features.projectors import ProjectorSpec
 from trakwomp.runtime import NoProgress, Shard
-from trakwomp.stages.featurize import featurize
 from trakwomp.stages.recipe import Recipe
-from trakwomp.stages.finalize import finalize
 from trakwomp.stages.fit import fit, model_outputs
-from trakwomp.stages.score import score
-from trakwomp.stages.train import train
 from trakwomp.tasks.causal_lm import CausalLM
 from trakwomp.tasks.classification import Classification
 
@@ -32,16 +28,7 @@ K, SEEDS, ROWS = 5, 2, (0, 2)
 @pytest.fixture(scope="module")
 def image_store(tmp_path_factory):
     """Two reference resnet9s on 48 images, 6 LDS models on 12 target images, scored."""
-    root = tmp_path_factory.mktemp("verify")
-    data = load_dataset(f"npz:{write_tiny_images(root / 'train.npz')}")
-    targets = load_dataset(f"npz:{write_tiny_images(root / 'targets.npz', n=12, seed=1)}")
-    store = root / "store"
-    train(store, data, TINY, num_models=2, recipe=TINY_RECIPE)
-    train(store, data, TINY, targets=targets, role="lds", num_models=6, recipe=TINY_RECIPE)
-    featurize(store, projector=ProjectorSpec("sjlt", 0, 2, 16))
-    finalize(store)
-    score(store, targets)
-    return store, data, targets
+    return write_scored_image_store(tmp_path_factory.mktemp("verify"))
 
 
 def documented_seed(recipe_seed: int, seed: int) -> int:
