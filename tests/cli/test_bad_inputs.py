@@ -658,6 +658,9 @@ CASES = [
          "give --group or --method"),
     Case("verify-without-a-recipe", "checkpointed", ["verify", "S", "--target", "0"],
          "records no training recipe"),
+    Case("verify-recipe-with-an-unknown-field", "scored", ["verify", "S", "--target", "0"],
+         "is damaged: its reference recipe (fields this trakwomp does not know)",
+         edit_manifest(lambda m: m["train_reference"].__setitem__("lr_warp", 3))),
     Case("verify-drawing-not-png", "scored", ["verify", "S", "--target", "0", "--out", "F/verify.svg"],
          "give --out a .png name"),
 ]

@@ -124,7 +124,7 @@ class VerifyPlan(Plan):
     tau: np.ndarray  # (rows, n_train) float64
     conditions: tuple[Condition, ...]
     pool: np.ndarray
-    runs_left: int
+    runs_left: int  # of this shard's
     seconds_per_run: float
 
 
@@ -204,14 +204,18 @@ class Verify(Stage[VerifyPlan, Run, VerifyReport]):
         if recorded is None:
             raise UserError(f"store {handle.location!r} records no training recipe (its models were not trained by "
                             "`trakwomp train`: checkpoints given to featurize); verify retrains with that recipe")
-        recipe, key = Recipe(**recorded.json), self.settings.selection.key(handle)
+        try:
+            recipe = Recipe(**recorded.json)
+        except TypeError:
+            raise handle.damaged("its reference recipe (fields this trakwomp does not know)") from None
+        key = self.settings.selection.key(handle)
         model = self.checked_model(handle)
         data, task = as_trained(handle, stored_dataset(handle)), stored_task(handle)
         rows = target_rows(handle.array(paths.scores(key)).shape[0], list(settings.target) or None, settings.target_set)
         tau = self.target_scores(handle, key, rows)
         pool, conditions = self.chosen_conditions(handle, data, recipe, tau, key, rows)
         targets_id = handle.manifest.scores[key].targets
-        left = [run for run in runs(conditions, settings.seeds)
+        left = [run for run in settings.shard.select(runs(conditions, settings.seeds))
                 if handle.done_info(STAGE, run_name(targets_id, run)) is None]
         seconds = seconds_per_run(data, pool, settings.k, model, task, recipe, self.device) if left else 0.0
         return VerifyPlan(data, self.settings.selection.scored_targets(handle, key), task, model, recipe, key,
@@ -276,7 +280,8 @@ class Verify(Stage[VerifyPlan, Run, VerifyReport]):
         units = runs(plan.conditions, self.settings.seeds)
         cost = f"{len(units)} training runs ({len(plan.conditions)} conditions x {self.settings.seeds} seeds)"
         if plan.runs_left:
-            cost += f", {plan.runs_left} to do, about {plan.runs_left * plan.seconds_per_run / 60:.1f} min"
+            here = " here" if self.settings.shard.count > 1 else ""
+            cost += f", {plan.runs_left} to do{here}, about {plan.runs_left * plan.seconds_per_run / 60:.1f} min"
         return Work(units, lambda run: run_name(plan.targets_id, run), f"verify: {cost}",
                     [paths.verify_folder(plan.targets_id), paths.done(STAGE, plan.targets_id)])
 
