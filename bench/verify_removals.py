@@ -11,6 +11,11 @@ whose opposers' removal raised it more, the correlation of predicted and actual 
 every (target, condition), and the mean actual changes.
 
     python bench/verify_removals.py STORE OUT [--targets 5] [--k 10 50 200] [--seeds 3] [--method trak]
+        [--own-group TARGETS.jsonl]
+
+With `--own-group`, each target's own group (its row's "source" in TARGETS.jsonl, the scored
+targets' file: for the fortune-authors answers, the author) is also removed (`verify --group`),
+against as many random examples: how often f falls more than under random removal, and by how much.
 """
 
 from __future__ import annotations
@@ -40,6 +45,29 @@ def summary(reports: list, k: int) -> dict:
             "random_change": mean_of("random")}
 
 
+def own_group_row(args, selection, rows: list) -> str:
+    """Each target's own group removed against as many random examples (appended to `rows`)."""
+    sources = [json.loads(line)["source"] for line in args.own_group.read_text().splitlines()]
+    reports = [verify(args.store, target=(t,), group=sources[t], seeds=args.seeds, selection=selection)
+               for t in range(args.targets)]
+    group = [r.conditions[0] for r in reports]
+    random = [r.conditions[1] for r in reports]
+    row = {"own_group": True, "targets": len(reports),
+           "group_lower_than_random": float(np.mean([g.mean_actual < r.mean_actual for g, r in zip(group, random, strict=True)])),
+           "moves_as_predicted": float(np.mean([r.holds["group_moves_as_predicted"][-1] for r in reports])),
+           "group_change": float(np.mean([g.mean_actual for g in group])),
+           "random_change": float(np.mean([r.mean_actual for r in random])),
+           "predicted_group_change": float(np.mean([g.mean_predicted for g in group])),
+           "mean_group_size": float(np.mean([g.removed for g in group]))}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    return (f"Each target's own group removed ({row['mean_group_size']:.1f} examples on average), against as many "
+            f"random ones: f fell more than under random removal for {row['group_lower_than_random']:.2f} of the "
+            f"targets, and moved against random removal as predicted for {row['moves_as_predicted']:.2f}; mean "
+            f"change {row['group_change']:+.4f} (random {row['random_change']:+.4f}; predicted, in score units, "
+            f"{row['predicted_group_change']:+.4f}).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store")
@@ -50,6 +78,7 @@ def main() -> None:
     parser.add_argument("--method", default="trak")
     parser.add_argument("--dims", type=int)
     parser.add_argument("--blocks", type=int)
+    parser.add_argument("--own-group", type=Path, help="the scored targets' .jsonl: remove each target's source")
     args = parser.parse_args()
     from trakwomp.estimator.view import ViewSpec
     from trakwomp.stages.selection import Selection
@@ -69,6 +98,8 @@ def main() -> None:
     lines += [f"| {r['k']} | {r['supporters_lower_than_random']:.2f} | {r['opposers_higher_than_random']:.2f} | "
               f"{r['correlation']:+.2f} | {r['supporters_change']:+.4f} / {r['opposers_change']:+.4f} / "
               f"{r['random_change']:+.4f} |" for r in rows]
+    if args.own_group is not None:
+        lines += ["", own_group_row(args, selection, rows)]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))

@@ -229,6 +229,12 @@ class Store:
         attributes = json.loads(json.dumps(attributes))
         path = self._checked(path)
         self._durable.refuse_links(path)  # before zarr starts the record's and its parents' writes at once
+        # Parents first, one by one: zarr writes a new group's parents and the group at once, so a kill
+        # among those writes could leave a record (a done marker) published without its parent group.
+        parents = path.split("/")[:-1]
+        for depth in range(1, len(parents) + 1):
+            with contextlib.suppress(ContainsGroupError):  # made meanwhile by another process
+                self._group.require_group("/".join(parents[:depth]))
         try:
             self._group.create_group(path, attributes=attributes, overwrite=True)
         except (FileNotFoundError, StoreWriteError) as e:  # ENOENT: another process replaced the same

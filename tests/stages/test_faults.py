@@ -2,7 +2,7 @@
 a rerun completes to exactly the store of an uninterrupted run; concurrent processes on one store
 equal one process; a read-only store is read, and refused for writing, without a change.
 
-Each stage (train, featurize, finalize, score) is stopped by TRAKWOMP_FAULT=K (a kill just
+Each stage (train, featurize, finalize, score, verify) is stopped by TRAKWOMP_FAULT=K (a kill just
 before its K-th write) or K:torn (halfway through writing it: half of its bytes in a temporary
 file), K drawn with a fixed seed from the writes the stage makes; the rerun is in-process, and
 every array and done marker is compared, bitwise, with a store that no fault touched. In the
@@ -31,6 +31,7 @@ from trakwomp.store import durable
 from trakwomp.store.durable import FAULT_VARIABLE, FaultPlan
 from typer.testing import CliRunner
 
+from trakwomp.analysis.verify import verify
 from trakwomp.data.specs import load_dataset
 from trakwomp.features.projectors import ProjectorSpec
 from trakwomp.stages.featurize import featurize
@@ -41,8 +42,8 @@ from trakwomp.stages.train import train
 
 RECIPE = Recipe(epochs=1, batch_size=16, lr=0.05)
 PROJECTOR = ProjectorSpec("sjlt", 5, 2, 8)
-STAGES = ("train", "featurize", "finalize", "score")
-KILLS_PER_STAGE = {"train": 5, "featurize": 7, "finalize": 5, "score": 7}
+STAGES = ("train", "featurize", "finalize", "score", "verify")
+KILLS_PER_STAGE = {"train": 5, "featurize": 7, "finalize": 5, "score": 7, "verify": 5}
 FULL_DISKS_PER_STAGE = 2
 
 
@@ -61,6 +62,7 @@ class Setup:
                           "--chunk-rows", "8", "--batch-size", "8"],
             "finalize": [],
             "score": ["--targets", f"npz:{self.target_npz}", "--chunk-rows", "4"],
+            "verify": ["--target", "0", "--target", "3", "--k", "4", "--seeds", "1"],
         }[stage]
         return [*base, *args, "--quiet", *extra]
 
@@ -78,8 +80,10 @@ class Setup:
             featurize(store, projector=PROJECTOR, chunk_rows=8, batch_size=8)
         elif stage == "finalize":
             finalize(store)
-        else:
+        elif stage == "score":
             score(store, load_dataset(f"npz:{self.target_npz}"), target_chunk_rows=4)
+        else:
+            verify(store, target=(0, 3), k=4, seeds=1)
 
 
 def assert_same_store(store, expected):
@@ -283,7 +287,8 @@ def read_only(store, how, monkeypatch):
         yield
 
 
-NEXT_WORK = {"train": ["featurize"], "featurize": ["finalize"], "finalize": ["score"], "score": ["finalize", "--blocks", "1"]}
+NEXT_WORK = {"train": ["featurize"], "featurize": ["finalize"], "finalize": ["score"], "score": ["finalize", "--blocks", "1"],
+             "verify": ["verify", "--k", "5"]}
 
 
 @pytest.mark.parametrize("how", ["injected", "mount"])

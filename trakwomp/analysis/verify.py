@@ -273,7 +273,9 @@ class Verify(Stage[VerifyPlan, Run, VerifyReport]):
     def bind(self, handle: Store, plan: VerifyPlan) -> VerifyPlan:
         names = sorted({run_name(plan.targets_id, run) for run in runs(plan.conditions, self.settings.seeds)})
         experiment = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-        handle.write_record(paths.verify_experiment(plan.targets_id, experiment), {"runs": names})
+        record = paths.verify_experiment(plan.targets_id, experiment)
+        if handle.read_record(record) != {"runs": names}:  # a finished verify reads only (a read-only store too)
+            handle.write_record(record, {"runs": names})
         return plan
 
     def work(self, plan: VerifyPlan) -> Work[Run]:
@@ -300,7 +302,7 @@ class Verify(Stage[VerifyPlan, Run, VerifyReport]):
             handle.write_array(f"{folder}/removed", removed.astype(np.int64))
             handle.write_array(paths.outputs(folder), outputs)
             seconds = time.perf_counter() - started
-            yield (condition, seed), {"removed": len(removed), "seconds": round(seconds, 3)}
+            yield (condition, seed), {"removed": len(removed)}  # no timing: a rerun leaves the same store
             report.runs_done += 1
             progress.unit_finished(name, f"{len(removed)} removed, {seconds:.1f} s")
 
