@@ -8,7 +8,10 @@ store, so a killed benchmark resumes where it stopped, and the runs that remove 
 examples are shared by every target. Prints (and writes to OUT.md and OUT.json) per K: the
 fraction of targets whose supporters' removal lowered f more than random removal, the fraction
 whose opposers' removal raised it more, the correlation of predicted and actual changes over
-every (target, condition), and the mean actual changes.
+every (target, condition), the mean actual changes, and, where the store's LDS models calibrate
+a target's scores (`Calibration`), the least-squares slope through zero of the actual changes on
+the calibrated predictions (1 where the score's unit is f's), and that slope on the raw
+predictions (score units).
 
     python bench/verify_removals.py STORE OUT [--targets 5] [--k 10 50 200] [--seeds 3] [--method trak]
         [--own-group TARGETS.jsonl]
@@ -37,12 +40,23 @@ def summary(reports: list, k: int) -> dict:
 
     actual = np.concatenate([c.actual for r in reports for c in r.conditions])
     predicted = np.concatenate([c.predicted for r in reports for c in r.conditions])
-    return {"k": k, "targets": len(reports),
+    pairs = np.array([(p, a) for r in reports for c in r.conditions if c.calibrated is not None
+                      for p, a in zip(c.calibrated, c.actual, strict=True)]).reshape(-1, 2)
+    calibrated = {"actual_per_predicted": float(predicted @ actual / (predicted @ predicted)),
+                  "calibrated_targets": sum(r.conditions[0].calibrated is not None for r in reports),
+                  "actual_per_calibrated": float(pairs[:, 0] @ pairs[:, 1] / (pairs[:, 0] @ pairs[:, 0]))
+                  if len(pairs) else None}
+    return {**calibrated, "k": k, "targets": len(reports),
             "supporters_lower_than_random": float(np.mean([r.holds["supporters_lower_than_random"][-1] for r in reports])),
             "opposers_higher_than_random": float(np.mean([r.holds["opposers_higher_than_random"][-1] for r in reports])),
             "correlation": float(np.corrcoef(predicted, actual)[0, 1]),
             "supporters_change": mean_of("supporters"), "opposers_change": mean_of("opposers"),
             "random_change": mean_of("random")}
+
+
+def ratio(row: dict) -> str:
+    value = row["actual_per_calibrated"]
+    return f"{'n/a' if value is None else f'{value:.2f}'} ({row['calibrated_targets']})"
 
 
 def own_group_row(args, selection, rows: list) -> str:
@@ -93,11 +107,12 @@ def main() -> None:
     lines = [f"verify on {args.store}: the first {args.targets} targets one by one, {args.seeds} seeds, removals "
              f"ranked by {args.method}, scores {reports[0].scores} ({time.perf_counter() - started:.0f} s)", "",
              "| K | supporters' removal lowers f more than random | opposers' raises it more | "
-             "correlation predicted vs actual | mean change: supporters / opposers / random |",
-             "| --- | --- | --- | --- | --- |"]
+             "correlation predicted vs actual | mean change: supporters / opposers / random | "
+             "actual per calibrated (targets calibrated) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['k']} | {r['supporters_lower_than_random']:.2f} | {r['opposers_higher_than_random']:.2f} | "
               f"{r['correlation']:+.2f} | {r['supporters_change']:+.4f} / {r['opposers_change']:+.4f} / "
-              f"{r['random_change']:+.4f} |" for r in rows]
+              f"{r['random_change']:+.4f} | {ratio(r)} |" for r in rows]
     if args.own_group is not None:
         lines += ["", own_group_row(args, selection, rows)]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
