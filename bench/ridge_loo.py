@@ -36,21 +36,25 @@ from trakwomp.store import Store, paths
 GRID = np.logspace(-7, 1, 49)
 
 
-def chosen_ridges(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
-    """The block's eigenvalues s and eigenvectors V, P = X V, and the relative ridges LOO and GCV choose."""
-    gram = X.T @ X
-    s, V = np.linalg.eigh(gram)
-    s = np.clip(s, 0, None)
-    mean_diagonal, n = np.trace(gram) / len(gram), len(X)
-    P = X @ V
-    c = P.T @ y
+def criteria(s: np.ndarray, P: np.ndarray, y: np.ndarray, rhos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """LOO(r) and GCV(r) at each relative ridge of `rhos`, from the block's eigenvalues s and P = X V."""
+    mean_diagonal, n, c = s.sum() / len(s), len(P), P.T @ y
     loo, gcv = [], []
-    for rho in GRID:
+    for rho in rhos:
         r = rho * mean_diagonal
         fitted = P @ (c / (s + r))
         leverage = (P ** 2) @ (1 / (s + r))
         loo.append(np.mean(((y - fitted) / (1 - leverage)) ** 2))
         gcv.append(n * np.sum((y - fitted) ** 2) / (n - np.sum(s / (s + r))) ** 2)
+    return np.array(loo), np.array(gcv)
+
+
+def chosen_ridges(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+    """The block's eigenvalues s and eigenvectors V, P = X V, and the relative ridges LOO and GCV choose."""
+    s, V = np.linalg.eigh(X.T @ X)
+    s = np.clip(s, 0, None)
+    P = X @ V
+    loo, gcv = criteria(s, P, y, GRID)
     return s, V, P, {"loo": float(GRID[int(np.argmin(loo))]), "gcv": float(GRID[int(np.argmin(gcv))])}
 
 

@@ -297,3 +297,61 @@ def test_answer_cache_benchmark_keeps_the_manifest_and_reads_every_answer_back(t
     results = json.loads((work / "answer_cache.json").read_text())
     assert results["filled"]["answers_kept"] == 30 and results["after"]["answers_kept"] == 35
     assert results["filled"]["manifest_bytes"] == results["after"]["manifest_bytes"]
+
+
+def load_bench(name: str):
+    """A bench/ script as a module (bench/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ridge_loo_criteria_equal_brute_force_leave_one_out_and_gcv():
+    """bench/ridge_loo.py's closed forms, against refitting the ridge regression n times without
+    each example, and against GCV with the hat matrix written out."""
+    ridge_loo = load_bench("ridge_loo")
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(30, 6)) * np.array([3, 2, 1, 0.5, 0.1, 0.01]), rng.normal(size=30)
+    s, V = np.linalg.eigh(X.T @ X)
+    rhos = np.array([1e-4, 1e-2, 0.3, 3.0])
+    loo, gcv = ridge_loo.criteria(s, X @ V, y, rhos)
+    for rho, got_loo, got_gcv in zip(rhos, loo, gcv, strict=True):
+        r = rho * np.trace(X.T @ X) / 6
+        errors = []
+        for i in range(30):
+            keep = np.arange(30) != i
+            beta = np.linalg.solve(X[keep].T @ X[keep] + r * np.eye(6), X[keep].T @ y[keep])
+            errors.append(y[i] - X[i] @ beta)
+        assert got_loo == pytest.approx(np.mean(np.square(errors)), rel=1e-9)
+        hat = X @ np.linalg.solve(X.T @ X + r * np.eye(6), X.T)
+        assert got_gcv == pytest.approx(30 * np.sum((y - hat @ y) ** 2) / (30 - np.trace(hat)) ** 2, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_ridge_loo_auto_row_equals_the_pipeline_and_verify_removals_summarizes_verify(tmp_path):
+    """bench/ridge_loo.py's auto row is `trakwomp lds` at the default view; bench/verify_removals.py's
+    fractions and means are those of the verify reports it summarizes."""
+    from conftest import write_scored_image_store
+
+    from trakwomp.analysis.lds import lds
+    from trakwomp.analysis.verify import verify
+
+    store = write_scored_image_store(tmp_path)[0]
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "ridge_loo.py"), str(store), "--view", "32,2"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout.splitlines()[-1])
+    assert row["auto"] == pytest.approx(lds(store, resamples=10).results[0].mean, abs=1e-4)
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "verify_removals.py"), str(store),
+                             str(tmp_path / "verify"), "--targets", "3", "--k", "4", "--seeds", "2"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "verify.json").read_text())[0]
+    reports = [verify(store, target=(t,), k=4, seeds=2) for t in range(3)]
+    supporters = [r.conditions[0].mean_actual < r.conditions[2].mean_actual for r in reports]
+    assert summary["supporters_lower_than_random"] == pytest.approx(np.mean(supporters))
+    assert summary["supporters_change"] == pytest.approx(np.mean([r.conditions[0].mean_actual for r in reports]))
