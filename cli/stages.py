@@ -345,8 +345,9 @@ def verify(
     Conditions, N seeds each (paired by seed): the K examples that most support the target(s)
     removed, the K that most oppose them, K random ones (the control), none; with --group, the
     group's members and as many random ones. The cost is printed before the runs; each run is a
-    unit (resumable, --shard). Changes are in f's units: the predicted change is minus the removed
-    examples' scores, calibrated by the store's LDS models where it has them on these targets."""
+    unit (resumable, --shard). Actual changes are in f's units; the predicted change is minus the
+    removed examples' scores (score units), calibrated to f's by the store's LDS models where they
+    were measured on these targets and their fit is significant."""
     settings = VerifySettings(device=device, shard=Shard.parse(shard), k=k, seeds=seeds, method=method, group=group,
                               target=tuple(target), target_set=target_set, selection=scores_options.selection(store),
                               out=out)
