@@ -57,8 +57,9 @@ def prepare(work: Path, s: dict) -> None:
     data, targets = data_flags(work, s)
     recipe = ["--epochs", str(s["epochs"])] if s["epochs"] else []
     sequence, token = work / "sequence", work / "token"
-    run("train", str(sequence), "--task", "causal-lm", *data, *recipe, "-q")
-    shards = [subprocess.Popen([*TRAKWOMP, "train", str(sequence), "--task", "causal-lm", *data, *recipe, "--role", "lds",
+    run("train", str(sequence), "--task", "causal-lm", "--lm-output", "sequence", *data, *recipe, "-q")
+    shards = [subprocess.Popen([*TRAKWOMP, "train", str(sequence), "--task", "causal-lm", "--lm-output", "sequence",
+                                *data, *recipe, "--role", "lds",
                                 "--num-models", str(s["lds_models"]), *targets, "--shard", f"{k}/2", "-q"]) for k in range(2)]
     if any(p.wait() for p in shards):
         raise SystemExit("an LDS training shard failed")

@@ -72,6 +72,9 @@ def test_text_lds_smoke_chooses_on_the_even_half_and_reports_the_odd_half(tmp_pa
     results = json.loads((work / "results.json").read_text())
     assert set(results) == {"sequence", "token"}
     store = zarr.open_group(str(work / "sequence"), mode="r")
+    for name in ("sequence", "token"):  # each store features its own output function
+        task = zarr.open_group(str(work / name), mode="r").attrs["trakwomp"]["task"]
+        assert task.get("output", "token") == name, task
     odd = [f"{j:06d}" for j in range(1, 8, 2)]
     masks = np.stack([store[f"models/lds/{j}/mask"][...] for j in odd]).astype(float)
     outputs = np.stack([store[f"models/lds/{j}/margins"][...] for j in odd])
