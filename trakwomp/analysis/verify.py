@@ -47,10 +47,11 @@ from trakwomp.outputs import check_output, write_atomically
 from trakwomp.runtime import Progress
 from trakwomp.settings import option
 from trakwomp.stages.bindings import as_trained, check_model_bound, choose_groups, stored_dataset, stored_task
-from trakwomp.stages.fit import fit, model_outputs
+from trakwomp.stages.fit import fit, model_outputs, steps_per_epoch
 from trakwomp.stages.recipe import Recipe, torch_threads
 from trakwomp.stages.selection import Selection, featurized_models
 from trakwomp.stages.skeleton import Plan, RunSettings, Stage, Work
+from trakwomp.stages.train import examples_per_epoch
 from trakwomp.store import Store, paths
 from trakwomp.tasks.base import Task
 
@@ -316,7 +317,7 @@ class Verify(Stage[VerifyPlan, Run, VerifyReport]):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)
             net = plan.model.build(plan.task.output_size(plan.data))
-        progress.unit_started(name, recipe.epochs * steps_per_epoch(len(positions), recipe) * recipe.batch_size)
+        progress.unit_started(name, recipe.epochs * examples_per_epoch(len(positions), recipe))
         with torch_threads(recipe.threads):
             fit(net, plan.data, positions, recipe, plan.task, torch.Generator().manual_seed(torch_seed), self.device,
                 progress)
@@ -362,10 +363,6 @@ def baseline_ranking(handle: Store, method: str, key: str, rows: np.ndarray, mod
     return total / len(rows)
 
 
-def steps_per_epoch(examples: int, recipe: Recipe) -> int:
-    return examples // recipe.batch_size if examples > recipe.batch_size else 1
-
-
 def seconds_per_run(data: Dataset, pool: np.ndarray, k: int, model: ModelSpec, task: Task, recipe: Recipe,
                     device: torch.device) -> float:
     """A run's training time, estimated from two timed steps of the recipe (after one that warms
@@ -385,7 +382,7 @@ def seconds_per_run(data: Dataset, pool: np.ndarray, k: int, model: ModelSpec, t
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - started)
-    return recipe.epochs * steps_per_epoch(len(pool) - k, recipe) * float(np.mean(times[1:]))
+    return recipe.epochs * steps_per_epoch(len(pool) - k, recipe.batch_size) * float(np.mean(times[1:]))
 
 
 def t_interval(differences: np.ndarray) -> tuple[np.ndarray, list[float | None], list[float | None]]:

@@ -16,13 +16,18 @@ from trakwomp.stages.recipe import CLIP_NORM, Recipe, one_cycle_lr
 from trakwomp.tasks.base import Task
 
 
+def steps_per_epoch(examples: int, batch_size: int) -> int:
+    """Full batches per epoch (the rest is left out); a subset smaller than one batch is one batch."""
+    return examples // batch_size if examples > batch_size else 1
+
+
 def epoch_batches(dataset: Dataset, positions: torch.Tensor, batch_size: int,
                   generator: torch.Generator) -> list[np.ndarray]:
     """One epoch's batches: the examples in a random order, cut into full batches (the rest is
     left out; a subset smaller than one batch is one batch). Texts are then sorted by length
     within windows of 16 batches and the batches shuffled, so that a batch pads little."""
     n = len(positions)
-    steps = n // batch_size if n > batch_size else 1
+    steps = steps_per_epoch(n, batch_size)
     order = positions[torch.randperm(n, generator=generator)].numpy()
     if dataset.lengths is None:
         return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
@@ -40,12 +45,12 @@ def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recip
     model.to(device).train()
     optimizer = recipe.make_optimizer(model)
     order = torch.as_tensor(positions)
-    steps_per_epoch = len(order) // recipe.batch_size if len(order) > recipe.batch_size else 1
-    total_steps = recipe.epochs * steps_per_epoch
+    steps = steps_per_epoch(len(order), recipe.batch_size)
+    total_steps = recipe.epochs * steps
     for epoch in range(recipe.epochs):
         for step, batch_positions in enumerate(epoch_batches(dataset, order, recipe.batch_size, generator)):
             for group in optimizer.param_groups:
-                group["lr"] = one_cycle_lr(epoch * steps_per_epoch + step, total_steps, recipe)
+                group["lr"] = one_cycle_lr(epoch * steps + step, total_steps, recipe)
             batch = load_batch(dataset, batch_positions)
             if recipe.augment:
                 batch = dataset.augmented(batch, generator)

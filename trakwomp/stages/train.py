@@ -200,7 +200,7 @@ class Train(Stage[TrainPlan, int, TrainReport]):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed)
             net = self.model.build(plan.output_size)
-        progress.unit_started(f"{role} model {j}", recipe.epochs * _examples_per_epoch(int(mask.sum()), recipe))
+        progress.unit_started(f"{role} model {j}", recipe.epochs * examples_per_epoch(int(mask.sum()), recipe))
         keep = set(recipe.checkpoint_epochs) if role == "reference" else set()
         kept: dict[str, str] = {}  # epoch -> the hash of the checkpoint's weights, published with the unit
 
@@ -245,7 +245,8 @@ def train(store: str | Path, data: Dataset, model: ModelSpec, *, targets: Datase
     return Train(TrainSettings(**settings), data, model, targets).run(store, progress)
 
 
-def _examples_per_epoch(n: int, recipe: Recipe) -> int:
+def examples_per_epoch(n: int, recipe: Recipe) -> int:
+    """Examples a model trains on per epoch: its full batches (all n if fewer than a batch)."""
     return (n // recipe.batch_size) * recipe.batch_size if n > recipe.batch_size else n
 
 
