@@ -336,19 +336,33 @@ def test_ridge_loo_criteria_equal_brute_force_leave_one_out_and_gcv():
 
 @pytest.mark.slow
 def test_ridge_loo_auto_row_equals_the_pipeline_and_verify_removals_summarizes_verify(tmp_path):
-    """bench/ridge_loo.py's auto row is `trakwomp lds` at the default view; bench/verify_removals.py's
-    fractions and means are those of the verify reports it summarizes."""
+    """bench/ridge_loo.py's auto scores are the pipeline's stored scores, within float32's rounding
+    of the pipeline's sums; bench/verify_removals.py's fractions and means are those of the verify
+    reports it summarizes."""
     from conftest import write_scored_image_store
 
-    from trakwomp.analysis.lds import lds
     from trakwomp.analysis.verify import verify
+    from trakwomp.store import Store, paths
 
     store = write_scored_image_store(tmp_path)[0]
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "ridge_loo.py"), str(store), "--view", "32,2"],
-                            cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    row = json.loads(result.stdout.splitlines()[-1])
-    assert row["auto"] == pytest.approx(lds(store, resamples=10).results[0].mean, abs=1e-4)
+    handle = Store.open(store)
+    key = next(iter(handle.manifest.scores))
+    targets_id = handle.manifest.scores[key].targets
+    scores, _ = load_bench("ridge_loo").view_scores(handle, [0, 1], targets_id, 32, 2)
+    stored = handle.read_array(paths.scores(key)).astype(np.float64)
+    # |tau| bound of the pipeline's float32 rounding: sum over models and blocks of |phi(z)| |K^-1| |phi_i|,
+    # times q, each product of w = 16 terms rounded at most 2w times by float32
+    q = sum(handle.read_array(f"{paths.features(m)}/q").astype(np.float64) for m in (0, 1)) / 4
+    magnitude = np.zeros_like(stored)
+    for m in (0, 1):
+        train = np.abs(handle.read_array(f"{paths.features(m)}/phi").astype(np.float64))
+        target = np.abs(handle.read_array(f"{paths.features(m, paths.targets_prefix(targets_id))}/phi").astype(np.float64))
+        inverse = np.abs(handle.read_array(paths.inverse("d32-b2-ridgeauto", m)))
+        for b in range(2):
+            columns = slice(16 * b, 16 * (b + 1))
+            magnitude += target[:, columns] @ inverse[b] @ train[:, columns].T
+    bound = 2 * 16 * 2 * np.finfo(np.float32).eps * magnitude * q[None, :] + np.finfo(np.float32).tiny
+    assert np.all(np.abs(scores["auto"] - stored) <= bound)
     result = subprocess.run([sys.executable, str(REPO / "bench" / "verify_removals.py"), str(store),
                              str(tmp_path / "verify"), "--targets", "3", "--k", "4", "--seeds", "2"],
                             cwd=REPO, capture_output=True, text=True)
