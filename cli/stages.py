@@ -1,5 +1,6 @@
-"""The pipeline's commands: `train`, `featurize`, `finalize`, `score`, and `verify`, which trains again. Each builds its stage's
-settings object from its options (the same object a Python user passes) and runs the stage."""
+"""The pipeline's commands: `train`, `featurize`, `finalize`, `score`, and `verify`, which trains
+again. Each builds its stage's settings object from its options (the same object a Python user
+passes) and runs the stage."""
 
 from __future__ import annotations
 
@@ -328,6 +329,7 @@ def verify(
     target_set: Optional[Path] = typer.Option(None, "--target-set", help="An .npy of scored target positions, or a "
                                               "boolean mask over them: the target set."),
     group: Optional[str] = setting(VerifySettings, "group", "--group"),
+    groups: Optional[Path] = GroupsOpt,
     k: int = setting(VerifySettings, "k", "--k"),
     seeds: int = setting(VerifySettings, "seeds", "--seeds"),
     method: str = setting(VerifySettings, "method", "--method"),
@@ -349,13 +351,18 @@ def verify(
     removed examples' scores (score units), calibrated to f's by the store's LDS models where they
     were measured on these targets and their fit is significant."""
     settings = VerifySettings(device=device, shard=Shard.parse(shard), k=k, seeds=seeds, method=method, group=group,
-                              target=tuple(target), target_set=target_set, selection=scores_options.selection(store),
+                              groups=groups, target=tuple(target), target_set=target_set, selection=scores_options.selection(store),
                               out=out)
     with progress_for(quiet) as progress:
         report = Verify(settings, ModelSpec.parse(model, None, None, None) if model else None).run(store, progress)
     if json_out:
         typer.echo(json.dumps(report.as_dict(), indent=1))
-    elif not quiet:
+    elif quiet:
+        return
+    elif not report.complete:
+        console.print(f"verify: {report.runs_done} run(s) done here, {report.runs_skipped} done before, of "
+                      f"{report.runs}; the findings come once every run (of every --shard) is done")
+    else:
         show_verify(report)
-        if out is not None and report.complete:
+        if out is not None:
             wrote(out)

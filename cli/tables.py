@@ -107,12 +107,7 @@ def interval(low: float | None, high: float | None) -> str:
 
 def show_verify(report) -> None:
     """verify's findings: per condition, the actual change of f (95% interval over seeds) and the
-    predicted one, for the target set's mean, then target by target (up to 20); or what is left."""
-    if not report.complete:
-        console = Console(stderr=True)
-        console.print(f"verify: {report.runs_done} run(s) done here, {report.runs_skipped} done before, of "
-                      f"{report.runs}; the findings come once every run (of every --shard) is done")
-        return
+    predicted one, for the target set's mean, then target by target (up to 20)."""
     calibrated = report.conditions[0].calibrated is not None
     which = f"target {report.targets[0]}" if len(report.targets) == 1 else f"the mean of {len(report.targets)} targets"
     table = Table("condition", "removed", "actual change", "95% interval", "predicted", *(["calibrated"] if calibrated else []),

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,12 @@ def root(tmp_path_factory) -> Path:
     np.save(root / "groups.npy", labels)
     group_scores(root / "grouped", root / "groups.npy")
     np.save(root / "groups-short.npy", labels[:40])
+    np.save(root / "one-group.npy", np.array(["all"] * 48))
+    excluding = root / "excluding"  # reference models that never saw group g0, scored
+    train(excluding, train_set, TINY, recipe=replace(RECIPE, exclude_groups=("g0",)), groups=root / "groups.npy")
+    featurize(excluding, projector=ProjectorSpec("sjlt", 0, 2, 8))
+    finalize(excluding)
+    score(excluding, targets)
     np.save(root / "groups-other.npy", np.roll(labels, 1))
     (root / "groups-missing.csv").write_text("index,group\n" + "".join(f"{i},g{i % 4}\n" for i in range(47)))
     shutil.copytree(root / "trained", root / "factored")
@@ -661,6 +667,21 @@ CASES = [
     Case("verify-recipe-with-an-unknown-field", "scored", ["verify", "S", "--target", "0"],
          "is damaged: its reference recipe (fields this trakwomp does not know)",
          edit_manifest(lambda m: m["train_reference"].__setitem__("lr_warp", 3))),
+    Case("verify-group-of-data-without-sources", "scored", ["verify", "S", "--group", "g0"],
+         "has no sources; pass --groups FILE"),
+    Case("verify-group-as-large-as-the-train-set", "scored",
+         ["verify", "S", "--groups", "F/one-group.npy", "--group", "all"],
+         "group 'all' has 48 examples; it must be smaller than the 48 train examples the recipe trains on"),
+    Case("verify-group-the-recipe-excludes", "excluding", ["verify", "S", "--group", "g0"],
+         "--group 'g0' is one the recipe excludes: no model trains on it"),
+    Case("verify-groups-other-than-the-store's", "excluding",
+         ["verify", "S", "--groups", "F/groups-other.npy", "--group", "g1"], "differ from those store"),
+    Case("verify-store-seen-through-a-transform", "scored", ["verify", "S", "--target", "0"],
+         "sees its data through the transform 'mine:scale', which verify does not import",
+         edit_manifest(lambda m: m["model"].__setitem__("transform", "mine:scale"))),
+    Case("repsim-of-a-store-seen-through-a-transform", "full", ["lds", "S", "--baseline", "repsim"],
+         "sees its data through the transform 'mine:scale', which the repsim baseline does not import",
+         edit_manifest(lambda m: m["model"].__setitem__("transform", "mine:scale"))),
     Case("verify-drawing-not-png", "scored", ["verify", "S", "--target", "0", "--out", "F/verify.svg"],
          "give --out a .png name"),
 ]

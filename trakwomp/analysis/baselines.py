@@ -34,7 +34,7 @@ from trakwomp.errors import UserError
 from trakwomp.models.registry import load_registered_model
 from trakwomp.models.spec import ModelSpec
 from trakwomp.registry import Registry
-from trakwomp.stages.bindings import recorded_data, stored_dataset, stored_task
+from trakwomp.stages.bindings import recorded_data, refuse_transform, stored_dataset, stored_task
 from trakwomp.store import Store, paths
 
 TARGET_ROWS = 256  # targets per chunk of baseline scores
@@ -127,9 +127,10 @@ class GradientCosine(Baseline):
 def baseline_targets(handle: Store, targets_sha: str, needed_by: str) -> Dataset:
     """The targets a baseline scores (a scored target set, or the LDS targets), read again from
     their recorded spec and checked by fingerprint."""
-    scored = handle.manifest.targets.get(paths.short_id(targets_sha))
-    source = handle.manifest.lds_targets_source
-    spec = scored.spec if scored is not None and scored.spec is not None else None if source is None else source.spec
+    scored, source = handle.manifest.targets.get(paths.short_id(targets_sha)), handle.manifest.lds_targets_source
+    spec = scored.spec if scored is not None else None
+    if spec is None and source is not None:
+        spec = source.spec
     return recorded_data(handle, spec, targets_sha, "targets",
                          f"the {needed_by} baseline reads them: put them back where they were")
 
@@ -165,10 +166,8 @@ class RepresentationCosine(Baseline):
 
     def chunks(self, inputs: BaselineInputs) -> Chunks:
         handle = inputs.handle
+        refuse_transform(handle, "the repsim baseline")
         model = handle.manifest.model_record()
-        if model.transform is not None:
-            raise UserError(f"store {handle.location!r} sees its data through the transform {model.transform!r}, "
-                            "which the repsim baseline does not import")
         train, task = stored_dataset(handle), stored_task(handle)
         targets = baseline_targets(handle, inputs.targets_sha, "repsim")
         spec, output_size = ModelSpec.of_store(model, handle.location), task.output_size(train)

@@ -1,8 +1,9 @@
 """`status`: what each stage of a store has done and has left, per role, model, view and scores.
 
 What was asked for is what commands recorded: the number of models `train` was asked for per
-role, the models `featurize` registered, the models each `finalize` view was asked for, and the
-scores `score` started, and the runs each `verify` asked for. A stage is complete when every unit of that is published.
+role, the models `featurize` registered, the models each `finalize` view was asked for, the
+scores `score` started, and the runs each `verify` asked for. A stage is complete when every
+unit of that is published.
 explain's answers are counted apart: they are not work that a stage has left (an answer a kill
 interrupted is finished by the same query, and removed in its turn like the others).
 Temporary files (`*.partial`) are counted: writes in flight, or leftovers of killed writes that

@@ -40,13 +40,22 @@ from PIL import Image, ImageDraw, ImageFont
 from trakwomp.analysis.baselines import BASELINES, BaselineInputs
 from trakwomp.analysis.groups import Calibration, target_rows, target_set_calibration
 from trakwomp.data.base import Dataset, load_batch
+from trakwomp.data.groups import Groups
 from trakwomp.errors import UserError
 from trakwomp.features.memory import check_dense_fits
 from trakwomp.models.spec import ModelSpec
 from trakwomp.outputs import check_output, write_atomically
 from trakwomp.runtime import Progress
 from trakwomp.settings import option
-from trakwomp.stages.bindings import as_trained, check_model_bound, choose_groups, stored_dataset, stored_task
+from trakwomp.stages.bindings import (
+    as_trained,
+    check_groups,
+    check_model_bound,
+    choose_groups,
+    refuse_transform,
+    stored_dataset,
+    stored_task,
+)
 from trakwomp.stages.fit import fit, model_outputs, steps_per_epoch
 from trakwomp.stages.recipe import Recipe, torch_threads
 from trakwomp.stages.selection import Selection, featurized_models
@@ -103,6 +112,8 @@ class VerifySettings(RunSettings):
                                "bm25), so that their counterfactuals can be compared side by side.")
     group: str | None = option(None, "Remove this group's members (instead of the top K); random removal then "
                                      "draws as many.")
+    groups: Groups | str | Path | None = option(None, "The train examples' groups (Groups, or a groups file) "
+                                                      "(default: the store's, else the sources of text data).")
     target: tuple[int, ...] = option((), "Targets (positions in the scored targets).")
     target_set: str | Path | None = option(None, "An .npy of scored target positions, or a boolean mask over them.")
     selection: Selection = option(Selection(), "Which stored scores predict the changes.")
@@ -224,12 +235,9 @@ class Verify(Stage[VerifyPlan, Run, VerifyReport]):
                           existing=handle)
 
     def checked_model(self, handle: Store) -> ModelSpec:
-        recorded = handle.manifest.model_record()
-        if recorded.transform is not None:
-            raise UserError(f"store {handle.location!r} sees its data through the transform {recorded.transform!r}, "
-                            "which verify does not import")
-        model = self.model or ModelSpec.of_store(recorded, handle.location)
-        check_model_bound(handle, model, recorded.transform)
+        refuse_transform(handle, "verify")
+        model = self.model or ModelSpec.of_store(handle.manifest.model_record(), handle.location)
+        check_model_bound(handle, model, None)
         return model
 
     def target_scores(self, handle: Store, key: str, rows: np.ndarray) -> np.ndarray:
@@ -250,7 +258,10 @@ class Verify(Stage[VerifyPlan, Run, VerifyReport]):
         """The examples the recipe trains on, and the conditions: none, then supporters, opposers
         and random (K each), or the group and random (as many)."""
         settings, n = self.settings, len(data)
-        groups = choose_groups(handle, None, n, lambda: data) if recipe.exclude_groups or settings.group else None
+        groups = None
+        if recipe.exclude_groups or settings.group is not None:
+            groups = choose_groups(handle, settings.groups, n, lambda: data)
+            check_groups(handle, groups)
         pool = np.arange(n)
         if groups is not None and recipe.exclude_groups:
             pool = np.flatnonzero(~groups.members(groups.positions(list(recipe.exclude_groups))))
@@ -496,6 +507,7 @@ def verify(store: str | Path, *, model: ModelSpec | None = None, progress: Progr
     targets, without the K that most oppose them, without K random ones, and without none (or
     without a group, and as many random ones), N seeds each, and compare the actual changes of
     f with those the scores predict (see the module docstring). `settings`: `VerifySettings`'
-    fields by keyword (k, seeds, method, group, target, target_set, selection, device, shard).
+    fields by keyword (k, seeds, method, group, groups, target, target_set, selection, out, device,
+    shard).
     The findings are filled in once every run (of every shard) is done."""
     return Verify(VerifySettings(**settings), model).run(store, progress)

@@ -99,6 +99,15 @@ def load_store_data(store: str | Path, spec: str, indices=None, transform: str |
     return load_dataset(spec, indices, transform, tokenizer=tokenizer, max_length=max_length)
 
 
+def refuse_transform(handle: Store, needed_by: str) -> None:
+    """Refuse a store that sees its data through a user transform: trakwomp imports code only when
+    the user names it, and `needed_by` (a baseline, verify) reads the data without one."""
+    transform = handle.manifest.model_record().transform
+    if transform is not None:
+        raise UserError(f"store {handle.location!r} sees its data through the transform {transform!r}, "
+                        f"which {needed_by} does not import")
+
+
 def stored_task(handle: Store) -> Task:
     return task_of_store(handle.manifest.task)
 
