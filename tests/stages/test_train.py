@@ -194,6 +194,29 @@ def test_training_uses_the_recorded_threads_whatever_the_process_uses(tmp_path):
     assert weights[2, 1] != weights[2, 2]
 
 
+def test_a_model_with_dropout_trains_alike_whatever_the_process_drew_before(tmp_path, tiny_npz, user_module):
+    """Dropout draws from torch's global generator: the same unit trained after different draws
+    of the caller (another process, shard or order) gives bitwise the same weights, the caller's
+    generator is left as it was, and the dropout is live (without it the weights differ)."""
+    user_module("dropnets.nets", "import torch\n"
+                "def build(num_classes, p=0.5):\n"
+                "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(p), torch.nn.Linear(768, num_classes))\n"
+                "def build_without(num_classes):\n"
+                "    return build(num_classes, p=0.0)\n")
+    data = load_dataset(f"npz:{tiny_npz}")
+    weights = {}
+    for name, factory, caller_seed in (("a", "build", 1), ("b", "build", 2), ("none", "build_without", 1)):
+        torch.manual_seed(caller_seed)
+        expected_next = torch.rand(3)
+        torch.manual_seed(caller_seed)
+        train(tmp_path / name, data, ModelSpec.parse(f"dropnets.nets:{factory}"), recipe=RECIPE)
+        assert torch.equal(torch.rand(3), expected_next)
+        stored = Store.open(tmp_path / name).read_arrays(paths.weights(paths.trained_model("reference", 0)))
+        weights[name] = {k: v.tobytes() for k, v in stored.items()}
+    assert weights["a"] == weights["b"]
+    assert weights["a"] != weights["none"]
+
+
 def test_checkpoints_along_a_run_are_members_of_its_ensemble(tmp_path, tiny_npz):
     """--save-checkpoints 3 over 3 epochs keeps the weights after epochs 1 and 2 and the model;
     keeping them does not change training (the model equals one trained without checkpoints, bit

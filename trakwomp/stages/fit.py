@@ -37,11 +37,31 @@ def epoch_batches(dataset: Dataset, positions: torch.Tensor, batch_size: int,
     return [batches[int(i)] for i in torch.randperm(steps, generator=generator)]
 
 
+def model_noise_seed(generator: torch.Generator) -> int:
+    """The seed of torch's global generator while a model trains, which the model's own noise
+    (dropout) draws from: derived from `generator`'s seed, without drawing from `generator`."""
+    state = np.random.SeedSequence([generator.initial_seed(), 1]).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
 def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recipe, task: Task,
         generator: torch.Generator, device: torch.device, progress: Progress,
         epoch_done: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
     """Train `model` on the examples `positions` of `dataset` with `recipe` and the task's loss;
-    `epoch_done(epoch, model)` is called after each epoch (counted from 1) but the last."""
+    `epoch_done(epoch, model)` is called after each epoch (counted from 1) but the last. Data
+    order and augmentation draw from `generator`, the model's dropout from torch's global
+    generator seeded by `model_noise_seed` (and restored after), so a model trains alike in
+    any process, shard or order."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(model_noise_seed(generator))
+        return fit_seeded(model, dataset, positions, recipe, task, generator, device, progress, epoch_done)
+
+
+def fit_seeded(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recipe, task: Task,
+               generator: torch.Generator, device: torch.device, progress: Progress,
+               epoch_done: Callable[[int, nn.Module], None] | None) -> nn.Module:
+    """`fit`'s loop, with torch's global generator seeded already."""
     model.to(device).train()
     optimizer = recipe.make_optimizer(model)
     order = torch.as_tensor(positions)
