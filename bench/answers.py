@@ -16,7 +16,8 @@ so that TRAK's small d are prefixes of them; the default view is the default pro
 
 (a) LDS, f over the completion: TRAK (B = 1) at d in 256..16,384 and TRAK-WOMP views, at the
     defaults (ridge auto, threshold 0.25); the TRAK d and the WOMP view are chosen on the even
-    LDS models (half 0) and reported on the odd ones (half 1).
+    LDS models (half 0) and reported on the odd ones (half 1), beside the baselines gradcos,
+    repsim and bm25 (`lds --baseline`), paired against TRAK's best.
 (b) Author precision at 10: the share of a target's 10 most supporting train examples (default
     view) that carry the target's own author, against cosine similarity of the reference
     model's last hidden states (mean over tokens) and of TF-IDF word vectors, each over the
@@ -43,6 +44,7 @@ MAKE_DATA = Path(__file__).resolve().parents[1] / "scripts" / "fortune_authors.p
 FULL = {"lds_models": 40, "authors": None, "epochs": None, "trak_dims": (256, 512, 1024, 2048, 4096, 8192, 16384),
         "womp": ((16384, 16), (16384, 32), (8192, 16)), "projector": ["--blocks", "64", "--block-dim", "256"],
         "default_view": (16384, 16)}
+BASELINES = ("gradcos", "repsim", "bm25")  # the rows beside the reported views (`lds --baseline`)
 SMOKE = {"lds_models": 6, "authors": 12, "epochs": 1, "trak_dims": (64, 128), "womp": ((256, 16), (256, 4)),
          "projector": ["--blocks", "16", "--block-dim", "16"], "default_view": (256, 16)}
 
@@ -68,7 +70,8 @@ def prepare(work: Path, s: dict) -> None:
 
 
 def lds_table(store: Path, targets, s: dict) -> dict:
-    """(a): every view finalized and scored at the defaults; views chosen on half 0, reported on half 1."""
+    """(a): every view finalized and scored at the defaults; views chosen on half 0, reported on
+    half 1 beside the baselines."""
     from trakwomp import ViewSpec, finalize, lds, score
 
     candidates = [ViewSpec(d, 1) for d in s["trak_dims"]] + [ViewSpec(d, b) for d, b in s["womp"]]
@@ -80,8 +83,8 @@ def lds_table(store: Path, targets, s: dict) -> dict:
     womp = max((v for v in candidates if v.blocks > 1), key=lambda v: half0[(v.dims, v.blocks)])
     default = ViewSpec(*s["default_view"])
     reported = [trak, womp] + ([default] if default != womp else [])
-    return {"half0": {f"d{d}-b{b}": x for (d, b), x in half0.items()},
-            "views": [[v.dims, v.blocks] for v in reported], "half1": lds(store, reported, half=1).as_dict()}
+    return {"half0": {f"d{d}-b{b}": x for (d, b), x in half0.items()}, "views": [[v.dims, v.blocks] for v in reported],
+            "half1": lds(store, reported, half=1, baselines=BASELINES).as_dict()}
 
 
 def precision_at_10(similarity: np.ndarray, train_authors: np.ndarray, target_authors: np.ndarray) -> np.ndarray:

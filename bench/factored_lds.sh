@@ -12,7 +12,8 @@
 # ResNet-9, whose first convolution and last layer have narrow sides, 11,264 for the gpt), and
 # `sjlt` at the same d in 16 equal blocks and in as many equal blocks as there are layers. Every
 # store scores the main job's targets (--out); `lds MAIN --scores ...` measures all of them
-# against the main job's 24 LDS models, paired with the first (sjlt, 16 equal blocks). The
+# against the main job's 24 LDS models, paired with the first (sjlt, 16 equal blocks), beside the
+# baselines (gradcos of MAIN's own features, repsim, and bm25 on text). The
 # factored features are scored four times: per layer, regrouped into 16 equal blocks, and their
 # dims dealt into random groups (as many as layers, and 16; bench/regroup_scores.py). Every view
 # has a ridge of 1e-3 (relative to each block's mean diagonal): a classifier's output layer, kept
@@ -26,13 +27,13 @@ trakwomp="${TRAKWOMP:-$repo/.venv/bin/trakwomp}"
 python="$(dirname "$trakwomp")/python"
 if [ "${3:-}" = "--text" ]; then
     data=(--data fortunes-mini:train --model gpt --task causal-lm); targets=fortunes-mini:test; outputs=257
-    layers=11; d=11264
+    layers=11; d=11264; baselines=(--baseline gradcos --baseline repsim --baseline bm25)
 elif [ "${3:-}" = "--images" ]; then
     data=(--data "imagefolder:$4/train" --model resnet9 --width 0.25); targets="imagefolder:$4/test"; outputs=10
-    layers=9; d=7920
+    layers=9; d=7920; baselines=(--baseline gradcos --baseline repsim)
 else
     data=(--data cifar10-mini:train --model resnet9 --width 0.25); targets=cifar10-mini:test; outputs=10
-    layers=9; d=7920
+    layers=9; d=7920; baselines=(--baseline gradcos --baseline repsim)
 fi
 mkdir -p "$work"
 "$python" - "$main" "$outputs" "$work/reference0.pt" <<'EOF'
@@ -65,8 +66,8 @@ scores=()
 for name in sjlt-16 factored-layers factored-16 "factored-random-$layers" factored-random-16 sjlt-layers; do
     scores+=(--scores "$work/$name.npy")
 done
-"$trakwomp" lds "$main" "${scores[@]}"
-"$trakwomp" lds "$main" "${scores[@]}" --json > "$work/lds.json"
+"$trakwomp" lds "$main" "${scores[@]}" "${baselines[@]}"
+"$trakwomp" lds "$main" "${scores[@]}" "${baselines[@]}" --json > "$work/lds.json"
 # layers against random groups of the same features, and against sjlt, at as many blocks as layers
 "$trakwomp" lds "$main" --scores "$work/factored-layers.npy" --scores "$work/factored-random-$layers.npy" \
     --scores "$work/sjlt-layers.npy" --json > "$work/lds-layers.json"

@@ -21,7 +21,8 @@ LDS_MODELS LDS models on random halves, two shard processes each:
 
 (a) LDS of each attribution at TRAK (B = 1) and TRAK-WOMP views at the defaults (ridge auto,
     threshold 0.25): the TRAK d and the WOMP view chosen on the even LDS models, reported on the
-    odd ones; and the default view (d = 16,384 in 16 blocks) on the odd ones.
+    odd ones; and the default view (d = 16,384 in 16 blocks) on the odd ones; beside the
+    baselines gradcos (of each attribution's features), repsim and bm25, paired against TRAK's.
 (b) Author precision at 10 of each attribution at the default view, against TF-IDF cosine and
     the hidden-state cosine of the LoRA reference model and of the base, and against chance.
 Intervals are 95% bootstraps over targets (2,000 resamples); differences are paired.

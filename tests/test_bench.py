@@ -150,21 +150,29 @@ def test_group_benchmarks_measure_the_change_without_a_group_and_the_partial_cor
         mask = zarr.open_array(str(folder / "models/lds/000000/mask"))[:]
         assert mask.tolist() == (labels != row["group"]).tolist()
 
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "group_lds.py"), str(store)], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "group_lds.py"), str(store), "--baseline", "gradcos"],
+                            cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    partial = next(iter(json.loads(result.stdout)["partial_spearman_given_size"].values()))
+    view, baseline = json.loads(result.stdout)["partial_spearman_given_size"].values()
     group = zarr.open_group(str(store), mode="r")
     masks = np.stack([group[f"models/lds-groups/{j:06d}/mask"][:] for j in range(6)])
     margins = np.stack([group[f"models/lds-groups/{j:06d}/margins"][:] for j in range(6)]).astype(np.float64)
+
+    def textbook_partial(tau: np.ndarray) -> float:
+        size, predicted = masks.sum(axis=1), masks @ tau.T
+        expected = []
+        for t in range(9):
+            r_ap, r_as, r_ps = (spearmanr(a, b).statistic for a, b in
+                                ((margins[:, t], predicted[:, t]), (margins[:, t], size), (predicted[:, t], size)))
+            expected.append((r_ap - r_as * r_ps) / np.sqrt((1 - r_as ** 2) * (1 - r_ps ** 2)))
+        return float(np.mean(expected))
+
     tau = soft_thresholded(next(group[f"scores/{key}/tau"][:] for key in group["scores"].group_keys()))  # the default threshold
-    size, predicted = masks.sum(axis=1), masks @ tau.T
-    expected = []
-    for t in range(9):
-        r_ap, r_as, r_ps = (spearmanr(a, b).statistic for a, b in
-                            ((margins[:, t], predicted[:, t]), (margins[:, t], size), (predicted[:, t], size)))
-        expected.append((r_ap - r_as * r_ps) / np.sqrt((1 - r_as ** 2) * (1 - r_ps ** 2)))
-    assert partial["mean"] == pytest.approx(np.mean(expected), rel=1e-6)
+    assert view["mean"] == pytest.approx(textbook_partial(tau), rel=1e-6)
+    (targets_id,) = group["targets"].group_keys()
+    phi, phi_z = (group[f"{prefix}features/000000/phi"][:].astype(np.float64) for prefix in ("", f"targets/{targets_id}/"))
+    cosines = (phi_z / np.linalg.norm(phi_z, axis=1, keepdims=True)) @ (phi / np.linalg.norm(phi, axis=1, keepdims=True)).T
+    assert baseline["mean"] == pytest.approx(textbook_partial(cosines), rel=1e-4)
 
 
 @pytest.mark.slow
@@ -276,6 +284,8 @@ def test_lora_smoke_fine_tunes_one_base_and_reports_every_attribution(tmp_path):
         half0, (trak, womp, *_) = table["half0"], table["views"]
         assert half0[f"d{trak[0]}-b{trak[1]}"] == max(v for k, v in half0.items() if k.endswith("-b1"))
         assert half0[f"d{womp[0]}-b{womp[1]}"] == max(v for k, v in half0.items() if not k.endswith("-b1"))
+        rows = [row["name"] for row in table["half1"]["results"]]
+        assert rows[len(table["views"]):] == ["gradcos (baseline)", "repsim (baseline)", "bm25 (baseline)"]
     from trakwomp.store import Store
 
     lora = Store.open(work / "lora")
