@@ -313,7 +313,7 @@ def score(
                   f"{report.seconds:.1f}s, {report.chunks_skipped} already done); stored as scores/{report.key}")
     if out or top_k:
         wrote(out, top_k_out if top_k else None)
-    if top_k:
+    if top_k and not json_out:  # the table would follow the JSON on stdout
         show_top_k([r for r in report.top_k_rows if r["target"] < 3],
                    "Train examples that most support and oppose the first 3 targets")
 

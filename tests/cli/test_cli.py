@@ -38,6 +38,20 @@ def test_train_then_lds_through_the_cli(cli, tmp_path, tiny_npz):
     assert result.exit_code == 2 and "lds_targets.sha256" in plain(result.stderr)
 
 
+def test_score_with_top_k_and_json_prints_only_the_json(cli, tmp_path):
+    """`score --top-k K --json`: stdout is the report alone (a pipeline parses it); the table of
+    the first targets' examples goes to --top-k-out, as without --json."""
+    from conftest import write_scored_image_store
+
+    store = write_scored_image_store(tmp_path)[0]
+    out = tmp_path / "top.csv"
+    result = cli("score", store, "--targets", f"npz:{tmp_path / 'targets.npz'}", "--top-k", "2", "--top-k-out", out,
+                 "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["top_k_file"] == str(out)
+    assert len(out.read_text().splitlines()) == 1 + 12 * 2 * 2  # a header, then 2 + 2 rows per target
+
+
 def test_console_script_reports_errors_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "trakwomp.cli.main", "train", str(tmp_path / "s"),
                              "--data", "nope:x"], capture_output=True, text=True, cwd=REPO)
