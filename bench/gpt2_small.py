@@ -75,14 +75,14 @@ def make_texts(work: Path, train: int, targets: int) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def run(args: list[str], threads: int) -> dict:
-    """One CLI command (with --json) in its own process: exit code, wall seconds, peak RSS, the
-    featurize loop's examples/s, and its last line of messages (the error, if refused)."""
+def run(args: list[str], threads: int, cwd: Path = REPO) -> dict:
+    """One CLI command (with --json) in its own process, run in `cwd`: exit code, wall seconds,
+    peak RSS, the featurize loop's examples/s, and its last line of messages (the error, if refused)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as messages:
         process = subprocess.Popen([*TRAKWOMP, *args, "--json"], stdout=subprocess.PIPE, stderr=messages, env=env,
-                                   text=True, cwd=REPO)
+                                   text=True, cwd=cwd)
         output = process.stdout.read()
         _, status, usage = os.wait4(process.pid, 0)
         messages.seek(0)

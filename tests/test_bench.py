@@ -312,6 +312,32 @@ def test_answer_cache_benchmark_keeps_the_manifest_and_reads_every_answer_back(t
     assert results["filled"]["manifest_bytes"] == results["after"]["manifest_bytes"]
 
 
+@pytest.mark.slow
+def test_scale_benchmark_measures_every_stage_adds_the_features_bytes_and_resumes(tmp_path):
+    """bench/scale.py at 300 and 600 rows (2 x 16 dims, float16): every stage ran, featurize added
+    the features' bytes (rows x dims x 2; dense features compress to no less than half), the
+    top-k file has every target, a rerun measures nothing again, and the growth it prints is the
+    log-log slope of the stored numbers."""
+    work = tmp_path / "work"
+    command = [sys.executable, str(REPO / "bench" / "scale.py"), str(work), "--rows", "300", "--rows", "600",
+               "--blocks", "2", "--block-dim", "16", "--targets", "5"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    measured = json.loads((work / "scale.json").read_text())
+    for rows in (300, 600):
+        stages = measured["rows"][str(rows)]
+        assert list(stages) == ["train", "featurize", "finalize", "score --top-k 10"]
+        assert all(stage["exit_code"] == 0 and stage["peak_rss_bytes"] > 0 for stage in stages.values())
+        assert stages["featurize"]["added_bytes"] > 0.5 * rows * 32 * 2
+        assert len((work / f"top-k-{rows}.csv").read_text().splitlines()) == 1 + 5 * 10 * 2
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert rerun.returncode == 0 and "featurize:" not in rerun.stderr
+    assert json.loads((work / "scale.json").read_text()) == measured
+    seconds = [measured["rows"][n]["finalize"]["seconds"] for n in ("300", "600")]
+    slope = np.log(seconds[1] / seconds[0]) / np.log(2)
+    assert f"| finalize | {slope:.2f} |" in rerun.stdout
+
+
 def load_bench(name: str):
     """A bench/ script as a module (bench/ is not a package)."""
     import importlib.util
