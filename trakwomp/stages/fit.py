@@ -55,36 +55,29 @@ def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recip
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(model_noise_seed(generator))
-        return fit_seeded(model, dataset, positions, recipe, task, generator, device, progress, epoch_done)
-
-
-def fit_seeded(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recipe, task: Task,
-               generator: torch.Generator, device: torch.device, progress: Progress,
-               epoch_done: Callable[[int, nn.Module], None] | None) -> nn.Module:
-    """`fit`'s loop, with torch's global generator seeded already."""
-    model.to(device).train()
-    optimizer = recipe.make_optimizer(model)
-    order = torch.as_tensor(positions)
-    steps = steps_per_epoch(len(order), recipe.batch_size)
-    total_steps = recipe.epochs * steps
-    for epoch in range(recipe.epochs):
-        for step, batch_positions in enumerate(epoch_batches(dataset, order, recipe.batch_size, generator)):
-            for group in optimizer.param_groups:
-                group["lr"] = one_cycle_lr(epoch * steps + step, total_steps, recipe)
-            batch = load_batch(dataset, batch_positions)
-            if recipe.augment:
-                batch = dataset.augmented(batch, generator)
-            batch = batch.to(device)
-            loss = task.loss(model(*batch.inputs), batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.optimizer == "adamw":
-                torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
-            optimizer.step()
-            progress.advance(len(batch))
-        if epoch_done is not None and epoch + 1 < recipe.epochs:
-            epoch_done(epoch + 1, model)
-    return model.eval()
+        model.to(device).train()
+        optimizer = recipe.make_optimizer(model)
+        order = torch.as_tensor(positions)
+        steps = steps_per_epoch(len(order), recipe.batch_size)
+        total_steps = recipe.epochs * steps
+        for epoch in range(recipe.epochs):
+            for step, batch_positions in enumerate(epoch_batches(dataset, order, recipe.batch_size, generator)):
+                for group in optimizer.param_groups:
+                    group["lr"] = one_cycle_lr(epoch * steps + step, total_steps, recipe)
+                batch = load_batch(dataset, batch_positions)
+                if recipe.augment:
+                    batch = dataset.augmented(batch, generator)
+                batch = batch.to(device)
+                loss = task.loss(model(*batch.inputs), batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if recipe.optimizer == "adamw":
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+                optimizer.step()
+                progress.advance(len(batch))
+            if epoch_done is not None and epoch + 1 < recipe.epochs:
+                epoch_done(epoch + 1, model)
+        return model.eval()
 
 
 @torch.no_grad()
