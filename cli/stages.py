@@ -274,6 +274,7 @@ def score(
     threshold: float = setting(ScoreSettings, "threshold", "--threshold"),
     top_k: int = setting(ScoreSettings, "top_k", "--top-k"),
     top_k_out: Path = setting(ScoreSettings, "top_k_out", "--top-k-out"),
+    top_k_only: bool = setting(ScoreSettings, "top_k_only", "--top-k-only"),
     chunk_rows: int = setting(ScoreSettings, "target_chunk_rows", "--chunk-rows"),
     batch_size: int = setting(ScoreSettings, "batch_size", "--batch-size"),
     max_memory: Optional[str] = MaxMemoryOpt,
@@ -296,7 +297,7 @@ def score(
                              models=parse_model_ids(models), model=ModelSpec.parse(model, width, layers, heads) if model
                              else None, target_chunk_rows=chunk_rows, batch_size=batch_size,
                              memory_limit=parse_size(max_memory) if max_memory else None, out=out, top_k=top_k,
-                             top_k_out=top_k_out, threshold=threshold)
+                             top_k_out=top_k_out, top_k_only=top_k_only, threshold=threshold)
     target_set = load_store_data(store, targets, target_indices, transform, tokenizer, max_length)
     if per_token:
         target_set = target_set.per_token()
@@ -311,7 +312,9 @@ def score(
     console.print(f"scored {report.num_targets} targets x {report.num_train} train examples at view "
                   f"{report.view.key} with models {report.model_ids} ({report.chunks_done} chunk(s) in "
                   f"{report.seconds:.1f}s, {report.chunks_skipped} already done); stored as scores/{report.key}")
-    if out or top_k:
+    if top_k and report.top_k_file is None:
+        console.print(f"{top_k_out} not written: other shards' target chunks are left; run score again once they are done")
+    elif out or top_k:
         wrote(out, top_k_out if top_k else None)
     if top_k and not json_out:  # the table would follow the JSON on stdout
         show_top_k([r for r in report.top_k_rows if r["target"] < 3],

@@ -70,6 +70,13 @@ def scores(key: str) -> str:
     return f"{scores_folder(key)}/tau"
 
 
+def top_k(key: str, name: str) -> str:
+    """An array of the top-k-only scores `key` (no `tau`): "values" (n_targets, 2k) float32 raw
+    scores, each target's k largest then its k smallest, "index" (n_targets, 2k) int64 their
+    train indices, and "sum_squares" (n_targets,) float64, the sum of each target's squared scores."""
+    return f"{scores_folder(key)}/{name}"
+
+
 def role_folder(role: str) -> str:
     return f"{MODELS}/{role}"
 

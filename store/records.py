@@ -268,6 +268,7 @@ class ScoresEntry(Record):
     view: tuple[Any, ...] = bounded(at_least=3)
     models: tuple[int, ...] = bounded(at_least=1)
     targets: str
+    top_k: int | None = bounded(1, default=None)  # kept only each target's top k (`score --top-k-only`)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -247,6 +247,6 @@ def test_agrees_with_traker_without_projection(tmp_path, user_module):
 
 def test_score_passes_group_consecutive_chunks_within_the_byte_budget(monkeypatch):
     monkeypatch.setattr(scoring, "SCORE_PASS_BYTES", 4 * 48 * 4 * 2)  # two chunks of 4 targets x 48 train
-    assert scoring.score_passes([0, 1, 2, 4, 5, 6, 7], 4, 48) == [[0, 1], [2], [4, 5], [6, 7]]
+    assert scoring.score_passes([0, 1, 2, 4, 5, 6, 7], 4 * 4 * 48) == [[0, 1], [2], [4, 5], [6, 7]]
     monkeypatch.setattr(scoring, "SCORE_PASS_BYTES", 1)
-    assert scoring.score_passes([0, 1, 3], 4, 48) == [[0], [1], [3]]
+    assert scoring.score_passes([0, 1, 3], 4 * 4 * 48) == [[0], [1], [3]]

@@ -2,7 +2,7 @@
 a rerun completes to exactly the store of an uninterrupted run; concurrent processes on one store
 equal one process; a read-only store is read, and refused for writing, without a change.
 
-Each stage (train, featurize, finalize, score, verify) is stopped by TRAKWOMP_FAULT=K (a kill just
+Each stage (train, featurize, finalize, score, verify, and score keeping only the top k) is stopped by TRAKWOMP_FAULT=K (a kill just
 before its K-th write) or K:torn (halfway through writing it: half of its bytes in a temporary
 file), K drawn with a fixed seed from the writes the stage makes; the rerun is in-process, and
 every array and done marker is compared, bitwise, with a store that no fault touched. In the
@@ -42,8 +42,9 @@ from trakwomp.stages.train import train
 
 RECIPE = Recipe(epochs=1, batch_size=16, lr=0.05)
 PROJECTOR = ProjectorSpec("sjlt", 5, 2, 8)
-STAGES = ("train", "featurize", "finalize", "score", "verify")
-KILLS_PER_STAGE = {"train": 5, "featurize": 7, "finalize": 5, "score": 7, "verify": 5}
+STAGES = ("train", "featurize", "finalize", "score", "verify", "top-k")
+KILLS_PER_STAGE = {"train": 5, "featurize": 7, "finalize": 5, "score": 7, "verify": 5, "top-k": 5}
+COMMANDS = {"top-k": "score"}  # a stage run by a command of another name
 FULL_DISKS_PER_STAGE = 2
 
 
@@ -54,7 +55,7 @@ class Setup:
         self.target_npz = write_tiny_images(root / "targets.npz", n=9, seed=1)
 
     def command(self, stage, store, *extra):
-        base = [sys.executable, "-m", "trakwomp.cli.main", stage, str(store)]
+        base = [sys.executable, "-m", "trakwomp.cli.main", COMMANDS.get(stage, stage), str(store)]
         args = {
             "train": ["--data", f"npz:{self.train_npz}", "--model", "resnet9", "--width", "0.0625", "--epochs", "1",
                       "--batch-size", "16", "--lr", "0.05", "--num-models", "2"],
@@ -63,6 +64,8 @@ class Setup:
             "finalize": [],
             "score": ["--targets", f"npz:{self.target_npz}", "--chunk-rows", "4"],
             "verify": ["--target", "0", "--target", "3", "--k", "4", "--seeds", "1"],
+            "top-k": ["--targets", f"npz:{self.target_npz}", "--chunk-rows", "4", "--top-k", "3", "--top-k-only",
+                      "--top-k-out", str(self.root / "top-k.csv")],
         }[stage]
         return [*base, *args, "--quiet", *extra]
 
@@ -82,6 +85,9 @@ class Setup:
             finalize(store)
         elif stage == "score":
             score(store, load_dataset(f"npz:{self.target_npz}"), target_chunk_rows=4)
+        elif stage == "top-k":
+            score(store, load_dataset(f"npz:{self.target_npz}"), target_chunk_rows=4, top_k=3, top_k_only=True,
+                  top_k_out=self.root / "top-k.csv")
         else:
             verify(store, target=(0, 3), k=4, seeds=1)
 
@@ -288,7 +294,7 @@ def read_only(store, how, monkeypatch):
 
 
 NEXT_WORK = {"train": ["featurize"], "featurize": ["finalize"], "finalize": ["score"], "score": ["finalize", "--blocks", "1"],
-             "verify": ["verify", "--k", "5"]}
+             "verify": ["verify", "--k", "5"], "top-k": ["score", "--top-k", "4", "--top-k-only"]}
 
 
 @pytest.mark.parametrize("how", ["injected", "mount"])

@@ -19,6 +19,7 @@ from pathlib import Path
 from trakwomp.estimator.view import blocks_of_key
 from trakwomp.analysis.verify import STAGE as VERIFY_STAGE
 from trakwomp.stages.answers import STAGE as ANSWERS_STAGE
+from trakwomp.stages.stored_scores import scores_array
 from trakwomp.stages.train import ROLES
 from trakwomp.store import Store, paths
 from trakwomp.tasks.registry import task_of_store
@@ -93,7 +94,7 @@ def status(store: str | Path) -> StoreStatus:
     for key, entry in sorted(manifest.scores.items()):
         done = len(handle.done_units("score", key))
         n_targets = manifest.targets[entry.targets].num_examples
-        chunk_rows = handle.chunks_of(paths.scores(key))
+        chunk_rows = handle.chunks_of(scores_array(handle, key))
         total = math.ceil(n_targets / chunk_rows[0]) if chunk_rows else max(done, 1)
         report.stages.append(StageProgress("score", f"scores {key} target chunks", done, total))
     report.stages += verify_progress(handle)

@@ -27,10 +27,12 @@ def check_threshold(threshold: float) -> float:
     return threshold
 
 
-def relative_soft_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+def relative_soft_threshold(scores: torch.Tensor, threshold: float, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Soft-threshold each target's row at `threshold` times that row's root mean square score,
-    so that one threshold transfers across M, d and views (their raw scales differ)."""
+    so that one threshold transfers across M, d and views (their raw scales differ); `scale`:
+    the rows' RMS scores (rows x 1) where `scores` holds only some of each row's scores."""
     if check_threshold(threshold) == 0:
         return scores
-    scale = scores.double().pow(2).mean(dim=1, keepdim=True).sqrt().to(scores.dtype)
-    return soft_threshold(scores, threshold * scale)
+    if scale is None:
+        scale = scores.double().pow(2).mean(dim=1, keepdim=True).sqrt()
+    return soft_threshold(scores, threshold * scale.to(scores.dtype))

@@ -79,9 +79,16 @@ def free_bytes(device: torch.device) -> int | None:
     return free
 
 
-def check_dense_fits(need: int, what: str, advice: str) -> None:
+def check_dense_fits(need: int, what: str, advice: str, limit: int | None = None) -> None:
     """Refuse, before it is allocated, a dense array of `need` bytes (with its temporaries) that
-    the machine has no free memory for."""
+    the machine has no free memory for, or, given `limit` (the most the process may hold, on the
+    CPU), that would take the process beyond it."""
+    if limit is not None:
+        held = held_bytes(torch.device("cpu"))
+        if held + need > limit:
+            raise UserError(f"{what} need {size(need)}, and {size(held)} is held: more than the {size(limit)} "
+                            f"allowed; {advice}")
+        return
     free = free_bytes(torch.device("cpu"))
     if free is not None and need > free:
         raise UserError(f"{what} need {size(need)} of memory, and {size(free)} is free; {advice}")

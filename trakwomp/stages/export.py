@@ -13,7 +13,7 @@ from trakwomp.data.base import Dataset
 from trakwomp.estimator.threshold import DEFAULT_THRESHOLD
 from trakwomp.outputs import check_output, csv_cell, write_atomically
 from trakwomp.stages.bindings import stored_dataset
-from trakwomp.stages.stored_scores import find_scores_by_key, iterate_scores
+from trakwomp.stages.stored_scores import find_scores_by_key, iterate_scores, iterate_targets
 from trakwomp.store import Store, paths
 
 
@@ -37,25 +37,29 @@ def export_scores(store: str | Path, key: str, out: str | Path, threshold: float
 
 def top_k_rows(store: str | Path, key: str, targets: Dataset, k: int, threshold: float = DEFAULT_THRESHOLD,
                train: Dataset | None = None) -> list[dict]:
-    """For each target, its k most positive and k most negative train examples of scores `key`;
-    `train`: the store's train set, if the caller has loaded it already (else it is loaded and
-    checked here)."""
+    """For each target, its k most positive and k most negative train examples of scores `key`
+    (dense, or top-k only with k at most theirs); `train`: the store's train set, if the caller
+    has loaded it already (else it is loaded and checked here)."""
     handle = Store.open(store)
     find_scores_by_key(handle, key)
     train = train if train is not None else stored_dataset(handle)
     rows = []
-    for target_rows, block in iterate_scores(handle, key, threshold):
-        for local, t in enumerate(target_rows):
-            rows.extend(strongest_rows(targets, t, train, block[local], k))
+    for target, index, scores in iterate_targets(handle, key, threshold):
+        rows.extend(strongest_rows(targets, target, train, scores, k, index))
     return rows
 
 
-def strongest_rows(targets: Dataset, target: int, train: Dataset, scores: np.ndarray, k: int) -> list[dict]:
+def strongest_rows(targets: Dataset, target: int, train: Dataset, scores: np.ndarray, k: int,
+                   index: np.ndarray | None = None) -> list[dict]:
     """Rows of the k train examples with the largest and the k with the smallest `scores` (one
-    target's row of tau), each describing the target, the train example and its score."""
-    head = {"target": target, **describe(targets, target, "target")}
-    return [{**head, "direction": direction, "rank": rank, "train_index": i, **describe(train, i, "train"),
-             "score": float(scores[i])} for direction, rank, i in strongest(scores, k)]
+    target's row of tau; or, with `index`, the scores of train examples `index`, ascending), each
+    describing the target, the train example and its score."""
+    head, rows = {"target": target, **describe(targets, target, "target")}, []
+    for direction, rank, i in strongest(scores, k):
+        train_index = int(index[i]) if index is not None else i
+        rows.append({**head, "direction": direction, "rank": rank, "train_index": train_index,
+                     **describe(train, train_index, "train"), "score": float(scores[i])})
+    return rows
 
 
 def describe(data: Dataset, i: int, prefix: str) -> dict:

@@ -18,14 +18,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from trakwomp.data.base import Dataset, Fingerprint
 from trakwomp.errors import UserError
-from trakwomp.estimator.scores import mean_q, score_chunks, score_passes
+from trakwomp.estimator.scores import mean_q, score_chunks, score_passes, top_k_chunks
 from trakwomp.estimator.threshold import DEFAULT_THRESHOLD, check_threshold
 from trakwomp.estimator.view import View, ViewSpec, ridge_text
-from trakwomp.features.memory import batch_size_that_fits
+from trakwomp.features.memory import batch_size_that_fits, check_dense_fits
 from trakwomp.features.settings import FeatureSettings
 from trakwomp.features.writer import FeaturizeReport, write_features
 from trakwomp.models.registry import check_made_from, load_registered_model
@@ -47,6 +48,7 @@ from trakwomp.stages.selection import featurized_models, store_view
 from trakwomp.stages.skeleton import Plan, RunSettings, Stage, Work
 from trakwomp.stages.stored_scores import scores_key, view_record
 from trakwomp.store import Store, paths
+from trakwomp.store.zarr_store import StoredArray
 from trakwomp.tasks.base import Task
 
 
@@ -91,6 +93,9 @@ class ScoreSettings(RunSettings):
     out: Path | None = option(None, "Write the (n_targets, n_train) scores to this .npy file.")
     top_k: int = option(0, "Write the K most supporting and opposing train examples per target.")
     top_k_out: Path = option(Path("top-k.csv"), "Where --top-k goes (.csv or .json).")
+    top_k_only: bool = option(False, "Keep only each target's --top-k most supporting and opposing train examples "
+                                     "(and its RMS score, for the threshold), never the (targets x train) scores: for "
+                                     "target sets whose scores would not fit in memory or on disk.")
     threshold: float = option(DEFAULT_THRESHOLD, "Soft threshold for --out and --top-k, in units of each target's "
                                                  "RMS score (0 for the raw scores, as the store holds them).")
 
@@ -143,19 +148,23 @@ class Score(Stage[ScorePlan, int, ScoreReport]):
         model_ids = featurized_models(handle, self.settings.models)
         check_finalized(handle, view, model_ids)
         targets = self.checked_targets(handle)
-        sha = targets.fingerprint.sha256
-        return ScorePlan(store, view, model_ids, targets, scores_key(view, model_ids, sha), paths.short_id(sha),
+        sha, kept = targets.fingerprint.sha256, f"_k{self.settings.top_k}" if self.settings.top_k_only else ""
+        return ScorePlan(store, view, model_ids, targets, scores_key(view, model_ids, sha) + kept, paths.short_id(sha),
                          existing=handle)
 
     def check_settings(self, store: str | Path) -> None:
         given = self.settings
         if given.target_chunk_rows < 1 or given.batch_size < 1:
             raise UserError("`chunk_rows` and `batch_size` must be at least 1")
-        if (given.out or given.top_k) and given.shard.count > 1:
+        if (given.out or (given.top_k and not given.top_k_only)) and given.shard.count > 1:
             raise UserError("`out` and `top_k` need all shards' scores: run them without `shard` once every shard is "
                             "done")
         if given.top_k < 0:
             raise UserError("`top_k` must be >= 0")
+        if given.top_k_only and not given.top_k:
+            raise UserError("`top_k_only` keeps each target's `top_k` examples: give `top_k`")
+        if given.top_k_only and given.out:
+            raise UserError("`out` writes the (targets x train) scores, which `top_k_only` never makes")
         check_threshold(given.threshold)
         check_output("`out`", given.out, (".npy",), store)
         check_output("`top_k_out`", given.top_k_out if given.top_k else None, TABLE_SUFFIXES, store)
@@ -199,32 +208,77 @@ class Score(Stage[ScorePlan, int, ScoreReport]):
             batch_size = batch_size_that_fits(targets.net, self.targets, targets.task, targets.features, batch_size,
                                               self.settings.target_chunk_rows, self.device, self.settings.memory_limit,
                                               "score")
+        if not self.settings.top_k_only:
+            self.check_dense_fits(len(self.targets), handle.manifest.num_examples)
+        kept = {"top_k": self.settings.top_k} if self.settings.top_k_only else {}
         handle.set_entry("targets", plan.targets_id, {"spec": self.targets.spec, **targets.fingerprint.as_dict()})
         handle.set_entry("scores", plan.key, {"view": view_record(plan.view), "models": plan.model_ids,
-                                              "targets": plan.targets_id})
+                                              "targets": plan.targets_id, **kept})
         return ScoreReport(plan.key, plan.view, plan.model_ids, len(self.targets),
                            handle.manifest.num_examples, chunks_skipped=len(owned) - len(todo),
                            batch_size=batch_size)
+
+    def check_dense_fits(self, num_targets: int, num_train: int) -> None:
+        """Refuse, before any write, dense scores of which one target chunk (held on the CPU once
+        scored, and read back for `out` and `top_k`) would not fit in `memory_limit` or in the
+        memory the machine has free."""
+        rows = min(self.settings.target_chunk_rows, num_targets)
+        need, what = 4 * rows * num_train, f"the scores of one target chunk ({rows} x {num_train} train examples)"
+        check_dense_fits(need, what, "lower `target_chunk_rows`, or keep only the top k with `top_k` and `top_k_only`",
+                         self.settings.memory_limit)
 
     def do(self, handle: Store, plan: ScorePlan, todo: list[int], report: ScoreReport, progress: Progress):
         """Consecutive target chunks share one pass over the train features (`score_passes`)."""
         start, rows_per_chunk = time.perf_counter(), self.settings.target_chunk_rows
         n, n_targets = report.num_train, report.num_targets
         q_bar = mean_q(handle, plan.model_ids)
-        out = handle.require_array(paths.scores(plan.key), (n_targets, n), "float32", (rows_per_chunk, min(n, 8192)))
-        for group in score_passes(todo, rows_per_chunk, n):
+        held_per_chunk = 4 * rows_per_chunk * (plan.view.dims * len(plan.model_ids) if self.settings.top_k_only else n)
+        arrays = self.output_arrays(handle, plan, n)
+        write = self.top_k_pass if self.settings.top_k_only else self.dense_pass
+        for group in score_passes(todo, held_per_chunk):
             ranges = [range(c * rows_per_chunk, min(n_targets, (c + 1) * rows_per_chunk)) for c in group]
             name = f"targets {ranges[0].start}-{ranges[-1].stop - 1}"
             progress.unit_started(name, (ranges[-1].stop - ranges[0].start) * len(plan.model_ids))
             self.featurize_targets(handle, plan, group, report.batch_size, progress)
-            taus = score_chunks(handle, plan.view, plan.model_ids, q_bar, paths.targets_prefix(plan.targets_id),
-                                ranges, handle.manifest.featurize_record().chunk_rows, self.device)
-            for chunk, rows, tau in zip(group, ranges, taus, strict=True):
-                out[rows.start:rows.stop] = tau.numpy()
+            for chunk, rows in zip(group, write(handle, plan, ranges, q_bar, arrays), strict=True):
                 yield chunk, {"rows": [rows.start, rows.stop]}
                 report.chunks_done += 1
             progress.unit_finished(name, f"{ranges[-1].stop - ranges[0].start} targets scored", len(group))
         report.seconds = time.perf_counter() - start
+
+    def output_arrays(self, handle: Store, plan: ScorePlan, n: int) -> list[StoredArray]:
+        """The arrays the scores go to, made (or checked) before any other write: `tau`, or with
+        `top_k_only` each target's candidates' values and indices and its sum of squares."""
+        n_targets, rows = len(self.targets), self.settings.target_chunk_rows
+        if not self.settings.top_k_only:
+            return [handle.require_array(paths.scores(plan.key), (n_targets, n), "float32", (rows, min(n, 8192)))]
+        width = 2 * min(self.settings.top_k, n)
+        return [handle.require_array(paths.top_k(plan.key, "values"), (n_targets, width), "float32", (rows, width)),
+                handle.require_array(paths.top_k(plan.key, "index"), (n_targets, width), "int64", (rows, width)),
+                handle.require_array(paths.top_k(plan.key, "sum_squares"), (n_targets,), "float64", (rows,))]
+
+    def dense_pass(self, handle: Store, plan: ScorePlan, ranges: list[range], q_bar: torch.Tensor,
+                   arrays: list[StoredArray]):
+        """Score the targets of `ranges` against every train example into `tau`, yielding each range once written."""
+        [out] = arrays
+        taus = score_chunks(handle, plan.view, plan.model_ids, q_bar, paths.targets_prefix(plan.targets_id), ranges,
+                            handle.manifest.featurize_record().chunk_rows, self.device)
+        for rows, tau in zip(ranges, taus, strict=True):
+            out[rows.start:rows.stop] = tau.numpy()
+            yield rows
+
+    def top_k_pass(self, handle: Store, plan: ScorePlan, ranges: list[range], q_bar: torch.Tensor,
+                   arrays: list[StoredArray]):
+        """Keep each target's top k of `ranges` (`top_k_chunks`), yielding each range once written."""
+        values, index, sum_squares = arrays
+        tops = top_k_chunks(handle, plan.view, plan.model_ids, q_bar, paths.targets_prefix(plan.targets_id), ranges,
+                            handle.manifest.featurize_record().chunk_rows, self.settings.top_k, self.device)
+        for rows, top in zip(ranges, tops, strict=True):
+            candidates, indices = top.candidates()
+            values[rows.start:rows.stop] = candidates.cpu().numpy()
+            index[rows.start:rows.stop] = indices.cpu().numpy()
+            sum_squares[rows.start:rows.stop] = top.sum_squares.cpu().numpy()
+            yield rows
 
     def featurize_targets(self, handle: Store, plan: ScorePlan, chunks: list[int], batch_size: int,
                           progress: Progress) -> None:
@@ -248,12 +302,16 @@ class Score(Stage[ScorePlan, int, ScoreReport]):
         if given.out:
             export_scores(plan.location, report.key, given.out, given.threshold)
             report.exported = str(given.out)
-        if given.top_k:
+        if given.top_k and not self.left_to_other_shards(plan):
             report.top_k_rows = top_k_rows(plan.location, report.key, self.targets, given.top_k, given.threshold)
             write_table(report.top_k_rows, given.top_k_out)
             report.top_k_file = str(given.top_k_out)
         return report
 
+    def left_to_other_shards(self, plan: ScorePlan) -> bool:
+        """Whether some target chunks are not yet scored (by another shard's run)."""
+        handle = Store.open(plan.location)
+        return len(handle.done_units("score", plan.key)) < len(self.work(plan).units)
 
 
 def score(store: str | Path, targets: Dataset, view: ViewSpec = ViewSpec(), models: list[int] | None = None, *,

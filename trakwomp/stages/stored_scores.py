@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from trakwomp.errors import UserError
@@ -38,7 +39,7 @@ def find_scores(handle: Store, view: View, model_ids: list[int], targets_sha: st
     """The key of finished scores for the view and models (and targets, if given)."""
     scored = handle.manifest.scores
     candidates = [k for k, v in scored.items() if list(v.view) == view_record(view) and list(v.models) == model_ids
-                  and (targets_sha is None or v.targets == paths.short_id(targets_sha))]
+                  and v.top_k is None and (targets_sha is None or v.targets == paths.short_id(targets_sha))]
     if len(candidates) > 1:
         raise UserError(f"several target sets are scored at view {view.key}; pass `targets` to choose one")
     if not candidates:
@@ -49,12 +50,18 @@ def find_scores(handle: Store, view: View, model_ids: list[int], targets_sha: st
     return find_scores_by_key(handle, candidates[0])
 
 
+def scores_array(handle: Store, key: str) -> str:
+    """The path of the array whose rows are the targets of scores `key`: `tau`, or for top-k-only
+    scores their candidates' values."""
+    return paths.scores(key) if handle.manifest.scores[key].top_k is None else paths.top_k(key, "values")
+
+
 def find_scores_by_key(handle: Store, key: str) -> str:
-    """`key`, checked to name finished scores."""
+    """`key`, checked to name finished scores (dense or top-k only)."""
     if key not in handle.manifest.scores:
         raise UserError(f"store {handle.location!r} has no scores {key!r}")
-    tau = handle.array(paths.scores(key))
-    n_targets, chunk_rows = tau.shape[0], tau.chunks[0]
+    rows = handle.array(scores_array(handle, key))
+    n_targets, chunk_rows = rows.shape[0], rows.chunks[0]
     missing = [c for c in range(math.ceil(n_targets / chunk_rows)) if handle.done_info("score", paths.unit(key, c)) is None]
     if missing:
         raise UserError(f"scores {key} are unfinished ({len(missing)} target chunks left); run `trakwomp score` again")
@@ -68,3 +75,30 @@ def iterate_scores(handle: Store, key: str, threshold: float = 0.0):
     for start in range(0, tau.shape[0], step):
         block = torch.from_numpy(tau[start:start + step])
         yield range(start, start + len(block)), relative_soft_threshold(block, threshold).numpy()
+
+
+def iterate_top_k(handle: Store, key: str, threshold: float = 0.0):
+    """(target, train indices, their soft-thresholded scores) for each target of the top-k-only
+    scores `key`: its candidates (each train index once, ascending), thresholded at `threshold`
+    times the target's RMS score over every train example, as the dense scores would be."""
+    values, index = handle.array(paths.top_k(key, "values")), handle.array(paths.top_k(key, "index"))
+    sum_squares, num_train = handle.array(paths.top_k(key, "sum_squares")), handle.manifest.num_examples
+    step = values.chunks[0]
+    for start in range(0, values.shape[0], step):
+        stop = min(start + step, values.shape[0])
+        scale = (torch.from_numpy(sum_squares[start:stop]) / num_train).sqrt()[:, None]
+        block = relative_soft_threshold(torch.from_numpy(values[start:stop]), threshold, scale).numpy()
+        for local, indices in enumerate(index[start:stop]):
+            unique, first = np.unique(indices, return_index=True)
+            yield start + local, unique, block[local, first]
+
+
+def iterate_targets(handle: Store, key: str, threshold: float = 0.0):
+    """(target, train indices or None for all, their soft-thresholded scores) for each target of
+    the finished scores `key`, dense or top-k only."""
+    if handle.manifest.scores[key].top_k is not None:
+        yield from iterate_top_k(handle, key, threshold)
+        return
+    for rows, block in iterate_scores(handle, key, threshold):
+        for local, target in enumerate(rows):
+            yield target, None, block[local]
