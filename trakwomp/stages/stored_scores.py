@@ -88,7 +88,7 @@ def iterate_top_k(handle: Store, key: str, threshold: float = 0.0):
         stop = min(start + step, values.shape[0])
         scale = (torch.from_numpy(sum_squares[start:stop]) / num_train).sqrt()[:, None]
         block = relative_soft_threshold(torch.from_numpy(values[start:stop]), threshold, scale).numpy()
-        for local, indices in enumerate(index[start:stop]):
+        for local, indices in enumerate(np.asarray(index[start:stop])):
             unique, first = np.unique(indices, return_index=True)
             yield start + local, unique, block[local, first]
 
