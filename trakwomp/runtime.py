@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Protocol, TypeVar
 
+import numpy as np
 import torch
 
 from trakwomp.errors import UserError
@@ -150,3 +151,15 @@ def plan_work(handle: Store, stage: str, units: Iterable[T], name: Callable[[T],
         handle.remove_stale_temporaries(folders)
     progress.plan(len(owned), len(owned) - len(todo), description)
     return owned, todo
+
+
+def torch_seed(*entropy: int) -> int:
+    """A 63-bit seed for a torch generator, drawn from numpy's SeedSequence of `entropy`, so that
+    seeds made of several numbers (seed, model, block, ...) never collide as a sum would."""
+    return seed_of_sequence(np.random.SeedSequence(list(entropy)))
+
+
+def seed_of_sequence(sequence: np.random.SeedSequence) -> int:
+    """A 63-bit torch seed from a SeedSequence's first 64-bit word."""
+    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+

@@ -45,7 +45,7 @@ from trakwomp.errors import UserError
 from trakwomp.features.memory import check_dense_fits
 from trakwomp.models.spec import ModelSpec
 from trakwomp.outputs import check_output, write_atomically
-from trakwomp.runtime import Progress
+from trakwomp.runtime import Progress, torch_seed
 from trakwomp.settings import option
 from trakwomp.stages.bindings import (
     as_trained,
@@ -71,8 +71,7 @@ TRAK = "trak"
 
 def run_seed(recipe_seed: int, seed: int) -> int:
     """The torch seed of verify's run `seed` (the same under every condition: runs are paired)."""
-    sequence = np.random.SeedSequence([recipe_seed, SEED_CODE, seed])
-    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return torch_seed(recipe_seed, SEED_CODE, seed)
 
 
 def random_removal(pool: np.ndarray, size: int, recipe_seed: int, seed: int) -> np.ndarray:

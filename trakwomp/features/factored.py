@@ -48,6 +48,7 @@ from trakwomp.errors import UserError
 from trakwomp.features.base import BatchFeatures, GradientEngine
 from trakwomp.features.layer_rules import LINEAR, LayerRule, rule_of
 from trakwomp.features.projectors import side_dim
+from trakwomp.runtime import torch_seed
 from trakwomp.tasks.base import Task
 
 
@@ -115,8 +116,7 @@ def side_projection(seed: int, model_id: int, layer: str, side: int, size: int, 
     if rank == size:
         return torch.eye(size)
     name_hash = int.from_bytes(hashlib.sha256(layer.encode()).digest()[:8], "little")
-    state = np.random.SeedSequence([seed, model_id, name_hash, side]).generate_state(1, dtype=np.uint64)[0]
-    generator = torch.Generator().manual_seed(int(state >> np.uint64(1)))
+    generator = torch.Generator().manual_seed(torch_seed(seed, model_id, name_hash, side))
     return torch.randn(size, rank, generator=generator).div_(math.sqrt(rank))
 
 

@@ -31,12 +31,12 @@ from abc import ABC
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
 import torch
 
 from trakwomp.errors import UserError
 from trakwomp.registry import Registry
 from trakwomp.settings import check_seed
+from trakwomp.runtime import torch_seed
 from trakwomp.store.records import ProjectorRecord
 
 if TYPE_CHECKING:
@@ -102,8 +102,7 @@ class ProjectorSpec:
 
 
 def tile_generator(seed: int, model_id: int, block: int, tile: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, model_id, block, tile]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state >> np.uint64(1)))
+    return torch.Generator().manual_seed(torch_seed(seed, model_id, block, tile))
 
 
 def sjlt_tile(spec: ProjectorSpec, model_id: int, block: int, tile: int, num_params: int):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from trakwomp.data.base import Dataset, length_sorted, load_batch
-from trakwomp.runtime import Progress
+from trakwomp.runtime import Progress, torch_seed
 from trakwomp.stages.recipe import CLIP_NORM, Recipe, one_cycle_lr
 from trakwomp.tasks.base import Task
 
@@ -40,8 +40,7 @@ def epoch_batches(dataset: Dataset, positions: torch.Tensor, batch_size: int,
 def model_noise_seed(generator: torch.Generator) -> int:
     """The seed of torch's global generator while a model trains, which the model's own noise
     (dropout) draws from: derived from `generator`'s seed, without drawing from `generator`."""
-    state = np.random.SeedSequence([generator.initial_seed(), 1]).generate_state(1, dtype=np.uint64)[0]
-    return int(state >> np.uint64(1))
+    return torch_seed(generator.initial_seed(), 1)
 
 
 def fit(model: nn.Module, dataset: Dataset, positions: np.ndarray, recipe: Recipe, task: Task,

@@ -22,7 +22,7 @@ from trakwomp.data.groups import Groups
 from trakwomp.errors import UserError
 from trakwomp.models.checkpoints import state_hash
 from trakwomp.models.spec import ModelSpec, check_model_fits_data
-from trakwomp.runtime import Progress
+from trakwomp.runtime import Progress, seed_of_sequence
 from trakwomp.settings import option
 from trakwomp.stages.bindings import (
     bind_groups,
@@ -55,8 +55,7 @@ def unit_generators(seed: int, role: str, index: int) -> tuple[np.random.Generat
     """The numpy generator for model (role, index)'s subset and the seed of its torch generator."""
     sequence = np.random.SeedSequence([seed, ROLES[role], index])
     mask_sequence, torch_sequence = sequence.spawn(2)
-    torch_seed = int(torch_sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-    return np.random.default_rng(mask_sequence), torch_seed
+    return np.random.default_rng(mask_sequence), seed_of_sequence(torch_sequence)
 
 
 def subset_mask(num_examples: int, alpha: float, rng: np.random.Generator,
