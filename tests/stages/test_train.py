@@ -268,3 +268,25 @@ def test_weights_that_two_runs_of_a_unit_wrote_are_refused(tmp_path, tiny_npz, m
     with pytest.raises(UserError, match=f"the weights in {folder} are not those its training run published"):
         featurize(store, projector=ProjectorSpec("sjlt", 0, 2, 8))
     assert Store.open(store).manifest.featurize is None
+
+
+def test_images_too_small_for_the_augmentation_are_refused_in_one_line_before_a_store_is_made(tmp_path, user_module,
+                                                                                            cli):
+    """4 x 4 images cannot be reflect-padded by 4 pixels (torch raised mid-training before)."""
+    from conftest import plain, write_tiny_images
+
+    user_module("fourpixels.nets", "import torch\n"
+                "def linear(num_classes):\n"
+                "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, num_classes))\n")
+    data = write_tiny_images(tmp_path / "four.npz", size=4)
+    result = cli("train", tmp_path / "store", "--data", f"npz:{data}", "--model", "fourpixels.nets:linear", "--epochs", "1")
+    lines = plain(result.stderr).strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1
+    assert "images of 4 x 4 pixels are too small for the recipe's augmentation" in lines[0]
+    assert not (tmp_path / "store").exists()
+    five = write_tiny_images(tmp_path / "five.npz", size=5)
+    user_module("fivepixels.nets", "import torch\n"
+                "def linear(num_classes):\n"
+                "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(75, num_classes))\n")
+    assert cli("train", tmp_path / "store", "--data", f"npz:{five}", "--model", "fivepixels.nets:linear", "--epochs", "1",
+               "--quiet").exit_code == 0

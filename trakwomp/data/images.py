@@ -116,8 +116,12 @@ class ImageDataset(Dataset):
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random horizontal flips and random crops of the reflect-padded images, per example."""
+    """Random horizontal flips and random crops of the reflect-padded images, per example; images
+    of `pad` pixels a side or fewer (which reflect padding cannot pad) refused."""
     n, c, h, w = x.shape
+    if min(h, w) <= pad:
+        raise UserError(f"images of {h} x {w} pixels are too small for the recipe's augmentation (crops of the image "
+                        f"reflect-padded by {pad} pixels): give images of more than {pad} pixels a side")
     flip = torch.rand(n, generator=generator) < 0.5
     x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trakwomp.data.base import Dataset, TokenizedTexts
+from trakwomp.data.base import Dataset, TokenizedTexts, load_batch
 from trakwomp.data.groups import Groups
 from trakwomp.errors import UserError
 from trakwomp.models.checkpoints import state_hash
@@ -126,6 +126,8 @@ class Train(Stage[TrainPlan, int, TrainReport]):
                 self.targets.tokenizer.record() != self.data.tokenizer.record():
             raise UserError("`targets` must be read with the train set's tokenizer")
         data = self.data.predicting_prompts() if self.recipe.train_on_prompt else self.data
+        if self.recipe.augment:  # before anything is written: data the augmentation refuses
+            data.augmented(load_batch(data, [0]), torch.Generator())
         existing = Store.open_existing(store)
         role = "lds-groups" if self.recipe.group_alpha is not None else self.settings.role
         return TrainPlan(data, role, output_size, self.chosen_groups(existing, data), existing=existing)
