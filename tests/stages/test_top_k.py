@@ -97,12 +97,12 @@ def test_a_score_whose_dense_chunk_exceeds_max_memory_succeeds_with_top_k_only(t
     """256 targets x 1,200 train examples take 1.2 MB as dense scores; featurizing the targets
     of a 772-weight linear model fits in 1 MB (with nothing held before)."""
     monkeypatch.setattr("trakwomp.features.memory.held_bytes", lambda device: 0)
-    user_module("flat.nets", "import torch\n"
+    user_module("topknets.nets", "import torch\n"
                 "def linear(num_classes):\n"
                 "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, num_classes))\n")
     data = load_dataset(f"npz:{write_tiny_images(tmp_path / 'train.npz', n=1200, size=8)}")
     targets = load_dataset(f"npz:{write_tiny_images(tmp_path / 'targets.npz', n=256, size=8, seed=1)}")
-    store, model = tmp_path / "store", ModelSpec.parse("flat.nets:linear")
+    store, model = tmp_path / "store", ModelSpec.parse("topknets.nets:linear")
     train(store, data, model, num_models=1, recipe=TINY_RECIPE)
     featurize(store, projector=ProjectorSpec("sjlt", 0, 2, 16), chunk_rows=256, model=model)
     finalize(store)
@@ -114,3 +114,20 @@ def test_a_score_whose_dense_chunk_exceeds_max_memory_succeeds_with_top_k_only(t
     assert report.chunks_done == 1 and len(report.top_k_rows) > 0
     dense = score(store, targets, top_k=5, top_k_out=tmp_path / "dense.csv", model=model)
     assert report.top_k_rows == dense.top_k_rows
+
+
+def test_show_reads_top_k_only_scores_that_kept_enough_examples(finalized, tmp_path):
+    from trakwomp.analysis.show import show
+    from trakwomp.stages.selection import Selection
+
+    store, targets = finalized
+    score(store, targets, target_chunk_rows=4, out=tmp_path / "dense.npy")
+    expected = [row for row in top_k_of(np.load(tmp_path / "dense.npy"), 3) if row[0] == 6]
+    kept = shutil.copytree(store, tmp_path / "kept")
+    Store.open(kept).update(lambda manifest: manifest["scores"].clear())  # other tests' scores too
+    score(kept, targets, target_chunk_rows=4, top_k=5, top_k_only=True, top_k_out=tmp_path / "top.csv")
+    rows = show(kept, 6, k=3, selection=Selection(targets=targets))
+    assert [(r["target"], r["direction"], r["rank"], r["train_index"]) for r in rows] == expected
+    assert rows == show(store, 6, k=3, selection=Selection(targets=targets))
+    with pytest.raises(UserError, match="no scores at view"):
+        show(kept, 6, k=6, selection=Selection(targets=targets))

@@ -22,12 +22,12 @@ from trakwomp.analysis.groups import GroupScores, group_scores
 from trakwomp.data.base import Dataset
 from trakwomp.data.groups import Groups
 from trakwomp.errors import UserError
-from trakwomp.estimator.threshold import relative_soft_threshold
 from trakwomp.outputs import check_output, write_atomically
 from trakwomp.stages.bindings import stored_dataset
 from trakwomp.stages.export import strongest_rows
 from trakwomp.stages.selection import Selection
-from trakwomp.store import Store, paths
+from trakwomp.stages.stored_scores import iterate_targets, scores_array
+from trakwomp.store import Store
 
 TILE = 96  # pixels per image side in the grid
 CAPTION = 28  # pixels of caption under each image
@@ -49,14 +49,14 @@ def show(
     if k < 1:
         raise UserError("`k` must be at least 1")
     handle = Store.open(store)
-    key = selection.key(handle)
+    key = selection.key(handle, top_k=k)
     targets = selection.scored_targets(handle, key)
-    tau = handle.array(paths.scores(key))
-    if not 0 <= target < tau.shape[0]:
-        raise UserError(f"`target` {target} is out of range: the scores hold targets 0 to {tau.shape[0] - 1}")
-    row = relative_soft_threshold(torch.from_numpy(tau[target:target + 1]), selection.threshold).numpy()[0]
+    num_targets = handle.array(scores_array(handle, key)).shape[0]
+    if not 0 <= target < num_targets:
+        raise UserError(f"`target` {target} is out of range: the scores hold targets 0 to {num_targets - 1}")
+    [(_, index, scores)] = iterate_targets(handle, key, selection.threshold, range(target, target + 1))
     train = stored_dataset(handle)
-    rows = strongest_rows(targets, target, train, row, k)
+    rows = strongest_rows(targets, target, train, scores, k, index)
     if out is not None:
         suffix, what, draw = DRAWINGS[train.preview]
         check_output("`out`", out, (suffix,), store, f"show draws {what}")

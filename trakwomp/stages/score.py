@@ -208,7 +208,7 @@ class Score(Stage[ScorePlan, int, ScoreReport]):
             batch_size = batch_size_that_fits(targets.net, self.targets, targets.task, targets.features, batch_size,
                                               self.settings.target_chunk_rows, self.device, self.settings.memory_limit,
                                               "score")
-        if not self.settings.top_k_only:
+        if not self.settings.top_k_only and (todo or self.settings.out or self.settings.top_k):
             self.check_dense_fits(len(self.targets), handle.manifest.num_examples)
         kept = {"top_k": self.settings.top_k} if self.settings.top_k_only else {}
         handle.set_entry("targets", plan.targets_id, {"spec": self.targets.spec, **targets.fingerprint.as_dict()})

@@ -84,9 +84,10 @@ class Selection:
     def __post_init__(self):
         check_threshold(self.threshold)
 
-    def key(self, handle: Store) -> str:
-        """The key of the finished scores selected."""
-        return find_view_scores(handle, self.targets, self.view, self.models)
+    def key(self, handle: Store, top_k: int | None = None) -> str:
+        """The key of the finished scores selected (for a reader of the `top_k` strongest examples
+        only, top-k-only scores where no dense ones are: `find_scores`)."""
+        return find_view_scores(handle, self.targets, self.view, self.models, top_k)
 
     def read(self, handle: Store, key: str):
         """(rows, soft-thresholded scores) for successive target chunks of the scores `key`."""
@@ -102,8 +103,9 @@ class Selection:
                              "pass `targets` (and `target_indices`) as given to `trakwomp score`")
 
 
-def find_view_scores(handle: Store, targets: Dataset | None, view: ViewSpec, models: list[int] | None) -> str:
+def find_view_scores(handle: Store, targets: Dataset | None, view: ViewSpec, models: list[int] | None,
+                     top_k: int | None = None) -> str:
     """The key of finished scores of the view and models, for `targets` (needed only if several
-    target sets are scored)."""
+    target sets are scored); `top_k`: see `find_scores`."""
     return find_scores(handle, store_view(handle, view), featurized_models(handle, models),
-                       targets.fingerprint().sha256 if targets is not None else None)
+                       targets.fingerprint().sha256 if targets is not None else None, top_k)

@@ -35,12 +35,17 @@ def view_record(view: View) -> list:
     return [view.dims, view.blocks, view.ridge] + (["layers"] if view.layer_widths else [])
 
 
-def find_scores(handle: Store, view: View, model_ids: list[int], targets_sha: str | None) -> str:
-    """The key of finished scores for the view and models (and targets, if given)."""
+def find_scores(handle: Store, view: View, model_ids: list[int], targets_sha: str | None,
+                top_k: int | None = None) -> str:
+    """The key of finished scores for the view and models (and targets, if given): dense scores,
+    or, for a reader of the `top_k` strongest examples only, where none are dense, top-k-only
+    scores that kept at least `top_k`."""
     scored = handle.manifest.scores
-    candidates = [k for k, v in scored.items() if list(v.view) == view_record(view) and list(v.models) == model_ids
-                  and v.top_k is None and (targets_sha is None or v.targets == paths.short_id(targets_sha))]
-    if len(candidates) > 1:
+    matching = [k for k, v in scored.items() if list(v.view) == view_record(view) and list(v.models) == model_ids
+                and (targets_sha is None or v.targets == paths.short_id(targets_sha))]
+    candidates = [k for k in matching if scored[k].top_k is None] or \
+        [k for k in matching if top_k is not None and (scored[k].top_k or 0) >= top_k]
+    if len({scored[k].targets for k in candidates}) > 1:
         raise UserError(f"several target sets are scored at view {view.key}; pass `targets` to choose one")
     if not candidates:
         answers = "explain's answers are kept apart from scores and read by explain only; " \
@@ -68,37 +73,47 @@ def find_scores_by_key(handle: Store, key: str) -> str:
     return key
 
 
-def iterate_scores(handle: Store, key: str, threshold: float = 0.0):
-    """(rows, soft-thresholded scores) for successive target chunks of stored scores."""
+def iterate_scores(handle: Store, key: str, threshold: float = 0.0, targets: range | None = None):
+    """(rows, soft-thresholded scores) for successive target chunks of stored scores (of the
+    `targets` only, if given)."""
     tau = handle.array(paths.scores(key))
-    step = tau.chunks[0]
-    for start in range(0, tau.shape[0], step):
-        block = torch.from_numpy(tau[start:start + step])
-        yield range(start, start + len(block)), relative_soft_threshold(block, threshold).numpy()
+    for rows in target_steps(tau.shape[0], tau.chunks[0], targets):
+        block = torch.from_numpy(tau[rows.start:rows.stop])
+        yield rows, relative_soft_threshold(block, threshold).numpy()
 
 
-def iterate_top_k(handle: Store, key: str, threshold: float = 0.0):
+def target_steps(num_targets: int, step: int, targets: range | None) -> list[range]:
+    """`targets` (default: all) in pieces that stay within the stored chunks of `step` rows."""
+    targets = targets if targets is not None else range(num_targets)
+    steps, start = [], targets.start
+    while start < targets.stop:
+        stop = min(targets.stop, (start // step + 1) * step)
+        steps.append(range(start, stop))
+        start = stop
+    return steps
+
+
+def iterate_top_k(handle: Store, key: str, threshold: float = 0.0, targets: range | None = None):
     """(target, train indices, their soft-thresholded scores) for each target of the top-k-only
-    scores `key`: its candidates (each train index once, ascending), thresholded at `threshold`
-    times the target's RMS score over every train example, as the dense scores would be."""
+    scores `key` (of the `targets` only, if given): its candidates (each train index once,
+    ascending), thresholded at `threshold` times the target's RMS score over every train example,
+    as the dense scores would be."""
     values, index = handle.array(paths.top_k(key, "values")), handle.array(paths.top_k(key, "index"))
     sum_squares, num_train = handle.array(paths.top_k(key, "sum_squares")), handle.manifest.num_examples
-    step = values.chunks[0]
-    for start in range(0, values.shape[0], step):
-        stop = min(start + step, values.shape[0])
-        scale = (torch.from_numpy(sum_squares[start:stop]) / num_train).sqrt()[:, None]
-        block = relative_soft_threshold(torch.from_numpy(values[start:stop]), threshold, scale).numpy()
-        for local, indices in enumerate(np.asarray(index[start:stop])):
+    for rows in target_steps(values.shape[0], values.chunks[0], targets):
+        scale = (torch.from_numpy(sum_squares[rows.start:rows.stop]) / num_train).sqrt()[:, None]
+        block = relative_soft_threshold(torch.from_numpy(values[rows.start:rows.stop]), threshold, scale).numpy()
+        for local, indices in enumerate(np.asarray(index[rows.start:rows.stop])):
             unique, first = np.unique(indices, return_index=True)
-            yield start + local, unique, block[local, first]
+            yield rows.start + local, unique, block[local, first]
 
 
-def iterate_targets(handle: Store, key: str, threshold: float = 0.0):
+def iterate_targets(handle: Store, key: str, threshold: float = 0.0, targets: range | None = None):
     """(target, train indices or None for all, their soft-thresholded scores) for each target of
-    the finished scores `key`, dense or top-k only."""
+    the finished scores `key`, dense or top-k only (of the `targets` only, if given)."""
     if handle.manifest.scores[key].top_k is not None:
-        yield from iterate_top_k(handle, key, threshold)
+        yield from iterate_top_k(handle, key, threshold, targets)
         return
-    for rows, block in iterate_scores(handle, key, threshold):
+    for rows, block in iterate_scores(handle, key, threshold, targets):
         for local, target in enumerate(rows):
             yield target, None, block[local]
