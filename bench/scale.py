@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What each stage costs as the train set grows: wall seconds, peak RSS and the bytes it adds to
-the store, for train, featurize, finalize and score (with --top-k) at N train rows, and their
-growth with N.
+the store, for train, featurize, finalize and score (with --top-k, then with --top-k-only) at N
+train rows, and their growth with N.
 
     python bench/scale.py WORK --rows 10000 --rows 100000 [--blocks 16 --block-dim 1024]
         [--dtype float16] [--targets 100] [--threads 2]        (resumable: measured stages are kept)
@@ -63,7 +63,9 @@ def stages(work: Path, rows: int, args: argparse.Namespace) -> dict[str, list[st
                           "--block-dim", str(args.block_dim), "--dtype", args.dtype],
             "finalize": ["finalize", str(store)],
             "score --top-k 10": ["score", str(store), *model, "--targets", f"npz:{targets}", "--top-k", "10",
-                                 "--top-k-out", str(work / f"top-k-{rows}.csv")]}
+                                 "--top-k-out", str(work / f"top-k-{rows}.csv")],
+            "score --top-k 10 --top-k-only": ["score", str(store), *model, "--targets", f"npz:{targets}", "--top-k",
+                                              "10", "--top-k-only", "--top-k-out", str(work / f"top-k-only-{rows}.csv")]}
 
 
 def growth(results: dict, stage: str, key: str) -> list[float | None]:

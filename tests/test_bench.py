@@ -317,7 +317,7 @@ def test_scale_benchmark_measures_every_stage_adds_the_features_bytes_and_resume
     """bench/scale.py at 300 and 600 rows (2 x 16 dims, float16): every stage ran, featurize added
     the features' bytes (rows x dims x 2; dense features compress to no less than half), the
     top-k file has every target, a rerun measures nothing again, and the growth it prints is the
-    log-log slope of the stored numbers."""
+    log-log slope of the stored numbers; score --top-k-only writes the dense scores' table."""
     work = tmp_path / "work"
     command = [sys.executable, str(REPO / "bench" / "scale.py"), str(work), "--rows", "300", "--rows", "600",
                "--blocks", "2", "--block-dim", "16", "--targets", "5"]
@@ -326,16 +326,46 @@ def test_scale_benchmark_measures_every_stage_adds_the_features_bytes_and_resume
     measured = json.loads((work / "scale.json").read_text())
     for rows in (300, 600):
         stages = measured["rows"][str(rows)]
-        assert list(stages) == ["train", "featurize", "finalize", "score --top-k 10"]
+        assert list(stages) == ["train", "featurize", "finalize", "score --top-k 10", "score --top-k 10 --top-k-only"]
         assert all(stage["exit_code"] == 0 and stage["peak_rss_bytes"] > 0 for stage in stages.values())
         assert stages["featurize"]["added_bytes"] > 0.5 * rows * 32 * 2
         assert len((work / f"top-k-{rows}.csv").read_text().splitlines()) == 1 + 5 * 10 * 2
+        assert (work / f"top-k-only-{rows}.csv").read_bytes() == (work / f"top-k-{rows}.csv").read_bytes()
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert rerun.returncode == 0 and "featurize:" not in rerun.stderr
     assert json.loads((work / "scale.json").read_text()) == measured
     seconds = [measured["rows"][n]["finalize"]["seconds"] for n in ("300", "600")]
     slope = np.log(seconds[1] / seconds[0]) / np.log(2)
     assert f"| finalize | {slope:.2f} |" in rerun.stdout
+
+
+@pytest.mark.slow
+def test_index_recall_folds_the_view_into_the_query_and_a_full_search_finds_every_top_example(trained_once, tmp_path):
+    """bench/index_recall.py on a tiny store: w(z) . x_i equals the stored scores to float32
+    rounding, and searches that see every row (C = n candidates, every IVF list) recall 1.0."""
+    import shutil
+
+    from conftest import write_tiny_images
+    from trakwomp.data.specs import load_dataset
+    from trakwomp.features.projectors import ProjectorSpec
+    from trakwomp.stages.featurize import featurize
+    from trakwomp.stages.finalize import finalize
+    from trakwomp.stages.score import score
+
+    store = shutil.copytree(trained_once / "store", tmp_path / "store")
+    featurize(store, projector=ProjectorSpec("sjlt", 0, 4, 8), chunk_rows=16)
+    finalize(store, models=[1])
+    key = score(store, load_dataset(f"npz:{write_tiny_images(tmp_path / 't.npz', n=12, seed=1)}"), models=[1]).key
+    command = [sys.executable, str(REPO / "bench" / "index_recall.py"), str(store), "--scores", key, "--targets", "12",
+               "--jl-dims", "8", "--candidates", "5", "48", "--probes", "0.2", "1.0", "--json", str(tmp_path / "r.json")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads((tmp_path / "r.json").read_text())
+    assert measured["rows"] == 48 and measured["dims"] == 32 and measured["largest_difference_from_stored"] < 1e-5
+    everything = [r for r in measured["projection"] if r["candidates"] == 48] + measured["ivf"][-1:]
+    assert measured["ivf"][-1]["nprobe"] == measured["ivf"][-1]["lists"]
+    assert all(r["supports"] == 1.0 and r["opposes"] == 1.0 for r in everything)
+    assert all(0 <= r["supports"] <= 1 for r in measured["projection"] + measured["ivf"])
 
 
 def load_bench(name: str):
