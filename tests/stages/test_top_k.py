@@ -117,6 +117,7 @@ def test_a_score_whose_dense_chunk_exceeds_max_memory_succeeds_with_top_k_only(t
 
 
 def test_show_reads_top_k_only_scores_that_kept_enough_examples(finalized, tmp_path):
+    from trakwomp.analysis.predict import predict
     from trakwomp.analysis.show import show
     from trakwomp.stages.selection import Selection
 
@@ -129,5 +130,7 @@ def test_show_reads_top_k_only_scores_that_kept_enough_examples(finalized, tmp_p
     rows = show(kept, 6, k=3, selection=Selection(targets=targets))
     assert [(r["target"], r["direction"], r["rank"], r["train_index"]) for r in rows] == expected
     assert rows == show(store, 6, k=3, selection=Selection(targets=targets))
-    with pytest.raises(UserError, match="no scores at view"):
+    with pytest.raises(UserError, match=r"keep only each target's top 5 \(`top_k_only`\), and this reads the top 6"):
         show(kept, 6, k=6, selection=Selection(targets=targets))
+    with pytest.raises(UserError, match="keep only each target's top 5 .* reads every train example's score"):
+        predict(kept, np.ones(48, dtype=bool), Selection(targets=targets))

@@ -47,6 +47,12 @@ def find_scores(handle: Store, view: View, model_ids: list[int], targets_sha: st
         [k for k in matching if top_k is not None and (scored[k].top_k or 0) >= top_k]
     if len({scored[k].targets for k in candidates}) > 1:
         raise UserError(f"several target sets are scored at view {view.key}; pass `targets` to choose one")
+    if not candidates and matching:
+        kept = max(scored[k].top_k or 0 for k in matching)
+        wanted = f"the top {top_k}" if top_k is not None else "every train example's score"
+        raise UserError(f"the scores at view {view.key} for models {compact_ids(model_ids)} keep only each target's "
+                        f"top {kept} (`top_k_only`), and this reads {wanted}; run `trakwomp score` without "
+                        f"`top_k_only`{' or with a larger `top_k`' if top_k is not None else ''}")
     if not candidates:
         answers = "explain's answers are kept apart from scores and read by explain only; " \
             if not scored and handle.manifest.answers.next else ""
