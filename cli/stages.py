@@ -313,7 +313,8 @@ def score(
                   f"{report.view.key} with models {report.model_ids} ({report.chunks_done} chunk(s) in "
                   f"{report.seconds:.1f}s, {report.chunks_skipped} already done); stored as scores/{report.key}")
     if top_k and report.top_k_file is None:
-        console.print(f"{top_k_out} not written: other shards' target chunks are left; run score again once they are done")
+        console.print(f"{top_k_out} not written yet: other shards' target chunks are left, and the run that scores "
+                      "the last one writes it")
     elif out or top_k:
         wrote(out, top_k_out if top_k else None)
     if top_k and not json_out:  # the table would follow the JSON on stdout
