@@ -102,7 +102,30 @@ def root(tmp_path_factory) -> Path:
     (root / "folder").mkdir()
     (root / "folder.npy").mkdir()
     (root / "folder" / "notes.txt").write_text("not a store")
+    write_wide_store(root)
     return root
+
+
+def write_wide_store(root: Path) -> None:
+    """`wide`: a store of 1,200 train images of 8 x 8 pixels and a linear user model (finalized), 256
+    targets for it, and 4 x 4 images, with the user models `with_user_models` makes importable."""
+    (root / "usermods" / "catalognets").mkdir(parents=True)
+    (root / "usermods" / "catalognets" / "__init__.py").touch()
+    (root / "usermods" / "catalognets" / "nets.py").write_text(
+        "import torch\n"
+        "def four(num_classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, num_classes))\n"
+        "def eight(num_classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, num_classes))\n")
+    write_tiny_images(root / "four-pixels.npz", size=4)
+    write_tiny_images(root / "wide-targets.npz", n=256, size=8, seed=1)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        with_user_models(monkeypatch, root)
+        model = ModelSpec.parse("catalognets.nets:eight")
+        train(root / "wide", load_dataset(f"npz:{write_tiny_images(root / 'wide.npz', n=1200, size=8)}"), model,
+              recipe=RECIPE)
+        featurize(root / "wide", model=model, projector=ProjectorSpec("sjlt", 0, 2, 16), chunk_rows=256)
+        finalize(root / "wide")
 
 
 def write_bad_images(root: Path) -> None:
@@ -252,6 +275,18 @@ class Case:
     fragment: str
     damage: object = None
     mid_work: bool = False  # found in the middle of work: no unit published, no data rewritten
+    prepare: object = None  # run with (monkeypatch, root) before the command: user modules, memory held
+
+
+def with_user_models(monkeypatch, root: Path) -> None:
+    """The fixture's models (`catalognets.nets`: `four` for 3 x 4 x 4 inputs, `eight` for 3 x 8 x 8) importable."""
+    monkeypatch.syspath_prepend(str(root / "usermods"))
+
+
+def with_user_models_and_nothing_held(monkeypatch, root: Path) -> None:
+    """As `with_user_models`, and memory estimates without what the test process holds already."""
+    with_user_models(monkeypatch, root)
+    monkeypatch.setattr("trakwomp.features.memory.held_bytes", lambda device: 0)
 
 
 CKPT = ["--data", "npz:F/train.npz", "--model", "resnet9", "--width", "0.0625", "--checkpoint"]
@@ -409,6 +444,14 @@ CASES = [
     Case("alpha-above-one", None, [*TRAIN, "--alpha", "2"], "--alpha must lie in (0, 1]"),
     Case("zero-models", None, [*TRAIN[:-1], "0"], "--num-models must be at least 1"),
     Case("negative-top-k", "scored", ["score", "S", *TARGETS, "--top-k", "-1"], "--top-k must be >= 0"),
+    Case("score-dense-chunk-beyond-max-memory", "wide", ["score", "S", "--model", "catalognets.nets:eight", "--targets",
+                                                          "npz:F/wide-targets.npz", "--top-k", "5", "--max-memory", "1M"],
+         "the scores of one target chunk (256 x 1200 train examples) need 1.2 MiB, and 0.0 MiB is held: more than the "
+         "1.0 MiB allowed; lower --chunk-rows, or keep only the top k with --top-k and --top-k-only",
+         prepare=with_user_models_and_nothing_held),
+    Case("train-images-too-small-to-augment", None, ["train", "S", "--data", "npz:F/four-pixels.npz", "--model",
+                                                      "catalognets.nets:four", "--epochs", "1"],
+         "images of 4 x 4 pixels are too small for the recipe's augmentation", prepare=with_user_models),
     Case("top-k-only-without-top-k", "scored", ["score", "S", *TARGETS, "--top-k-only"],
          "--top-k-only keeps each target's --top-k examples: give --top-k"),
     Case("top-k-only-with-out", "scored", ["score", "S", *TARGETS, "--top-k", "3", "--top-k-only", "--out", "s.npy"],
@@ -715,6 +758,8 @@ def test_bad_input_is_refused_in_one_line_and_leaves_the_store_unchanged(root, t
     before = what_a_case_can_change(case, root, store, skip)
     if case.id == "cuda-not-available" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
+    if case.prepare:
+        case.prepare(monkeypatch, root)
     args = [str(store) if a == "S" else f"{store}/{a[2:]}" if a.startswith("S/") else a.replace("F/", f"{root}/")
             for a in case.args]
     if args[0] not in ("lds", "predict", "show", "groups"):

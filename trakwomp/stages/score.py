@@ -224,7 +224,7 @@ class Score(Stage[ScorePlan, int, ScoreReport]):
         memory the machine has free."""
         rows = min(self.settings.target_chunk_rows, num_targets)
         need, what = 4 * rows * num_train, f"the scores of one target chunk ({rows} x {num_train} train examples)"
-        check_dense_fits(need, what, "lower `target_chunk_rows`, or keep only the top k with `top_k` and `top_k_only`",
+        check_dense_fits(need, what, "lower `chunk_rows`, or keep only the top k with `top_k` and `top_k_only`",
                          self.settings.memory_limit)
 
     def do(self, handle: Store, plan: ScorePlan, todo: list[int], report: ScoreReport, progress: Progress):
